@@ -1,0 +1,83 @@
+"""The `torch.compile` backend: analyse, rewrite, lower, and hand dynamo a runner.
+
+`torch.compile(model, backend="astraea", options={...})` reaches `astraea_backend` through
+the `torch_dynamo_backends` entry point; `astraea.backend(config)` gives the same backend
+with a config object, and keeps the runners it builds so callers can inspect them.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from .config import AstraeaConfig, ConfigError
+from .passes import AnalyseTokens, SparsifyBlocks
+
+
+class AstraeaWarning(UserWarning):
+    """The model (or part of it) runs dense; the message says why."""
+
+
+class Backend:
+    """A configured astraea backend; `runners` holds one runner per compiled graph."""
+
+    def __init__(self, config: AstraeaConfig):
+        self.config = config
+        self.runners: list = []
+        self.reports: list = []
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **kwargs):
+        return compile_graph(gm, example_inputs, self.config, self)
+
+    def __repr__(self) -> str:
+        return f"astraea.backend({self.config!r})"
+
+
+def backend(config: AstraeaConfig | None = None, **options) -> Backend:
+    """A backend for `torch.compile(model, backend=astraea.backend(cfg))`.
+
+    Pass a config, or options as keywords (`astraea.backend(schedule=0.5)`).
+    """
+    if config is not None and options:
+        raise ConfigError("pass either a config or keyword options, not both")
+    return Backend(config if config is not None else AstraeaConfig.from_options(options))
+
+
+def astraea_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
+    """Entry point of `backend="astraea"`; `options` come from torch.compile(options=...)."""
+    return compile_graph(gm, example_inputs, AstraeaConfig.from_options(options))
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, owner: Backend | None = None):
+    from .runtime.runner import SparseRunner
+
+    dense_gm = gm  # dynamo still reads this graph after we return: rewrite a copy
+    gm = copy.deepcopy(gm)
+    analysis = AnalyseTokens()
+    analysis(gm)
+    report = analysis.report
+    if owner is not None:
+        owner.reports.append(report)
+    config.schedule.check_model(report.structure_hash)
+    if report.num_sparse_blocks == 0:
+        why = report.reason or "; ".join(sorted({b.reason for b in report.blocks if b.reason}))
+        warnings.warn(f"astraea: running this graph dense: {why}", AstraeaWarning, stacklevel=2)
+        return dense_gm.forward
+    if config.group == "spatial" and report.token_grid is None:
+        raise ConfigError("option group='spatial' needs a frame grid, but this model's tokens have none")
+    for b in report.blocks:
+        if not b.sparse:
+            warnings.warn(f"astraea: block {b.module or b.index} stays dense: {b.reason}", AstraeaWarning, stacklevel=2)
+    sparsify = SparsifyBlocks(analysis)
+    sparsify(gm)
+    placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
+    position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    runner = SparseRunner(gm, dense_gm, report, sparsify.inputs, config, position, device)
+    if owner is not None:
+        owner.runners.append(runner)
+    return runner

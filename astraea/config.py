@@ -1,0 +1,97 @@
+"""The one user-facing knob: a frozen, versioned configuration of the astraea backend.
+
+`torch.compile(model, backend="astraea", options={...})` turns its options into an
+`AstraeaConfig` with `AstraeaConfig.from_options`; `astraea.backend(config)` takes one
+directly. Every field has a default measured to be sensible, so `options={"schedule": 0.5}`
+is a complete configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .schedule import Schedule, ScheduleError, check_budget
+
+VERSION = 1
+
+POLICIES = ("astraea", "delta", "random")
+GROUPS = ("token", "spatial", "run")
+CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")
+
+
+class ConfigError(ValueError):
+    """An option the backend cannot honour; the message names the option."""
+
+
+@dataclass(frozen=True)
+class AstraeaConfig:
+    """How astraea sparsifies a model.
+
+    schedule: per-step budgets (see `Schedule.coerce` for what is accepted).
+    policy: token selection: "astraea" (LSE x change + staleness penalty, the paper's score),
+        "delta" (change only) or "random" (the baselines it must beat).
+    group: select single tokens ("token"), a spatial position across all frames ("spatial"),
+        or contiguous runs of `group_size` tokens ("run").
+    full_steps: the first steps of every generation run dense whatever the schedule says.
+    weight_signal, weight_penalty: w_a and w_b of the score S = w_a*S_sig + w_b*exp(n).
+    seed: seeds the random policy and random tie-breaking.
+    cache_dtype: storage of the per-block caches; "auto" keeps the hidden states' dtype.
+    """
+
+    schedule: Schedule = field(default_factory=lambda: Schedule(constant=0.5))
+    policy: str = "astraea"
+    group: str = "token"
+    group_size: int = 1
+    full_steps: int = 1
+    weight_signal: float = 1.0
+    weight_penalty: float = 0.02
+    seed: int = 0
+    cache_dtype: str = "auto"
+    version: int = VERSION
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "schedule", Schedule.coerce(self.schedule))
+        except ScheduleError as e:
+            raise ConfigError(f"option 'schedule': {e}") from e
+        if self.policy not in POLICIES:
+            raise ConfigError(f"option 'policy' must be one of {POLICIES}, got {self.policy!r}")
+        if self.group not in GROUPS:
+            raise ConfigError(f"option 'group' must be one of {GROUPS}, got {self.group!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ConfigError(f"option 'group_size' must be a positive integer, got {self.group_size!r}")
+        if not isinstance(self.full_steps, int) or self.full_steps < 0:
+            raise ConfigError(f"option 'full_steps' must be a non-negative integer, got {self.full_steps!r}")
+        for name in ("weight_signal", "weight_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(f"option {name!r} must be a non-negative number, got {value!r}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"option 'cache_dtype' must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+        if self.version != VERSION:
+            raise ConfigError(f"config version {self.version} is not supported; this astraea reads version {VERSION}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "AstraeaConfig":
+        """Build a config from `torch.compile(..., options=...)`, refusing unknown keys."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown astraea option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**options)
+
+    def replace(self, **changes) -> "AstraeaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def step_budget(self, step: int) -> float:
+        """The budget the run uses at `step`: dense during the first `full_steps` steps."""
+        budget = self.schedule.budget(step)
+        return 1.0 if step < self.full_steps else check_budget(budget)
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["schedule"] = self.schedule.to_json()
+        return data

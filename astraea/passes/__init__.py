@@ -1,0 +1,68 @@
+"""FX passes: find the token axis and the blocks (analysis), then make blocks sparse (rewrite).
+
+They follow torch.fx's pass infrastructure, so they compose in a `PassManager`:
+
+    analysis = AnalyseTokens()
+    PassManager([analysis, SparsifyBlocks(analysis)])(gm)
+    analysis.report      # frozen Report: blocks, reasons, token count
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from .blocks import Block, find_blocks
+from .report import BlockReport, Report, make_report
+from .rewrite import SparseBlockInputs, rewrite_blocks
+from .timestep import find_timestep
+from .token_axis import TokenAxis, find_token_axis
+
+__all__ = [
+    "AnalyseTokens", "SparsifyBlocks", "Report", "BlockReport", "SparseBlockInputs", "analyse",
+]
+
+
+class AnalyseTokens(PassBase):
+    """Analysis pass: leaves the graph alone and records a frozen `Report` (and its details)."""
+
+    def __init__(self):
+        self.report: Report | None = None
+        self.axis: TokenAxis | None = None
+        self.blocks: list[Block] = []
+        self.timestep: fx.Node | None = None
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        self.axis = find_token_axis(gm)
+        self.blocks, reason = find_blocks(gm, self.axis)
+        self.timestep = find_timestep(gm, self.axis.source)
+        if self.blocks and self.timestep is None:
+            reason = "no timestep input found (a tensor input with one value per batch element)"
+            for b in self.blocks:
+                b.reason = b.reason or "model has no timestep input to tell steps apart"
+        self.report = make_report(gm, self.axis, self.blocks, reason, self.timestep)
+        return PassResult(gm, False)
+
+
+class SparsifyBlocks(PassBase):
+    """Rewrite pass: makes every block the analysis accepted token-sparse.
+
+    `inputs` lists, per sparse block, the runtime inputs appended to the graph's signature.
+    """
+
+    def __init__(self, analysis: AnalyseTokens):
+        self.analysis = analysis
+        self.inputs: list[SparseBlockInputs] = []
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        if self.analysis.report is None:
+            raise RuntimeError("SparsifyBlocks: run AnalyseTokens on the same graph first")
+        result, self.inputs = rewrite_blocks(gm, self.analysis.axis, self.analysis.blocks)
+        return result
+
+
+def analyse(gm: fx.GraphModule) -> Report:
+    """The report for a graph, without changing it."""
+    analysis = AnalyseTokens()
+    analysis(gm)
+    return analysis.report

@@ -1,0 +1,182 @@
+"""The residual stream and the transformer blocks along it, found from the graph alone.
+
+Every token tensor of the model descends from the token source. The nodes every path from
+the source to the last token tensor must pass through (its dominators, from networkx) are
+the residual stream: block inputs and residual joins. Each self-attention lies between two
+consecutive stream nodes; the stream node just before it starts a block, and the next
+block's start ends it (the last block ends one period later, or at its last residual join).
+
+Inside a block, the nodes that feed a self-attention's keys or values must see every token
+("dense" nodes); every other token node may run on the selected rows only ("sparse" nodes).
+A block with a node whose token axis cannot be followed, or whose intermediate values are
+used outside it, stays dense and says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+import re
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch.fx as fx
+
+from .token_axis import TokenAxis, sdpa_args, shape_of
+
+
+@dataclass
+class Block:
+    index: int
+    start: fx.Node
+    end: fx.Node
+    region: list = field(default_factory=list)
+    dense: set = field(default_factory=set)
+    sparse: list = field(default_factory=list)
+    self_attention: list = field(default_factory=list)
+    cross_attention: list = field(default_factory=list)
+    module: str = ""
+    signature: str = ""
+    reason: str | None = None
+
+
+def dependency_graph(gm: fx.GraphModule, axis: TokenAxis) -> nx.DiGraph:
+    """Data dependencies, with in-place writes ordered before later reads of what they wrote."""
+    graph = nx.DiGraph()
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        graph.add_node(node)
+        for a in node.all_input_nodes:
+            graph.add_edge(a, node)
+    for write, target in axis.mutations:
+        for user in target.users:
+            if order[user] > order[write]:
+                graph.add_edge(write, user)
+    return graph
+
+
+def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str | None]:
+    """Blocks along the residual stream, and a reason when there are none."""
+    if axis.source is None:
+        return [], axis.reason
+    deps = dependency_graph(gm, axis)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    mutation_nodes = {w for w, _ in axis.mutations}
+    token_nodes = [n for n in gm.graph.nodes if axis.is_token(n) or n in mutation_nodes]
+    stream = deps.subgraph(token_nodes)
+    reachable = nx.descendants(stream, axis.source) | {axis.source}
+    stream = stream.subgraph(reachable)
+    sink = max((n for n in reachable if axis.is_token(n)), key=order.get)
+    idom = nx.immediate_dominators(stream, axis.source)
+    chain = [sink]
+    while chain[-1] is not axis.source:
+        chain.append(idom[chain[-1]])
+    chain.reverse()
+    attentions = [s for s in axis.self_attention if s in reachable]
+    if not attentions:
+        lost = next((f"token axis lost: {r}" for r in map(axis.opaque, gm.graph.nodes) if r), None)
+        return [], lost or "no self-attention along the token stream"
+
+    position = {}
+    for s in attentions:
+        position[s] = max(i for i, c in enumerate(chain) if order[c] < order[s])
+    starts = sorted(set(position.values()))
+    blocks = []
+    for j, p in enumerate(starts):
+        if j + 1 < len(starts):
+            end = starts[j + 1]
+        elif len(starts) > 1 and p + starts[-1] - starts[-2] < len(chain):
+            end = p + starts[-1] - starts[-2]
+        else:
+            end = _last_join(chain, stream, p)
+        block = Block(index=j, start=chain[p], end=chain[end])
+        _fill(block, deps, stream, axis, order)
+        blocks.append(block)
+    return blocks, None
+
+
+def _last_join(chain, stream, p) -> int:
+    """Index of the last residual join (a stream node with several token inputs) after p."""
+    joins = [i for i in range(p + 1, len(chain)) if stream.in_degree(chain[i]) > 1]
+    return joins[-1] if joins else len(chain) - 1
+
+
+def _fill(block: Block, deps: nx.DiGraph, stream: nx.DiGraph, axis: TokenAxis, order: dict) -> None:
+    inside = (nx.descendants(stream, block.start) & nx.ancestors(stream, block.end)) | {block.end}
+    region = sorted(inside, key=order.get)
+    block.region = region
+    block.self_attention = [n for n in axis.self_attention if n in inside]
+    block.cross_attention = [n for n in axis.cross_attention if n in inside]
+    block.module = _module_of(region)
+    block.signature = hashlib.sha1(
+        "|".join(f"{n.op}:{getattr(n.target, '__name__', n.target)}" for n in region).encode()
+    ).hexdigest()[:12]
+
+    escaping = [
+        n.name for n in region if n is not block.end for u in deps.successors(n) if u not in inside
+    ]
+    if escaping:
+        block.reason = f"intermediate value(s) {sorted(set(escaping))[:3]} are used after the block"
+        return
+    stream_shape = shape_of(block.start)
+    if axis.tdim[block.start] != 1 or len(stream_shape or ()) != 3 or shape_of(block.end) != stream_shape:
+        block.reason = "the residual stream here is not a [batch, tokens, channels] tensor kept by the block"
+        return
+    for s in block.self_attention:
+        unsupported = _unsupported_attention(s)
+        if unsupported:
+            block.reason = f"self-attention {s.name} uses {unsupported}"
+            return
+    feeds_kv = set()
+    for s in block.self_attention:
+        _, k, v, _ = sdpa_args(s)
+        for x in (k, v):
+            feeds_kv |= (nx.ancestors(deps, x) & inside) | ({x} & inside)
+    # Items picked out of a dense tuple (q of a fused qkv chunk) are views: keep them dense.
+    feeds_kv |= {
+        n for n in region
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in feeds_kv
+    }
+    block.dense = feeds_kv
+    block.sparse = [n for n in region if n not in feeds_kv]
+    if block.end in feeds_kv:
+        block.reason = "the block output itself feeds keys/values"
+
+
+def _unsupported_attention(node: fx.Node) -> str | None:
+    """The attention options the sparse kernel does not implement, if any are set."""
+    if len(node.args) > 3:
+        return "positional options"
+    kw = node.kwargs
+    if kw.get("dropout_p", 0.0) not in (0, 0.0):
+        return "dropout"
+    if kw.get("is_causal", False):
+        return "a causal mask"
+    if kw.get("enable_gqa", False):
+        return "grouped-query attention"
+    return None
+
+
+def _module_of(region) -> str:
+    """Common module path of the block's nodes (e.g. 'blocks.3'), for reports."""
+    paths = []
+    for n in region:
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            paths.append(_clean_path(path).split("."))
+    if not paths:
+        return ""
+    common = paths[0]
+    for p in paths[1:]:
+        i = 0
+        while i < min(len(common), len(p)) and common[i] == p[i]:
+            i += 1
+        common = common[:i]
+    return ".".join(common)
+
+
+def _clean_path(path: str) -> str:
+    """dynamo's "L['self'].__dict__['_modules']['blocks']['3']" -> "blocks.3"."""
+    parts = re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\d+", path)
+    return ".".join(p for p in parts if p not in ("L", "self", "__dict__", "_modules", "modules", "dict"))

@@ -1,0 +1,91 @@
+"""The frozen result of the analysis: what astraea found in a graph and what it will do."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from .blocks import Block
+from .token_axis import TokenAxis, shape_of
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    index: int
+    module: str
+    sparse: bool
+    reason: str | None
+    rows_nodes: int  # nodes that run on the selected rows only
+    all_tokens_nodes: int  # nodes that feed keys/values and so run on every token
+    self_attention: int
+    cross_attention: int
+    signature: str
+
+
+@dataclass(frozen=True)
+class Report:
+    num_tokens: int | None
+    token_grid: tuple[int, ...] | None
+    timestep_input: str | None
+    blocks: tuple[BlockReport, ...]
+    reason: str | None
+    structure_hash: str
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_sparse_blocks(self) -> int:
+        return sum(b.sparse for b in self.blocks)
+
+    def __str__(self) -> str:
+        lines = [
+            f"astraea: {self.num_sparse_blocks} of {self.num_blocks} blocks sparse, "
+            f"{self.num_tokens} tokens" + (f" (grid {'x'.join(map(str, self.token_grid))})" if self.token_grid else "")
+            + f", model structure {self.structure_hash}"
+        ]
+        if self.reason:
+            lines.append(f"  dense: {self.reason}")
+        for b in self.blocks:
+            where = b.module or f"block {b.index}"
+            if b.sparse:
+                lines.append(
+                    f"  {where}: sparse ({b.rows_nodes} ops on selected rows, {b.all_tokens_nodes} on all tokens "
+                    f"for keys/values; {b.self_attention} self-, {b.cross_attention} cross-attention)"
+                )
+            else:
+                lines.append(f"  {where}: dense: {b.reason}")
+        return "\n".join(lines)
+
+
+def make_report(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block], reason: str | None, timestep) -> Report:
+    return Report(
+        num_tokens=axis.num_tokens,
+        token_grid=axis.grid,
+        timestep_input=timestep.name if timestep is not None else None,
+        blocks=tuple(
+            BlockReport(
+                index=b.index, module=b.module, sparse=b.reason is None, reason=b.reason,
+                rows_nodes=len(b.sparse), all_tokens_nodes=len(b.dense),
+                self_attention=len(b.self_attention), cross_attention=len(b.cross_attention),
+                signature=b.signature,
+            )
+            for b in blocks
+        ),
+        reason=reason,
+        structure_hash=structure_hash(gm),
+    )
+
+
+def structure_hash(gm: fx.GraphModule) -> str:
+    """Hash of the ops and parameter shapes: equal for the same architecture and config."""
+    h = hashlib.sha256()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            h.update(f"in{shape_of(n)}".encode() if n.name.startswith("L_self") else b"in")
+        elif n.op in ("call_function", "call_method", "call_module"):
+            h.update(f"{n.op}:{getattr(n.target, '__name__', n.target)};".encode())
+    return h.hexdigest()[:16]

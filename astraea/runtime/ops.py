@@ -1,0 +1,81 @@
+"""The two operators the rewritten graph calls, registered with torch.library.
+
+`astraea::sparse_attention(q, k, v)` is attention for the selected query rows over all keys
+and values, and also returns each row's natural-log log-sum-exp (the selection score's
+S_LSE). `astraea::merge_rows` assembles a block's output from its fresh rows and its cache,
+and updates the cache and the score state in the same pass. Both are opaque custom ops so
+that Inductor treats them as single nodes; the kernels in `kernels/` implement them on GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0  # largest finite float8_e4m3fn; cached contributions are clamped to it
+
+
+@torch.library.custom_op("astraea::sparse_attention", mutates_args=())
+def sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, H, K, d] selected queries; k, v: [B, H, N, d]. Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
+    if q.is_cuda:
+        from kernels.gathered_attention import gathered_attention
+
+        out, lse = gathered_attention(q, k, v, scale=scale)
+        return out, lse
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    return out, lse.float()
+
+
+@sparse_attention.register_fake
+def _(q, k, v, scale=None):
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("astraea::merge_rows", mutates_args=("cache", "change", "lse_state"))
+def merge_rows(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    idx: torch.Tensor,
+    cache: torch.Tensor,
+    change: torch.Tensor,
+    lse_rows: torch.Tensor | None,
+    lse_state: torch.Tensor,
+) -> torch.Tensor:
+    """Block output: fresh `rows` at `idx`, `x + cache` elsewhere; refresh cache and scores.
+
+    x: [B, N, D] block input; rows: [B, K, D]; idx: [K]; cache: [B, N, D]; change, lse_state: [N].
+    """
+    if x.is_cuda:
+        from kernels.merge import merge_rows as merge_rows_kernel
+
+        return merge_rows_kernel(x, rows, idx, cache, change, lse_rows, lse_state)
+    y = x + cache.to(x.dtype)
+    y.index_copy_(1, idx, rows)
+    new = rows.float() - x.index_select(1, idx).float()
+    change.index_copy_(0, idx, (new - cache.index_select(1, idx).float()).norm(dim=-1).mean(0))
+    if cache.dtype == torch.float8_e4m3fn:
+        new = new.clamp(-FP8_MAX, FP8_MAX)
+    cache.index_copy_(1, idx, new.to(cache.dtype))
+    if lse_rows is not None:
+        lse_state.index_copy_(0, idx, lse_rows.float().mean(dim=(0, 1)))
+    return y
+
+
+@merge_rows.register_fake
+def _(x, rows, idx, cache, change, lse_rows, lse_state):
+    return torch.empty_like(x)
+
+
+def flop_formulas() -> dict:
+    """FLOP formulas for FlopCounterMode(custom_mapping=...): our attention and CPU flash SDPA."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def attention(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(q_shape, k_shape, v_shape)
+
+    return {
+        torch.ops.astraea.sparse_attention.default: attention,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: attention,
+    }

@@ -1,0 +1,123 @@
+"""The compiled callable dynamo runs in place of the model's graph.
+
+Per call it places the call (step, context), looks up the step's budget, selects each
+sparse block's tokens from the context's scores, and runs the rewritten graph with the
+indices and the context's caches as extra inputs. A budget-0 step returns the context's
+previous output without running anything. Budgets and indices are tensors and host ints
+here, outside dynamo, so they never cause a recompile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from ..config import AstraeaConfig
+from ..passes import Report, SparseBlockInputs
+from .select import mark_selected, num_selected, scores, select
+from .state import BlockState, ContextState
+from .steps import StepTracker
+
+CACHE_DTYPES = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+}
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """What one call did: for tests, benchmarks and the demo's budget plot."""
+
+    step: int
+    context: int
+    budget: float
+    tokens: int  # tokens recomputed per sparse block (0 for a skipped step)
+
+
+class SparseRunner:
+    """Runs a rewritten graph (`graph_fn`, e.g. the GraphModule or its Inductor compilation)."""
+
+    def __init__(
+        self,
+        graph_fn: Callable,
+        dense_gm: fx.GraphModule,
+        report: Report,
+        blocks: list[SparseBlockInputs],
+        config: AstraeaConfig,
+        timestep_position: int | None,
+        device: torch.device,
+    ):
+        self.graph_fn = graph_fn
+        self.dense_gm = dense_gm  # the graph before the rewrite, kept for checks and explain
+        self.report = report
+        self.blocks = blocks
+        self.config = config
+        self.timestep_position = timestep_position
+        self.device = device
+        self.num_tokens = report.num_tokens
+        self.tracker = StepTracker()
+        self.contexts: dict[int, ContextState] = {}
+        self.records: list[CallRecord] = []
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(config.seed)
+
+    # ---- state -----------------------------------------------------------------------------
+    def _new_context(self) -> ContextState:
+        states = []
+        for b in self.blocks:
+            dtype = b.dtype if self.config.cache_dtype == "auto" else CACHE_DTYPES[self.config.cache_dtype]
+            states.append(BlockState.allocate(b.shape, dtype, self.device))
+        return ContextState(blocks=states)
+
+    def reset(self) -> None:
+        """Forget every context: the next call starts a new generation."""
+        self.tracker.reset()
+        self.contexts.clear()
+        self.generator.manual_seed(self.config.seed)
+
+    def cache_bytes(self) -> int:
+        return sum(s.nbytes() for c in self.contexts.values() for s in c.blocks)
+
+    # ---- the call --------------------------------------------------------------------------
+    def plan(self, timestep: float | None):
+        """(context state, budget, per-block indices or None for a skip) of the next call."""
+        call = self.tracker.observe(timestep)
+        if call.new_generation:
+            self.contexts.clear()
+            self.generator.manual_seed(self.config.seed)
+        ctx = self.contexts.get(call.context)
+        if ctx is None:
+            ctx = self.contexts[call.context] = self._new_context()
+        budget = self.config.step_budget(call.step)  # raises before any output if the schedule is short
+        if ctx.fresh:
+            budget = 1.0  # nothing cached yet
+        if budget == 0.0:
+            for state in ctx.blocks:
+                state.stale.add_(1)
+            self.records.append(CallRecord(call.step, call.context, 0.0, 0))
+            return ctx, None
+        k = num_selected(budget, self.num_tokens)
+        indices = []
+        for state in ctx.blocks:
+            idx = select(scores(state, self.config, self.generator), k, self.config, self.report.token_grid)
+            mark_selected(state, idx)
+            indices.append(idx)
+        self.records.append(CallRecord(call.step, call.context, budget, int(indices[0].numel())))
+        return ctx, indices
+
+    def __call__(self, *args):
+        timestep = None
+        if self.timestep_position is not None:
+            timestep = float(args[self.timestep_position].reshape(-1)[0])
+        ctx, indices = self.plan(timestep)
+        if indices is None:
+            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
+        extra = []
+        for state, idx in zip(ctx.blocks, indices):
+            extra += [idx, state.cache, state.change, state.lse]
+        out = self.graph_fn(*args, *extra)
+        ctx.last_output = tuple(out) if isinstance(out, (list, tuple)) else (out,)
+        return out

@@ -1,0 +1,46 @@
+"""Per-context runtime state: each sparse block's cache and selection scores.
+
+One `ContextState` per branch of classifier-free guidance, so the conditional and the
+unconditional calls never read each other's caches. Tensors are allocated once and updated
+in place by the graph (`astraea::merge_rows`), never reassigned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class BlockState:
+    cache: torch.Tensor  # [B, N, D]: what the block last added to each token
+    change: torch.Tensor  # [N] fp32: how much that contribution moved at its last refresh
+    lse: torch.Tensor  # [N] fp32: the token's self-attention log-sum-exp at its last refresh
+    stale: torch.Tensor  # [N] int32: steps since the token was last recomputed
+
+    @classmethod
+    def allocate(cls, shape, dtype, device) -> "BlockState":
+        n = shape[1]
+        return cls(
+            cache=torch.zeros(shape, dtype=dtype, device=device),
+            change=torch.zeros(n, dtype=torch.float32, device=device),
+            lse=torch.zeros(n, dtype=torch.float32, device=device),
+            stale=torch.zeros(n, dtype=torch.int32, device=device),
+        )
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.cache, self.change, self.lse, self.stale))
+
+
+@dataclass
+class ContextState:
+    blocks: list[BlockState]
+    last_output: tuple | None = None  # the whole model output, reused by a budget-0 step
+    steps_run: int = 0
+    history: list = field(default_factory=list)  # (step, budget, tokens computed per block)
+
+    @property
+    def fresh(self) -> bool:
+        """No call has filled the caches yet: the next call must be dense."""
+        return self.last_output is None

@@ -1,0 +1,42 @@
+"""Which denoising step and which context (cond / uncond branch) a call belongs to.
+
+Within a generation the timestep falls from call to call. Calls that share a timestep belong
+to the same step, and the j-th of them is context j: diffusers pipelines call the
+transformer for the conditional branch first and the unconditional one second (Wan and
+others), or once with both in the batch (context 0 only). A timestep higher than the
+current step's starts a new generation, as does a change of input shapes (which also gives
+a new compiled graph, and so a new tracker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Call:
+    step: int
+    context: int
+    new_generation: bool
+
+
+class StepTracker:
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._timestep: float | None = None
+        self._step = -1
+        self._calls_in_step = 0
+
+    def observe(self, timestep: float | None) -> Call:
+        """Place one transformer call; `None` (no timestep input) makes every call a step."""
+        new = self._timestep is None or (timestep is not None and timestep > self._timestep)
+        if new:
+            self._step, self._calls_in_step = 0, 0
+        elif timestep is not None and timestep == self._timestep:
+            self._calls_in_step += 1
+        else:
+            self._step, self._calls_in_step = self._step + 1, 0
+        self._timestep = timestep if timestep is not None else float("-inf")
+        return Call(step=self._step, context=self._calls_in_step, new_generation=new)

@@ -15,6 +15,8 @@ from .token_axis import TokenAxis, shape_of
 class BlockReport:
     index: int
     module: str
+    start: str  # graph node that is the block's input
+    end: str  # graph node that is the block's output
     sparse: bool
     reason: str | None
     rows_nodes: int  # nodes that run on the selected rows only
@@ -68,7 +70,7 @@ def make_report(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block], reason
         timestep_input=timestep.name if timestep is not None else None,
         blocks=tuple(
             BlockReport(
-                index=b.index, module=b.module, sparse=b.reason is None, reason=b.reason,
+                index=b.index, module=b.module, start=b.start.name, end=b.end.name, sparse=b.reason is None, reason=b.reason,
                 rows_nodes=len(b.sparse), all_tokens_nodes=len(b.dense),
                 self_attention=len(b.self_attention), cross_attention=len(b.cross_attention),
                 signature=b.signature,

@@ -62,6 +62,7 @@ LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm, torch.rms_norm, getattr(F, "rms_norm", None)} - {None}
 LASTDIM_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize}
 LASTDIM_METHODS = {"softmax", "log_softmax"}
+REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "prod"}
 EXPAND_METHODS = {"expand", "expand_as"}
 # In-place element-wise methods: token-wise, but they write into their first argument.
 MUTATING_METHODS = {"add_", "sub_", "mul_", "div_", "copy_", "clamp_", "fill_", "masked_fill_", "zero_"}
@@ -269,6 +270,11 @@ class _Propagator:
             return self.linear(node)
         if node.op == "call_function" and target in NORM_FUNCTIONS:
             return self.norm(node)
+        if (node.op == "call_method" and target in REDUCTIONS) or (
+            node.op == "call_function" and getattr(target, "__name__", None) in REDUCTIONS
+            and getattr(torch, target.__name__, None) is target
+        ):
+            return self.reduction(node)
         if (node.op == "call_function" and target in LASTDIM_FUNCTIONS) or (
             node.op == "call_method" and target in LASTDIM_METHODS
         ):
@@ -331,6 +337,19 @@ class _Propagator:
             if self.td(a) is not None:
                 raise _Mix("normalisation weights derived from the tokens")
         return t
+
+    def reduction(self, node):
+        """A reduction over channel dims is token-wise; over the token axis it mixes tokens."""
+        x = node.args[0]
+        t, nd = self.td(x), len(shape_of(x))
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+        if dim is None:
+            raise _Mix("reduction over every dim, tokens included")
+        dims = {d % nd for d in (dim if isinstance(dim, (list, tuple)) else (dim,))}
+        if t in dims:
+            raise _Mix("reduction over the token axis")
+        keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        return t if keepdim else t - sum(d < t for d in dims)
 
     def keep_if_dim_free(self, node):
         x = node.args[0]

@@ -1,0 +1,153 @@
+"""Does a clip show what its prompt says? Measured on the pixels, with no learned judge.
+
+Objects are found by colour: a pixel belongs to a palette colour when it lies within
+`COLOUR_RADIUS` of it (backgrounds are far darker than any palette colour); a 3x3 opening
+drops stray pixels, and a colour counts as an object when a compact blob of it is visible in
+most frames (the opening would also cut a triangle's apex, so pixels next to what survives
+it are put back). Then each prompt object is matched to a found one and judged on
+- colour: the matched blob has the prompted colour;
+- shape: the blob's median fill of its bounding box is nearest the shape's
+  (triangle 1/2, circle pi/4, square 1);
+- direction: the centroid's fitted velocity over the first half of the clip (before any
+  bounce, see data.py) points nearest the prompted of the eight directions;
+and the clip as a whole on
+- count: as many objects as the prompt names;
+- smooth: no frame differs from the next by more than a moving object can make it, and no
+  centroid jumps further than the fastest object moves.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .data import COLOURS, DIRECTIONS, FRAMES, PALETTE, SPEED, Prompt
+
+COLOUR_RADIUS = 0.8  # palette colours are >= 2 apart, backgrounds >= 1.6 from every one
+MIN_AREA = 12  # pixels of a blob in a frame; the smallest shape covers about 70
+MIN_FILL = 0.35  # blobs filling less of their bounding box are scattered pixels, not a shape
+VISIBLE = 0.75  # fraction of the frames in which an object must be seen
+FILL = {"triangle": 0.5, "circle": math.pi / 4, "square": 1.0}
+MIN_SPEED = 0.5  # pixels per frame below which a blob is not moving
+MAX_STEP = 2 * SPEED[1]  # pixels a centroid may move between frames
+MAX_CHANGE = 0.1  # mean absolute change of the pixels from one frame to the next
+
+CHECKS = ("count", "colour", "shape", "direction", "smooth")
+
+
+@dataclass(frozen=True)
+class Found:
+    """An object seen in a clip."""
+
+    colour: str
+    shape: str
+    direction: str | None  # None: not moving
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    count: bool
+    colour: bool
+    shape: bool
+    direction: bool
+    smooth: bool
+    found: tuple[Found, ...]
+
+    @property
+    def passed(self) -> dict[str, bool]:
+        return {name: getattr(self, name) for name in CHECKS}
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.passed.values()) / len(CHECKS)
+
+
+def find_objects(clip: torch.Tensor) -> tuple[tuple[Found, ...], float]:
+    """The objects in a clip [3, F, H, W] and the largest step of any centroid, in pixels."""
+    clip = clip.detach().float().cpu()
+    palette = torch.tensor(list(PALETTE.values()))
+    near = torch.linalg.vector_norm(clip[None] - palette[:, :, None, None, None], dim=1) < COLOUR_RADIUS
+    mask = near.flatten(0, 1)[:, None].float()  # [P*F, 1, H, W]
+    core = F.max_pool2d(-F.max_pool2d(-mask, 3, 1, 1), 3, 1, 1)  # opening: scattered pixels go
+    mask = near & (F.max_pool2d(core, 5, 1, 2)[:, 0].view(near.shape) > 0.5)  # thin tips come back
+    height, width = mask.shape[-2:]
+    ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+    xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+    area = mask.sum((-2, -1)).float()  # [P, F]
+    centroid = torch.stack([(xs * mask).sum((-2, -1)), (ys * mask).sum((-2, -1))], -1) / area.clamp(min=1)[..., None]
+    extent = [
+        (torch.where(mask, c, -1.0).amax((-2, -1)) - torch.where(mask, c, float(size)).amin((-2, -1)) + 1).clamp(min=1)
+        for c, size in ((xs, width), (ys, height))
+    ]
+    fill = area / (extent[0] * extent[1])
+    visible = (area >= MIN_AREA) & (fill >= MIN_FILL)
+
+    found, max_step = [], 0.0
+    for p, colour in enumerate(COLOURS):
+        if visible[p].float().mean() < VISIBLE:
+            continue
+        ratio = fill[p][visible[p]].median().item()
+        shape = min(FILL, key=lambda s: abs(FILL[s] - ratio))
+        found.append(Found(colour, shape, _direction(centroid[p], visible[p])))
+        both = visible[p, 1:] & visible[p, :-1]
+        steps = torch.linalg.vector_norm(centroid[p, 1:] - centroid[p, :-1], dim=-1)[both]
+        max_step = max(max_step, steps.max().item() if len(steps) else 0.0)
+    return tuple(found), max_step
+
+
+def _direction(centroid: torch.Tensor, visible: torch.Tensor) -> str | None:
+    """Direction of the least-squares velocity of a centroid over the first half of the clip."""
+    frames = torch.arange(FRAMES // 2 + 1)
+    frames = frames[visible[frames]]
+    if len(frames) < 3:
+        return None
+    t = frames.float() - frames.float().mean()
+    velocity = (t[:, None] * centroid[frames]).sum(0) / (t**2).sum()
+    if velocity.norm() < MIN_SPEED:
+        return None
+    units = F.normalize(torch.tensor(list(DIRECTIONS.values())), dim=-1)
+    return tuple(DIRECTIONS)[int((units @ velocity).argmax())]
+
+
+def check_clip(clip: torch.Tensor, prompt: Prompt) -> CheckResult:
+    """Judge one clip [3, F, H, W] in [-1, 1] against its prompt."""
+    found, max_step = find_objects(clip)
+    change = (clip[:, 1:] - clip[:, :-1]).abs().mean((0, 2, 3)).max().item()
+    wanted = prompt.objects
+    candidates = list(found) + [None] * len(wanted)
+
+    def agreement(match):
+        return [
+            (f is not None and f.colour == w.colour, f is not None and f.shape == w.shape,
+             f is not None and f.direction == w.direction)
+            for w, f in zip(wanted, match)
+        ]
+
+    best = max(itertools.permutations(candidates, len(wanted)), key=lambda m: sum(map(sum, agreement(m))))
+    colour, shape, direction = (all(column) for column in zip(*agreement(best)))
+    return CheckResult(
+        count=len(found) == len(wanted),
+        colour=colour,
+        shape=shape,
+        direction=direction,
+        smooth=change <= MAX_CHANGE and max_step <= MAX_STEP,
+        found=found,
+    )
+
+
+def check_clips(clips: torch.Tensor, prompts: list[Prompt]) -> list[CheckResult]:
+    """Judge a batch of clips [B, 3, F, H, W] against their prompts."""
+    if len(clips) != len(prompts):
+        raise ValueError(f"{len(clips)} clips but {len(prompts)} prompts")
+    return [check_clip(clip, prompt) for clip, prompt in zip(clips, prompts)]
+
+
+def summarize(results: list[CheckResult]) -> dict[str, float]:
+    """Fraction of clips passing each check, and `accuracy`: the fraction of all checks passed."""
+    summary = {name: sum(r.passed[name] for r in results) / len(results) for name in CHECKS}
+    summary["accuracy"] = sum(r.accuracy for r in results) / len(results)
+    return summary

@@ -1,0 +1,142 @@
+"""The reference model: diffusers' own WanTransformer3DModel, small, in pixel space.
+
+It is the real class, so whatever astraea does to it, it does to every Wan-shaped video DiT;
+it is small enough that a forward of one 16x64x64 clip (512 tokens of 2x8x8 pixels) takes
+tens of milliseconds on a CPU, and it is trained on `data.py`'s clips, so its outputs can be
+checked for meaning (`checks.py`), not only compared with the dense model.
+
+The transformer predicts the clean clip; the sampler turns that into the flow-matching
+velocity (noise - clip) = (x_t - prediction) / t. A 2x8x8x3 = 384-value patch does not fit
+through a 256-wide residual stream, so a model asked for the velocity directly would have to
+carry the noise through that bottleneck and leave part of it in every generated clip; the
+clean clip is low-dimensional and passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from diffusers import WanTransformer3DModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .data import FRAMES, SIZE
+from .text import TEXT_DIM, PromptEncoder
+
+CONFIG = dict(
+    patch_size=(2, 8, 8),
+    num_attention_heads=4,
+    attention_head_dim=64,
+    in_channels=3,
+    out_channels=3,
+    text_dim=TEXT_DIM,
+    freq_dim=256,
+    ffn_dim=1024,
+    num_layers=6,
+)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+WEIGHTS = ASSETS / "reference.safetensors"
+WEIGHTS_SHA256 = "to be recorded"
+
+
+class WeightsError(RuntimeError):
+    """Reference weights that are missing, corrupt or of another model."""
+
+
+def build_model() -> tuple[WanTransformer3DModel, PromptEncoder]:
+    """A freshly initialised transformer and prompt encoder of the reference configuration."""
+    return WanTransformer3DModel(**CONFIG), PromptEncoder()
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_reference(path: str | Path, transformer, encoder, metadata: dict) -> str:
+    """Write both models' weights in float16 to one safetensors file; returns its sha256."""
+    tensors = {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
+    tensors |= {f"text.{k}": v for k, v in encoder.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={"config": json.dumps(CONFIG), **{k: json.dumps(v) for k, v in metadata.items()}})
+    return sha256(path)
+
+
+def load_reference(
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    path: str | Path = WEIGHTS,
+    expected_sha256: str | None = WEIGHTS_SHA256,
+) -> tuple[WanTransformer3DModel, PromptEncoder]:
+    """The trained transformer and prompt encoder, in eval mode.
+
+    By default the weights shipped with astraea, refused unless their sha256 is the recorded
+    one; `expected_sha256=None` loads another file (a fresh training run's) unchecked.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"reference weights {path} not found; train them with `python -m astraea.reference.train`")
+    if expected_sha256 is not None and (found := sha256(path)) != expected_sha256:
+        raise WeightsError(
+            f"reference weights {path} have sha256 {found}, expected {expected_sha256}: "
+            "the file is corrupt or not the one this astraea was released with; reinstall astraea"
+        )
+    tensors = load_file(str(path))
+    transformer, encoder = build_model()
+    for prefix, module in (("transformer.", transformer), ("text.", encoder)):
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as e:
+            raise WeightsError(f"reference weights {path} do not fit the reference configuration: {e}") from e
+    for module in (transformer, encoder):
+        module.to(device, dtype).eval().requires_grad_(False)
+    return transformer, encoder
+
+
+@torch.no_grad()
+def generate(
+    transformer,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor,
+    num_steps: int = 20,
+    guidance: float = 4.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Clips [B, 3, FRAMES, SIZE, SIZE] in [-1, 1] by Euler steps of the flow from noise (t=1) to data (t=0).
+
+    `transformer` is any callable with the diffusers Wan signature, a `torch.compile`d one
+    too. Each step calls it on the prompt (cond), then on `negative_embeds` (uncond, the
+    encoded empty prompt) unless `guidance` is 1, with the same timestep tensor, each inside
+    `transformer.cache_context(...)` when it has one, as diffusers' WanPipeline does.
+    The noise comes from `seed` on the CPU, so a seed gives the same clip on any device.
+    """
+    batch, device, dtype = prompt_embeds.shape[0], prompt_embeds.device, prompt_embeds.dtype
+    negative_embeds = negative_embeds.expand_as(prompt_embeds)
+    noise = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, FRAMES, SIZE, SIZE, generator=noise).to(device)
+    times = torch.linspace(1.0, 0.0, num_steps + 1).tolist()
+    context = getattr(transformer, "cache_context", lambda name: contextlib.nullcontext())
+
+    def predict(embeds, timestep, name):
+        with context(name):
+            out = transformer(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds, return_dict=False)
+        return out[0].float()
+
+    for t, t_next in tqdm(list(zip(times, times[1:])), desc="steps", disable=not progress, leave=False):
+        timestep = torch.full((batch,), t * 1000.0, device=device)
+        clean = predict(prompt_embeds, timestep, "cond")
+        if guidance != 1.0:
+            uncond = predict(negative_embeds, timestep, "uncond")
+            clean = torch.lerp(uncond, clean, guidance)
+        x = torch.lerp(clean, x, t_next / t)  # x + (t_next - t) * velocity
+    return x.clamp(-1.0, 1.0)

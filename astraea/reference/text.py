@@ -1,0 +1,50 @@
+"""The reference model's prompt encoder: a fixed vocabulary and a learned embedding table.
+
+The prompts of `data.py` use a few dozen words, so a word table plus a table of positions
+(word order binds each colour, shape and direction to its object) is all the text model the
+reference needs; it is trained with the transformer and shipped in the same weights file.
+Its output is what a diffusers video DiT takes as `encoder_hidden_states`: [B, L, text_dim],
+zero at padding, so the empty prompt (the unconditional branch of guidance) is all zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES
+
+PAD = "<pad>"
+VOCAB = (PAD, "a", "and", "moving", "on", "background", *BACKGROUNDS, *COLOURS, *SHAPES, *DIRECTIONS)
+MAX_TOKENS = 16
+TEXT_DIM = 128
+
+_INDEX = {word: i for i, word in enumerate(VOCAB)}
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    """Word ids [B, MAX_TOKENS], padded with 0; an error names any word outside VOCAB."""
+    ids = torch.zeros(len(texts), MAX_TOKENS, dtype=torch.long)
+    for b, text in enumerate(texts):
+        words = text.split()
+        if len(words) > MAX_TOKENS:
+            raise ValueError(f"prompt {text!r} has {len(words)} words; the encoder reads at most {MAX_TOKENS}")
+        unknown = [w for w in words if w not in _INDEX]
+        if unknown:
+            raise ValueError(f"prompt {text!r} uses words outside the vocabulary: {unknown}; known: {' '.join(VOCAB[1:])}")
+        ids[b, : len(words)] = torch.tensor([_INDEX[w] for w in words], dtype=torch.long)
+    return ids
+
+
+class PromptEncoder(nn.Module):
+    def __init__(self, dim: int = TEXT_DIM):
+        super().__init__()
+        self.words = nn.Embedding(len(VOCAB), dim)
+        self.positions = nn.Parameter(torch.randn(MAX_TOKENS, dim))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.words(ids) + self.positions) * (ids != 0).unsqueeze(-1)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Prompt embeddings [B, MAX_TOKENS, dim] on the encoder's device and dtype."""
+        return self(tokenize(texts).to(self.positions.device))

@@ -1,0 +1,253 @@
+"""The measured cost model of the search: latency of one transformer call at each budget.
+
+The paper's search held a FLOP proxy to a target; FLOPs miss what a budget costs on a real
+GPU (gather and scatter, attention over all keys, kernel launch floors, a whole-step skip
+costing almost nothing). So the search predicts a schedule's latency from a table measured
+on the device itself: the sum over steps of the call latency at that step's budget, times
+the calls per step (two with classifier-free guidance).
+
+A table is only true for the model structure, input shapes, dtype, device and software it
+was measured with; those form its key, and loading it anywhere else is refused, naming what
+differs. Measuring needs one compile: budgets are data to the compiled model, so one
+generation whose schedule visits every level in turn times them all.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .sparse import SparseModel
+from .timing import CallTimer
+from .workload import Workload
+
+FORMAT = "astraea-cost-table"
+VERSION = 1
+DEFAULT_LEVELS = tuple(i / 10 for i in range(11))
+SOFTWARE = ("torch", "triton", "diffusers", "astraea")
+
+
+class CostTableError(ValueError):
+    """A cost table that cannot be used here: another model, device, shape or version."""
+
+
+def device_name(device: torch.device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    # CPU latency depends on the thread count as much as on the chip.
+    return f"{device.type} {platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def software_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in SOFTWARE:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+@dataclass(frozen=True)
+class CostKey:
+    """What a measured latency depends on."""
+
+    model: str
+    shapes: dict[str, tuple[int, ...]]
+    dtype: str
+    device: str
+    versions: dict[str, str | None]
+
+    @classmethod
+    def here(cls, model: str, workload: Workload) -> "CostKey":
+        """The key of `workload` on this machine, for the model with structure hash `model`."""
+        return cls(
+            model=model,
+            shapes=workload.shapes(),
+            dtype=str(workload.dtype).removeprefix("torch."),
+            device=device_name(workload.device),
+            versions=software_versions(),
+        )
+
+    def differences(self, other: "CostKey") -> list[str]:
+        """Each field in which `other` differs from this key, as 'field: mine vs other'."""
+        mine, theirs = self.to_json(), other.to_json()
+        return [f"{name}: {mine[name]} vs {theirs[name]}" for name in mine if mine[name] != theirs[name]]
+
+    def to_json(self) -> dict:
+        return {
+            "model": self.model,
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "dtype": self.dtype,
+            "device": self.device,
+            "versions": dict(self.versions),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CostKey":
+        return cls(
+            model=data["model"],
+            shapes={k: tuple(v) for k, v in data["shapes"].items()},
+            dtype=data["dtype"],
+            device=data["device"],
+            versions=dict(data["versions"]),
+        )
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A predicted latency next to a measured one."""
+
+    predicted_ms: float
+    measured_ms: float
+
+    @property
+    def error(self) -> float:
+        """Relative error of the prediction: positive when it promised too much speed."""
+        return (self.measured_ms - self.predicted_ms) / self.measured_ms
+
+    def __str__(self) -> str:
+        return f"predicted {self.predicted_ms:.2f} ms, measured {self.measured_ms:.2f} ms ({self.error:+.1%})"
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Median milliseconds of one transformer call at each budget level."""
+
+    key: CostKey
+    levels: tuple[float, ...]
+    latency_ms: tuple[float, ...]
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        if len(self.levels) != len(self.latency_ms):
+            raise CostTableError(f"{len(self.levels)} budget levels but {len(self.latency_ms)} latencies")
+        if 0.0 not in self.levels or 1.0 not in self.levels:
+            raise CostTableError(f"a cost table needs the levels 0 and 1, got {self.levels}")
+
+    def call_ms(self, budget: float) -> float:
+        try:
+            return self.latency_ms[self.levels.index(float(budget))]
+        except ValueError:
+            raise CostTableError(f"budget {budget} was not measured; the table has levels {self.levels}") from None
+
+    def predict(self, budgets: Sequence[float], contexts: int = 1) -> float:
+        """Predicted milliseconds of the transformer calls of a generation with these budgets."""
+        return contexts * sum(self.call_ms(b) for b in budgets)
+
+    def prediction(self, budgets: Sequence[float], measured_ms: float, contexts: int = 1) -> Prediction:
+        """How far the prediction for `budgets` is from a measured end-to-end generation."""
+        return Prediction(self.predict(budgets, contexts), measured_ms)
+
+    def check(self, key: CostKey) -> None:
+        """Refuse to predict latencies for a setting the table was not measured in."""
+        differences = self.key.differences(key)
+        if differences:
+            raise CostTableError(
+                "cost table was measured for another setting (table vs here): "
+                + "; ".join(differences)
+                + ". Measure one here with `astraea profile`."
+            )
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "key": self.key.to_json(),
+            "levels": list(self.levels),
+            "latency_ms": list(self.latency_ms),
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_json(cls, data, source: str = "cost table") -> "CostTable":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CostTableError(f"{source} is not an astraea cost table (missing format {FORMAT!r})")
+        if data.get("version") != VERSION:
+            raise CostTableError(
+                f"{source} has cost table version {data.get('version')!r}; this astraea reads version {VERSION}"
+            )
+        return cls(
+            key=CostKey.from_json(data["key"]),
+            levels=tuple(data["levels"]),
+            latency_ms=tuple(data["latency_ms"]),
+            meta=dict(data.get("meta") or {}),
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        tmp = f"{os.fspath(path)}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=1)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, expect: CostKey | None = None) -> "CostTable":
+        """Read a table; with `expect`, refuse one measured for another setting."""
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise CostTableError(f"cost table {path!r} does not exist; measure one with `astraea profile`")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CostTableError(f"cost table {path!r} is corrupt: {e}") from e
+        table = cls.from_json(data, source=f"cost table {path!r}")
+        if expect is not None:
+            table.check(expect)
+        return table
+
+
+def profiling_schedule(levels: Sequence[float], steps_per_level: int) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
+    """One generation that visits every level: a dense step, then `steps_per_level` steps at
+    the level, for each level in turn. Returns the budgets and, per step, the level that step
+    measures (None for the dense steps in between, which only refresh the caches)."""
+    budgets, measured = [], []
+    for level in levels:
+        budgets += [1.0] + [level] * steps_per_level
+        measured += [None] + [level] * steps_per_level
+    return tuple(budgets), tuple(measured)
+
+
+def profile(
+    workload: Workload,
+    *,
+    levels: Sequence[float] = DEFAULT_LEVELS,
+    steps_per_level: int = 3,
+    repeats: int = 3,
+    sparse: SparseModel | None = None,
+) -> CostTable:
+    """Measure the compiled transformer's call latency at each budget level on this device.
+
+    A first generation compiles and warms up; `repeats` more are timed call by call and each
+    level's latency is the median of its `steps_per_level * repeats * contexts` calls.
+    Recompiling during the timed runs is an error: it would time the compiler, or eager code.
+    """
+    levels = tuple(sorted({float(x) for x in levels}))
+    budgets, measured = profiling_schedule(levels, steps_per_level)
+    sparse = sparse or SparseModel(workload)
+    sparse.set_schedule(budgets)
+    timer = CallTimer(sparse.module, workload.device)
+    workload.generate(timer, seed=0, num_steps=len(budgets))
+    timer.take()
+    samples: dict[float, list[float]] = {level: [] for level in levels}
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for repeat in range(repeats):
+            workload.generate(timer, seed=1 + repeat, num_steps=len(budgets))
+            for call, ms in enumerate(timer.take()):
+                level = measured[call // workload.contexts]
+                if level is not None:
+                    samples[level].append(ms)
+    return CostTable(
+        key=CostKey.here(sparse.structure_hash, workload),
+        levels=levels,
+        latency_ms=tuple(statistics.median(samples[level]) for level in levels),
+        meta={"steps_per_level": steps_per_level, "repeats": repeats, "contexts": workload.contexts},
+    )

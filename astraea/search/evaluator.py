@@ -1,0 +1,122 @@
+"""Fidelity of candidate schedules on calibration seeds, with the costly parts done once.
+
+A candidate costs one sparse generation per seed; the search asks for hundreds. Saved:
+- the dense reference of each seed is generated once, on the original uncompiled model (what
+  a user compares against), and decoded once;
+- a (schedule, seed) pair is generated once; a search revisits many schedules;
+- shared trajectory prefixes: schedules with the same leading budgets follow the same
+  trajectory up to where they differ. The backend's per-block caches cannot be saved and
+  restored, but a dense step recomputes every token, and two dense steps in a row leave
+  state that depends only on the latent entering the first of them (the second refreshes
+  each token's cached contribution and how much it moved since the first). So a candidate
+  whose steps k and k+1 are dense resumes at step k from the latent that an earlier
+  candidate with the same budgets before k had there; the backend takes the jump back up in
+  timestep for a fresh generation and starts the schedule's tail at its step 0.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+
+from .fidelity import FidelityReport, fidelity
+from .sparse import SparseModel
+from .workload import Trajectory, Workload
+
+# Dense steps in a row after which the backend's state depends on the latent alone: the
+# runtime keeps one step of history per token (its last contribution).
+DENSE_RUN = 2
+
+
+class Evaluator:
+    """Scores schedules against the dense model; keeps counts of the work done and saved."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        sparse: SparseModel,
+        *,
+        share_prefixes: bool = True,
+        snapshot_bytes: int = 1 << 30,
+    ):
+        self.workload = workload
+        self.sparse = sparse
+        self.share_prefixes = share_prefixes
+        self.snapshot_bytes = snapshot_bytes
+        self._references: dict[int, tuple[Trajectory, torch.Tensor | None]] = {}
+        self._scores: dict[tuple[tuple[float, ...], int], FidelityReport] = {}
+        self._snapshots: OrderedDict[tuple[tuple[float, ...], int], torch.Tensor] = OrderedDict()
+        self._snapshot_total = 0
+        self.generations = 0
+        self.steps_run = 0
+        self.steps_shared = 0
+
+    def __call__(self, budgets: Sequence[float], seeds: Sequence[int]) -> FidelityReport:
+        """Mean fidelity of the schedule `budgets` over `seeds`."""
+        budgets = tuple(float(b) for b in budgets)
+        if len(budgets) != self.workload.num_steps:
+            raise ValueError(f"schedule has {len(budgets)} steps, the workload {self.workload.num_steps}")
+        for seed in seeds:
+            if (budgets, seed) not in self._scores:
+                reference, decoded = self.reference(seed)
+                run = self._generate(budgets, seed)
+                decoded = None if decoded is None else [decoded]
+                self._scores[budgets, seed] = fidelity([run], [reference], self.workload.decoder, decoded)
+        return FidelityReport.mean([self._scores[budgets, seed] for seed in seeds])
+
+    def reference(self, seed: int) -> tuple[Trajectory, torch.Tensor | None]:
+        """The dense trajectory of `seed`, and its decoded frames when there is a decoder."""
+        if seed not in self._references:
+            run = self.workload.generate(self.workload.model, seed)
+            decoder = self.workload.decoder
+            with torch.no_grad():
+                self._references[seed] = (run, None if decoder is None else decoder(run.latent))
+        return self._references[seed]
+
+    @property
+    def shared_fraction(self) -> float:
+        """Fraction of the steps of sparse generations that shared prefixes spared."""
+        total = self.steps_run + self.steps_shared
+        return self.steps_shared / total if total else 0.0
+
+    def _generate(self, budgets: tuple[float, ...], seed: int) -> Trajectory:
+        start = self._resume_point(budgets, seed)
+        first = start[0] if start is not None else 0
+        self.sparse.set_schedule(budgets[first:])
+        trajectory = self.workload.generate(self.sparse.module, seed, start=start, on_step=self._snapshotter(budgets, seed, first))
+        self.generations += 1
+        self.steps_run += len(budgets) - first
+        self.steps_shared += first
+        return trajectory
+
+    def _resumable(self, budgets: tuple[float, ...], step: int) -> bool:
+        # The last step cannot start a generation: its timestep equals the one the previous
+        # generation ended on, so the backend would not see a fresh generation.
+        return 0 < step <= len(budgets) - DENSE_RUN and all(b == 1.0 for b in budgets[step : step + DENSE_RUN])
+
+    def _resume_point(self, budgets, seed) -> tuple[int, torch.Tensor] | None:
+        if not self.share_prefixes:
+            return None
+        for step in range(len(budgets) - DENSE_RUN, 0, -1):
+            key = (budgets[:step], seed)
+            if self._resumable(budgets, step) and key in self._snapshots:
+                self._snapshots.move_to_end(key)
+                return step, self._snapshots[key]
+        return None
+
+    def _snapshotter(self, budgets, seed, first):
+        if not self.share_prefixes:
+            return None
+
+        def keep(step: int, latent: torch.Tensor) -> None:
+            key = (budgets[:step], seed)
+            if step > first and self._resumable(budgets, step) and key not in self._snapshots:
+                self._snapshots[key] = latent.clone()
+                self._snapshot_total += latent.numel() * latent.element_size()
+                while self._snapshot_total > self.snapshot_bytes:
+                    _, old = self._snapshots.popitem(last=False)
+                    self._snapshot_total -= old.numel() * old.element_size()
+
+        return keep

@@ -1,0 +1,142 @@
+"""How close a sparse generation stays to the dense one on the same seeds.
+
+Three views of one generation, each scored with PSNR, SSIM and relative L2:
+- the final latent, what a pipeline hands to its decoder;
+- the model's contribution, final latent minus initial noise: with random or weakly trained
+  weights the noise dominates the final latent, and a latent PSNR would then mostly measure
+  the noise both runs share, flattering any schedule;
+- decoded frames, when a decoder is given: what a person sees.
+Videos are laid out (batch, channels, frames, height, width), as diffusers' video latents and
+decoded videos are. SSIM is taken per frame over all channels (scikit-image) and averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+
+from .workload import Trajectory
+
+SSIM_WINDOW = 7
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """psnr in dB (inf when identical), ssim in [-1, 1], rel_l2 = |test - ref| / |ref|."""
+
+    psnr: float
+    ssim: float
+    rel_l2: float
+
+    @classmethod
+    def mean(cls, items: Sequence["Fidelity"]) -> "Fidelity":
+        return cls(*(float(np.mean([getattr(f, k) for f in items])) for k in ("psnr", "ssim", "rel_l2")))
+
+
+@dataclass(frozen=True)
+class FidelityReport:
+    latent: Fidelity
+    contribution: Fidelity
+    decoded: Fidelity | None = None
+
+    @classmethod
+    def mean(cls, reports: Sequence["FidelityReport"]) -> "FidelityReport":
+        """Each metric averaged over reports (over seeds)."""
+        decoded = [r.decoded for r in reports]
+        return cls(
+            latent=Fidelity.mean([r.latent for r in reports]),
+            contribution=Fidelity.mean([r.contribution for r in reports]),
+            decoded=None if None in decoded else Fidelity.mean(decoded),
+        )
+
+    @property
+    def score(self) -> float:
+        """The one number a search maximises: PSNR of what a person sees when a decoder is
+        given, else of the model's contribution."""
+        return (self.decoded or self.contribution).psnr
+
+    def to_json(self) -> dict:
+        views = {"latent": self.latent, "contribution": self.contribution, "decoded": self.decoded}
+        return {name: None if f is None else vars(f) for name, f in views.items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FidelityReport":
+        return cls(**{name: None if f is None else Fidelity(**f) for name, f in data.items()})
+
+
+def _video(x: torch.Tensor) -> np.ndarray:
+    array = x.detach().to("cpu", torch.float64).numpy()
+    if array.ndim != 5:
+        raise ValueError(f"fidelity expects videos as (batch, channels, frames, height, width), got shape {array.shape}")
+    return array
+
+
+def _range(reference: np.ndarray) -> float:
+    return float(reference.max() - reference.min())
+
+
+def psnr(test: torch.Tensor, reference: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB over the whole video; the peak is the reference's range."""
+    test, reference = _video(test), _video(reference)
+    mse = float(np.mean((test - reference) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(_range(reference) ** 2 / mse)
+
+
+def ssim(test: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean structural similarity over frames (all channels of a frame together)."""
+    test, reference = _video(test), _video(reference)
+    height, width = reference.shape[-2:]
+    # A latent is small: shrink the window to the frame, keeping it odd as SSIM needs.
+    window = min(SSIM_WINDOW, height - (height % 2 == 0), width - (width % 2 == 0))
+    if window < 3:
+        raise ValueError(f"SSIM needs frames of at least 3x3, got {height}x{width}")
+    data_range = _range(reference)
+    values = [
+        structural_similarity(reference[b, :, f], test[b, :, f], data_range=data_range, channel_axis=0, win_size=window)
+        for b in range(reference.shape[0])
+        for f in range(reference.shape[2])
+    ]
+    return float(np.mean(values))
+
+
+def relative_l2(test: torch.Tensor, reference: torch.Tensor) -> float:
+    test, reference = _video(test), _video(reference)
+    return float(np.linalg.norm(test - reference) / np.linalg.norm(reference))
+
+
+def compare(test: torch.Tensor, reference: torch.Tensor) -> Fidelity:
+    return Fidelity(psnr(test, reference), ssim(test, reference), relative_l2(test, reference))
+
+
+def fidelity(
+    tests: Sequence[Trajectory],
+    references: Sequence[Trajectory],
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    decoded_references: Sequence[torch.Tensor] | None = None,
+) -> FidelityReport:
+    """Fidelity of sparse generations against dense ones on the same seeds, averaged over seeds.
+
+    `decoded_references` spares decoding the same dense latents again for every candidate.
+    """
+    if len(tests) != len(references) or not tests:
+        raise ValueError(f"need one dense reference per generation, got {len(tests)} and {len(references)}")
+    if decoder is not None and decoded_references is None:
+        with torch.no_grad():
+            decoded_references = [decoder(r.latent) for r in references]
+    reports = []
+    for i, (test, reference) in enumerate(zip(tests, references)):
+        if not torch.equal(test.noise, reference.noise):
+            raise ValueError("a generation and its reference start from different noise: they used different seeds")
+        decoded = None
+        if decoder is not None:
+            with torch.no_grad():
+                decoded = compare(decoder(test.latent), decoded_references[i])
+        reports.append(
+            FidelityReport(compare(test.latent, reference.latent), compare(test.contribution, reference.contribution), decoded)
+        )
+    return FidelityReport.mean(reports)

@@ -1,0 +1,114 @@
+"""The workloads `astraea profile` and `astraea search` know by name.
+
+- "reference": the shipped reference model (`astraea.reference`), trained, in pixel space:
+  fidelity on it means what a person would see. Calibration seeds draw its prompts.
+- "tiny", "wan2.1-1.3b": randomly initialised Wan transformers. Latency depends on the
+  architecture and the shapes, not on the weights, so a random Wan2.1-1.3B-shaped model
+  gives the trained model's cost table without its weights; fidelity on random weights is
+  weaker evidence (hence the model-contribution view). "tiny" keeps CPU tests fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+from diffusers import WanTransformer3DModel
+
+from .workload import Workload, random_text
+
+WAN_PRESETS = {
+    "tiny": dict(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, text_dim=32,
+        freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
+    ),
+    "wan2.1-1.3b": dict(
+        num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+        freq_dim=256, ffn_dim=8960, num_layers=30, rope_max_seq_len=1024,
+    ),
+}
+MODELS = ("reference", *WAN_PRESETS)
+
+
+def random_wan(
+    preset: str = "tiny",
+    *,
+    frames: int,
+    height: int,
+    width: int,
+    num_steps: int,
+    text_tokens: int = 16,
+    guidance: float = 5.0,
+    shift: float = 5.0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> Workload:
+    """A workload on a random Wan transformer; frames, height and width are latent sizes."""
+    if preset not in WAN_PRESETS:
+        raise ValueError(f"unknown Wan preset {preset!r}; known: {sorted(WAN_PRESETS)}")
+    config = WAN_PRESETS[preset]
+    device = torch.device(device)
+    # Built on the device (a 1.3B model initialises slowly on a CPU), without touching the
+    # caller's random state.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
+        torch.manual_seed(seed)
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), cross_attn_norm=True, **config)
+    return Workload(
+        model.to(dtype).eval().requires_grad_(False),
+        latent_shape=(config["in_channels"], frames, height, width),
+        conditioning=random_text(text_tokens, config["text_dim"]),
+        num_steps=num_steps,
+        guidance=guidance,
+        shift=shift,
+        dtype=dtype,
+        device=device,
+    )
+
+
+def reference(
+    *, num_steps: int, guidance: float = 4.0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> Workload:
+    """The shipped reference model, sampled as `astraea.reference.model.generate` samples it."""
+    from astraea.reference.data import FRAMES, SIZE, sample_scenes
+    from astraea.reference.model import load_reference
+
+    transformer, encoder = load_reference(device=device, dtype=dtype)
+    empty = encoder.encode([""])
+
+    def conditioning(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt = sample_scenes(np.random.default_rng(seed), 1).prompts()[0]
+        return encoder.encode([prompt.text]), empty
+
+    return Workload(
+        transformer,
+        latent_shape=(3, FRAMES, SIZE, SIZE),
+        conditioning=conditioning,
+        num_steps=num_steps,
+        prediction="sample",
+        guidance=guidance,
+        dtype=dtype,
+        device=device,
+        # Pixel space: the clip a person sees is the final sample clamped to [-1, 1].
+        decoder=lambda x: x.clamp(-1.0, 1.0),
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options naming a workload, shared by `astraea profile` and `astraea search`."""
+    parser.add_argument("--model", choices=MODELS, default="tiny", help="model to run (default: tiny)")
+    parser.add_argument("--frames", type=int, default=3, help="latent frames (random Wan models)")
+    parser.add_argument("--height", type=int, default=8, help="latent height (random Wan models)")
+    parser.add_argument("--width", type=int, default=8, help="latent width (random Wan models)")
+    parser.add_argument("--steps", type=int, default=20, help="denoising steps of a generation")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+
+
+def from_arguments(args: argparse.Namespace) -> Workload:
+    dtype, device = getattr(torch, args.dtype), args.device
+    if args.model == "reference":
+        return reference(num_steps=args.steps, dtype=dtype, device=device)
+    return random_wan(args.model, frames=args.frames, height=args.height, width=args.width,
+                      num_steps=args.steps, dtype=dtype, device=device)

@@ -1,0 +1,42 @@
+"""Measure the compiled forward's latency at each budget on this device.
+
+    astraea profile --model wan2.1-1.3b --frames 21 --height 60 --width 104 --dtype bfloat16 -o costs.json
+
+writes a cost table for `astraea search --costs costs.json`. It holds for this model, input
+shape, dtype, device and software versions only; `astraea search` refuses it anywhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from . import models
+from .costs import DEFAULT_LEVELS, profile
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    models.add_arguments(parser)
+    parser.add_argument("-o", "--output", required=True, help="cost table file to write (JSON)")
+    parser.add_argument("--levels", type=levels, default=DEFAULT_LEVELS,
+                        help="comma-separated budgets to measure, 0 and 1 included (default: 0,0.1,...,1)")
+    parser.add_argument("--steps-per-level", type=int, default=3, help="timed steps per level and generation")
+    parser.add_argument("--repeats", type=int, default=3, help="timed generations")
+
+
+def levels(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels must be comma-separated numbers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    workload = models.from_arguments(args)
+    table = profile(workload, levels=args.levels, steps_per_level=args.steps_per_level, repeats=args.repeats)
+    table.save(args.output)
+    print(f"cost table for model {table.key.model} on {table.key.device} ({table.key.dtype}), "
+          f"ms per transformer call:")
+    for level, ms in zip(table.levels, table.latency_ms):
+        print(f"  budget {level:4.2f}: {ms:9.3f} ms  ({ms / table.call_ms(1.0):.2f} of dense)")
+    print(f"written to {args.output}")
+    return 0

@@ -1,0 +1,256 @@
+"""The budget search: an evolutionary search of per-step budgets under a latency target.
+
+The paper's search scored every candidate on four decoded videos and held a FLOP proxy to a
+target, 82 GPU-hours on average. This one is cheaper in each part:
+- latency is predicted from a cost table measured once on the device (no candidate is timed);
+- fidelity is scored on a proxy, the first of the calibration seeds, through an evaluator
+  that generates each dense reference once, never runs a schedule twice and shares
+  trajectory prefixes between candidates; the few best are then confirmed on all seeds and
+  the chosen one timed end to end, so the prediction is checked, not trusted;
+- the initial population holds every uniform schedule that fits the target, so the search
+  starts from the obvious answer and every generation can only improve on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from astraea.config import AstraeaConfig
+from astraea.schedule import Schedule
+
+from .candidates import Candidate, ranked
+from .checkpoint import Checkpoint
+from .costs import CostKey, CostTable, Prediction
+from .ea import SearchError, Space, breed, mutation_rate, random_genome, repair
+from .evaluator import Evaluator
+from .fidelity import FidelityReport
+from .plot import plot_search
+from .sparse import SparseModel
+from .timing import wall_ms
+from .workload import Workload
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How the evolutionary search runs (the paper's early code: population 50, 100
+    generations; a measured cost model and a seeded start need far fewer)."""
+
+    population: int = 12
+    offspring: int = 12
+    generations: int = 8
+    crossover: float = 0.9
+    mutation: float = 0.3  # per-gene probability in the first generation ...
+    mutation_decay: float = 0.8  # ... multiplied by this every generation ...
+    mutation_floor: float = 0.03  # ... down to this
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.population < 2 or self.offspring < 1 or self.generations < 0:
+            raise SearchError(
+                f"need population >= 2, offspring >= 1, generations >= 0; got "
+                f"{self.population}, {self.offspring}, {self.generations}"
+            )
+
+
+def evolve(
+    space: Space,
+    score: Callable[[tuple[float, ...]], FidelityReport],
+    settings: SearchSettings = SearchSettings(),
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    problem: dict | None = None,
+    progress: bool = True,
+) -> list[Candidate]:
+    """Run the (mu + lambda) evolutionary search; returns every evaluated candidate, best first.
+
+    `score` maps budgets to their fidelity. With `checkpoint`, the state is written after
+    every generation and, when the file exists, the search resumes from it (`problem`
+    describes what the search is, to refuse a checkpoint of another one).
+    """
+    problem = json.loads(json.dumps({"space": dataclasses.asdict(space), **(problem or {}),
+                                     "settings": {**dataclasses.asdict(settings), "generations": None}}))
+    archive: dict[tuple[float, ...], Candidate] = {}
+
+    def evaluate(genomes: list[np.ndarray]) -> list[Candidate]:
+        for g in genomes:
+            budgets = space.budgets(g)
+            if budgets not in archive:
+                archive[budgets] = Candidate(budgets, space.latency(g), score(budgets))
+        return [archive[space.budgets(g)] for g in genomes]
+
+    def survivors(pool: list[Candidate]) -> list[Candidate]:
+        return ranked({c.budgets: c for c in pool}.values())[: settings.population]
+
+    rng = np.random.default_rng(settings.seed)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        state = Checkpoint.load(checkpoint, problem)
+        rng.bit_generator.state = state.rng
+        archive.update((c.budgets, c) for c in state.archive)
+        population, done = [archive[b] for b in state.population], state.generation
+    else:
+        population, done = survivors(evaluate(initial_population(space, settings.population, rng))), 0
+        _save(checkpoint, problem, 0, population, rng, archive)
+    bar = tqdm(total=settings.generations, initial=min(done, settings.generations), desc="search generations",
+               disable=not progress)
+    for generation in range(done, settings.generations):
+        rate = mutation_rate(generation, settings.mutation, settings.mutation_decay, settings.mutation_floor)
+        parents = [space.genome(c.budgets) for c in population]
+        children = breed(space, parents, settings.offspring, rate, settings.crossover, rng)
+        population = survivors(population + evaluate(children))
+        _save(checkpoint, problem, generation + 1, population, rng, archive)
+        bar.update(1)
+        bar.set_postfix(best=f"{population[0].score:.2f}", evaluated=len(archive))
+    bar.close()
+    return ranked(archive.values())
+
+
+def _save(path, problem, generation, population, rng, archive) -> None:
+    if path is not None:
+        Checkpoint(problem, generation, tuple(c.budgets for c in population), rng.bit_generator.state,
+                   tuple(archive.values())).save(path)
+
+
+def uniform_genomes(space: Space) -> list[np.ndarray]:
+    """Every schedule that uses one budget for all free steps and fits the target."""
+    genomes = []
+    for level in range(len(space.levels)):
+        genome = np.array([a[np.abs(a - level).argmin()] for a in map(space.allowed, range(space.num_steps))])
+        if space.latency(genome) <= space.limit_ms:
+            genomes.append(genome)
+    return genomes
+
+
+def initial_population(space: Space, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The uniform schedules that fit (best first), the fastest one repaired from dense, and
+    random schedules for the rest."""
+    genomes = uniform_genomes(space)[::-1][: size - 1]
+    genomes.append(repair(space, np.full(space.num_steps, space.dense), rng))
+    genomes += [random_genome(space, rng) for _ in range(size - len(genomes))]
+    return genomes
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    schedule: Schedule
+    chosen: Candidate  # scored on every calibration seed
+    candidates: list[Candidate]  # every candidate the search evaluated, on the proxy seeds, best first
+    uniform: Candidate | None  # the best uniform schedule within the target, on every seed
+    prediction: Prediction | None  # predicted vs measured latency of the chosen schedule
+    wall_s: float
+    stats: dict
+
+
+def search(
+    workload: Workload,
+    table: CostTable,
+    *,
+    speedup: float | None = None,
+    latency_ms: float | None = None,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    proxy_seeds: int = 1,
+    confirm: int = 4,
+    full_steps: int = 1,
+    settings: SearchSettings = SearchSettings(),
+    config: AstraeaConfig | None = None,
+    share_prefixes: bool | None = None,
+    measure: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Search per-step budgets for `workload` under a latency target.
+
+    The target is a `speedup` over the all-dense schedule or a `latency_ms` for the
+    transformer calls of one generation, both as predicted by `table`. Candidates are scored
+    on the first `proxy_seeds` of `seeds`; the `confirm` best are rescored on all of them
+    and the best of those is chosen. `config` sets the token selection the schedule is
+    searched for (its schedule is ignored). `share_prefixes` defaults to on except for the
+    random policy, whose random stream a resumed generation would not continue.
+    Writes the schedule to `output` and a plot to `plot` when given.
+    """
+    started = time.perf_counter()
+    if (speedup is None) == (latency_ms is None):
+        raise SearchError("give exactly one target: speedup or latency_ms")
+    if not 1 <= proxy_seeds <= len(seeds):
+        raise SearchError(f"proxy_seeds must be between 1 and the {len(seeds)} calibration seeds, got {proxy_seeds}")
+    sparse = SparseModel(workload, config)
+    table.check(CostKey.here(sparse.structure_hash, workload))
+    steps, contexts = workload.num_steps, workload.contexts
+    dense_ms = table.predict([1.0] * steps, contexts)
+    limit = dense_ms / speedup if speedup is not None else latency_ms
+    space = Space(table.levels, tuple(contexts * t for t in table.latency_ms), steps, full_steps, limit)
+    if share_prefixes is None:
+        share_prefixes = sparse.config.policy != "random"
+    evaluator = Evaluator(workload, sparse, share_prefixes=share_prefixes)
+    proxy, seeds = tuple(seeds[:proxy_seeds]), tuple(seeds)
+
+    candidates = evolve(
+        space, lambda budgets: evaluator(budgets, proxy), settings, checkpoint=checkpoint,
+        problem={"seeds": list(proxy), "config": _selection(sparse.config)}, progress=progress,
+    )
+    confirmed = ranked(
+        Candidate(c.budgets, c.latency_ms, evaluator(c.budgets, seeds)) for c in candidates[:confirm]
+    )
+    chosen = confirmed[0]
+    best_uniform = uniform_genomes(space)[-1:]
+    uniform = None
+    if best_uniform:
+        budgets = space.budgets(best_uniform[0])
+        uniform = Candidate(budgets, space.latency(best_uniform[0]), evaluator(budgets, seeds))
+
+    prediction = None
+    if measure:
+        sparse.set_schedule(chosen.budgets)
+        measured = wall_ms(lambda: workload.generate(sparse.module, seeds[0]), workload.device)
+        prediction = table.prediction(chosen.budgets, measured, contexts)
+    wall_s = time.perf_counter() - started
+    stats = {
+        "evaluated": len(candidates),
+        "generations_run": evaluator.generations,
+        "steps_run": evaluator.steps_run,
+        "steps_shared": evaluator.steps_shared,
+        "shared_fraction": evaluator.shared_fraction,
+    }
+    schedule = Schedule(
+        budgets=chosen.budgets,
+        model=sparse.structure_hash,
+        meta={
+            "search": {
+                "target": {"speedup": speedup, "latency_ms": latency_ms, "limit_ms": limit},
+                "predicted_ms": chosen.latency_ms,
+                "dense_predicted_ms": dense_ms,
+                "predicted_speedup": dense_ms / chosen.latency_ms,
+                "measured_ms": prediction.measured_ms if prediction else None,
+                "prediction_error": prediction.error if prediction else None,
+                "fidelity": chosen.fidelity.to_json(),
+                "uniform": uniform.to_json() if uniform else None,
+                "seeds": list(seeds),
+                "proxy_seeds": list(proxy),
+                "num_steps": steps,
+                "selection": _selection(sparse.config),
+                "cost_table": table.key.to_json(),
+                "settings": dataclasses.asdict(settings),
+                "wall_s": wall_s,
+                **stats,
+            }
+        },
+    )
+    if output is not None:
+        schedule.save(output)
+    if plot is not None:
+        plot_search(candidates, chosen, uniform, dense_ms, plot)
+    return SearchResult(schedule, chosen, candidates, uniform, prediction, wall_s, stats)
+
+
+def _selection(config: AstraeaConfig) -> dict:
+    """The token-selection options a schedule is searched for (everything but the schedule)."""
+    return {k: v for k, v in config.to_json().items() if k not in ("schedule", "full_steps")}

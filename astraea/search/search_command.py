@@ -1,0 +1,76 @@
+"""Search per-step budgets for a model under a latency target.
+
+    astraea search --model tiny --steps 20 --costs costs.json --speedup 2 -o schedule.json
+
+measures the cost table first when `--costs` names no file, searches, confirms the best
+candidates on every calibration seed, times the chosen schedule end to end, and writes the
+schedule (for `torch.compile(..., options={"schedule": "schedule.json"})`) and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from astraea.config import GROUPS, POLICIES, AstraeaConfig
+
+from . import models
+from .costs import CostTable, profile
+from .search import SearchSettings, search
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    models.add_arguments(parser)
+    parser.add_argument("--costs", required=True, help="cost table (JSON); measured and written when missing")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--speedup", type=float, help="target speedup over the dense schedule")
+    target.add_argument("--latency-ms", type=float, help="target latency of a generation's transformer calls")
+    parser.add_argument("-o", "--output", required=True, help="schedule file to write (JSON)")
+    parser.add_argument("--plot", help="plot of the search to write (PNG); default: next to the schedule")
+    parser.add_argument("--checkpoint", help="resume from and save to this file after every generation")
+    parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1, 2, 3),
+                        help="comma-separated calibration seeds (default: 0,1,2,3)")
+    parser.add_argument("--proxy-seeds", type=int, default=1, help="seeds every candidate is scored on")
+    parser.add_argument("--confirm", type=int, default=4, help="best candidates rescored on all seeds")
+    parser.add_argument("--full-steps", type=int, default=1, help="first steps kept dense")
+    parser.add_argument("--policy", choices=POLICIES, default="astraea", help="token selection")
+    parser.add_argument("--group", choices=GROUPS, default="token", help="selection granularity")
+    defaults = SearchSettings()
+    parser.add_argument("--population", type=int, default=defaults.population)
+    parser.add_argument("--offspring", type=int, default=defaults.offspring)
+    parser.add_argument("--generations", type=int, default=defaults.generations)
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the search itself")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    workload = models.from_arguments(args)
+    if os.path.exists(args.costs):
+        table = CostTable.load(args.costs)
+    else:
+        print(f"no cost table at {args.costs}: measuring one")
+        table = profile(workload)
+        table.save(args.costs)
+    settings = SearchSettings(population=args.population, offspring=args.offspring,
+                              generations=args.generations, seed=args.seed)
+    plot = args.plot or os.path.splitext(args.output)[0] + ".png"
+    result = search(
+        workload, table, speedup=args.speedup, latency_ms=args.latency_ms, seeds=args.seeds,
+        proxy_seeds=args.proxy_seeds, confirm=args.confirm, full_steps=args.full_steps, settings=settings,
+        config=AstraeaConfig(policy=args.policy, group=args.group), checkpoint=args.checkpoint,
+        output=args.output, plot=plot, progress=not args.no_progress,
+    )
+    meta = result.schedule.meta["search"]
+    print(f"schedule: {' '.join(f'{b:g}' for b in result.chosen.budgets)}")
+    print(f"predicted {meta['predicted_ms']:.2f} ms, {meta['predicted_speedup']:.2f}x the dense schedule "
+          f"(target {meta['target']['limit_ms']:.2f} ms)")
+    if result.prediction is not None:
+        print(f"end to end: {result.prediction}")
+    print(f"fidelity on {len(args.seeds)} seeds: {result.chosen.score:.2f} dB PSNR "
+          f"(SSIM {(result.chosen.fidelity.decoded or result.chosen.fidelity.contribution).ssim:.3f})")
+    if result.uniform is not None:
+        print(f"uniform budget {result.uniform.budgets[-1]:g} at the same target: {result.uniform.score:.2f} dB")
+    print(f"{meta['evaluated']} candidates, {meta['generations_run']} sparse generations, "
+          f"{meta['shared_fraction']:.0%} of their steps spared by shared prefixes, {result.wall_s:.1f} s")
+    print(f"written {args.output} and {plot}")
+    return 0

@@ -1,0 +1,166 @@
+"""One generation setting a schedule is searched for: a video transformer, the shape of its
+inputs and the sampler that drives it, from a seed to a final latent.
+
+The search runs the denoising loop itself rather than a whole pipeline: it needs to start a
+generation part-way (from a saved latent, to share trajectory prefixes between candidates),
+to see the latent entering every step, and to time each transformer call. The loop is
+diffusers' flow-matching Euler sampler with classifier-free guidance, the one Wan,
+HunyuanVideo and LTX use, calling the transformer as their pipelines do: keyword arguments,
+`return_dict=False`, each guidance branch inside `transformer.cache_context("cond" |
+"uncond")`. The model may predict the velocity (Wan) or the clean sample (the shipped
+reference model); both give the same Euler step. A calibration seed picks the initial noise
+and, through `conditioning`, the prompt embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+PREDICTIONS = ("velocity", "sample")
+
+
+def random_text(tokens: int, width: int) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """Conditioning for a model without a text encoder: seeded random cond and uncond
+    embeddings [1, tokens, width], drawn from a stream apart from the noise's."""
+
+    def conditioning(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(2**32 + seed)
+        return torch.randn((1, tokens, width), generator=g), torch.randn((1, tokens, width), generator=g)
+
+    return conditioning
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """Where a generation started and where it ended."""
+
+    noise: torch.Tensor
+    latent: torch.Tensor
+
+    @property
+    def contribution(self) -> torch.Tensor:
+        """What the model added to the noise: the part of the latent a schedule can change."""
+        return self.latent - self.noise
+
+
+class Workload:
+    """A fixed generation setting.
+
+    model: a diffusers-style video transformer, called as
+        `model(hidden_states=, timestep=, encoder_hidden_states=, return_dict=False)[0]`.
+    latent_shape: (channels, frames, height, width) of one latent video.
+    conditioning: seed -> (cond, uncond) prompt embeddings [1, tokens, width].
+    prediction: what the model outputs, "velocity" (noise - data) or the clean "sample".
+    guidance: classifier-free guidance scale; other than 1, every step runs two contexts.
+    shift: the flow-matching timestep shift (Wan uses 3 to 5; 1 keeps the steps even).
+    decoder: optional callable from latents to frames, for fidelity on what a person sees.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        latent_shape: tuple[int, int, int, int],
+        conditioning: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+        num_steps: int,
+        prediction: str = "velocity",
+        guidance: float = 5.0,
+        shift: float = 1.0,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
+        if num_steps < 1:
+            raise ValueError(f"a generation needs at least one step, got num_steps={num_steps}")
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        self.model = model
+        self.latent_shape = tuple(latent_shape)
+        self.conditioning = conditioning
+        self.num_steps = num_steps
+        self.prediction = prediction
+        self.guidance = guidance
+        self.shift = shift
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.decoder = decoder
+
+    @property
+    def contexts(self) -> int:
+        """Transformer calls per step: two with classifier-free guidance (cond and uncond)."""
+        return 2 if self.guidance != 1.0 else 1
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Input shapes of one transformer call, as the cost table records them."""
+        noise, cond, _ = self.inputs(0)
+        return {"hidden_states": tuple(noise.shape), "encoder_hidden_states": tuple(cond.shape)}
+
+    def inputs(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Initial noise (float32, drawn on the CPU so a seed means the same on any device)
+        and the cond and uncond prompt embeddings of a seed."""
+        noise = torch.randn((1, *self.latent_shape), generator=torch.Generator().manual_seed(seed))
+        cond, uncond = self.conditioning(seed)
+        return (
+            noise.to(self.device),
+            cond.to(self.device, self.dtype),
+            uncond.to(self.device, self.dtype),
+        )
+
+    def example_inputs(self, seed: int = 0) -> dict:
+        """Keyword arguments of one transformer call (for `astraea.explain`)."""
+        noise, cond, _ = self.inputs(seed)
+        timestep = torch.full((1,), 1000.0, device=self.device)
+        return dict(hidden_states=noise.to(self.dtype), timestep=timestep, encoder_hidden_states=cond, return_dict=False)
+
+    def sigmas(self, num_steps: int) -> torch.Tensor:
+        """Noise levels from 1 to 0, shifted toward high noise as diffusers' flow-matching
+        scheduler does for video models."""
+        s = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
+        return self.shift * s / (1 + (self.shift - 1) * s)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        transformer: Callable,
+        seed: int,
+        *,
+        num_steps: int | None = None,
+        start: tuple[int, torch.Tensor] | None = None,
+        on_step: Callable[[int, torch.Tensor], None] | None = None,
+    ) -> Trajectory:
+        """Run the sampler with `transformer` (the model itself, or a compiled or timed copy).
+
+        num_steps: overrides the workload's step count (profiling runs short generations).
+        start: (step, latent) to resume a generation at `step` from the latent entering it.
+        on_step: called with (step, latent entering it) before every step.
+        """
+        num_steps = num_steps or self.num_steps
+        noise, cond, uncond = self.inputs(seed)
+        sigmas = self.sigmas(num_steps)
+        first, latent = start if start is not None else (0, noise)
+        for step in range(first, num_steps):
+            if on_step is not None:
+                on_step(step, latent)
+            sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
+            timestep = torch.full((1,), sigma * 1000.0, device=self.device)
+            out = self._call(transformer, "cond", latent, timestep, cond)
+            if self.contexts == 2:
+                unconditional = self._call(transformer, "uncond", latent, timestep, uncond)
+                out = unconditional + self.guidance * (out - unconditional)
+            velocity = out if self.prediction == "velocity" else (latent - out) / sigma
+            latent = latent + (sigma_next - sigma) * velocity
+        return Trajectory(noise, latent)
+
+    def _call(self, transformer, context, latent, timestep, text):
+        # Pipelines name each guidance branch so per-context caches stay apart; a plain
+        # module without diffusers' cache mixin has no such contexts to keep apart.
+        scope = getattr(transformer, "cache_context", None)
+        with scope(context) if scope is not None else contextlib.nullcontext():
+            out = transformer(
+                hidden_states=latent.to(self.dtype), timestep=timestep, encoder_hidden_states=text, return_dict=False
+            )[0]
+        return out.float()

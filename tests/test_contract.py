@@ -1,0 +1,88 @@
+"""Budget r < 1 keeps the contract of a token-sparse block, and costs about r of the FLOPs."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import astraea
+from astraea.runtime.ops import flop_formulas
+from tests.contract import ContractChecker
+from tests.models import ltx, sample, wan
+
+
+@pytest.mark.parametrize("make", [wan, ltx], ids=["wan", "ltx"])
+@pytest.mark.parametrize("policy", ["astraea", "delta", "random"])
+def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
+    torch._dynamo.reset()
+    family = make()
+    be = astraea.backend(schedule=[1.0, 0.5, 0.25, 0.75, 0.5], policy=policy)
+    compiled = torch.compile(family.model, backend=be)
+    sample(family, compiled, steps=1)  # compiles; step 0 is dense
+    runner = be.runners[0]
+    runner.reset()
+    checker = runner.graph_fn = ContractChecker(runner)
+    sample(family, compiled, steps=5)
+    assert checker.checked == 10 * be.reports[0].num_sparse_blocks
+    n = be.reports[0].num_tokens
+    sizes = [len(call[0]) for call in checker.selected]
+    assert sizes == [n, n] + [round(b * n) for b in (0.5, 0.5, 0.25, 0.25, 0.75, 0.75, 0.5, 0.5)]
+
+
+@pytest.mark.parametrize("group,group_size", [("spatial", 1), ("run", 4)])
+def test_grouped_selection_keeps_contract(group, group_size):
+    torch._dynamo.reset()
+    family = wan()
+    be = astraea.backend(schedule=0.5, group=group, group_size=group_size)
+    compiled = torch.compile(family.model, backend=be)
+    sample(family, compiled, steps=1)
+    runner = be.runners[0]
+    runner.reset()
+    checker = runner.graph_fn = ContractChecker(runner)
+    sample(family, compiled, steps=3)
+    frames, h, w = be.reports[0].token_grid
+    for call in checker.selected[2:]:
+        idx = call[0]
+        if group == "spatial":  # whole columns: the same positions in every frame
+            positions = (idx % (h * w)).view(frames, -1)
+            assert (positions == positions[0]).all()
+        else:
+            assert (idx.view(-1, group_size) // group_size).unique(dim=1).shape[1] == 1
+
+
+def _flops(fn, *args):
+    counter = FlopCounterMode(display=False, custom_mapping=flop_formulas())
+    with counter:
+        out = fn(*args)
+    return counter.get_total_flops(), out
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5, 0.75])
+def test_flops_follow_budget(budget):
+    torch._dynamo.reset()
+    heads, dim_head, layers = 2, 32, 2
+    family = wan(frames=4, size=32, layers=layers, heads=heads, dim_head=dim_head)  # 4x16x16 = 1,024 tokens
+    be = astraea.backend(schedule=[1.0, budget])
+    compiled = torch.compile(family.model, backend=be)
+    x = torch.randn(family.latent_shape)
+    cond = family.contexts[0]
+    with torch.no_grad():
+        dense, _ = _flops(family.call, family.model, x, torch.tensor([900.0]), cond)
+        family.call(compiled, x, torch.tensor([900.0]), cond)  # step 0: dense, fills the caches
+        runner = be.runners[0]
+        graph, counted = runner.graph_fn, []
+        # Count inside the runner: FlopCounterMode's module hooks around the call would recompile.
+        def counting(*args):
+            flops, out = _flops(graph, *args)
+            counted.append(flops)
+            return out
+
+        runner.graph_fn = counting
+        family.call(compiled, x, torch.tensor([800.0]), cond)
+    sparse = counted[0]
+    n, width = be.reports[0].num_tokens, heads * dim_head
+    assert n >= 1024
+    keys_values = layers * 2 * (2 * n * width * width)  # K and V projections of every token
+    assert runner.records[-1].tokens == round(budget * n)
+    assert sparse <= budget * dense + keys_values + 0.02 * dense
+    assert sparse >= budget * dense * 0.9  # the count saw the sparse work at all
+    print(f"budget {budget}: sparse/dense FLOPs {sparse / dense:.3f}, bound {(budget * dense + keys_values) / dense + 0.02:.3f}")

@@ -1,0 +1,87 @@
+"""Bad input fails early with a message naming the problem; unsupported models run dense."""
+
+import json
+
+import pytest
+import torch
+
+import astraea
+from astraea import AstraeaWarning, ConfigError, Schedule, ScheduleError
+from tests.models import sample, wan
+
+
+@pytest.mark.parametrize("budget", [-0.1, 1.5, float("nan"), None, True])
+def test_budget_outside_unit_interval(budget):
+    with pytest.raises(ConfigError, match="budget"):
+        astraea.backend(schedule=budget)
+    with pytest.raises(ConfigError, match="step 1"):
+        astraea.backend(schedule=[1.0, budget])
+
+
+def test_unknown_option_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown astraea option"):
+        astraea.backend(shedule=0.5)
+    with pytest.raises(ConfigError, match="policy"):
+        astraea.backend(policy="magic")
+    with pytest.raises(ConfigError, match="group_size"):
+        astraea.backend(group="run", group_size=0)
+
+
+def test_short_schedule_raises_before_any_wrong_output():
+    torch._dynamo.reset()
+    family = wan()
+    compiled = torch.compile(family.model, backend=astraea.backend(schedule=[1.0, 0.5, 0.5]))
+    with pytest.raises(ScheduleError, match="schedule has 3 steps but the run reached step 4"):
+        sample(family, compiled, steps=4)
+
+
+def test_missing_and_corrupt_schedule_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        astraea.backend(schedule=str(tmp_path / "none.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="corrupt"):
+        astraea.backend(schedule=str(bad))
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(ConfigError, match="not an astraea schedule"):
+        astraea.backend(schedule=str(other))
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps({**Schedule(constant=0.5).to_json(), "version": 99}))
+    with pytest.raises(ConfigError, match="version 99"):
+        astraea.backend(schedule=str(future))
+
+
+def test_schedule_round_trip_and_other_model_refused(tmp_path):
+    path = tmp_path / "s.json"
+    Schedule(budgets=(1.0, 0.5, 0.0), model="0123456789abcdef", meta={"target": 2.0}).save(path)
+    loaded = Schedule.load(path)
+    assert loaded.budgets == (1.0, 0.5, 0.0) and loaded.meta == {"target": 2.0}
+    torch._dynamo.reset()
+    family = wan()
+    compiled = torch.compile(family.model, backend=astraea.backend(schedule=str(path)))
+    with pytest.raises(Exception, match="schedule was made for model structure 0123456789abcdef"):
+        sample(family, compiled, steps=1)
+
+
+class NoBlocks(torch.nn.Module):
+    """A convolutional denoiser: no attention, so nothing for astraea to make sparse."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(4, 4, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) * t
+
+
+def test_model_without_blocks_runs_dense_with_warning():
+    torch._dynamo.reset()
+    model = NoBlocks()
+    x, t = torch.randn(1, 4, 2, 4, 4), torch.tensor([0.5])
+    compiled = torch.compile(model, backend=astraea.backend(schedule=0.5))
+    with pytest.warns(AstraeaWarning, match="no self-attention"):
+        out = compiled(x, t)
+    torch.testing.assert_close(out, model(x, t))
+    report = astraea.explain(model, x, t)
+    assert report.num_blocks == 0 and "no self-attention" in str(report)

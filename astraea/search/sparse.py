@@ -15,6 +15,7 @@ import astraea
 from astraea.config import AstraeaConfig
 from astraea.schedule import Schedule
 
+from .ea import SearchError
 from .workload import Workload
 
 
@@ -25,7 +26,11 @@ class SparseModel:
         # The schedules run here carry their own dense steps, and a generation resumed
         # part-way must run its first step at the budget it asks for: no forced full steps.
         self.config = (config or AstraeaConfig()).replace(full_steps=0)
-        self.structure_hash = astraea.explain(workload.model, **workload.example_inputs()).structure_hash
+        report = astraea.explain(workload.model, **workload.example_inputs())
+        if report.num_sparse_blocks == 0:
+            why = report.reason or "; ".join(sorted({b.reason for b in report.blocks if b.reason}))
+            raise SearchError(f"astraea runs this model dense ({why}): it has no budgets to measure or search")
+        self.structure_hash = report.structure_hash
         self.backend = astraea.backend(self.config)
         self.module = torch.compile(workload.model, backend=self.backend)
 

@@ -1,0 +1,102 @@
+"""Cost tables: predictions, the JSON round trip, and refusal anywhere they were not measured."""
+
+import json
+
+import pytest
+
+from astraea.search.costs import (
+    DEFAULT_LEVELS, CostKey, CostTable, CostTableError, Prediction, profiling_schedule,
+)
+
+KEY = CostKey(
+    model="1b0ff5cd16ee2e65",
+    shapes={"hidden_states": (1, 16, 21, 60, 104), "encoder_hidden_states": (1, 512, 4096)},
+    dtype="bfloat16",
+    device="NVIDIA H200",
+    versions={"torch": "2.11.0", "triton": "3.6.0", "diffusers": "0.42.1", "astraea": "0.1.0"},
+)
+LATENCY = (0.05, 60.0, 110.0, 160.0, 215.0, 265.0, 320.0, 370.0, 420.0, 470.0, 525.0)
+
+
+def table(**changes) -> CostTable:
+    return CostTable(key=CostKey(**{**vars(KEY), **changes}), levels=DEFAULT_LEVELS, latency_ms=LATENCY)
+
+
+def test_default_levels_are_exact_tenths():
+    assert DEFAULT_LEVELS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+def test_prediction_sums_steps_times_contexts():
+    t = table()
+    assert t.predict([1.0, 0.5, 0.0, 0.3]) == pytest.approx(525.0 + 265.0 + 0.05 + 160.0)
+    assert t.predict([1.0, 0.5, 0.0, 0.3], contexts=2) == pytest.approx(2 * (525.0 + 265.0 + 0.05 + 160.0))
+    with pytest.raises(CostTableError, match="budget 0.55 was not measured"):
+        t.predict([1.0, 0.55])
+
+
+def test_prediction_error_against_a_measured_run():
+    p = table().prediction([1.0, 0.5], measured_ms=1000.0, contexts=1)
+    assert p.predicted_ms == pytest.approx(790.0)
+    assert p.error == pytest.approx(0.21)
+    assert "+21.0%" in str(p)
+    assert Prediction(100.0, 80.0).error == pytest.approx(-0.25)
+
+
+def test_round_trip(tmp_path):
+    t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, meta={"repeats": 3})
+    path = tmp_path / "costs.json"
+    t.save(path)
+    loaded = CostTable.load(path, expect=KEY)
+    assert loaded == t
+    assert loaded.meta == {"repeats": 3}
+    data = json.loads(path.read_text())
+    assert data["format"] == "astraea-cost-table" and data["version"] == 1
+
+
+@pytest.mark.parametrize(
+    "field, value, shown",
+    [
+        ("model", "ffffffffffffffff", "model: 1b0ff5cd16ee2e65 vs ffffffffffffffff"),
+        ("device", "NVIDIA A100-SXM4-80GB", "device: NVIDIA H200 vs NVIDIA A100-SXM4-80GB"),
+        ("dtype", "float16", "dtype: bfloat16 vs float16"),
+        ("shapes", {"hidden_states": (1, 16, 21, 90, 160), "encoder_hidden_states": (1, 512, 4096)}, "shapes:"),
+        ("versions", {**KEY.versions, "torch": "2.13.0"}, "versions:"),
+    ],
+)
+def test_load_refuses_another_setting(tmp_path, field, value, shown):
+    path = tmp_path / "costs.json"
+    table().save(path)
+    here = CostKey(**{**vars(KEY), field: value})
+    with pytest.raises(CostTableError, match="measured for another setting") as error:
+        CostTable.load(path, expect=here)
+    assert shown in str(error.value)
+    # Only the field that differs is named.
+    others = {"model", "device", "dtype", "shapes", "versions"} - {field}
+    assert not any(f"{o}:" in str(error.value) for o in others)
+
+
+def test_version_and_format_errors(tmp_path):
+    path = tmp_path / "costs.json"
+    data = table().to_json()
+    path.write_text(json.dumps({**data, "version": 99}))
+    with pytest.raises(CostTableError, match="version 99; this astraea reads version 1"):
+        CostTable.load(path)
+    path.write_text(json.dumps({"budgets": [1.0]}))
+    with pytest.raises(CostTableError, match="not an astraea cost table"):
+        CostTable.load(path)
+    path.write_text("{not json")
+    with pytest.raises(CostTableError, match="corrupt"):
+        CostTable.load(path)
+    with pytest.raises(CostTableError, match="does not exist"):
+        CostTable.load(tmp_path / "missing.json")
+
+
+def test_table_needs_skip_and_dense_levels():
+    with pytest.raises(CostTableError, match="levels 0 and 1"):
+        CostTable(key=KEY, levels=(0.5, 1.0), latency_ms=(1.0, 2.0))
+
+
+def test_profiling_schedule_visits_every_level_after_a_dense_step():
+    budgets, measured = profiling_schedule((0.0, 0.5, 1.0), steps_per_level=2)
+    assert budgets == (1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 1.0, 1.0, 1.0)
+    assert measured == (None, 0.0, 0.0, None, 0.5, 0.5, None, 1.0, 1.0)

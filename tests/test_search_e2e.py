@@ -1,0 +1,98 @@
+"""Profile and search on a tiny random Wan model through the real backend, API and CLI."""
+
+import json
+
+import pytest
+import torch
+
+import astraea
+from astraea.cli import main
+from astraea.schedule import Schedule
+from astraea.search import (
+    CostKey, CostTable, Evaluator, SearchSettings, SparseModel, fidelity, profile, random_wan, search,
+)
+
+LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SIZE = dict(frames=2, height=8, width=8)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    return random_wan("tiny", num_steps=6, **SIZE)
+
+
+@pytest.fixture(scope="module")
+def sparse(workload):
+    return SparseModel(workload)
+
+
+@pytest.fixture(scope="module")
+def table(workload, sparse, tmp_path_factory):
+    table = profile(workload, levels=LEVELS, steps_per_level=1, repeats=1, sparse=sparse)
+    table.save(tmp_path_factory.mktemp("costs") / "costs.json")
+    return table
+
+
+def test_profile_measures_every_level_for_this_setting(workload, sparse, table):
+    assert table.levels == LEVELS
+    assert table.key == CostKey.here(sparse.structure_hash, workload)
+    assert all(ms > 0 for ms in table.latency_ms)
+    # A whole-step skip returns the previous output: far cheaper than any real forward.
+    assert table.call_ms(0.0) < 0.2 * min(table.latency_ms[1:])
+
+
+def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, table, tmp_path):
+    output, plot = tmp_path / "schedule.json", tmp_path / "search.png"
+    settings = SearchSettings(population=4, offspring=4, generations=2)
+    result = search(workload, table, speedup=1.5, seeds=(0,), confirm=2, settings=settings,
+                    output=output, plot=plot, progress=False)
+    limit = table.predict([1.0] * 6, workload.contexts) / 1.5
+    assert result.chosen.latency_ms <= limit
+    assert all(c.latency_ms <= limit and c.budgets[0] == 1.0 for c in result.candidates)
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    schedule = Schedule.load(output)
+    meta = schedule.meta["search"]
+    assert schedule.budgets == result.chosen.budgets
+    assert schedule.model == astraea.explain(workload.model, **workload.example_inputs()).structure_hash
+    assert meta["predicted_speedup"] >= 1.5 and meta["seeds"] == [0]
+    assert meta["measured_ms"] > 0 and result.prediction.measured_ms == meta["measured_ms"]
+
+    # A user's compile of the schedule file gives the fidelity the search reported.
+    compiled = torch.compile(workload.model, backend=astraea.backend(schedule=str(output)))
+    dense = workload.generate(workload.model, 0)
+    mine = fidelity([workload.generate(compiled, 0)], [dense])
+    assert mine.score == pytest.approx(result.chosen.score, abs=1e-3)
+
+
+def test_resuming_at_a_shared_prefix_matches_running_from_scratch(workload, sparse):
+    shared = Evaluator(workload, sparse)
+    first = (1.0, 0.5, 1.0, 1.0, 0.25, 0.25)
+    second = (1.0, 0.5, 1.0, 1.0, 0.75, 0.0)
+    shared(first, [0])
+    assert shared.steps_shared == 0
+    resumed = shared(second, [0])
+    assert shared.steps_shared == 2, "the second schedule should resume at step 2"
+    scratch = Evaluator(workload, sparse, share_prefixes=False)(second, [0])
+    assert resumed.contribution.psnr == pytest.approx(scratch.contribution.psnr, abs=1e-3)
+    assert resumed.contribution.rel_l2 == pytest.approx(scratch.contribution.rel_l2, rel=1e-4)
+
+
+def test_cli_profile_then_search(table, tmp_path, capsys):
+    model = ["--model", "tiny", "--steps", "6", "--frames", "2", "--height", "8", "--width", "8"]
+    costs = tmp_path / "costs.json"
+    table.save(costs)  # measured in this process: same model, device and threads as the CLI's
+    assert main(["search", *model, "--costs", str(costs), "--speedup", "1.3", "--seeds", "0,1",
+                 "--population", "3", "--offspring", "2", "--generations", "1", "--confirm", "1",
+                 "-o", str(tmp_path / "s.json"), "--checkpoint", str(tmp_path / "c.json"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "schedule: 1 " in out and "end to end: predicted" in out
+    assert json.loads((tmp_path / "c.json").read_text())["generation"] == 1
+    assert (tmp_path / "s.png").exists()
+    assert Schedule.load(tmp_path / "s.json").meta["search"]["seeds"] == [0, 1]
+
+    other = tmp_path / "other.json"
+    assert main(["profile", *model, "--levels", "0,1", "--steps-per-level", "1", "--repeats", "1",
+                 "-o", str(other)]) == 0
+    assert CostTable.load(other).levels == (0.0, 1.0)
+    with pytest.raises(Exception, match="measured for another setting: shapes"):
+        main(["search", *model[:-1], "16", "--costs", str(other), "--speedup", "1.2", "-o", str(tmp_path / "t.json")])

@@ -1,0 +1,104 @@
+"""The evolutionary driver on a synthetic fidelity: reproducible, resumable, and it improves."""
+
+import json
+import math
+
+import pytest
+
+from astraea.search.candidates import pareto_front, ranked
+from astraea.search.ea import SearchError, Space
+from astraea.search.fidelity import Fidelity, FidelityReport
+from astraea.search.plot import plot_search
+from astraea.search.search import SearchSettings, evolve, uniform_genomes
+
+LEVELS = tuple(i / 10 for i in range(11))
+COSTS = tuple(0.02 + b for b in LEVELS)
+SPACE = Space(LEVELS, COSTS, 12, 1, 0.5 * 12 * COSTS[-1])
+SETTINGS = SearchSettings(population=8, offspring=8, generations=6, seed=3)
+
+
+def synthetic(budgets) -> FidelityReport:
+    """Early steps matter more than late ones, as in diffusion; a skip costs a little extra."""
+    loss = sum(math.exp(-s / 3) * ((1 - b) ** 2 + 0.05 * (b == 0.0)) for s, b in enumerate(budgets))
+    f = Fidelity(psnr=40.0 - 10 * loss, ssim=1.0 - loss / 10, rel_l2=loss / 10)
+    return FidelityReport(latent=f, contribution=f)
+
+
+class Counting:
+    def __init__(self, fail_after=None):
+        self.calls, self.fail_after = 0, fail_after
+
+    def __call__(self, budgets):
+        if self.fail_after is not None and self.calls >= self.fail_after:
+            raise KeyboardInterrupt("interrupted")
+        self.calls += 1
+        return synthetic(budgets)
+
+
+def test_every_candidate_meets_the_target_and_the_search_beats_uniform():
+    candidates = evolve(SPACE, synthetic, SETTINGS, progress=False)
+    assert all(c.latency_ms <= SPACE.limit_ms for c in candidates)
+    assert all(c.budgets[0] == 1.0 for c in candidates)
+    best_uniform = max(synthetic(SPACE.budgets(g)).score for g in uniform_genomes(SPACE))
+    assert candidates[0].score > best_uniform + 1.0
+    # The best spends its budget early, where the synthetic fidelity needs it.
+    best = candidates[0].budgets
+    assert sum(best[:6]) > sum(best[6:])
+
+
+def test_same_seed_same_search_and_another_seed_another():
+    a = evolve(SPACE, synthetic, SETTINGS, progress=False)
+    b = evolve(SPACE, synthetic, SETTINGS, progress=False)
+    c = evolve(SPACE, synthetic, SearchSettings(**{**vars(SETTINGS), "seed": 4}), progress=False)
+    assert a == b
+    assert {x.budgets for x in a} != {x.budgets for x in c}
+
+
+def test_resume_after_interruption_ends_as_an_uninterrupted_search(tmp_path):
+    whole = Counting()
+    expected = evolve(SPACE, whole, SETTINGS, checkpoint=tmp_path / "whole.json", progress=False)
+
+    path = tmp_path / "interrupted.json"
+    with pytest.raises(KeyboardInterrupt):
+        evolve(SPACE, Counting(fail_after=whole.calls // 2), SETTINGS, checkpoint=path, progress=False)
+    saved = json.loads(path.read_text())
+    assert 0 < saved["generation"] < SETTINGS.generations
+    resumed = Counting()
+    assert evolve(SPACE, resumed, SETTINGS, checkpoint=path, progress=False) == expected
+    # Candidates evaluated before the interruption were not evaluated again.
+    assert resumed.calls < whole.calls - len(saved["archive"]) + SETTINGS.offspring
+
+
+def test_extending_a_finished_search_equals_a_longer_one(tmp_path):
+    path = tmp_path / "search.json"
+    short = SearchSettings(**{**vars(SETTINGS), "generations": 3})
+    evolve(SPACE, synthetic, short, checkpoint=path, progress=False)
+    assert evolve(SPACE, synthetic, SETTINGS, checkpoint=path, progress=False) == evolve(
+        SPACE, synthetic, SETTINGS, progress=False
+    )
+
+
+def test_checkpoint_of_another_search_is_refused(tmp_path):
+    path = tmp_path / "search.json"
+    evolve(SPACE, synthetic, SETTINGS, checkpoint=path, problem={"seeds": [0]}, progress=False)
+    with pytest.raises(SearchError, match="belongs to another search.*seeds: \\[0\\] vs \\[1\\]"):
+        evolve(SPACE, synthetic, SETTINGS, checkpoint=path, problem={"seeds": [1]}, progress=False)
+    tighter = Space(LEVELS, COSTS, 12, 1, 0.4 * 12 * COSTS[-1])
+    with pytest.raises(SearchError, match="space"):
+        evolve(tighter, synthetic, SETTINGS, checkpoint=path, problem={"seeds": [0]}, progress=False)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 7}))
+    with pytest.raises(SearchError, match="version 7"):
+        evolve(SPACE, synthetic, SETTINGS, checkpoint=path, problem={"seeds": [0]}, progress=False)
+
+
+def test_pareto_front_and_plot(tmp_path):
+    candidates = evolve(SPACE, synthetic, SETTINGS, progress=False)
+    front = pareto_front(candidates)
+    for c in front:  # nothing at most as slow scores higher
+        assert not any(o.latency_ms <= c.latency_ms and o.score > c.score for o in candidates)
+    for c in set(candidates) - set(front):  # something on the front is as fast and as good
+        assert any(o.latency_ms <= c.latency_ms and o.score >= c.score for o in front)
+    assert [c.score for c in front] == sorted(c.score for c in front)
+    path = tmp_path / "search.png"
+    plot_search(candidates, ranked(candidates)[0], candidates[-1], 12 * COSTS[-1], path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 import torch.fx as fx
 
-from .token_axis import TokenAxis, sdpa_args, shape_of
+from .token_axis import SDPA, TokenAxis, sdpa_args, shape_of
 
 
 @dataclass
@@ -77,6 +77,10 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         lost = next((f"token axis lost: {r}" for r in map(axis.opaque, gm.graph.nodes) if r), None)
         return [], lost or "no self-attention along the token stream"
 
+    lost_attention = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA and axis.opaque(n)]
+    note = None
+    if lost_attention:
+        note = f"{len(lost_attention)} attention(s) run dense, token axis lost: {axis.opaque(lost_attention[0])}"
     position = {}
     for s in attentions:
         position[s] = max(i for i, c in enumerate(chain) if order[c] < order[s])
@@ -92,7 +96,7 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         block = Block(index=j, start=chain[p], end=chain[end])
         _fill(block, deps, stream, axis, order)
         blocks.append(block)
-    return blocks, None
+    return blocks, note
 
 
 def _last_join(chain, stream, p) -> int:

@@ -60,8 +60,13 @@ SPLIT_FUNCTIONS = {torch.chunk, torch.split, torch.unbind, torch.tensor_split}
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
 LINEAR_FUNCTIONS = {F.linear, torch._C._nn.linear}
 NORM_FUNCTIONS = {F.layer_norm, torch.layer_norm, torch.rms_norm, getattr(F, "rms_norm", None)} - {None}
-LASTDIM_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, F.normalize}
-LASTDIM_METHODS = {"softmax", "log_softmax"}
+# Ops along given dims: (position of the dims argument, default dims). Token-wise unless one of
+# the dims is the token axis; no dims at all (roll without dims flattens) counts as mixing.
+ALONG_DIMS = {
+    "softmax": (1, None), "log_softmax": (1, None), "normalize": (2, 1), "flip": (1, None),
+    "roll": (2, None), "cumsum": (1, None), "cumprod": (1, None), "logcumsumexp": (1, None),
+}
+ALONG_DIMS_KEYWORDS = ("dim", "dims")
 REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std", "logsumexp", "prod"}
 EXPAND_METHODS = {"expand", "expand_as"}
 # In-place element-wise methods: token-wise, but they write into their first argument.
@@ -275,10 +280,9 @@ class _Propagator:
             and getattr(torch, target.__name__, None) is target
         ):
             return self.reduction(node)
-        if (node.op == "call_function" and target in LASTDIM_FUNCTIONS) or (
-            node.op == "call_method" and target in LASTDIM_METHODS
-        ):
-            return self.keep_if_dim_free(node)
+        name = target if node.op == "call_method" else getattr(target, "__name__", None)
+        if name in ALONG_DIMS and (node.op == "call_method" or target in (getattr(torch, name, None), getattr(F, name, None))):
+            return self.along_dims(node, *ALONG_DIMS[name])
         if (node.op == "call_method" and target in RESHAPE_METHODS) or (
             node.op == "call_function" and target in RESHAPE_FUNCTIONS
         ):
@@ -351,12 +355,17 @@ class _Propagator:
         keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
         return t if keepdim else t - sum(d < t for d in dims)
 
-    def keep_if_dim_free(self, node):
+    def along_dims(self, node, position, default):
         x = node.args[0]
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else -1)
-        t = self.td(x)
-        if not isinstance(dim, int) or dim % len(shape_of(x)) == t:
-            raise _Mix("normalisation over the token axis")
+        t, nd = self.td(x), len(shape_of(x))
+        dims = next((node.kwargs[k] for k in ALONG_DIMS_KEYWORDS if k in node.kwargs), None)
+        if dims is None:
+            dims = node.args[position] if len(node.args) > position else default
+        if dims is None:
+            raise _Mix(f"{_describe(node)} works over every dim")
+        dims = dims if isinstance(dims, (list, tuple)) else (dims,)
+        if not all(isinstance(d, int) for d in dims) or t in {d % nd for d in dims}:
+            raise _Mix(f"{_describe(node)} works along the token axis")
         return t
 
     def reshape(self, node):

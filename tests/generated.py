@@ -1,0 +1,113 @@
+"""DiT-like modules generated from a few knobs, for property tests of the analysis and rewrite.
+
+The knobs cover what real video DiTs vary: depth, width, heads, cross-attention, adaLN
+modulation, gated residuals, RoPE tables, fused or separate q/k/v; and `mixing` puts an
+op that is not token-wise into one block (a reduction over tokens, a roll along tokens, a
+linear map over the token axis, a cumulative sum), which astraea must leave dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIXING = (None, "mean", "roll", "token_linear", "cumsum")
+
+
+@dataclass(frozen=True)
+class Knobs:
+    depth: int = 2
+    width: int = 32
+    heads: int = 2
+    tokens: int = 24
+    cross: bool = True
+    modulation: bool = True
+    gated: bool = True
+    rope: bool = True
+    fused_qkv: bool = False
+    mixing: str | None = None
+    mixing_block: int = 0
+
+
+class Block(nn.Module):
+    def __init__(self, k: Knobs, index: int):
+        super().__init__()
+        w = k.width
+        self.k, self.index = k, index
+        self.norm1 = nn.LayerNorm(w, elementwise_affine=not k.modulation)
+        self.norm2 = nn.LayerNorm(w)
+        self.norm3 = nn.LayerNorm(w, elementwise_affine=not k.modulation)
+        self.qkv = nn.Linear(w, 3 * w) if k.fused_qkv else None
+        self.to_q, self.to_k, self.to_v = (None, None, None) if k.fused_qkv else (nn.Linear(w, w), nn.Linear(w, w), nn.Linear(w, w))
+        self.out = nn.Linear(w, w)
+        self.cross_q, self.cross_kv, self.cross_out = nn.Linear(w, w), nn.Linear(16, 2 * w), nn.Linear(w, w)
+        self.ff = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(approximate="tanh"), nn.Linear(2 * w, w))
+        self.mod = nn.Parameter(torch.randn(1, 6, w) / w**0.5)
+        self.token_mix = nn.Parameter(torch.randn(k.tokens, k.tokens) / k.tokens)
+
+    def heads(self, x):
+        b, n, _ = x.shape
+        return x.view(b, n, self.k.heads, -1).transpose(1, 2)
+
+    def forward(self, x, temb, ctx, cos, sin):
+        k = self.k
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.mod + temb[:, None]).chunk(6, dim=1)
+        h = self.norm1(x)
+        if k.modulation:
+            h = h * (1 + scale) + shift
+        q, key, v = self.qkv(h).chunk(3, dim=-1) if k.fused_qkv else (self.to_q(h), self.to_k(h), self.to_v(h))
+        q, key, v = self.heads(q), self.heads(key), self.heads(v)
+        if k.rope:
+            q = q * cos + q.flip(-1) * sin
+            key = key * cos + key.flip(-1) * sin
+        a = F.scaled_dot_product_attention(q, key, v).transpose(1, 2).flatten(2)
+        a = self.out(a)
+        x = x + (a * gate if k.gated else a)
+        if k.mixing and self.index == k.mixing_block:
+            x = self.mix(x)
+        if k.cross:
+            cq = self.heads(self.cross_q(self.norm2(x)))
+            ck, cv = (self.heads(t) for t in self.cross_kv(ctx).chunk(2, dim=-1))
+            x = x + self.cross_out(F.scaled_dot_product_attention(cq, ck, cv).transpose(1, 2).flatten(2))
+        h = self.norm3(x)
+        if k.modulation:
+            h = h * (1 + c_scale) + c_shift
+        f = self.ff(h)
+        return x + (f * c_gate if k.gated else f)
+
+    def mix(self, x):
+        kind = self.k.mixing
+        if kind == "mean":
+            return x + x.mean(dim=1, keepdim=True)
+        if kind == "roll":
+            return torch.roll(x, 1, dims=1)
+        if kind == "token_linear":
+            return x + (x.transpose(1, 2) @ self.token_mix).transpose(1, 2)
+        return x.cumsum(dim=1) / x.shape[1]
+
+
+class GeneratedDiT(nn.Module):
+    def __init__(self, k: Knobs, channels: int = 4):
+        super().__init__()
+        self.k = k
+        self.proj_in = nn.Linear(channels, k.width)
+        self.time = nn.Linear(16, k.width)
+        self.blocks = nn.ModuleList(Block(k, i) for i in range(k.depth))
+        self.norm_out = nn.LayerNorm(k.width)
+        self.proj_out = nn.Linear(k.width, channels)
+        d = k.width // k.heads
+        angles = torch.arange(k.tokens)[:, None] * torch.linspace(0.1, 1.0, d)[None]
+        self.register_buffer("cos", angles.cos()[None, None])
+        self.register_buffer("sin", angles.sin()[None, None])
+
+    def forward(self, latent, timestep, context):
+        freqs = torch.arange(8, device=latent.device) / 8
+        t = timestep[:, None] * torch.exp(-freqs)[None]
+        temb = self.time(torch.cat([t.sin(), t.cos()], dim=-1))
+        x = self.proj_in(latent)
+        for block in self.blocks:
+            x = block(x, temb, context, self.cos, self.sin)
+        return self.proj_out(self.norm_out(x))

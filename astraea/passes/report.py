@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from .blocks import Block
-from .token_axis import TokenAxis, shape_of
+from .token_axis import TokenAxis, is_module_state, shape_of
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def structure_hash(gm: fx.GraphModule) -> str:
     h = hashlib.sha256()
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            h.update(f"in{shape_of(n)}".encode() if n.name.startswith("L_self") else b"in")
+            h.update(f"in{shape_of(n)}".encode() if is_module_state(n) else b"in")
         elif n.op in ("call_function", "call_method", "call_module"):
             h.update(f"{n.op}:{getattr(n.target, '__name__', n.target)};".encode())
     return h.hexdigest()[:16]

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.fx as fx
 
-from .token_axis import shape_of
+from .token_axis import is_module_state, shape_of
 
 MAX_TIMESTEP_NUMEL = 16  # one value per batch element
 
@@ -19,7 +19,7 @@ def find_timestep(gm: fx.GraphModule, token_source: fx.Node | None) -> fx.Node |
     """
     candidates = []
     for node in gm.graph.nodes:
-        if node.op != "placeholder" or node.name.startswith("L_self") or node is token_source:
+        if node.op != "placeholder" or is_module_state(node) or node is token_source:
             continue
         value = node.meta.get("example_value")
         shape = shape_of(node)

@@ -76,6 +76,9 @@ DTYPE_FROM_SECOND = {"type_as", "to"}
 METADATA_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "element_size"}
 
 
+MAX_SOURCE_TRIES = 8  # candidate token sources tried before giving up
+
+
 class Opaque(str):
     """Why a tensor's token axis cannot be followed (a token-mixing or unknown op)."""
 
@@ -139,25 +142,40 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
         return result
     n_tokens = Counter(lengths).most_common(1)[0][0]
     result.num_tokens = n_tokens
-    value_ancestors = None
+    expected, value_ancestors = 0, None
     for n in attentions:
         q, k, v, _ = sdpa_args(n)
         if shape_of(q) and shape_of(k) and shape_of(q)[-2] == n_tokens == shape_of(k)[-2]:
+            expected += 1
             anc = _ancestors(v)
             value_ancestors = anc if value_ancestors is None else value_ancestors & anc
     order = {n: i for i, n in enumerate(nodes)}
     candidates = sorted(
-        (n for n in value_ancestors or () if shape_of(n) and n_tokens in shape_of(n)), key=order.get
+        (n for n in value_ancestors or () if shape_of(n) and n_tokens in shape_of(n) and not is_module_state(n)),
+        key=order.get,
     )
     if not candidates:
         result.reason = f"no tensor with {n_tokens} tokens feeds every self-attention"
         return result
-    source = candidates[0]
-    result.source = source
-    result.tdim[source] = shape_of(source).index(n_tokens)
-    result.grid = _grid(source, n_tokens)
-    _Propagator(result, order).run(nodes[order[source] + 1:])
-    return result
+    # A channel count can equal the token count: try each axis of N entries, earliest first,
+    # and keep the first one that turns every self-attention into one.
+    first = None
+    for source in candidates[:MAX_SOURCE_TRIES]:
+        for dim, size in enumerate(shape_of(source)):
+            if size != n_tokens:
+                continue
+            trial = TokenAxis(num_tokens=n_tokens, source=source, grid=_grid(source, n_tokens))
+            trial.tdim[source] = dim
+            _Propagator(trial, order).run(nodes[order[source] + 1:])
+            if len(trial.self_attention) == expected:
+                return trial
+            first = first or trial
+    return first
+
+
+def is_module_state(node: fx.Node) -> bool:
+    """A parameter or buffer input (dynamo names them after `self`), as opposed to call data."""
+    return node.op == "placeholder" and str(node.target).lower().startswith("l_self")
 
 
 def _ancestors(node: fx.Node) -> set:

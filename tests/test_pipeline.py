@@ -1,0 +1,53 @@
+"""astraea inside the real diffusers WanPipeline (small random VAE, prompt embeddings given)."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+import astraea
+from tests.models import wan
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).eval()
+    return WanPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=wan().model,
+    )
+
+
+def _generate(pipe):
+    g = torch.Generator().manual_seed(0)
+    prompt, negative = torch.randn(1, 7, 32, generator=g), torch.zeros(1, 7, 32)
+    return pipe(
+        prompt_embeds=prompt, negative_prompt_embeds=negative, height=64, width=64, num_frames=5,
+        num_inference_steps=6, guidance_scale=4.0, output_type="pt", generator=g,
+    ).frames
+
+
+def test_pipeline_dense_and_sparse(pipe):
+    torch._dynamo.reset()
+    eager = pipe.transformer
+    reference = _generate(pipe)
+    try:
+        be = astraea.backend(schedule=1.0)
+        pipe.transformer = torch.compile(eager, backend=be)
+        torch.testing.assert_close(_generate(pipe), reference, rtol=1e-5, atol=1e-5)
+        records = be.runners[0].records
+        assert [(r.step, r.context) for r in records[:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+        torch._dynamo.reset()
+        be = astraea.backend(schedule=[1.0, 1.0, 0.5, 0.0, 0.5, 0.25])
+        pipe.transformer = torch.compile(eager, backend=be)
+        sparse = _generate(pipe)
+        records = be.runners[0].records
+        assert [r.budget for r in records] == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.5, 0.5, 0.25, 0.25]
+        assert torch.isfinite(sparse).all()
+        assert 0 < (sparse - reference).abs().max() < 0.5
+    finally:
+        pipe.transformer = eager

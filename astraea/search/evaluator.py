@@ -12,6 +12,8 @@ A candidate costs one sparse generation per seed; the search asks for hundreds. 
   whose steps k and k+1 are dense resumes at step k from the latent that an earlier
   candidate with the same budgets before k had there; the backend takes the jump back up in
   timestep for a fresh generation and starts the schedule's tail at its step 0.
+  `steps_shareable` counts what saving and restoring the backend's state would spare: every
+  step of a prefix some earlier generation on the same seed already ran.
 """
 
 from __future__ import annotations
@@ -49,9 +51,11 @@ class Evaluator:
         self._scores: dict[tuple[tuple[float, ...], int], FidelityReport] = {}
         self._snapshots: OrderedDict[tuple[tuple[float, ...], int], torch.Tensor] = OrderedDict()
         self._snapshot_total = 0
+        self._prefixes: set[tuple[tuple[float, ...], int]] = set()
         self.generations = 0
         self.steps_run = 0
         self.steps_shared = 0
+        self.steps_shareable = 0
 
     def __call__(self, budgets: Sequence[float], seeds: Sequence[int]) -> FidelityReport:
         """Mean fidelity of the schedule `budgets` over `seeds`."""
@@ -78,8 +82,12 @@ class Evaluator:
     @property
     def shared_fraction(self) -> float:
         """Fraction of the steps of sparse generations that shared prefixes spared."""
-        total = self.steps_run + self.steps_shared
-        return self.steps_shared / total if total else 0.0
+        return self.steps_shared / max(1, self.steps_run + self.steps_shared)
+
+    @property
+    def shareable_fraction(self) -> float:
+        """Fraction of those steps that restoring the backend's state at any step would spare."""
+        return self.steps_shareable / max(1, self.steps_run + self.steps_shared)
 
     def _generate(self, budgets: tuple[float, ...], seed: int) -> Trajectory:
         start = self._resume_point(budgets, seed)
@@ -89,6 +97,11 @@ class Evaluator:
         self.generations += 1
         self.steps_run += len(budgets) - first
         self.steps_shared += first
+        shareable = 0  # the prefixes seen are closed under shortening: count up to the first unseen
+        while shareable + 1 < len(budgets) and (budgets[: shareable + 1], seed) in self._prefixes:
+            shareable += 1
+        self.steps_shareable += shareable
+        self._prefixes.update((budgets[:k], seed) for k in range(1, len(budgets)))
         return trajectory
 
     def _resumable(self, budgets: tuple[float, ...], step: int) -> bool:

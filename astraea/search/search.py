@@ -78,12 +78,17 @@ def evolve(
     problem = json.loads(json.dumps({"space": dataclasses.asdict(space), **(problem or {}),
                                      "settings": {**dataclasses.asdict(settings), "generations": None}}))
     archive: dict[tuple[float, ...], Candidate] = {}
+    # One tick per candidate, evaluated or found in the archive: on a GPU one generation of
+    # candidates takes minutes, too long to show nothing.
+    bar = tqdm(total=settings.population + settings.generations * settings.offspring, desc="search candidates",
+               disable=not progress)
 
     def evaluate(genomes: list[np.ndarray]) -> list[Candidate]:
         for g in genomes:
             budgets = space.budgets(g)
             if budgets not in archive:
                 archive[budgets] = Candidate(budgets, space.latency(g), score(budgets))
+            bar.update(1)
         return [archive[space.budgets(g)] for g in genomes]
 
     def survivors(pool: list[Candidate]) -> list[Candidate]:
@@ -95,19 +100,17 @@ def evolve(
         rng.bit_generator.state = state.rng
         archive.update((c.budgets, c) for c in state.archive)
         population, done = [archive[b] for b in state.population], state.generation
+        bar.update(settings.population + min(done, settings.generations) * settings.offspring)
     else:
         population, done = survivors(evaluate(initial_population(space, settings.population, rng))), 0
         _save(checkpoint, problem, 0, population, rng, archive)
-    bar = tqdm(total=settings.generations, initial=min(done, settings.generations), desc="search generations",
-               disable=not progress)
     for generation in range(done, settings.generations):
         rate = mutation_rate(generation, settings.mutation, settings.mutation_decay, settings.mutation_floor)
         parents = [space.genome(c.budgets) for c in population]
         children = breed(space, parents, settings.offspring, rate, settings.crossover, rng)
         population = survivors(population + evaluate(children))
         _save(checkpoint, problem, generation + 1, population, rng, archive)
-        bar.update(1)
-        bar.set_postfix(best=f"{population[0].score:.2f}", evaluated=len(archive))
+        bar.set_postfix(generation=generation + 1, best=f"{population[0].score:.2f} dB")
     bar.close()
     return ranked(archive.values())
 
@@ -160,6 +163,7 @@ def search(
     full_steps: int = 1,
     settings: SearchSettings = SearchSettings(),
     config: AstraeaConfig | None = None,
+    sparse: SparseModel | None = None,
     share_prefixes: bool | None = None,
     measure: bool = True,
     checkpoint: str | os.PathLike | None = None,
@@ -173,8 +177,10 @@ def search(
     transformer calls of one generation, both as predicted by `table`. Candidates are scored
     on the first `proxy_seeds` of `seeds`; the `confirm` best are rescored on all of them
     and the best of those is chosen. `config` sets the token selection the schedule is
-    searched for (its schedule is ignored). `share_prefixes` defaults to on except for the
-    random policy, whose random stream a resumed generation would not continue.
+    searched for (its schedule is ignored); or pass `sparse`, the workload already compiled
+    (by `profile`, say): dynamo keeps at most 8 compilations of one forward per process, and
+    every compile of every instance of a model class counts. `share_prefixes` defaults to on
+    except for the random policy, whose random stream a resumed generation would not continue.
     Writes the schedule to `output` and a plot to `plot` when given.
     """
     started = time.perf_counter()
@@ -182,7 +188,9 @@ def search(
         raise SearchError("give exactly one target: speedup or latency_ms")
     if not 1 <= proxy_seeds <= len(seeds):
         raise SearchError(f"proxy_seeds must be between 1 and the {len(seeds)} calibration seeds, got {proxy_seeds}")
-    sparse = SparseModel(workload, config)
+    if sparse is not None and config is not None:
+        raise SearchError("pass either config or sparse (which has its own config), not both")
+    sparse = sparse or SparseModel(workload, config)
     table.check(CostKey.here(sparse.structure_hash, workload))
     steps, contexts = workload.num_steps, workload.contexts
     dense_ms = table.predict([1.0] * steps, contexts)
@@ -219,6 +227,7 @@ def search(
         "steps_run": evaluator.steps_run,
         "steps_shared": evaluator.steps_shared,
         "shared_fraction": evaluator.shared_fraction,
+        "shareable_fraction": evaluator.shareable_fraction,
     }
     schedule = Schedule(
         budgets=chosen.budgets,

@@ -17,6 +17,7 @@ from astraea.config import GROUPS, POLICIES, AstraeaConfig
 from . import models
 from .costs import CostTable, profile
 from .search import SearchSettings, search
+from .sparse import SparseModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True, help="schedule file to write (JSON)")
     parser.add_argument("--plot", help="plot of the search to write (PNG); default: next to the schedule")
     parser.add_argument("--checkpoint", help="resume from and save to this file after every generation")
-    parser.add_argument("--seeds", type=lambda s: tuple(int(x) for x in s.split(",")), default=(0, 1, 2, 3),
+    parser.add_argument("--seeds", type=seeds, default=(0, 1, 2, 3),
                         help="comma-separated calibration seeds (default: 0,1,2,3)")
     parser.add_argument("--proxy-seeds", type=int, default=1, help="seeds every candidate is scored on")
     parser.add_argument("--confirm", type=int, default=4, help="best candidates rescored on all seeds")
@@ -43,13 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def seeds(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     workload = models.from_arguments(args)
+    sparse = SparseModel(workload, AstraeaConfig(policy=args.policy, group=args.group))
     if os.path.exists(args.costs):
         table = CostTable.load(args.costs)
     else:
         print(f"no cost table at {args.costs}: measuring one")
-        table = profile(workload)
+        table = profile(workload, sparse=sparse)
         table.save(args.costs)
     settings = SearchSettings(population=args.population, offspring=args.offspring,
                               generations=args.generations, seed=args.seed)
@@ -57,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     result = search(
         workload, table, speedup=args.speedup, latency_ms=args.latency_ms, seeds=args.seeds,
         proxy_seeds=args.proxy_seeds, confirm=args.confirm, full_steps=args.full_steps, settings=settings,
-        config=AstraeaConfig(policy=args.policy, group=args.group), checkpoint=args.checkpoint,
+        sparse=sparse, checkpoint=args.checkpoint,
         output=args.output, plot=plot, progress=not args.no_progress,
     )
     meta = result.schedule.meta["search"]
@@ -71,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if result.uniform is not None:
         print(f"uniform budget {result.uniform.budgets[-1]:g} at the same target: {result.uniform.score:.2f} dB")
     print(f"{meta['evaluated']} candidates, {meta['generations_run']} sparse generations, "
-          f"{meta['shared_fraction']:.0%} of their steps spared by shared prefixes, {result.wall_s:.1f} s")
+          f"{meta['shared_fraction']:.0%} of their steps spared by shared prefixes "
+          f"({meta['shareable_fraction']:.0%} shareable with the backend's state saved), {result.wall_s:.1f} s")
     print(f"written {args.output} and {plot}")
     return 0

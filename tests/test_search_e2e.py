@@ -69,6 +69,7 @@ def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, sparse,
     assert schedule.model == sparse.structure_hash
     assert meta["predicted_speedup"] >= 1.5 and meta["seeds"] == [0]
     assert meta["measured_ms"] > 0 and result.prediction.measured_ms == meta["measured_ms"]
+    assert meta["measured_speedup"] == pytest.approx(result.dense.measured_ms / result.prediction.measured_ms)
 
     # A user's compile of the schedule file gives the fidelity the search reported.
     compiled = torch.compile(workload.model, backend=astraea.backend(schedule=str(output)))

@@ -56,6 +56,12 @@ def software_versions() -> dict[str, str | None]:
     return versions
 
 
+def check_levels(levels: Sequence[float]) -> None:
+    """A search needs the skip and the dense step among its levels."""
+    if 0.0 not in levels or 1.0 not in levels:
+        raise CostTableError(f"a cost table needs the levels 0 and 1, got {tuple(levels)}")
+
+
 @dataclass(frozen=True)
 class CostKey:
     """What a measured latency depends on."""
@@ -130,8 +136,7 @@ class CostTable:
     def __post_init__(self):
         if len(self.levels) != len(self.latency_ms):
             raise CostTableError(f"{len(self.levels)} budget levels but {len(self.latency_ms)} latencies")
-        if 0.0 not in self.levels or 1.0 not in self.levels:
-            raise CostTableError(f"a cost table needs the levels 0 and 1, got {self.levels}")
+        check_levels(self.levels)
 
     def call_ms(self, budget: float) -> float:
         try:
@@ -231,6 +236,7 @@ def profile(
     Recompiling during the timed runs is an error: it would time the compiler, or eager code.
     """
     levels = tuple(sorted({float(x) for x in levels}))
+    check_levels(levels)  # before compiling and measuring, not after
     budgets, measured = profiling_schedule(levels, steps_per_level)
     sparse = sparse or SparseModel(workload)
     sparse.set_schedule(budgets)

@@ -105,8 +105,8 @@ class Evaluator:
         return trajectory
 
     def _resumable(self, budgets: tuple[float, ...], step: int) -> bool:
-        # The last step cannot start a generation: its timestep equals the one the previous
-        # generation ended on, so the backend would not see a fresh generation.
+        # Never the last step either: its timestep equals the one the previous generation
+        # ended on, and the backend would not see a fresh generation.
         return 0 < step <= len(budgets) - DENSE_RUN and all(b == 1.0 for b in budgets[step : step + DENSE_RUN])
 
     def _resume_point(self, budgets, seed) -> tuple[int, torch.Tensor] | None:

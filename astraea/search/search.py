@@ -146,7 +146,8 @@ class SearchResult:
     chosen: Candidate  # scored on every calibration seed
     candidates: list[Candidate]  # every candidate the search evaluated, on the proxy seeds, best first
     uniform: Candidate | None  # the best uniform schedule within the target, on every seed
-    prediction: Prediction | None  # predicted vs measured latency of the chosen schedule
+    prediction: Prediction | None  # predicted vs measured latency of the chosen schedule ...
+    dense: Prediction | None  # ... and of the all-dense one
     wall_s: float
     stats: dict
 
@@ -215,11 +216,9 @@ def search(
         budgets = space.budgets(best_uniform[0])
         uniform = Candidate(budgets, space.latency(best_uniform[0]), evaluator(budgets, seeds))
 
-    prediction = None
+    prediction = dense = None
     if measure:
-        sparse.set_schedule(chosen.budgets)
-        measured = wall_ms(lambda: workload.generate(sparse.module, seeds[0]), workload.device)
-        prediction = table.prediction(chosen.budgets, measured, contexts)
+        prediction, dense = (_measure(workload, sparse, table, b) for b in (chosen.budgets, (1.0,) * steps))
     wall_s = time.perf_counter() - started
     stats = {
         "evaluated": len(candidates),
@@ -239,6 +238,8 @@ def search(
                 "dense_predicted_ms": dense_ms,
                 "predicted_speedup": dense_ms / chosen.latency_ms,
                 "measured_ms": prediction.measured_ms if prediction else None,
+                "dense_measured_ms": dense.measured_ms if dense else None,
+                "measured_speedup": dense.measured_ms / prediction.measured_ms if prediction else None,
                 "prediction_error": prediction.error if prediction else None,
                 "fidelity": chosen.fidelity.to_json(),
                 "uniform": uniform.to_json() if uniform else None,
@@ -257,7 +258,14 @@ def search(
         schedule.save(output)
     if plot is not None:
         plot_search(candidates, chosen, uniform, dense_ms, plot)
-    return SearchResult(schedule, chosen, candidates, uniform, prediction, wall_s, stats)
+    return SearchResult(schedule, chosen, candidates, uniform, prediction, dense, wall_s, stats)
+
+
+def _measure(workload: Workload, sparse: SparseModel, table: CostTable, budgets: tuple[float, ...]) -> Prediction:
+    """A whole generation with `budgets`, timed end to end, next to its prediction."""
+    sparse.set_schedule(budgets)
+    measured = wall_ms(lambda: workload.generate(sparse.module, 0), workload.device)
+    return table.prediction(budgets, measured, workload.contexts)
 
 
 def _selection(config: AstraeaConfig) -> dict:

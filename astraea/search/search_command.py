@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"predicted {meta['predicted_ms']:.2f} ms, {meta['predicted_speedup']:.2f}x the dense schedule "
           f"(target {meta['target']['limit_ms']:.2f} ms)")
     if result.prediction is not None:
-        print(f"end to end: {result.prediction}")
+        print(f"end to end: {result.prediction}; dense {result.dense}; "
+              f"measured speedup {meta['measured_speedup']:.2f}x")
     print(f"fidelity on {len(args.seeds)} seeds: {result.chosen.score:.2f} dB PSNR "
           f"(SSIM {(result.chosen.fidelity.decoded or result.chosen.fidelity.contribution).ssim:.3f})")
     if result.uniform is not None:

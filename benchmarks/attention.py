@@ -1,0 +1,191 @@
+"""Check the kernels on the GPU, then time them at Wan-1.3B 480p shapes.
+
+gathered_attention is timed the way the model calls it (permuted q/k/v views, K random query
+rows picked by idx) against F.scaled_dot_product_attention on a pre-gathered contiguous q of
+the same K rows with all keys: the ideal a query-sparse block can hope for is time linear in
+K. merge_rows is timed as bytes moved per second.
+
+    PYTHONPATH=. python benchmarks/attention.py --out benchmarks/results/attention.json
+"""
+import argparse
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
+from kernels.gathered_attention import _gathered_attention_tuned
+
+
+def median_ms(fn, reps=10, warmup=3):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def qkv(B, N, H, d, dtype=torch.bfloat16):
+    """The model's layout: one [B, N, 3, H, d] projection, viewed per tensor as [B, H, N, d]."""
+    x = torch.randn(B, N, 3, H, d, device="cuda", dtype=dtype)
+    return [x[:, :, i].transpose(1, 2) for i in range(3)]
+
+
+def check_attention(B, N, H, d, K, rows_checked=1024):
+    q, k, v = qkv(B, N, H, d)
+    idx = torch.randperm(N, device="cuda")[:K]
+    out, lse = gathered_attention(q, k, v, idx)
+    sub = torch.arange(min(rows_checked, K), device="cuda")
+    ref_out, ref_lse = gathered_attention_reference(q, k, v, idx[sub])
+    err = (out[:, :, sub].float() - ref_out.float()).abs().max().item()
+    lse_err = (lse[:, :, sub] - ref_lse).abs().max().item()
+    assert err < 2e-2 and lse_err < 1e-3, (N, K, err, lse_err)
+    return {"N": N, "K": K, "d": d, "max_abs_err": err, "lse_max_abs_err": lse_err}
+
+
+def check_misaligned():
+    # A view one element into its storage cannot use TMA: this runs the pointer path.
+    wide = torch.randn(1, 4, 1000, 129, device="cuda", dtype=torch.bfloat16)
+    q, k, v = wide[..., 1:], wide.flip(2)[..., 1:], wide.flip(1)[..., 1:]
+    idx = torch.randperm(1000, device="cuda")[:333]
+    out, lse = gathered_attention(q, k, v, idx)
+    ref_out, ref_lse = gathered_attention_reference(q, k, v, idx)
+    err = (out.float() - ref_out.float()).abs().max().item()
+    assert err < 2e-2 and (lse - ref_lse).abs().max().item() < 1e-3, err
+    return {"pointer_path_max_abs_err": err}
+
+
+def merge_inputs(B, N, D, H, K, cache_dtype):
+    idx = torch.randperm(N, device="cuda")[:K]
+    x = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
+    rows = torch.randn(B, K, D, device="cuda", dtype=torch.bfloat16)
+    cache = torch.randn(B, N, D, device="cuda").to(cache_dtype)
+    return x, rows, idx, cache, torch.rand(N, device="cuda"), torch.randn(B, H, K, device="cuda"), torch.randn(N, device="cuda")
+
+
+def check_merge(cache_dtype):
+    x, rows, idx, cache, change, lse_rows, lse_state = merge_inputs(2, 3000, 640, 12, 1234, cache_dtype)
+    ours = [t.clone() for t in (cache, change, lse_state)]
+    ref = [t.clone() for t in (cache, change, lse_state)]
+    y = merge_rows(x, rows, idx, ours[0], ours[1], lse_rows, ours[2])
+    y_ref = merge_rows_reference(x, rows, idx, ref[0], ref[1], lse_rows, ref[2])
+    assert torch.equal(y, y_ref) and torch.equal(ours[0], ref[0]), cache_dtype
+    torch.testing.assert_close(ours[1], ref[1], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(ours[2], ref[2], atol=1e-6, rtol=1e-6)
+    return str(cache_dtype)
+
+
+def check_compiled():
+    """The registered ops inside a torch.compile graph give the eager results."""
+    def f(q, k, v, idx, x, rows, cache, change, lse_state):
+        out, lse = torch.ops.astraea_kernels.gathered_attention(q, k, v, idx, None)
+        y = torch.ops.astraea_kernels.merge_rows(x, rows * 2, idx, cache, change, lse, lse_state)
+        return out + 1, y
+
+    q, k, v = qkv(1, 999, 4, 64)
+    x, rows, idx, cache, change, _, lse_state = merge_inputs(1, 999, 256, 4, 300, torch.bfloat16)
+    eager_state = [t.clone() for t in (cache, change, lse_state)]
+    compiled_state = [t.clone() for t in (cache, change, lse_state)]
+    eager = f(q, k, v, idx, x, rows, *eager_state)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v, idx, x, rows, *compiled_state)
+    same = all(torch.equal(a, b) for a, b in zip(eager + tuple(eager_state), compiled + tuple(compiled_state)))
+    assert same, "compiled ops differ from eager"
+    return same
+
+
+def time_attention(N, H, d, ratios):
+    q, k, v = qkv(1, N, H, d)
+    rows = []
+    for r in ratios:
+        K = round(r * N)
+        idx = torch.randperm(N, device="cuda")[:K]
+        q_rows = q[:, :, idx].contiguous()
+        k_c, v_c = k.contiguous(), v.contiguous()
+        flops = 4 * H * K * N * d
+        sdpa = median_ms(lambda: F.scaled_dot_product_attention(q_rows, k_c, v_c))
+        ours = median_ms(lambda: gathered_attention(q, k, v, idx))
+        ours_dense = median_ms(lambda: gathered_attention(q_rows, k_c, v_c))
+        rows.append({"K_over_N": r, "K": K, "sdpa_ms": sdpa, "ours_ms": ours, "ours_contiguous_ms": ours_dense,
+                     "sdpa_tflops": flops / sdpa / 1e9, "ours_tflops": flops / ours / 1e9,
+                     "ours_over_sdpa": sdpa / ours})
+        print(f"K/N {r:4.2f}  SDPA {sdpa:7.3f} ms {flops / sdpa / 1e9:5.0f} TFLOP/s | ours {ours:7.3f} ms "
+              f"{flops / ours / 1e9:5.0f} TFLOP/s (contiguous q: {ours_dense:.3f} ms) | ours/SDPA {sdpa / ours:.3f}",
+              flush=True)
+    return rows
+
+
+def time_merge(N, D, H, ratio, cache_dtype):
+    K = round(ratio * N)
+    x, rows, idx, cache, change, lse_rows, lse_state = merge_inputs(1, N, D, H, K, cache_dtype)
+    call = lambda: merge_rows(x, rows, idx, cache, change, lse_rows, lse_state)
+    # x, cache and y over all rows; rows and the cache write over the K selected.
+    moved = N * D * (2 * x.element_size() + cache.element_size()) + K * D * (rows.element_size() + cache.element_size())
+    eager = median_ms(lambda: [call() for _ in range(20)]) / 20
+    call()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    replay = median_ms(graph.replay)
+    result = {"N": N, "D": D, "K": K, "cache_dtype": str(cache_dtype), "bytes": moved,
+              "eager_us": eager * 1e3, "eager_GBps": moved / eager / 1e6,
+              "graph_us": replay * 1e3, "graph_GBps": moved / replay / 1e6}
+    print(f"merge_rows N={N} D={D} K={K} cache {cache_dtype}: eager {eager * 1e3:.1f} us "
+          f"({moved / eager / 1e6:.0f} GB/s), graph replay {replay * 1e3:.1f} us ({moved / replay / 1e6:.0f} GB/s)",
+          flush=True)
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/attention.json")
+    parser.add_argument("--tokens", type=int, default=32760)
+    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.75, 0.5, 0.4, 0.25])
+    parser.add_argument("--width", type=int, default=1536, help="hidden size D for merge_rows")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/attention.py needs a CUDA device")
+    torch.manual_seed(0)
+    N, H, d = args.tokens, args.heads, args.head_dim
+
+    checks = {"attention": [check_attention(1, N, H, d, N // 2), check_attention(2, 1000, 3, 64, 1000),
+                            check_attention(1, 777, 2, 128, 1)],
+              "pointer_path": check_misaligned(),
+              "merge": [check_merge(dt) for dt in (torch.bfloat16, torch.float32, torch.float8_e4m3fn)]}
+    print("checks passed:", json.dumps(checks), flush=True)
+
+    attention = time_attention(N, H, d, args.ratios)
+    merge = [time_merge(N, args.width, H, 0.5, dt) for dt in (torch.bfloat16, torch.float8_e4m3fn)]
+    best = _gathered_attention_tuned.best_config
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+              "python": platform.python_version(), "shape": {"B": 1, "N": N, "H": H, "d": d, "dtype": "bfloat16"},
+              "attention_config": str(best), "checks": checks, "attention": attention, "merge_rows": merge}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    # Last, since it compiles the longest: the figures above are saved even if it fails.
+    try:
+        checks["compiled_ops_match_eager"] = check_compiled()
+    except Exception as e:  # reported, not fatal: the eager figures stand on their own
+        checks["compiled_ops_match_eager"] = f"{type(e).__name__}: {str(e)[:500]}"
+    print("compiled ops:", checks["compiled_ops_match_eager"], flush=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\n{'K/N':>5} {'SDPA ms':>8} {'ours ms':>8} {'SDPA TF/s':>10} {'ours TF/s':>10} {'ours/SDPA':>9}")
+    for row in attention:
+        print(f"{row['K_over_N']:5.2f} {row['sdpa_ms']:8.3f} {row['ours_ms']:8.3f} {row['sdpa_tflops']:10.0f} "
+              f"{row['ours_tflops']:10.0f} {row['ours_over_sdpa']:9.3f}")
+    print(f"attention config: {best}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

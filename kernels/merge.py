@@ -1,0 +1,158 @@
+"""Merge a token-sparse block's fresh rows with its cache, in one pass over memory.
+
+After a block has recomputed K of its N tokens, every token needs an output: the fresh row
+for the K selected, the input plus the cached contribution for the rest. The same pass
+refreshes the cache for the selected tokens, records how far each one's contribution moved
+(the change score the next step's selection reads) and, when given, the mean attention LSE
+per token. Done in PyTorch this is a gather, a scatter and several elementwise passes over
+[B, N, D]; here each element of x and cache is read once and y written once.
+
+float8_e4m3fn caches store the contribution unscaled, saturated to +-448 (the format's
+largest finite value; e4m3fn has no infinity, so an unsaturated overflow would be NaN). A
+fixed scheme needs no scale bookkeeping per block; its cost is e4m3's 3 mantissa bits and
+that magnitudes under 2^-10 round to zero.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+_FP8_MAX = 448.0
+_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+@triton.jit
+def _merge_rows_kernel(
+    X, ROWS, INV, CACHE, CHANGE, LSE_ROWS, LSE_STATE, Y,
+    B, N, D, K, BH,
+    HAS_LSE: tl.constexpr, CLAMP: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = offs_r < N
+    # inv[n] is n's position in idx, or -1 for a token that was not recomputed.
+    j = tl.load(INV + offs_r, mask=r_ok, other=-1)
+    sel = j >= 0
+    norm_sum = tl.zeros([BLOCK_R], tl.float32)
+    for b in range(B):
+        x_row = (b * N + offs_r).to(tl.int64) * D
+        f_row = (b * K + j).to(tl.int64) * D
+        sq = tl.zeros([BLOCK_R], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            m_all = r_ok[:, None] & (offs_d < D)[None, :]
+            m_sel = sel[:, None] & (offs_d < D)[None, :]
+            xy_off = x_row[:, None] + offs_d[None, :]
+            x = tl.load(X + xy_off, mask=m_all, other=0.0).to(tl.float32)
+            c = tl.load(CACHE + xy_off, mask=m_all, other=0.0).to(tl.float32)
+            fresh = tl.load(ROWS + f_row[:, None] + offs_d[None, :], mask=m_sel, other=0.0).to(tl.float32)
+            # Round the cache to x's dtype before adding, as x + cache.to(x.dtype) does.
+            reused = x + c.to(X.dtype.element_ty).to(tl.float32)
+            tl.store(Y + xy_off, tl.where(sel[:, None], fresh, reused).to(Y.dtype.element_ty), mask=m_all)
+            new = fresh - x
+            diff = tl.where(m_sel, new - c, 0.0)
+            sq += tl.sum(diff * diff, 1)
+            if CLAMP > 0:
+                new = tl.minimum(tl.maximum(new, -CLAMP), CLAMP)
+            tl.store(CACHE + xy_off, new.to(CACHE.dtype.element_ty), mask=m_sel)
+        norm_sum += tl.sqrt(sq)
+    tl.store(CHANGE + offs_r, norm_sum / B, mask=sel)
+    if HAS_LSE:
+        lse_sum = tl.zeros([BLOCK_R], tl.float32)
+        for bh in range(BH):
+            lse_sum += tl.load(LSE_ROWS + bh * K + j, mask=sel, other=0.0)
+        tl.store(LSE_STATE + offs_r, lse_sum / BH, mask=sel)
+
+
+def _check(x, rows, idx, cache, change, lse_rows, lse_state) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"merge_rows: x must be [B, N, D], got {tuple(x.shape)}")
+    B, N, D = x.shape
+    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"merge_rows: idx must be a 1-D int64 or int32 tensor, got {idx.dtype} "
+                        f"of shape {tuple(idx.shape)}")
+    K = idx.shape[0]
+    if rows.shape != (B, K, D):
+        raise ValueError(f"merge_rows: rows must be [B, K, D] = {(B, K, D)}, got {tuple(rows.shape)}")
+    if cache.shape != x.shape:
+        raise ValueError(f"merge_rows: cache must be {tuple(x.shape)}, got {tuple(cache.shape)}")
+    if change.shape != (N,) or lse_state.shape != (N,):
+        raise ValueError(f"merge_rows: change and lse_state must be [N] = [{N}], got "
+                         f"{tuple(change.shape)} and {tuple(lse_state.shape)}")
+    if lse_rows is not None and (lse_rows.dim() != 3 or lse_rows.shape[0] != B or lse_rows.shape[2] != K):
+        raise ValueError(f"merge_rows: lse_rows must be [B, H, K] with B={B}, K={K}, got {tuple(lse_rows.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"merge_rows: x dtype must be float32, bfloat16 or float16, got {x.dtype}")
+    if rows.dtype != x.dtype:
+        raise TypeError(f"merge_rows: rows dtype {rows.dtype} differs from x dtype {x.dtype}")
+    if cache.dtype not in _CACHE_DTYPES:
+        raise TypeError(f"merge_rows: cache dtype must be one of {_CACHE_DTYPES}, got {cache.dtype}")
+    for name, t in (("change", change), ("lse_state", lse_state), ("lse_rows", lse_rows)):
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"merge_rows: {name} must be float32, got {t.dtype}")
+    named = (("x", x), ("rows", rows), ("idx", idx), ("cache", cache), ("change", change),
+             ("lse_rows", lse_rows), ("lse_state", lse_state))
+    for name, t in named:
+        if t is None:
+            continue
+        if not t.is_contiguous():
+            raise ValueError(f"merge_rows: {name} must be contiguous, got strides {t.stride()}")
+        if t.device != x.device:
+            raise ValueError(f"merge_rows: {name} on {t.device}, x on {x.device}")
+
+
+def merge_rows(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, cache: torch.Tensor,
+               change: torch.Tensor, lse_rows: Optional[torch.Tensor],
+               lse_state: torch.Tensor) -> torch.Tensor:
+    """Return y (x + cache, with the rows named by idx replaced by ``rows``); update cache,
+    change and (when lse_rows is given) lse_state in place at idx, as merge_rows_reference.
+
+    idx must hold unique, valid token numbers; duplicates leave which row wins unspecified.
+    """
+    _check(x, rows, idx, cache, change, lse_rows, lse_state)
+    B, N, D = x.shape
+    K = idx.shape[0]
+    if K == 0 or B * D == 0:
+        # Nothing recomputed: every token reuses its cache, and there is nothing to update.
+        return x + cache.to(x.dtype)
+    y = torch.empty_like(x)
+    inv = torch.full((N,), -1, dtype=torch.int32, device=x.device)
+    inv[idx] = torch.arange(K, dtype=torch.int32, device=x.device)
+    BLOCK_D = min(triton.next_power_of_2(D), 512)
+    BLOCK_R = max(1, 2048 // BLOCK_D)
+    H = 0 if lse_rows is None else lse_rows.shape[1]
+    wrap_triton(_merge_rows_kernel)[(triton.cdiv(N, BLOCK_R),)](
+        # Without lse_rows the kernel never reads LSE_ROWS; any float32 tensor holds its place.
+        x, rows, inv, cache, change, change if lse_rows is None else lse_rows, lse_state, y,
+        B, N, D, K, B * H,
+        HAS_LSE=lse_rows is not None, CLAMP=_FP8_MAX if cache.dtype == torch.float8_e4m3fn else 0.0,
+        BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4)
+    return y
+
+
+# The same launcher as an op Inductor can trace through on CUDA; compiled CPU graphs cannot
+# lower the Triton call, so they keep calling the plain function above.
+merge_rows_op = triton_op("astraea_kernels::merge_rows",
+                          mutates_args={"cache", "change", "lse_state"})(merge_rows)
+
+
+def _to_cache(new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float8_e4m3fn:
+        new = new.clamp(-_FP8_MAX, _FP8_MAX)
+    return new.to(dtype)
+
+
+def merge_rows_reference(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, cache: torch.Tensor,
+                         change: torch.Tensor, lse_rows: Optional[torch.Tensor],
+                         lse_state: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch: what the kernel must match, mutating cache, change and lse_state alike."""
+    y = x + cache.to(x.dtype)
+    y[:, idx] = rows
+    new = rows.float() - x[:, idx].float()
+    change[idx] = (new - cache[:, idx].float()).norm(dim=-1).mean(0)
+    cache[:, idx] = _to_cache(new, cache.dtype)
+    if lse_rows is not None:
+        lse_state[idx] = lse_rows.float().mean(dim=(0, 1))
+    return y

@@ -1,0 +1,274 @@
+"""The Triton kernels against plain PyTorch references (fp64 where the reference itself is
+under test). On a machine without a GPU they run through the Triton interpreter (set up in
+conftest.py), which is slow: shapes stay near 100 tokens and head dims at or below 64."""
+import importlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
+
+# The package exports the function under the module's name; reach the module itself.
+ga_module = importlib.import_module("kernels.gathered_attention")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Output tolerances: fp32 is exact up to summation order; half types carry one rounding of
+# the output (the interpreter truncates bf16 instead of rounding it, hence the bf16 margin).
+ATTN_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 1e-2), torch.bfloat16: (1e-2, 2e-2)}
+LSE_TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
+
+
+def _qkv(B, H, Lq, N, d, dtype, seed=0):
+    """q, k, v as the model passes them: [B, L, H, d] storage viewed as [B, H, L, d]."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, L, H, d, generator=g).to(DEVICE, dtype).transpose(1, 2) for L in (Lq, N, N))
+    return q, k, v
+
+
+def _check_attention(q, k, v, idx=None, scale=None):
+    out, lse = gathered_attention(q, k, v, idx, scale)
+    n_rows = q.shape[2] if idx is None else idx.shape[0]
+    assert out.shape == (q.shape[0], q.shape[1], n_rows, q.shape[3]) and out.dtype == q.dtype
+    assert lse.shape == out.shape[:3] and lse.dtype == torch.float32
+    ref_out, ref_lse = gathered_attention_reference(q.double(), k.double(), v.double(),
+                                                    None if idx is None else idx.cpu().to(DEVICE), scale)
+    atol, rtol = ATTN_TOL[q.dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOL[q.dtype], rtol=0)
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [32, 64])
+def test_attention_gathered_rows(dtype, d):
+    # N = 100 leaves a ragged key tail and K = 37 a ragged query block; idx is unsorted.
+    q, k, v = _qkv(2, 3, 100, 100, d, dtype)
+    idx = torch.randperm(100, generator=torch.Generator().manual_seed(1))[:37].to(DEVICE)
+    _check_attention(q, k, v, idx)
+
+
+@pytest.mark.parametrize("case", ["all_rows", "one_row", "every_row_shuffled", "sorted",
+                                  "one_key", "exact_blocks", "cross_lengths"])
+def test_attention_shapes(case):
+    Lq, N, idx = 100, 100, None
+    if case == "one_row":
+        idx = torch.tensor([57])
+    elif case == "every_row_shuffled":
+        idx = torch.randperm(100, generator=torch.Generator().manual_seed(2))
+    elif case == "sorted":
+        idx = torch.arange(3, 100, 7)
+    elif case == "one_key":
+        N = 1
+    elif case == "exact_blocks":
+        Lq, N = 64, 64
+    elif case == "cross_lengths":
+        Lq, N, idx = 90, 23, torch.tensor([89, 0, 45, 12])
+    q, k, v = _qkv(1, 2, Lq, N, 32, torch.float32, seed=3)
+    _check_attention(q, k, v, None if idx is None else idx.to(DEVICE))
+
+
+def test_attention_head_dims_16_and_128():
+    for d in (16, 128):
+        q, k, v = _qkv(1, 1, 40, 70, d, torch.float32, seed=d)
+        _check_attention(q, k, v, torch.tensor([5, 39, 0, 17], device=DEVICE), scale=0.3)
+
+
+def test_attention_contiguous_and_misaligned_inputs():
+    q, k, v = (t.contiguous() for t in _qkv(1, 2, 50, 50, 32, torch.float16, seed=4))
+    assert ga_module._use_tma(k, v)
+    _check_attention(q, k, v, torch.arange(0, 50, 3, device=DEVICE))
+    # A slice one element in has an unaligned base and odd strides: the pointer path runs.
+    wide = torch.randn(1, 2, 50, 33, dtype=torch.float16, device=DEVICE)
+    k1, v1 = wide[..., 1:], wide.flip(2)[..., 1:]
+    assert not ga_module._use_tma(k1, v1)
+    _check_attention(q, k1, v1, torch.arange(0, 50, 3, device=DEVICE))
+
+
+def test_attention_lse_is_natural_log():
+    # Zero queries score every key 0: softmax is uniform, LSE = ln N, output = mean of v.
+    q, k, v = _qkv(1, 1, 10, 77, 32, torch.float32, seed=5)
+    q = torch.zeros_like(q)
+    out, lse = gathered_attention(q, k, v)
+    torch.testing.assert_close(lse, torch.full_like(lse, math.log(77)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out, v.mean(2, keepdim=True).expand_as(out), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_reference_matches_fp64_softmax():
+    q, k, v = _qkv(1, 2, 20, 30, 16, torch.float32, seed=6)
+    out, lse = gathered_attention_reference(q, k, v, scale=0.2)
+    s = q.double() @ k.double().transpose(-1, -2) * 0.2
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ v.double(), atol=1e-5, rtol=1e-5)
+
+
+def _poisoned_allocations(monkeypatch):
+    """Make every fresh float tensor NaN, so a row the kernel forgets to write shows up."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+def test_attention_writes_every_row(monkeypatch):
+    _poisoned_allocations(monkeypatch)
+    q, k, v = _qkv(2, 2, 70, 45, 32, torch.bfloat16, seed=7)
+    out, lse = _check_attention(q, k, v, torch.arange(69, -1, -2, device=DEVICE))
+    assert not out.isnan().any() and not lse.isnan().any()
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(1, 2), H=st.integers(1, 2), Lq=st.integers(1, 70), N=st.integers(1, 90),
+       d=st.sampled_from([16, 32]), frac=st.floats(0.0, 1.0), seed=st.integers(0, 2**16), use_idx=st.booleans())
+def test_attention_property(B, H, Lq, N, d, frac, seed, use_idx):
+    q, k, v = _qkv(B, H, Lq, N, d, torch.float32, seed=seed)
+    K = max(1, round(frac * Lq))
+    idx = torch.randperm(Lq, generator=torch.Generator().manual_seed(seed))[:K].to(DEVICE) if use_idx else None
+    _check_attention(q, k, v, idx)
+
+
+@pytest.mark.parametrize("bad, error", [
+    (lambda q, k, v: (q[0], k, v), ValueError),
+    (lambda q, k, v: (q, k[:, :, :5], v), ValueError),
+    (lambda q, k, v: (q, k.half(), v), TypeError),
+    (lambda q, k, v: (q[..., :24], k[..., :24], v[..., :24]), ValueError),
+    (lambda q, k, v: (q, k.transpose(2, 3).contiguous().transpose(2, 3), v), ValueError),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), TypeError),
+])
+def test_attention_rejects_bad_inputs(bad, error):
+    with pytest.raises(error, match="gathered_attention"):
+        gathered_attention(*bad(*_qkv(1, 2, 8, 8, 32, torch.float32)))
+
+
+def test_attention_rejects_bad_idx_and_scale():
+    q, k, v = _qkv(1, 1, 8, 8, 32, torch.float32)
+    with pytest.raises(TypeError, match="idx"):
+        gathered_attention(q, k, v, torch.tensor([0.0, 1.0], device=DEVICE))
+    with pytest.raises(ValueError, match="scale"):
+        gathered_attention(q, k, v, None, -1.0)
+
+
+def test_ops_are_registered_and_match_the_functions():
+    q, k, v = _qkv(1, 2, 30, 30, 32, torch.float32, seed=8)
+    idx = torch.tensor([3, 1, 29], device=DEVICE)
+    out, lse = torch.ops.astraea_kernels.gathered_attention(q, k, v, idx, None)
+    ref_out, ref_lse = gathered_attention(q, k, v, idx)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    inputs = _merge_inputs(1, 30, 40, 2, idx, torch.float32, torch.float32)
+    mutated = [t.clone() for t in inputs[3:]]
+    y = torch.ops.astraea_kernels.merge_rows(*inputs[:3], mutated[0], mutated[1], inputs[5], mutated[3])
+    expected = [t.clone() for t in inputs[3:]]
+    y_ref = merge_rows(*inputs[:3], expected[0], expected[1], inputs[5], expected[3])
+    assert torch.equal(y, y_ref) and all(torch.equal(a, b) for a, b in zip(mutated, expected))
+
+
+# ---- merge_rows ----
+
+def _merge_inputs(B, N, D, H, idx, x_dtype, cache_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K = idx.shape[0]
+    x = torch.randn(B, N, D, generator=g)
+    rows = torch.randn(B, K, D, generator=g)
+    cache = torch.randn(B, N, D, generator=g)
+    if cache_dtype == torch.float8_e4m3fn:
+        # The interpreter rounds to fp8 wrongly (a carry out of the mantissa can halve the
+        # value), so on CPU the contributions rows - x are made exact e4m3 values: x on a
+        # 1/4 grid, contributions on a 1/16 grid within +-8, exact in every x dtype. Rounding
+        # itself is checked on the GPU. One row past the fp8 range checks the saturation.
+        x = (x * 4).round().clamp(-16, 16) / 4
+        step = ((torch.randn(B, K, D, generator=g) * 2).clamp(-7.5, 7.5) * 16).round() / 16
+        rows = x[:, idx] + step.to(torch.float8_e4m3fn).float()
+        rows[:, :1] = 1024.0
+    change, lse_state = torch.rand(N, generator=g), torch.randn(N, generator=g)
+    lse_rows = torch.randn(B, H, K, generator=g)
+    return (x.to(DEVICE, x_dtype), rows.to(DEVICE, x_dtype), idx.to(DEVICE), cache.to(DEVICE, cache_dtype),
+            change.to(DEVICE), lse_rows.to(DEVICE), lse_state.to(DEVICE))
+
+
+def _check_merge(x, rows, idx, cache, change, lse_rows, lse_state):
+    state = [t.clone() for t in (cache, change, lse_state)]
+    ref_state = [t.clone() for t in (cache, change, lse_state)]
+    y = merge_rows(x, rows, idx, state[0], state[1], lse_rows, state[2])
+    y_ref = merge_rows_reference(x, rows, idx, ref_state[0], ref_state[1], lse_rows, ref_state[2])
+    half = x.dtype != torch.float32
+    # Selected rows are copies of `rows`, so they must match exactly.
+    assert torch.equal(y[:, idx], rows)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2 if half else 1e-6, rtol=1.6e-2 if half else 1e-6)
+
+    unselected = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
+    unselected[idx] = False
+    for new, old in zip(state, (cache, change, lse_state)):
+        assert torch.equal(new[..., unselected, :] if new.dim() == 3 else new[unselected],
+                           old[..., unselected, :] if old.dim() == 3 else old[unselected])
+    torch.testing.assert_close(state[1], ref_state[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state[2], ref_state[2], atol=1e-6, rtol=1e-6)
+    if lse_rows is None:
+        assert torch.equal(state[2], lse_state)
+
+    new = rows.float() - x[:, idx].float()
+    got = state[0][:, idx].float()
+    if cache.dtype == torch.float8_e4m3fn:
+        assert torch.equal(got, new.clamp(-448, 448)) and torch.equal(state[0], ref_state[0])
+    elif cache.dtype == torch.float32:
+        torch.testing.assert_close(got, new, atol=0, rtol=0)
+    else:
+        torch.testing.assert_close(got, ref_state[0][:, idx].float(), atol=1e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("x_dtype, cache_dtype", [
+    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16), (torch.bfloat16, torch.float8_e4m3fn), (torch.float32, torch.float8_e4m3fn),
+])
+@pytest.mark.parametrize("with_lse", [True, False])
+def test_merge_matches_reference(x_dtype, cache_dtype, with_lse):
+    idx = torch.randperm(70, generator=torch.Generator().manual_seed(9))[:29]
+    x, rows, idx, cache, change, lse_rows, lse_state = _merge_inputs(2, 70, 96, 3, idx, x_dtype, cache_dtype)
+    _check_merge(x, rows, idx, cache, change, lse_rows if with_lse else None, lse_state)
+
+
+@pytest.mark.parametrize("N, D, idx", [
+    (50, 600, torch.tensor([49, 0, 17])),   # D spans two column chunks, the second partial
+    (33, 40, torch.arange(33).flip(0)),     # every token selected
+    (33, 40, torch.tensor([32])),           # one token
+    (33, 40, torch.tensor([], dtype=torch.int64)),  # none: everything from the cache
+])
+def test_merge_shapes(N, D, idx):
+    _check_merge(*_merge_inputs(2, N, D, 4, idx, torch.float32, torch.float32, seed=N))
+
+
+def test_merge_writes_every_row(monkeypatch):
+    _poisoned_allocations(monkeypatch)
+    inputs = _merge_inputs(1, 41, 72, 2, torch.tensor([40, 3, 8]), torch.bfloat16, torch.bfloat16)
+    state = [t.clone() for t in inputs[3:]]
+    y = merge_rows(*inputs[:3], state[0], state[1], inputs[5], state[3])
+    assert not y.isnan().any()
+    _check_merge(*inputs)
+
+
+@settings(max_examples=10, deadline=None)
+@given(B=st.integers(1, 2), N=st.integers(1, 60), D=st.integers(1, 150), frac=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_merge_property(B, N, D, frac, seed):
+    idx = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:round(frac * N)]
+    _check_merge(*_merge_inputs(B, N, D, 2, idx, torch.float32, torch.float32, seed=seed))
+
+
+def test_merge_rejects_bad_inputs():
+    x, rows, idx, cache, change, lse_rows, lse_state = _merge_inputs(
+        1, 10, 8, 2, torch.tensor([1, 2]), torch.float32, torch.float32)
+    with pytest.raises(ValueError, match="rows"):
+        merge_rows(x, rows[:, :1], idx, cache, change, lse_rows, lse_state)
+    with pytest.raises(TypeError, match="rows dtype"):
+        merge_rows(x, rows.half(), idx, cache, change, lse_rows, lse_state)
+    with pytest.raises(ValueError, match="contiguous"):
+        merge_rows(x.transpose(1, 2).contiguous().transpose(1, 2), rows, idx, cache, change, lse_rows, lse_state)
+    with pytest.raises(TypeError, match="cache dtype"):
+        merge_rows(x, rows, idx, cache.int(), change, lse_rows, lse_state)
+    with pytest.raises(ValueError, match="lse_rows"):
+        merge_rows(x, rows, idx, cache, change, lse_rows[:, :, :1], lse_state)
+    with pytest.raises(TypeError, match="change"):
+        merge_rows(x, rows, idx, cache, change.double(), lse_rows, lse_state)

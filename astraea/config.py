@@ -19,6 +19,7 @@ VERSION = 1
 POLICIES = ("astraea", "delta", "random")
 GROUPS = ("token", "spatial", "run")
 CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")
+LOWERINGS = ("auto", "inductor", "eager")
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,8 @@ class AstraeaConfig:
     weight_signal, weight_penalty: w_a and w_b of the score S = w_a*S_sig + w_b*exp(n).
     seed: seeds the random policy and random tie-breaking.
     cache_dtype: storage of the per-block caches; "auto" keeps the hidden states' dtype.
+    lowering: how the rewritten graph runs: "inductor" (generated Triton around our kernels),
+        "eager" (the FX graph as is), or "auto" (Inductor on CUDA, eager elsewhere).
     """
 
     schedule: Schedule = field(default_factory=lambda: Schedule(constant=0.5))
@@ -49,6 +52,7 @@ class AstraeaConfig:
     weight_penalty: float = 0.02
     seed: int = 0
     cache_dtype: str = "auto"
+    lowering: str = "auto"
     version: int = VERSION
 
     def __post_init__(self):
@@ -70,6 +74,8 @@ class AstraeaConfig:
                 raise ConfigError(f"option {name!r} must be a non-negative number, got {value!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"option 'cache_dtype' must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+        if self.lowering not in LOWERINGS:
+            raise ConfigError(f"option 'lowering' must be one of {LOWERINGS}, got {self.lowering!r}")
         if self.version != VERSION:
             raise ConfigError(f"config version {self.version} is not supported; this astraea reads version {VERSION}")
 

@@ -23,14 +23,14 @@ def sparse_attention(
         from kernels.gathered_attention import gathered_attention
 
         out, lse = gathered_attention(q, k, v, scale=scale)
-        return out, lse
+        return out.contiguous(), lse.contiguous()
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
-    return out, lse.float()
+    return out.contiguous(), lse.float().contiguous()
 
 
 @sparse_attention.register_fake
 def _(q, k, v, scale=None):
-    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.custom_op("astraea::merge_rows", mutates_args=("cache", "change", "lse_state"))

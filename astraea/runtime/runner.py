@@ -18,13 +18,8 @@ import torch.fx as fx
 from ..config import AstraeaConfig
 from ..passes import Report, SparseBlockInputs
 from .select import mark_selected, num_selected, scores, select
-from .state import BlockState, ContextState
+from .state import BlockState, ContextState, cache_dtype
 from .steps import StepTracker
-
-CACHE_DTYPES = {
-    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-}
 
 
 @dataclass(frozen=True)
@@ -66,11 +61,9 @@ class SparseRunner:
 
     # ---- state -----------------------------------------------------------------------------
     def _new_context(self) -> ContextState:
-        states = []
-        for b in self.blocks:
-            dtype = b.dtype if self.config.cache_dtype == "auto" else CACHE_DTYPES[self.config.cache_dtype]
-            states.append(BlockState.allocate(b.shape, dtype, self.device))
-        return ContextState(blocks=states)
+        return ContextState(
+            blocks=[BlockState.allocate(b.shape, cache_dtype(self.config, b.dtype), self.device) for b in self.blocks]
+        )
 
     def reset(self) -> None:
         """Forget every context: the next call starts a new generation."""

@@ -21,8 +21,11 @@ from .state import BlockState
 MAX_STALE = 60  # exp(60) is still finite in fp32
 
 
+MIN_SELECTED = 2  # compiled graphs treat the selection size as a symbol >= 2
+
+
 def num_selected(budget: float, num_tokens: int) -> int:
-    return max(1, min(num_tokens, round(budget * num_tokens)))
+    return max(min(MIN_SELECTED, num_tokens), min(num_tokens, round(budget * num_tokens)))
 
 
 def scores(state: BlockState, config: AstraeaConfig, generator: torch.Generator) -> torch.Tensor:

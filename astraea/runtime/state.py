@@ -11,6 +11,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..config import AstraeaConfig
+
+
+def cache_dtype(config: AstraeaConfig, hidden_dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the caches: the config's, or the hidden states' for "auto"."""
+    return hidden_dtype if config.cache_dtype == "auto" else getattr(torch, config.cache_dtype)
+
 
 @dataclass
 class BlockState:

@@ -1,0 +1,43 @@
+"""How the rewritten graph runs: eagerly, or through Inductor with the selection size symbolic.
+
+Inductor generates fused Triton for everything token-wise and calls our two custom ops
+(`astraea::sparse_attention`, `astraea::merge_rows`) in between. The number of selected
+tokens K is the only size that changes from step to step, so the graph is compiled once
+with K symbolic (the selection indices are fake tensors of a dynamic length): one compiled
+variant serves every budget. The compiled code is called from the runner, outside dynamo,
+so nothing re-checks guards; the runner keeps K >= 2, the range the symbol was compiled for.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+from .config import AstraeaConfig
+
+
+def lower(
+    gm: fx.GraphModule, config: AstraeaConfig, example_inputs: list, extra_inputs: list[tuple], device: torch.device
+) -> Callable:
+    """`extra_inputs`: (shape, dtype, dynamic first dim?) of each input the rewrite appended."""
+    use_inductor = config.lowering == "inductor" or (config.lowering == "auto" and device.type == "cuda")
+    if not use_inductor:
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fakes = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    for shape, dtype, dynamic in extra_inputs:
+        if dynamic:
+            hint = torch.arange(max(2, shape[0] // 2), device=device, dtype=dtype)
+            dims = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC], constraint_sizes=[None])
+            fakes.append(fake_mode.from_tensor(hint, symbolic_context=dims))
+        else:
+            with fake_mode:
+                fakes.append(torch.empty(shape, dtype=dtype, device=device))
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+        return compile_fx(gm, fakes)

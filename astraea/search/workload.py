@@ -18,6 +18,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 PREDICTIONS = ("velocity", "sample")
@@ -28,7 +29,8 @@ def random_text(tokens: int, width: int) -> Callable[[int], tuple[torch.Tensor, 
     embeddings [1, tokens, width], drawn from a stream apart from the noise's."""
 
     def conditioning(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = torch.Generator().manual_seed(2**32 + seed)
+        # A CPU generator keeps only 32 bits of its seed: derive a hashed one, not an offset.
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence((seed, 1)).generate_state(1)[0]))
         return torch.randn((1, tokens, width), generator=g), torch.randn((1, tokens, width), generator=g)
 
     return conditioning

@@ -1,0 +1,48 @@
+"""The search's sampler and named workloads, on the eager models (no compiler involved)."""
+
+import numpy as np
+import pytest
+import torch
+
+import astraea.reference.model as reference_model
+from astraea.reference.data import sample_scenes
+from astraea.search.models import random_wan, reference
+from test_search_e2e import one_thread  # noqa: F401  (autouse: these models run on one thread too)
+
+
+def test_reference_workload_samples_as_the_reference_model_does(monkeypatch):
+    torch.manual_seed(0)
+    transformer, encoder = reference_model.build_model()
+    transformer.eval().requires_grad_(False)
+    monkeypatch.setattr(reference_model, "load_reference", lambda device, dtype: (transformer, encoder))
+    workload = reference(num_steps=2)
+    seed = 3
+    ours = workload.decoder(workload.generate(transformer, seed).latent)
+    prompt = sample_scenes(np.random.default_rng(seed), 1).prompts()[0].text
+    with torch.no_grad():
+        theirs = reference_model.generate(
+            transformer, encoder.encode([prompt]), encoder.encode([""]), num_steps=2, guidance=4.0, seed=seed
+        )
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_a_generation_resumed_from_its_own_latent_ends_where_it_would():
+    workload = random_wan("tiny", frames=3, height=8, width=8, num_steps=5)
+    entering = {}
+    whole = workload.generate(workload.model, 1, on_step=lambda step, latent: entering.setdefault(step, latent))
+    assert sorted(entering) == [0, 1, 2, 3, 4]
+    resumed = workload.generate(workload.model, 1, start=(3, entering[3]))
+    torch.testing.assert_close(resumed.latent, whole.latent, rtol=0, atol=0)
+    assert torch.equal(resumed.noise, whole.noise)
+
+
+def test_random_wan_settings():
+    workload = random_wan("tiny", frames=3, height=8, width=8, num_steps=4, guidance=1.0)
+    assert workload.contexts == 1
+    assert workload.shapes() == {"hidden_states": (1, 4, 3, 8, 8), "encoder_hidden_states": (1, 16, 32)}
+    noise, cond, uncond = workload.inputs(0)
+    assert not torch.equal(cond, uncond) and not torch.equal(noise.flatten()[:32], cond.flatten()[:32])
+    assert torch.equal(random_wan("tiny", frames=3, height=8, width=8, num_steps=4).inputs(0)[0], noise)
+    with pytest.raises(ValueError, match="unknown Wan preset 'huge'"):
+        random_wan("huge", frames=3, height=8, width=8, num_steps=4)

@@ -12,6 +12,7 @@ KEY = CostKey(
     model="1b0ff5cd16ee2e65",
     shapes={"hidden_states": (1, 16, 21, 60, 104), "encoder_hidden_states": (1, 512, 4096)},
     dtype="bfloat16",
+    options={"policy": "astraea", "group": "token", "cache_dtype": "auto"},
     device="NVIDIA H200",
     versions={"torch": "2.11.0", "triton": "3.6.0", "diffusers": "0.42.1", "astraea": "0.1.0"},
 )
@@ -59,6 +60,7 @@ def test_round_trip(tmp_path):
         ("model", "ffffffffffffffff", "model: 1b0ff5cd16ee2e65 vs ffffffffffffffff"),
         ("device", "NVIDIA A100-SXM4-80GB", "device: NVIDIA H200 vs NVIDIA A100-SXM4-80GB"),
         ("dtype", "float16", "dtype: bfloat16 vs float16"),
+        ("options", {"policy": "random", "group": "token", "cache_dtype": "auto"}, "options:"),
         ("shapes", {"hidden_states": (1, 16, 21, 90, 160), "encoder_hidden_states": (1, 512, 4096)}, "shapes:"),
         ("versions", {**KEY.versions, "torch": "2.13.0"}, "versions:"),
     ],
@@ -71,7 +73,7 @@ def test_load_refuses_another_setting(tmp_path, field, value, shown):
         CostTable.load(path, expect=here)
     assert shown in str(error.value)
     # Only the field that differs is named.
-    others = {"model", "device", "dtype", "shapes", "versions"} - {field}
+    others = {"model", "device", "dtype", "shapes", "options", "versions"} - {field}
     assert not any(f"{o}:" in str(error.value) for o in others)
 
 

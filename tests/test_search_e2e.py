@@ -48,7 +48,7 @@ def table(workload, sparse, tmp_path_factory):
 
 def test_profile_measures_every_level_for_this_setting(workload, sparse, table):
     assert table.levels == LEVELS
-    assert table.key == CostKey.here(sparse.structure_hash, workload)
+    assert table.key == CostKey.here(sparse, workload)
     assert all(ms > 0 for ms in table.latency_ms)
     # A whole-step skip returns the previous output: far cheaper than any real forward.
     assert table.call_ms(0.0) < 0.2 * min(table.latency_ms[1:])

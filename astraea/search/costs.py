@@ -6,8 +6,8 @@ costing almost nothing). So the search predicts a schedule's latency from a tabl
 on the device itself: the sum over steps of the call latency at that step's budget, times
 the calls per step (two with classifier-free guidance).
 
-A table is only true for the model structure, input shapes, dtype, device and software it
-was measured with; those form its key, and loading it anywhere else is refused, naming what
+A table is only true for the model structure, input shapes, dtype, backend options, device
+and software it was measured with; those form its key, and loading it anywhere else is refused, naming what
 differs. Measuring needs one compile: budgets are data to the compiled model, so one
 generation whose schedule visits every level in turn times them all.
 """
@@ -69,16 +69,18 @@ class CostKey:
     model: str
     shapes: dict[str, tuple[int, ...]]
     dtype: str
+    options: dict
     device: str
     versions: dict[str, str | None]
 
     @classmethod
-    def here(cls, model: str, workload: Workload) -> "CostKey":
-        """The key of `workload` on this machine, for the model with structure hash `model`."""
+    def here(cls, sparse: SparseModel, workload: Workload) -> "CostKey":
+        """The key of `workload` compiled as `sparse`, on this machine."""
         return cls(
-            model=model,
+            model=sparse.structure_hash,
             shapes=workload.shapes(),
             dtype=str(workload.dtype).removeprefix("torch."),
+            options=sparse.options,
             device=device_name(workload.device),
             versions=software_versions(),
         )
@@ -93,6 +95,7 @@ class CostKey:
             "model": self.model,
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "dtype": self.dtype,
+            "options": dict(self.options),
             "device": self.device,
             "versions": dict(self.versions),
         }
@@ -103,6 +106,7 @@ class CostKey:
             model=data["model"],
             shapes={k: tuple(v) for k, v in data["shapes"].items()},
             dtype=data["dtype"],
+            options=dict(data["options"]),
             device=data["device"],
             versions=dict(data["versions"]),
         )
@@ -252,7 +256,7 @@ def profile(
                 if level is not None:
                     samples[level].append(ms)
     return CostTable(
-        key=CostKey.here(sparse.structure_hash, workload),
+        key=CostKey.here(sparse, workload),
         levels=levels,
         latency_ms=tuple(statistics.median(samples[level]) for level in levels),
         meta={"steps_per_level": steps_per_level, "repeats": repeats, "contexts": workload.contexts},

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 
-from . import models
+from . import models, sparse
 from .costs import DEFAULT_LEVELS, profile
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_arguments(parser)
+    sparse.add_arguments(parser)
     parser.add_argument("-o", "--output", required=True, help="cost table file to write (JSON)")
     parser.add_argument("--levels", type=levels, default=DEFAULT_LEVELS,
                         help="comma-separated budgets to measure, 0 and 1 included (default: 0,0.1,...,1)")
@@ -32,7 +33,8 @@ def levels(text: str) -> tuple[float, ...]:
 
 def run(args: argparse.Namespace) -> int:
     workload = models.from_arguments(args)
-    table = profile(workload, levels=args.levels, steps_per_level=args.steps_per_level, repeats=args.repeats)
+    table = profile(workload, levels=args.levels, steps_per_level=args.steps_per_level, repeats=args.repeats,
+                    sparse=sparse.from_arguments(workload, args))
     table.save(args.output)
     print(f"cost table for model {table.key.model} on {table.key.device} ({table.key.dtype}), "
           f"ms per transformer call:")

@@ -132,8 +132,8 @@ def uniform_genomes(space: Space) -> list[np.ndarray]:
 
 
 def initial_population(space: Space, size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The uniform schedules that fit (best first), the fastest one repaired from dense, and
-    random schedules for the rest."""
+    """The uniform schedules that fit (most compute first), the dense schedule lowered at
+    random steps until it fits, and random schedules for the rest."""
     genomes = uniform_genomes(space)[::-1][: size - 1]
     genomes.append(repair(space, np.full(space.num_steps, space.dense), rng))
     genomes += [random_genome(space, rng) for _ in range(size - len(genomes))]
@@ -192,7 +192,7 @@ def search(
     if sparse is not None and config is not None:
         raise SearchError("pass either config or sparse (which has its own config), not both")
     sparse = sparse or SparseModel(workload, config)
-    table.check(CostKey.here(sparse.structure_hash, workload))
+    table.check(CostKey.here(sparse, workload))
     steps, contexts = workload.num_steps, workload.contexts
     dense_ms = table.predict([1.0] * steps, contexts)
     limit = dense_ms / speedup if speedup is not None else latency_ms
@@ -204,7 +204,7 @@ def search(
 
     candidates = evolve(
         space, lambda budgets: evaluator(budgets, proxy), settings, checkpoint=checkpoint,
-        problem={"seeds": list(proxy), "config": _selection(sparse.config)}, progress=progress,
+        problem={"seeds": list(proxy), "options": sparse.options}, progress=progress,
     )
     confirmed = ranked(
         Candidate(c.budgets, c.latency_ms, evaluator(c.budgets, seeds)) for c in candidates[:confirm]
@@ -246,7 +246,7 @@ def search(
                 "seeds": list(seeds),
                 "proxy_seeds": list(proxy),
                 "num_steps": steps,
-                "selection": _selection(sparse.config),
+                "options": sparse.options,
                 "cost_table": table.key.to_json(),
                 "settings": dataclasses.asdict(settings),
                 "wall_s": wall_s,
@@ -266,8 +266,3 @@ def _measure(workload: Workload, sparse: SparseModel, table: CostTable, budgets:
     sparse.set_schedule(budgets)
     measured = wall_ms(lambda: workload.generate(sparse.module, 0), workload.device)
     return table.prediction(budgets, measured, workload.contexts)
-
-
-def _selection(config: AstraeaConfig) -> dict:
-    """The token-selection options a schedule is searched for (everything but the schedule)."""
-    return {k: v for k, v in config.to_json().items() if k not in ("schedule", "full_steps")}

@@ -12,16 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 
-from astraea.config import GROUPS, POLICIES, AstraeaConfig
-
-from . import models
+from . import models, sparse
 from .costs import CostTable, profile
 from .search import SearchSettings, search
-from .sparse import SparseModel
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_arguments(parser)
+    sparse.add_arguments(parser)
     parser.add_argument("--costs", required=True, help="cost table (JSON); measured and written when missing")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--speedup", type=float, help="target speedup over the dense schedule")
@@ -34,8 +32,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proxy-seeds", type=int, default=1, help="seeds every candidate is scored on")
     parser.add_argument("--confirm", type=int, default=4, help="best candidates rescored on all seeds")
     parser.add_argument("--full-steps", type=int, default=1, help="first steps kept dense")
-    parser.add_argument("--policy", choices=POLICIES, default="astraea", help="token selection")
-    parser.add_argument("--group", choices=GROUPS, default="token", help="selection granularity")
     defaults = SearchSettings()
     parser.add_argument("--population", type=int, default=defaults.population)
     parser.add_argument("--offspring", type=int, default=defaults.offspring)
@@ -53,12 +49,12 @@ def seeds(text: str) -> tuple[int, ...]:
 
 def run(args: argparse.Namespace) -> int:
     workload = models.from_arguments(args)
-    sparse = SparseModel(workload, AstraeaConfig(policy=args.policy, group=args.group))
+    compiled = sparse.from_arguments(workload, args)
     if os.path.exists(args.costs):
         table = CostTable.load(args.costs)
     else:
         print(f"no cost table at {args.costs}: measuring one")
-        table = profile(workload, sparse=sparse)
+        table = profile(workload, sparse=compiled)
         table.save(args.costs)
     settings = SearchSettings(population=args.population, offspring=args.offspring,
                               generations=args.generations, seed=args.seed)
@@ -66,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     result = search(
         workload, table, speedup=args.speedup, latency_ms=args.latency_ms, seeds=args.seeds,
         proxy_seeds=args.proxy_seeds, confirm=args.confirm, full_steps=args.full_steps, settings=settings,
-        sparse=sparse, checkpoint=args.checkpoint,
+        sparse=compiled, checkpoint=args.checkpoint,
         output=args.output, plot=plot, progress=not args.no_progress,
     )
     meta = result.schedule.meta["search"]

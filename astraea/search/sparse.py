@@ -2,17 +2,19 @@
 
 Budgets are data to the compiled model, so one compilation serves every schedule a profile
 or a search tries: the schedule is swapped between generations and the backend picks it up
-at the next fresh generation's first call, without recompiling.
+at the next fresh generation's first call, without recompiling. The other backend options
+(token selection, cache dtype) stay fixed: latencies and fidelities are measured for them.
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import Sequence
 
 import torch
 
 import astraea
-from astraea.config import AstraeaConfig
+from astraea.config import CACHE_DTYPES, GROUPS, POLICIES, AstraeaConfig
 from astraea.schedule import Schedule
 
 from .ea import SearchError
@@ -34,8 +36,25 @@ class SparseModel:
         self.backend = astraea.backend(self.config)
         self.module = torch.compile(workload.model, backend=self.backend)
 
+    @property
+    def options(self) -> dict:
+        """The backend options a cost table or a schedule is measured for: all but the schedule
+        (and the forced full steps, which a schedule states itself)."""
+        return {k: v for k, v in self.config.to_json().items() if k not in ("schedule", "full_steps")}
+
     def set_schedule(self, budgets: Sequence[float]) -> None:
         self.config = self.config.replace(schedule=Schedule(budgets=tuple(budgets)))
         self.backend.config = self.config
         for runner in self.backend.runners:
             runner.config = self.config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The backend options of `astraea profile` and `astraea search`: both must agree."""
+    parser.add_argument("--policy", choices=POLICIES, default="astraea", help="token selection")
+    parser.add_argument("--group", choices=GROUPS, default="token", help="selection granularity")
+    parser.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="auto", help="storage of the block caches")
+
+
+def from_arguments(workload: Workload, args: argparse.Namespace) -> SparseModel:
+    return SparseModel(workload, AstraeaConfig(policy=args.policy, group=args.group, cache_dtype=args.cache_dtype))

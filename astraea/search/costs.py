@@ -214,7 +214,9 @@ class CostTable:
         return table
 
 
-def profiling_schedule(levels: Sequence[float], steps_per_level: int) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
+def profiling_schedule(
+    levels: Sequence[float], steps_per_level: int
+) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
     """One generation that visits every level: a dense step, then `steps_per_level` steps at
     the level, for each level in turn. Returns the budgets and, per step, the level that step
     measures (None for the dense steps in between, which only refresh the caches)."""

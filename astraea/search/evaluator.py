@@ -93,7 +93,8 @@ class Evaluator:
         start = self._resume_point(budgets, seed)
         first = start[0] if start is not None else 0
         self.sparse.set_schedule(budgets[first:])
-        trajectory = self.workload.generate(self.sparse.module, seed, start=start, on_step=self._snapshotter(budgets, seed, first))
+        keep = self._snapshotter(budgets, seed, first)
+        trajectory = self.workload.generate(self.sparse.module, seed, start=start, on_step=keep)
         self.generations += 1
         self.steps_run += len(budgets) - first
         self.steps_shared += first

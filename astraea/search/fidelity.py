@@ -72,7 +72,9 @@ class FidelityReport:
 def _video(x: torch.Tensor) -> np.ndarray:
     array = x.detach().to("cpu", torch.float64).numpy()
     if array.ndim != 5:
-        raise ValueError(f"fidelity expects videos as (batch, channels, frames, height, width), got shape {array.shape}")
+        raise ValueError(
+            f"fidelity expects videos as (batch, channels, frames, height, width), got shape {array.shape}"
+        )
     return array
 
 
@@ -136,7 +138,6 @@ def fidelity(
         if decoder is not None:
             with torch.no_grad():
                 decoded = compare(decoder(test.latent), decoded_references[i])
-        reports.append(
-            FidelityReport(compare(test.latent, reference.latent), compare(test.contribution, reference.contribution), decoded)
-        )
+        latent = compare(test.latent, reference.latent)
+        reports.append(FidelityReport(latent, compare(test.contribution, reference.contribution), decoded))
     return FidelityReport.mean(reports)

@@ -116,7 +116,9 @@ class Workload:
         """Keyword arguments of one transformer call (for `astraea.explain`)."""
         noise, cond, _ = self.inputs(seed)
         timestep = torch.full((1,), 1000.0, device=self.device)
-        return dict(hidden_states=noise.to(self.dtype), timestep=timestep, encoder_hidden_states=cond, return_dict=False)
+        return dict(
+            hidden_states=noise.to(self.dtype), timestep=timestep, encoder_hidden_states=cond, return_dict=False
+        )
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """Noise levels from 1 to 0, shifted toward high noise as diffusers' flow-matching

@@ -28,6 +28,8 @@ WAN_PRESETS = {
         freq_dim=256, ffn_dim=8960, num_layers=30, rope_max_seq_len=1024,
     ),
 }
+# Text tokens of the conditioning: cross-attention cost grows with them (Wan's T5 gives 512).
+WAN_TEXT_TOKENS = {"tiny": 16, "wan2.1-1.3b": 512}
 MODELS = ("reference", *WAN_PRESETS)
 
 
@@ -38,14 +40,15 @@ def random_wan(
     height: int,
     width: int,
     num_steps: int,
-    text_tokens: int = 16,
+    text_tokens: int | None = None,
     guidance: float = 5.0,
     shift: float = 5.0,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> Workload:
-    """A workload on a random Wan transformer; frames, height and width are latent sizes."""
+    """A workload on a random Wan transformer; frames, height and width are latent sizes.
+    `text_tokens` defaults to the preset's."""
     if preset not in WAN_PRESETS:
         raise ValueError(f"unknown Wan preset {preset!r}; known: {sorted(WAN_PRESETS)}")
     config = WAN_PRESETS[preset]
@@ -60,7 +63,7 @@ def random_wan(
     return Workload(
         model.eval().requires_grad_(False),
         latent_shape=(config["in_channels"], frames, height, width),
-        conditioning=random_text(text_tokens, config["text_dim"]),
+        conditioning=random_text(text_tokens or WAN_TEXT_TOKENS[preset], config["text_dim"]),
         num_steps=num_steps,
         guidance=guidance,
         shift=shift,

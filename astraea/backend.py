@@ -34,6 +34,20 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **kwargs):
         return compile_graph(gm, example_inputs, self.config, self)
 
+    def set_schedule(self, schedule) -> None:
+        """Use another schedule from the next generation on; nothing recompiles.
+
+        Accepts what the `schedule` option accepts; refused (before any change) when it was made
+        for another model than a graph this backend already compiled.
+        """
+        config = self.config.replace(schedule=schedule)
+        for runner in self.runners:
+            config.schedule.check_model(runner.report.structure_hash)
+        self.config = config
+        for runner in self.runners:
+            runner.config = config
+            runner.reset()
+
     def __repr__(self) -> str:
         return f"astraea.backend({self.config!r})"
 

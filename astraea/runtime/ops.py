@@ -20,7 +20,7 @@ def sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, H, K, d] selected queries; k, v: [B, H, N, d]. Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
     if q.is_cuda:
-        from kernels.gathered_attention import gathered_attention
+        from kernels import gathered_attention
 
         out, lse = gathered_attention(q, k, v, scale=scale)
         return out.contiguous(), lse.contiguous()
@@ -48,9 +48,9 @@ def merge_rows(
     x: [B, N, D] block input; rows: [B, K, D]; idx: [K]; cache: [B, N, D]; change, lse_state: [N].
     """
     if x.is_cuda:
-        from kernels.merge import merge_rows as merge_rows_kernel
+        from kernels import merge_rows as merge_rows_kernel
 
-        return merge_rows_kernel(x, rows, idx, cache, change, lse_rows, lse_state)
+        return merge_rows_kernel(x.contiguous(), rows.contiguous(), idx, cache, change, lse_rows, lse_state)
     y = x + cache.to(x.dtype)
     y.index_copy_(1, idx, rows)
     new = rows.float() - x.index_select(1, idx).float()
@@ -75,7 +75,7 @@ def flop_formulas() -> dict:
     def attention(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(q_shape, k_shape, v_shape)
 
-    return {
-        torch.ops.astraea.sparse_attention.default: attention,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default: attention,
+    return {  # FlopCounterMode looks ops up by their overload packet
+        torch.ops.astraea.sparse_attention: attention,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention,
     }

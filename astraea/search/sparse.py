@@ -43,10 +43,8 @@ class SparseModel:
         return {k: v for k, v in self.config.to_json().items() if k not in ("schedule", "full_steps")}
 
     def set_schedule(self, budgets: Sequence[float]) -> None:
-        self.config = self.config.replace(schedule=Schedule(budgets=tuple(budgets)))
-        self.backend.config = self.config
-        for runner in self.backend.runners:
-            runner.config = self.config
+        self.backend.set_schedule(Schedule(budgets=tuple(budgets)))
+        self.config = self.backend.config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,4 +22,9 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Report:
 
     with torch.no_grad():
         torch.compile(model, backend=capture)(*args, **kwargs)
+    if not reports:
+        raise RuntimeError(
+            "astraea.explain: dynamo compiled no graph for this call; its recompile limit for this "
+            "forward may be reached (torch._dynamo.reset() clears it)"
+        )
     return max(reports, key=lambda r: (r.num_blocks, r.num_sparse_blocks))

@@ -19,10 +19,8 @@ import time
 
 import torch
 from diffusers import WanTransformer3DModel
-from torch.utils.flop_counter import FlopCounterMode
-
 import astraea
-from astraea.runtime.ops import flop_formulas
+from astraea.flops import count_flops, counting
 
 BUDGETS = (1.0, 0.75, 0.5, 0.4, 0.25)
 
@@ -45,26 +43,6 @@ def timed(fn, reps: int) -> list[float]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return times
-
-
-def count_flops(fn) -> int:
-    counter = FlopCounterMode(display=False, custom_mapping=flop_formulas())
-    with counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def counting(graph, sink: list):
-    """Stand-in for a runner's graph that records the FLOPs of each call."""
-
-    def run(*args):
-        counter = FlopCounterMode(display=False, custom_mapping=flop_formulas())
-        with counter:
-            out = graph(*args)
-        sink.append(counter.get_total_flops())
-        return out
-
-    return run
 
 
 def rel_l2(a, b) -> float:
@@ -92,7 +70,7 @@ def main() -> None:
     with torch.no_grad():
         reference = call(model, 999.0)
         result["dense_eager_ms"] = statistics.median(timed(lambda: call(model, 999.0), args.reps))
-        dense_flops = count_flops(lambda: call(model, 999.0))
+        dense_flops, _ = count_flops(call, model, 999.0)
         inductor = torch.compile(model)
         t0 = time.perf_counter()
         dense_out = call(inductor, 999.0)

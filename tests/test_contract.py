@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
-
 import astraea
-from astraea.runtime.ops import flop_formulas
+from astraea.flops import count_flops, counting
 from tests.contract import ContractChecker
 from tests.models import ltx, sample, wan
 
@@ -49,13 +47,6 @@ def test_grouped_selection_keeps_contract(group, group_size):
             assert (idx.view(-1, group_size) // group_size).unique(dim=1).shape[1] == 1
 
 
-def _flops(fn, *args):
-    counter = FlopCounterMode(display=False, custom_mapping=flop_formulas())
-    with counter:
-        out = fn(*args)
-    return counter.get_total_flops(), out
-
-
 @pytest.mark.parametrize("budget", [0.25, 0.5, 0.75])
 def test_flops_follow_budget(budget):
     torch._dynamo.reset()
@@ -66,17 +57,10 @@ def test_flops_follow_budget(budget):
     x = torch.randn(family.latent_shape)
     cond = family.contexts[0]
     with torch.no_grad():
-        dense, _ = _flops(family.call, family.model, x, torch.tensor([900.0]), cond)
+        dense, _ = count_flops(family.call, family.model, x, torch.tensor([900.0]), cond)
         family.call(compiled, x, torch.tensor([900.0]), cond)  # step 0: dense, fills the caches
-        runner = be.runners[0]
-        graph, counted = runner.graph_fn, []
-        # Count inside the runner: FlopCounterMode's module hooks around the call would recompile.
-        def counting(*args):
-            flops, out = _flops(graph, *args)
-            counted.append(flops)
-            return out
-
-        runner.graph_fn = counting
+        runner, counted = be.runners[0], []
+        runner.graph_fn = counting(runner.graph_fn, counted)
         family.call(compiled, x, torch.tensor([800.0]), cond)
     sparse = counted[0]
     n, width = be.reports[0].num_tokens, heads * dim_head

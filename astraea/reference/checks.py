@@ -70,10 +70,9 @@ def find_objects(clip: torch.Tensor) -> tuple[tuple[Found, ...], float]:
     """The objects in a clip [3, F, H, W] and the largest step of any centroid, in pixels."""
     clip = clip.detach().float().cpu()
     palette = torch.tensor(list(PALETTE.values()))
-    near = torch.linalg.vector_norm(clip[None] - palette[:, :, None, None, None], dim=1) < COLOUR_RADIUS
-    mask = near.flatten(0, 1)[:, None].float()  # [P*F, 1, H, W]
-    core = F.max_pool2d(-F.max_pool2d(-mask, 3, 1, 1), 3, 1, 1)  # opening: scattered pixels go
-    mask = near & (F.max_pool2d(core, 5, 1, 2)[:, 0].view(near.shape) > 0.5)  # thin tips come back
+    near = (clip[None] - palette[:, :, None, None, None]).square().sum(1) < COLOUR_RADIUS**2  # [P, F, H, W]
+    core = _grow(_grow(near, 3, full=True), 3)  # opening: scattered pixels go
+    mask = near & _grow(core, 5)  # and thin tips, such as a triangle's apex, come back
     height, width = mask.shape[-2:]
     ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
     xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
@@ -97,6 +96,12 @@ def find_objects(clip: torch.Tensor) -> tuple[tuple[Found, ...], float]:
         steps = torch.linalg.vector_norm(centroid[p, 1:] - centroid[p, :-1], dim=-1)[both]
         max_step = max(max_step, steps.max().item() if len(steps) else 0.0)
     return tuple(found), max_step
+
+
+def _grow(mask: torch.Tensor, size: int, full: bool = False) -> torch.Tensor:
+    """Dilate a boolean mask [..., H, W] by a size x size square; `full`: erode instead."""
+    counts = F.conv2d(mask.flatten(0, -3)[:, None].float(), torch.ones(1, 1, size, size), padding=size // 2)
+    return (counts[:, 0] >= (size * size if full else 1)).view(mask.shape)
 
 
 def _direction(centroid: torch.Tensor, visible: torch.Tensor) -> str | None:
@@ -127,7 +132,11 @@ def check_clip(clip: torch.Tensor, prompt: Prompt) -> CheckResult:
             for w, f in zip(wanted, match)
         ]
 
-    best = max(itertools.permutations(candidates, len(wanted)), key=lambda m: sum(map(sum, agreement(m))))
+    def fit(match):  # colours identify objects; the other attributes break ties
+        scores = agreement(match)
+        return sum(s[0] for s in scores), sum(map(sum, scores))
+
+    best = max(itertools.permutations(candidates, len(wanted)), key=fit)
     colour, shape, direction = (all(column) for column in zip(*agreement(best)))
     return CheckResult(
         count=len(found) == len(wanted),

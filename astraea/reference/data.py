@@ -3,8 +3,9 @@
 The reference model is trained on these clips and its generations are judged against their
 prompts (`checks.py`), so everything a prompt says is visible and measurable in the clip:
 flat palette colours on dark backgrounds (colour is a distance to the palette), upright
-shapes with distinct bounding-box fill ratios, and a motion that keeps the prompted direction
-for the first half of the clip (walls may reverse it afterwards).
+shapes with distinct bounding-box fill ratios, a motion that keeps the prompted direction for
+the first half of the clip (walls may reverse it afterwards), and two objects that never
+overlap.
 
 Scene parameters are drawn with a numpy Generator, a whole batch at a time, so the same seed
 gives the same clips and prompts on any device; rendering is one vectorised torch
@@ -46,6 +47,8 @@ BACKGROUNDS = ("plain", "gradient")
 HALF_SIZE = (6.0, 9.0)  # half the side of a shape's bounding box, pixels
 SPEED = (1.25, 2.5)  # pixels per frame
 BACKGROUND_LEVEL = (-1.0, -0.5)  # every background channel stays this dark
+GAP = 2.0  # pixels between the boxes of two objects
+MAX_REDRAWS = 100
 
 
 @dataclass(frozen=True)
@@ -161,16 +164,18 @@ def _place(rng, count, shape, colour, direction, background) -> Scenes:
     """Draw sizes, starts, speeds and background colours for the given contents.
 
     A start is drawn so that the object stays clear of the walls for the first half of the
-    clip: the direction a prompt names is the direction of that half.
+    clip: the direction a prompt names is the direction of that half. Two objects are redrawn
+    until their boxes stay `GAP` pixels apart in every frame, so neither hides the other.
     """
     n = len(count)
-    half_size = rng.uniform(*HALF_SIZE, (n, MAX_OBJECTS))
-    unit = np.array(list(DIRECTIONS.values()))[direction]
-    unit /= np.linalg.norm(unit, axis=-1, keepdims=True)
-    velocity = unit * rng.uniform(*SPEED, (n, MAX_OBJECTS))[..., None]
-    low, high = _bounds(half_size)
-    travel = velocity * (FRAMES // 2)
-    start = rng.uniform(low[..., None] - np.minimum(travel, 0), high[..., None] - np.maximum(travel, 0))
+    half_size, start, velocity = _motion(rng, direction)
+    for _ in range(MAX_REDRAWS):
+        centre = _centres(half_size, start, velocity, np.arange(FRAMES))
+        apart = np.abs(centre[:, 0] - centre[:, 1]).max(-1) > half_size.sum(-1, keepdims=True) + GAP
+        redraw = (count > 1) & ~apart.all(-1)
+        if not redraw.any():
+            break
+        half_size[redraw], start[redraw], velocity[redraw] = _motion(rng, direction[redraw])
     background_colours = rng.uniform(*BACKGROUND_LEVEL, (n, 2, 3))
     plain = background == BACKGROUNDS.index("plain")
     background_colours[plain, 1] = background_colours[plain, 0]
@@ -179,9 +184,29 @@ def _place(rng, count, shape, colour, direction, background) -> Scenes:
                   background_colours, background_angle)
 
 
+def _motion(rng, direction):
+    """Sizes, starts and velocities of objects moving in the given directions."""
+    half_size = rng.uniform(*HALF_SIZE, direction.shape)
+    unit = np.array(list(DIRECTIONS.values()))[direction]
+    unit /= np.linalg.norm(unit, axis=-1, keepdims=True)
+    velocity = unit * rng.uniform(*SPEED, direction.shape)[..., None]
+    low, high = _bounds(half_size)
+    travel = velocity * (FRAMES // 2)
+    start = rng.uniform(low[..., None] - np.minimum(travel, 0), high[..., None] - np.maximum(travel, 0))
+    return half_size, start, velocity
+
+
 def _bounds(half_size):
     """Range of a shape's centre that keeps it, and one pixel of margin, inside the frame."""
     return half_size + 1.0, SIZE - 2.0 - half_size
+
+
+def _centres(half_size, start, velocity, frames):
+    """Centres [B, O, F, 2] of objects bouncing between the walls; numpy or torch arrays."""
+    low, high = _bounds(half_size[..., None, None])
+    path = start[:, :, None] + velocity[:, :, None] * frames[:, None]
+    phase = (path - low) % (2 * (high - low))
+    return high - abs(phase - (high - low))
 
 
 def render(scenes: Scenes, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -190,16 +215,14 @@ def render(scenes: Scenes, device: torch.device | str = "cpu") -> torch.Tensor:
     def tensor(a):
         return torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
 
-    half = tensor(scenes.half_size)[..., None]  # [B, O, 1]
+    half = tensor(scenes.half_size)
     frames = torch.arange(FRAMES, device=device, dtype=torch.float32)
-    low, high = _bounds(half)
-    path = tensor(scenes.start)[:, :, None] + tensor(scenes.velocity)[:, :, None] * frames[:, None]
-    centre = low[..., None] + _bounce(path - low[..., None], (high - low)[..., None])  # [B, O, F, 2]
+    centre = _centres(half, tensor(scenes.start), tensor(scenes.velocity), frames)  # [B, O, F, 2]
 
     pixels = torch.arange(SIZE, device=device, dtype=torch.float32)
     dx = pixels - centre[..., 0, None, None]  # [B, O, F, 1, W]
     dy = pixels[:, None] - centre[..., 1, None, None]  # [B, O, F, H, 1]
-    half = half[..., None, None]
+    half = half[..., None, None, None]
     circle = torch.sqrt(dx**2 + dy**2) - half
     square = torch.maximum(dx.abs(), dy.abs()) - half
     # upright triangle with apex (0, -half) and base corners (+-half, +half): three half-planes
@@ -221,12 +244,6 @@ def render(scenes: Scenes, device: torch.device | str = "cpu") -> torch.Tensor:
         a = alpha[:, o, None]
         clip = torch.lerp(clip, palette[:, o, :, None, None, None], a)
     return clip.contiguous()
-
-
-def _bounce(offset, length):
-    """Position in [0, length] of a point moving by `offset` between two reflecting walls."""
-    phase = torch.remainder(offset, 2 * length)
-    return length - (phase - length).abs()
 
 
 def make_clips(seed: int, n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[Prompt]]:

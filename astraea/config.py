@@ -49,7 +49,7 @@ class AstraeaConfig:
     group_size: int = 1
     full_steps: int = 1
     weight_signal: float = 1.0
-    weight_penalty: float = 0.02
+    weight_penalty: float = 0.1
     seed: int = 0
     cache_dtype: str = "auto"
     lowering: str = "auto"

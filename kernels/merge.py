@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-_FP8_MAX = 448.0
+# The plain PyTorch semantics (the CPU path of the library) is what the kernel must match.
+from astraea.runtime.ops import FP8_MAX, merge_rows_reference  # noqa: F401  (re-exported)
+
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
 
@@ -127,7 +129,7 @@ def merge_rows(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, cache: to
         # Without lse_rows the kernel never reads LSE_ROWS; any float32 tensor holds its place.
         x, rows, inv, cache, change, change if lse_rows is None else lse_rows, lse_state, y,
         B, N, D, K, B * H,
-        HAS_LSE=lse_rows is not None, CLAMP=_FP8_MAX if cache.dtype == torch.float8_e4m3fn else 0.0,
+        HAS_LSE=lse_rows is not None, CLAMP=FP8_MAX if cache.dtype == torch.float8_e4m3fn else 0.0,
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4)
     return y
 
@@ -138,21 +140,3 @@ merge_rows_op = triton_op("astraea_kernels::merge_rows",
                           mutates_args={"cache", "change", "lse_state"})(merge_rows)
 
 
-def _to_cache(new: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if dtype == torch.float8_e4m3fn:
-        new = new.clamp(-_FP8_MAX, _FP8_MAX)
-    return new.to(dtype)
-
-
-def merge_rows_reference(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, cache: torch.Tensor,
-                         change: torch.Tensor, lse_rows: Optional[torch.Tensor],
-                         lse_state: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch: what the kernel must match, mutating cache, change and lse_state alike."""
-    y = x + cache.to(x.dtype)
-    y[:, idx] = rows
-    new = rows.float() - x[:, idx].float()
-    change[idx] = (new - cache[:, idx].float()).norm(dim=-1).mean(0)
-    cache[:, idx] = _to_cache(new, cache.dtype)
-    if lse_rows is not None:
-        lse_state[idx] = lse_rows.float().mean(dim=(0, 1))
-    return y

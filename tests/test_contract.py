@@ -70,3 +70,18 @@ def test_flops_follow_budget(budget):
     assert sparse <= budget * dense + keys_values + 0.02 * dense
     assert sparse >= budget * dense * 0.9  # the count saw the sparse work at all
     print(f"budget {budget}: sparse/dense FLOPs {sparse / dense:.3f}, bound {(budget * dense + keys_values) / dense + 0.02:.3f}")
+
+
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float8_e4m3fn"])
+def test_low_precision_caches_keep_contract(cache_dtype):
+    torch._dynamo.reset()
+    family = wan()
+    be = astraea.backend(schedule=0.5, cache_dtype=cache_dtype)
+    compiled = torch.compile(family.model, backend=be)
+    sample(family, compiled, steps=1)
+    runner = be.runners[0]
+    runner.reset()
+    checker = runner.graph_fn = ContractChecker(runner)
+    sample(family, compiled, steps=3)
+    assert checker.checked == 6 * be.reports[0].num_sparse_blocks
+    assert runner.contexts[0].blocks[0].cache.dtype == getattr(torch, cache_dtype)

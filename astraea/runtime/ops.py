@@ -51,21 +51,26 @@ def merge_rows(
         from kernels import merge_rows as merge_rows_kernel
 
         return merge_rows_kernel(x.contiguous(), rows.contiguous(), idx, cache, change, lse_rows, lse_state)
-    y = x + cache.to(x.dtype)
-    y.index_copy_(1, idx, rows)
-    new = rows.float() - x.index_select(1, idx).float()
-    change.index_copy_(0, idx, (new - cache.index_select(1, idx).float()).norm(dim=-1).mean(0))
-    if cache.dtype == torch.float8_e4m3fn:
-        new = new.clamp(-FP8_MAX, FP8_MAX)
-    cache.index_copy_(1, idx, new.to(cache.dtype))
-    if lse_rows is not None:
-        lse_state.index_copy_(0, idx, lse_rows.float().mean(dim=(0, 1)))
-    return y
+    return merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state)
 
 
 @merge_rows.register_fake
 def _(x, rows, idx, cache, change, lse_rows, lse_state):
     return torch.empty_like(x)
+
+
+def merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state):
+    """Plain PyTorch merge_rows: the CPU path, and what the Triton kernel must match."""
+    y = x + cache.to(x.dtype)
+    y[:, idx] = rows
+    new = rows.float() - x[:, idx].float()
+    change[idx] = (new - cache[:, idx].float()).norm(dim=-1).mean(0)
+    if cache.dtype == torch.float8_e4m3fn:
+        new = new.clamp(-FP8_MAX, FP8_MAX)
+    cache[:, idx] = new.to(cache.dtype)  # indexed assignment: index_copy_ has no fp8 kernel on CPU
+    if lse_rows is not None:
+        lse_state[idx] = lse_rows.float().mean(dim=(0, 1))
+    return y
 
 
 def flop_formulas() -> dict:

@@ -68,6 +68,7 @@ def astraea_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, owner: Backend | None = None):
+    from .runtime.announced import compiled_module, listen
     from .runtime.runner import SparseRunner
     from .runtime.state import cache_dtype
 
@@ -99,7 +100,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         extra += [((n,), torch.int64, True), (b.shape, cache_dtype(config, b.dtype), False),
                   ((n,), torch.float32, False), ((n,), torch.float32, False)]
     graph_fn = lower(gm, config, example_inputs, extra, device)
-    runner = SparseRunner(graph_fn, dense_gm, report, sparsify.inputs, config, position, device)
+    announcements = listen(compiled_module())
+    runner = SparseRunner(graph_fn, dense_gm, report, sparsify.inputs, config, position, device, announcements)
     if owner is not None:
         owner.runners.append(runner)
     return runner

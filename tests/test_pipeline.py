@@ -51,3 +51,36 @@ def test_pipeline_dense_and_sparse(pipe):
         assert 0 < (sparse - reference).abs().max() < 0.5
     finally:
         pipe.transformer = eager
+
+
+def _announced_generation(model, family, steps, order=("uncond", "cond")):
+    """A loop that announces its steps like diffusers pipelines, with a timestep that never
+    changes (so only the announcements can tell the steps apart)."""
+    x = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([500.0])
+    embeds = dict(zip(("cond", "uncond"), family.contexts))
+    with torch.no_grad():
+        for i in range(steps):
+            for name in order:
+                with model.cache_context(name, step_index=i, num_inference_steps=steps):
+                    x = x + 0.01 * family.call(model, x, t, embeds[name])
+        model._reset_stateful_cache()  # what pipelines do after a generation
+    return x
+
+
+def test_announced_steps_and_branches_are_used():
+    torch._dynamo.reset()
+    family = wan()
+    be = astraea.backend(schedule=[1.0, 0.5, 0.0, 0.25])
+    compiled = torch.compile(family.model, backend=be)
+    _announced_generation(compiled, family, 4)  # compiles; placed by timestep: one long step
+    runner = be.runners[0]
+    first = len(runner.records)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        _announced_generation(compiled, family, 4)
+    placed = [(r.step, r.context, r.budget) for r in runner.records[first:]]
+    assert placed == [(0, 0, 1.0), (0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.0), (2, 1, 0.0),
+                      (3, 0, 0.25), (3, 1, 0.25)]
+    with pytest.raises(astraea.ScheduleError, match="schedule has 4 steps but the run reached step 6"):
+        _announced_generation(compiled, family, 6)
+    assert len(runner.records) == first + 8  # refused before its first call ran

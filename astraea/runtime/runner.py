@@ -44,6 +44,7 @@ class SparseRunner:
         config: AstraeaConfig,
         timestep_position: int | None,
         device: torch.device,
+        announcements=None,
     ):
         self.graph_fn = graph_fn
         self.dense_gm = dense_gm  # the graph before the rewrite, kept for checks and explain
@@ -54,6 +55,8 @@ class SparseRunner:
         self.device = device
         self.num_tokens = report.num_tokens
         self.tracker = StepTracker()
+        self.announcements = announcements  # diffusers' cache_context, when the model has one
+        self._announced = False
         self.contexts: dict[int, ContextState] = {}
         self.records: list[CallRecord] = []
         self.generator = torch.Generator(device=device)
@@ -68,6 +71,7 @@ class SparseRunner:
     def reset(self) -> None:
         """Forget every context: the next call starts a new generation."""
         self.tracker.reset()
+        self._announced = False
         self.contexts.clear()
         self.generator.manual_seed(self.config.seed)
 
@@ -77,7 +81,7 @@ class SparseRunner:
     # ---- the call --------------------------------------------------------------------------
     def plan(self, timestep: float | None):
         """(context state, budget, per-block indices or None for a skip) of the next call."""
-        call = self.tracker.observe(timestep)
+        call = self._place(timestep)
         if call.new_generation:
             self.contexts.clear()
             self.generator.manual_seed(self.config.seed)
@@ -100,6 +104,32 @@ class SparseRunner:
             indices.append(idx)
         self.records.append(CallRecord(call.step, call.context, budget, int(indices[0].numel())))
         return ctx, indices
+
+    def _place(self, timestep: float | None):
+        """Step and branch of this call: as the pipeline announces them, else from the timestep.
+
+        A generation uses one source throughout. The hook that listens is attached while the
+        first call compiles, so the first generation is placed by its timesteps; announced
+        placement starts with a generation that begins announced (after the pipeline closed
+        the previous one, or when the timestep jumps back up).
+        """
+        a = self.announcements
+        announced = a.current() if a is not None else None
+        switch = announced is not None and not self._announced
+        if announced is None or not (self._announced or a.generation_ended()):
+            call = self.tracker.observe(timestep)
+            switch = switch and call.new_generation
+            if not switch:
+                self._announced = False
+                return call
+        if switch:
+            self._announced = True
+            a.reset()
+        call = a.observe(announced)
+        steps = getattr(announced, "num_inference_steps", None)
+        if call.new_generation and steps:
+            self.config.schedule.budget(steps - 1)  # a short schedule fails before the first step
+        return call
 
     def __call__(self, *args):
         timestep = None

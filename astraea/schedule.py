@@ -9,11 +9,12 @@ another model instead of silently running with budgets that were never measured 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+from .jsonfile import load_json, save_json
 
 FORMAT = "astraea-schedule"
 VERSION = 1
@@ -131,22 +132,12 @@ class Schedule:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        os.replace(tmp, path)
+        save_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Schedule":
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise ScheduleError(f"schedule file {path!r} does not exist")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ScheduleError(f"schedule file {path!r} is corrupt: {e}") from e
-        return cls.from_json(data, source=f"schedule file {path!r}")
+        data = load_json(path, "schedule file", ScheduleError)
+        return cls.from_json(data, source=f"schedule file {os.fspath(path)!r}")
 
     def check_model(self, structure_hash: str) -> None:
         """Refuse a schedule made for another model structure."""

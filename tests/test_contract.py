@@ -8,18 +8,23 @@ from tests.contract import ContractChecker
 from tests.models import ltx, sample, wan
 
 
-@pytest.mark.parametrize("make", [wan, ltx], ids=["wan", "ltx"])
-@pytest.mark.parametrize("policy", ["astraea", "delta", "random"])
-def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
+def checked_run(family, steps, **options):
+    """Compile with `options`, then sample `steps` with every block call checked (after a reset)."""
     torch._dynamo.reset()
-    family = make()
-    be = astraea.backend(schedule=[1.0, 0.5, 0.25, 0.75, 0.5], policy=policy)
+    be = astraea.backend(**options)
     compiled = torch.compile(family.model, backend=be)
     sample(family, compiled, steps=1)  # compiles; step 0 is dense
     runner = be.runners[0]
     runner.reset()
     checker = runner.graph_fn = ContractChecker(runner)
-    sample(family, compiled, steps=5)
+    sample(family, compiled, steps=steps)
+    return be, checker
+
+
+@pytest.mark.parametrize("make", [wan, ltx], ids=["wan", "ltx"])
+@pytest.mark.parametrize("policy", ["astraea", "delta", "random"])
+def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
+    be, checker = checked_run(make(), 5, schedule=[1.0, 0.5, 0.25, 0.75, 0.5], policy=policy)
     assert checker.checked == 10 * be.reports[0].num_sparse_blocks
     n = be.reports[0].num_tokens
     sizes = [len(call[0]) for call in checker.selected]
@@ -28,15 +33,7 @@ def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
 
 @pytest.mark.parametrize("group,group_size", [("spatial", 1), ("run", 4)])
 def test_grouped_selection_keeps_contract(group, group_size):
-    torch._dynamo.reset()
-    family = wan()
-    be = astraea.backend(schedule=0.5, group=group, group_size=group_size)
-    compiled = torch.compile(family.model, backend=be)
-    sample(family, compiled, steps=1)
-    runner = be.runners[0]
-    runner.reset()
-    checker = runner.graph_fn = ContractChecker(runner)
-    sample(family, compiled, steps=3)
+    be, checker = checked_run(wan(), 3, schedule=0.5, group=group, group_size=group_size)
     frames, h, w = be.reports[0].token_grid
     for call in checker.selected[2:]:
         idx = call[0]
@@ -74,14 +71,6 @@ def test_flops_follow_budget(budget):
 
 @pytest.mark.parametrize("cache_dtype", ["bfloat16", "float8_e4m3fn"])
 def test_low_precision_caches_keep_contract(cache_dtype):
-    torch._dynamo.reset()
-    family = wan()
-    be = astraea.backend(schedule=0.5, cache_dtype=cache_dtype)
-    compiled = torch.compile(family.model, backend=be)
-    sample(family, compiled, steps=1)
-    runner = be.runners[0]
-    runner.reset()
-    checker = runner.graph_fn = ContractChecker(runner)
-    sample(family, compiled, steps=3)
+    be, checker = checked_run(wan(), 3, schedule=0.5, cache_dtype=cache_dtype)
     assert checker.checked == 6 * be.reports[0].num_sparse_blocks
-    assert runner.contexts[0].blocks[0].cache.dtype == getattr(torch, cache_dtype)
+    assert be.runners[0].contexts[0].blocks[0].cache.dtype == getattr(torch, cache_dtype)

@@ -15,7 +15,6 @@ generation whose schedule visits every level in turn times them all.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import statistics
@@ -24,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from ..jsonfile import load_json, save_json
 from .sparse import SparseModel
 from .timing import CallTimer
 from .workload import Workload
@@ -192,22 +192,13 @@ class CostTable:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        tmp = f"{os.fspath(path)}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=1)
-        os.replace(tmp, path)
+        save_json(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike, expect: CostKey | None = None) -> "CostTable":
         """Read a table; with `expect`, refuse one measured for another setting."""
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise CostTableError(f"cost table {path!r} does not exist; measure one with `astraea profile`")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CostTableError(f"cost table {path!r} is corrupt: {e}") from e
+        data = load_json(path, "cost table", CostTableError, "; measure one with `astraea profile`")
         table = cls.from_json(data, source=f"cost table {path!r}")
         if expect is not None:
             table.check(expect)

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..runtime import ops
+from ..runtime import ops  # noqa: F401  (registers torch.ops.astraea.*)
 from .blocks import Block
 from .token_axis import DTYPE_FROM_SECOND, TokenAxis, sdpa_args, shape_of
 

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-from torch.fx.node import map_aggregate
 
 F = torch.nn.functional
 
@@ -519,8 +518,3 @@ def _index_axis(t: int, ndim: int, index) -> int | None:
 
 def _indexed_shape(shape, index):
     return torch.empty(shape, device="meta")[index].shape
-
-
-def map_nodes(fn, args):
-    """Apply fn to every fx.Node inside nested args."""
-    return map_aggregate(args, lambda a: fn(a) if isinstance(a, fx.Node) else a)

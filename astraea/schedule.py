@@ -46,7 +46,7 @@ class Schedule:
     budgets: tuple[float, ...] | None = None
     constant: float | None = None
     model: str | None = None
-    meta: dict = field(default_factory=dict, compare=False, hash=False)
+    meta: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
         if (self.budgets is None) == (self.constant is None):

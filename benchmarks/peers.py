@@ -1,0 +1,138 @@
+"""astraea against diffusers' own caches on the shipped reference model: speed and fidelity.
+
+Same prompts, seeds, sampler and steps for every method: dense; diffusers' `enable_cache` with
+FirstBlockCache, PyramidAttentionBroadcast and TaylorSeerCache at two or more settings each;
+astraea at uniform budgets and with the searched schedule. For each: wall time and speedup
+over dense, PSNR/SSIM of the clips against the dense clips, and semantic accuracy. Writes
+JSON, a markdown table and a Pareto plot of fidelity against speedup.
+
+    python benchmarks/peers.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+
+import astraea
+from astraea.reference.evaluate import evaluation_prompts, generate_clips, score
+from astraea.reference.model import load_reference
+from astraea.search.fidelity import compare
+
+SEARCHED = "benchmarks/results/search_reference_20steps_1.5x.json"
+
+
+class TimestepSpy:
+    """The transformer, noting each call's timestep for PAB's `current_timestep_callback`
+    (a pipeline would answer it from its own loop)."""
+
+    def __init__(self, model, now: dict):
+        self.model, self.now, self.cache_context = model, now, model.cache_context
+
+    def __call__(self, **kwargs):
+        self.now["t"] = float(kwargs["timestep"][0])
+        return self.model(**kwargs)
+
+
+def diffusers_methods(now: dict) -> dict:
+    timestep = lambda: now["t"]  # noqa: E731  (what PAB asks the pipeline for)
+    return {
+        "FirstBlockCache 0.05": FirstBlockCacheConfig(threshold=0.05),
+        "FirstBlockCache 0.1": FirstBlockCacheConfig(threshold=0.1),
+        "FirstBlockCache 0.2": FirstBlockCacheConfig(threshold=0.2),
+        "PAB skip 2": PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, current_timestep_callback=timestep),
+        "PAB skip 3": PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=3, current_timestep_callback=timestep),
+        "TaylorSeer interval 3": TaylorSeerCacheConfig(cache_interval=3, taylor_factors_dtype=torch.float32),
+        "TaylorSeer interval 5": TaylorSeerCacheConfig(cache_interval=5, taylor_factors_dtype=torch.float32),
+    }
+
+
+def astraea_methods(steps: int) -> dict:
+    methods = {
+        "astraea 0.5 (6 dense steps)": dict(schedule=0.5, full_steps=6),
+        "astraea 0.3 (6 dense steps)": dict(schedule=0.3, full_steps=6),
+        "astraea 0.5 (1 dense step)": dict(schedule=0.5, full_steps=1),
+    }
+    if os.path.exists(SEARCHED) and astraea.Schedule.load(SEARCHED).num_steps == steps:
+        methods["astraea searched (1.5x target)"] = dict(schedule=SEARCHED, full_steps=0)
+    return methods
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+    transformer, encoder = load_reference()
+    prompts = evaluation_prompts(args.prompts)
+    now = {"t": 1000.0}
+
+    def run(model) -> tuple[torch.Tensor, float]:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            clips = generate_clips(model, encoder, prompts, args.steps, args.guidance, batch_size=args.prompts)
+        return clips, time.perf_counter() - t0
+
+    run(transformer)  # warm-up
+    dense, dense_s = run(transformer)
+    rows = {"dense": {"seconds": dense_s, "speedup": 1.0, "psnr": float("inf"), "ssim": 1.0, **score(dense, prompts)}}
+
+    def record(name, clips, seconds):
+        fid = compare(clips, dense)
+        rows[name] = {"seconds": seconds, "speedup": dense_s / seconds, "psnr": fid.psnr, "ssim": fid.ssim,
+                      **score(clips, prompts)}
+        print(f"{name:32} {dense_s / seconds:5.2f}x  PSNR {fid.psnr:6.2f}  SSIM {fid.ssim:.3f}  "
+              f"accuracy {rows[name]['accuracy']:.3f}", flush=True)
+
+    spy = TimestepSpy(transformer, now)
+    for name, config in diffusers_methods(now).items():
+        transformer.enable_cache(config)
+        try:
+            record(name, *run(spy))
+        finally:
+            transformer.disable_cache()
+    for name, options in astraea_methods(args.steps).items():
+        torch._dynamo.reset()
+        compiled = torch.compile(transformer, backend=astraea.backend(**options))
+        run(compiled)  # compiles
+        record(name, *run(compiled))
+    write(rows, args)
+
+
+def write(rows: dict, args) -> None:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "peers_reference.json"), "w") as f:
+        json.dump({"prompts": args.prompts, "steps": args.steps, "guidance": args.guidance, "device": "cpu",
+                   "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+    lines = [f"reference model, {args.prompts} prompts, {args.steps} steps, guidance {args.guidance}, CPU "
+             f"({torch.get_num_threads()} threads); fidelity of the clips against the dense clips", "",
+             "| method | speedup | PSNR dB | SSIM | semantic accuracy |", "|---|---|---|---|---|"]
+    lines += [f"| {n} | {r['speedup']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['accuracy']:.3f} |" for n, r in rows.items()]
+    with open(os.path.join(args.out, "peers_reference.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in rows.items():
+        if name == "dense":
+            continue
+        ax.scatter(r["speedup"], r["psnr"], color="tab:red" if name.startswith("astraea") else "tab:gray")
+        ax.annotate(name, (r["speedup"], r["psnr"]), fontsize=6)
+    ax.set_xlabel("speedup over dense (CPU wall time)")
+    ax.set_ylabel("PSNR against dense clips, dB")
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out, "peers_reference.png"), dpi=130)
+
+
+if __name__ == "__main__":
+    main()

@@ -70,7 +70,6 @@ def astraea_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict
 def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, owner: Backend | None = None):
     from .runtime.announced import compiled_module, listen
     from .runtime.runner import SparseRunner
-    from .runtime.state import cache_dtype
 
     dense_gm = gm  # dynamo still reads this graph after we return: rewrite a copy
     gm = copy.deepcopy(gm)
@@ -94,12 +93,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
     position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    extra = []
-    for b in sparsify.inputs:  # (idx, cache, change, lse) per block, as the runner passes them
-        n = b.shape[1]
-        extra += [((n,), torch.int64, True), (b.shape, cache_dtype(config, b.dtype), False),
-                  ((n,), torch.float32, False), ((n,), torch.float32, False)]
-    graph_fn = lower(gm, config, example_inputs, extra, device)
+    graph_fn = lower(gm, config, example_inputs, sparsify.inputs, device)
     announcements = listen(compiled_module())
     runner = SparseRunner(graph_fn, dense_gm, report, sparsify.inputs, config, position, device, announcements)
     if owner is not None:

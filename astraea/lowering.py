@@ -18,12 +18,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from .config import AstraeaConfig
+from .passes import SparseBlockInputs
+from .runtime.state import BlockState, cache_dtype
 
 
 def lower(
-    gm: fx.GraphModule, config: AstraeaConfig, example_inputs: list, extra_inputs: list[tuple], device: torch.device
+    gm: fx.GraphModule, config: AstraeaConfig, example_inputs: list, blocks: list[SparseBlockInputs], device: torch.device
 ) -> Callable:
-    """`extra_inputs`: (shape, dtype, dynamic first dim?) of each input the rewrite appended."""
+    """`blocks`: the sparse blocks, whose runtime state the rewrite appended to the inputs."""
     use_inductor = config.lowering == "inductor" or (config.lowering == "auto" and device.type == "cuda")
     if not use_inductor:
         return gm
@@ -31,13 +33,11 @@ def lower(
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-    for shape, dtype, dynamic in extra_inputs:
-        if dynamic:
-            hint = torch.arange(max(2, shape[0] // 2), device=device, dtype=dtype)
-            dims = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC], constraint_sizes=[None])
-            fakes.append(fake_mode.from_tensor(hint, symbolic_context=dims))
-        else:
-            with fake_mode:
-                fakes.append(torch.empty(shape, dtype=dtype, device=device))
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC], constraint_sizes=[None])
+    for b in blocks:
+        hint = torch.arange(max(2, b.shape[1] // 2), device=device)  # K: a symbol, hinted below N
+        with fake_mode:
+            state = BlockState.allocate(b.shape, cache_dtype(config, b.dtype), device)
+        fakes += state.graph_inputs(fake_mode.from_tensor(hint, symbolic_context=dynamic))
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         return compile_fx(gm, fakes)

@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..runtime import ops  # noqa: F401  (registers torch.ops.astraea.*)
+from ..runtime.state import GRAPH_INPUTS
 from .blocks import Block
 from .token_axis import DTYPE_FROM_SECOND, TokenAxis, sdpa_args, shape_of
 
@@ -52,9 +53,7 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         if block.reason is not None:
             continue
         with graph.inserting_before(first_op):
-            idx, cache, change, lse = (
-                graph.placeholder(f"astraea_block{block.index}_{name}") for name in ("idx", "cache", "change", "lse")
-            )
+            idx, cache, change, lse = (graph.placeholder(f"astraea_block{block.index}_{name}") for name in GRAPH_INPUTS)
         start = replaced.get(block.start, block.start)
         merged = _sparse_copy(graph, axis, block, start, idx, cache, change, lse)
         block.end.replace_all_uses_with(merged, delete_user_cb=lambda u: u is not merged)

@@ -99,7 +99,10 @@ class SparseRunner:
         k = num_selected(budget, self.num_tokens)
         indices = []
         for state in ctx.blocks:
-            idx = select(scores(state, self.config, self.generator), k, self.config, self.report.token_grid)
+            if k < self.num_tokens:  # a dense step needs no scores
+                idx = select(scores(state, self.config, self.generator), k, self.config, self.report.token_grid)
+            else:
+                idx = torch.arange(self.num_tokens, device=self.device)
             mark_selected(state, idx)
             indices.append(idx)
         self.records.append(CallRecord(call.step, call.context, budget, int(indices[0].numel())))
@@ -138,9 +141,7 @@ class SparseRunner:
         ctx, indices = self.plan(timestep)
         if indices is None:
             return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
-        extra = []
-        for state, idx in zip(ctx.blocks, indices):
-            extra += [idx, state.cache, state.change, state.lse]
+        extra = [t for state, idx in zip(ctx.blocks, indices) for t in state.graph_inputs(idx)]
         out = self.graph_fn(*args, *extra)
         ctx.last_output = tuple(out) if isinstance(out, (list, tuple)) else (out,)
         return out

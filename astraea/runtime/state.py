@@ -7,7 +7,7 @@ in place by the graph (`astraea::merge_rows`), never reassigned.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -17,6 +17,10 @@ from ..config import AstraeaConfig
 def cache_dtype(config: AstraeaConfig, hidden_dtype: torch.dtype) -> torch.dtype:
     """Storage dtype of the caches: the config's, or the hidden states' for "auto"."""
     return hidden_dtype if config.cache_dtype == "auto" else getattr(torch, config.cache_dtype)
+
+
+# What the rewritten graph takes per sparse block, in this order, after the model's inputs.
+GRAPH_INPUTS = ("idx", "cache", "change", "lse")
 
 
 @dataclass
@@ -36,6 +40,10 @@ class BlockState:
             stale=torch.zeros(n, dtype=torch.int32, device=device),
         )
 
+    def graph_inputs(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """This block's inputs of the rewritten graph, in GRAPH_INPUTS order."""
+        return [idx, self.cache, self.change, self.lse]
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.cache, self.change, self.lse, self.stale))
 
@@ -44,8 +52,6 @@ class BlockState:
 class ContextState:
     blocks: list[BlockState]
     last_output: tuple | None = None  # the whole model output, reused by a budget-0 step
-    steps_run: int = 0
-    history: list = field(default_factory=list)  # (step, budget, tokens computed per block)
 
     @property
     def fresh(self) -> bool:

@@ -38,10 +38,8 @@ def scores(state: BlockState, config: AstraeaConfig, generator: torch.Generator)
 
 
 def select(score: torch.Tensor, k: int, config: AstraeaConfig, grid: tuple[int, ...] | None) -> torch.Tensor:
-    """Sorted int64 indices of about k tokens, grouped as the config asks."""
+    """Sorted int64 indices of about k < N tokens, grouped as the config asks."""
     n = score.numel()
-    if k >= n:
-        return torch.arange(n, device=score.device)
     if config.group == "token":
         chosen = score.topk(k).indices
     elif config.group == "spatial":

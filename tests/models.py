@@ -17,6 +17,8 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+import astraea.parallel
+
 
 @dataclass
 class Family:
@@ -100,8 +102,9 @@ def hunyuan(seed=0) -> Family:
 FAMILIES = {"wan": wan, "ltx": ltx, "cogvideox": cogvideox, "hunyuan": hunyuan}
 
 
-def sample(family: Family, model, steps=4, guidance=3.0, seed=0) -> torch.Tensor:
-    """Euler flow-matching loop with classifier-free guidance: cond then uncond call per step."""
+def sample(family: Family, model, steps=4, guidance=3.0, seed=0, mesh=None) -> torch.Tensor:
+    """Euler flow-matching loop with classifier-free guidance: cond then uncond call per step
+    (or one branch per half of the ranks of `mesh`, see `astraea.parallel.guidance`)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(family.latent_shape, generator=g)
     timesteps = torch.linspace(1000, 1000 / steps, steps)
@@ -109,9 +112,7 @@ def sample(family: Family, model, steps=4, guidance=3.0, seed=0) -> torch.Tensor
     with torch.no_grad():
         for i, t in enumerate(timesteps):
             t = t.reshape(1)
-            v_cond = family.call(model, x, t, cond)
-            v_uncond = family.call(model, x, t, uncond)
-            v = v_uncond + guidance * (v_cond - v_uncond)
+            v = astraea.parallel.guidance(lambda e: family.call(model, x, t, e), cond, uncond, guidance, mesh)
             dt = (timesteps[i + 1] - t if i + 1 < steps else -t) / 1000
             x = x + dt * v
     return x

@@ -17,6 +17,7 @@ from .report import BlockReport, Report, make_report
 from .rewrite import SparseBlockInputs, rewrite_blocks
 from .timestep import find_timestep
 from .token_axis import TokenAxis, find_token_axis
+from .ulysses import collapse_ulysses_attention
 
 __all__ = [
     "AnalyseTokens", "SparsifyBlocks", "Report", "BlockReport", "SparseBlockInputs", "analyse",
@@ -24,7 +25,11 @@ __all__ = [
 
 
 class AnalyseTokens(PassBase):
-    """Analysis pass: leaves the graph alone and records a frozen `Report` (and its details)."""
+    """Analysis pass: records a frozen `Report` (and its details).
+
+    Its one change to the graph is normalising: sequence-parallel (Ulysses) attention is
+    collapsed into a single op first, so that it reads as self-attention on this rank's tokens.
+    """
 
     def __init__(self):
         self.report: Report | None = None
@@ -33,6 +38,7 @@ class AnalyseTokens(PassBase):
         self.timestep: fx.Node | None = None
 
     def call(self, gm: fx.GraphModule) -> PassResult:
+        collapsed = collapse_ulysses_attention(gm)
         self.axis = find_token_axis(gm)
         self.blocks, reason = find_blocks(gm, self.axis)
         self.timestep = find_timestep(gm, self.axis.source)
@@ -41,7 +47,7 @@ class AnalyseTokens(PassBase):
             for b in self.blocks:
                 b.reason = b.reason or "model has no timestep input to tell steps apart"
         self.report = make_report(gm, self.axis, self.blocks, reason, self.timestep)
-        return PassResult(gm, False)
+        return PassResult(gm, collapsed > 0)
 
 
 class SparsifyBlocks(PassBase):

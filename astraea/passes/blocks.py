@@ -181,6 +181,11 @@ def _module_of(region) -> str:
 
 
 def _clean_path(path: str) -> str:
-    """dynamo's "L['self'].__dict__['_modules']['blocks']['3']" -> "blocks.3"."""
+    """dynamo's "L['self'].__dict__['_modules']['blocks']['3']" -> "blocks.3".
+
+    A model whose forward diffusers' hooks wrap (context parallelism, caches) is reached as
+    "L['function_reference'].forward.__self__" instead of "L['self']".
+    """
+    path = path.replace("L['function_reference'].forward.__self__", "L['self']")
     parts = re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\d+", path)
     return ".".join(p for p in parts if p not in ("L", "self", "__dict__", "_modules", "modules", "dict"))

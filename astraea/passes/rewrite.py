@@ -100,9 +100,11 @@ def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> fx
             kwargs = fx.node.map_arg(node.kwargs, remap)
             if node in block.self_attention:
                 q, k, v, _ = sdpa_args(node)
-                pair = graph.call_function(
-                    torch.ops.astraea.sparse_attention, (remap(q), k, v), {"scale": node.kwargs.get("scale")}
-                )
+                if node.target is torch.ops.astraea.ulysses_attention:
+                    op, extra = torch.ops.astraea.ulysses_sparse_attention, {"group": node.kwargs["group"]}
+                else:
+                    op, extra = torch.ops.astraea.sparse_attention, {}
+                pair = graph.call_function(op, (remap(q), k, v), {"scale": node.kwargs.get("scale"), **extra})
                 copy = graph.call_function(operator.getitem, (pair, 0))
                 if lse_rows is None:
                     lse_rows = graph.call_function(operator.getitem, (pair, 1))

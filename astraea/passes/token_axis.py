@@ -24,9 +24,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..runtime import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_attention)
+
 F = torch.nn.functional
 
-SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+# Attention ops with SDPA's (query, key, value, attn_mask) signature; Ulysses attention is
+# what `ulysses.collapse_ulysses_attention` makes of a sequence-parallel one.
+SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, torch.ops.astraea.ulysses_attention}
 
 ELEMENTWISE_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
@@ -173,8 +177,18 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
 
 
 def is_module_state(node: fx.Node) -> bool:
-    """A parameter or buffer input (dynamo names them after `self`), as opposed to call data."""
-    return node.op == "placeholder" and str(node.target).lower().startswith("l_self")
+    """A parameter or buffer input, as opposed to call data.
+
+    Dynamo records where each input came from; a module's `_parameters[...]` or `_buffers[...]`
+    is state, however the module was reached (through `self`, or a hook's wrapped forward).
+    """
+    if node.op != "placeholder":
+        return False
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    if source is None:
+        return str(node.target).lower().startswith("l_self")
+    name = source.name() if callable(source.name) else source.name
+    return "._parameters[" in name or "._buffers[" in name
 
 
 def _ancestors(node: fx.Node) -> set:

@@ -54,6 +54,10 @@ class SparseRunner:
         self.timestep_position = timestep_position
         self.device = device
         self.num_tokens = report.num_tokens
+        # Select equally from this many contiguous shards of the tokens. A sequence-parallel
+        # rank sees one shard (its own), so 1 there too; a single process sets it to the
+        # rank count to make the selection that run makes.
+        self.selection_shards = 1
         self.tracker = StepTracker()
         self.announcements = announcements  # diffusers' cache_context, when the model has one
         self._announced = False
@@ -96,11 +100,13 @@ class SparseRunner:
                 state.stale.add_(1)
             self.records.append(CallRecord(call.step, call.context, 0.0, 0))
             return ctx, None
-        k = num_selected(budget, self.num_tokens)
+        shards = self.selection_shards
+        k = num_selected(budget, self.num_tokens // shards) * shards
         indices = []
         for state in ctx.blocks:
             if k < self.num_tokens:  # a dense step needs no scores
-                idx = select(scores(state, self.config, self.generator), k, self.config, self.report.token_grid)
+                score = scores(state, self.config, self.generator)
+                idx = select(score, k, self.config, self.report.token_grid, shards)
             else:
                 idx = torch.arange(self.num_tokens, device=self.device)
             mark_selected(state, idx)

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..config import AstraeaConfig
+from ..config import AstraeaConfig, ConfigError
 from .state import BlockState
 
 MAX_STALE = 60  # exp(60) is still finite in fp32
@@ -37,8 +37,20 @@ def scores(state: BlockState, config: AstraeaConfig, generator: torch.Generator)
     return config.weight_signal * signal + config.weight_penalty * penalty
 
 
-def select(score: torch.Tensor, k: int, config: AstraeaConfig, grid: tuple[int, ...] | None) -> torch.Tensor:
-    """Sorted int64 indices of about k < N tokens, grouped as the config asks."""
+def select(
+    score: torch.Tensor, k: int, config: AstraeaConfig, grid: tuple[int, ...] | None, shards: int = 1
+) -> torch.Tensor:
+    """Sorted int64 indices of about k < N tokens, grouped as the config asks.
+
+    With `shards` > 1, k / shards tokens from each of that many equal contiguous shards: the
+    selection each rank of a sequence-parallel run makes from its own shard.
+    """
+    if shards > 1:
+        if config.group == "spatial":
+            raise ConfigError("group='spatial' needs whole frames; it cannot select from token shards")
+        parts = score.chunk(shards)
+        width = parts[0].numel()
+        return torch.cat([select(p, k // shards, config, None) + i * width for i, p in enumerate(parts)])
     n = score.numel()
     if config.group == "token":
         chosen = score.topk(k).indices

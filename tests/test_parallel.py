@@ -1,0 +1,113 @@
+"""Sequence parallelism on CPU: two gloo processes run the same code a GPU job runs.
+
+At budget 1.0 the two-rank astraea model equals the dense single-process model; at budget r
+it equals single-process astraea making the same selection (k / 2 tokens from each half of
+the tokens, as each rank does from its shard). Classifier-free guidance split over the ranks
+equals guidance run in turn, and a head count the Ulysses degree does not split is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import astraea
+import astraea.parallel
+from tests.models import sample, wan
+
+SHAPE = dict(frames=2, size=12)  # 72 tokens: 36 per rank
+SPARSE = [1.0, 0.5, 0.25, 0.5]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_astraea(schedule, **parallel):
+    torch._dynamo.reset()
+    family = wan(**SHAPE)
+    mesh = astraea.parallel.enable(family.model, **parallel)
+    be = astraea.backend(schedule=schedule)
+    out = sample(family, torch.compile(family.model, backend=be), mesh=mesh)
+    return out, [(r.step, r.context, r.tokens) for r in be.runners[0].records], be.reports[0]
+
+
+def _rank_main(rank: int, port: int, results: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    found = {}
+    found["dense"], _, _ = _run_astraea([1.0] * 4, ulysses=2)
+    found["sparse"], found["records"], report = _run_astraea(SPARSE, ulysses=2)
+    found["sparse_blocks"], found["hash"] = report.num_sparse_blocks, report.structure_hash
+    family = wan(**SHAPE)
+    found["cfg"] = sample(family, family.model, mesh=astraea.parallel.enable(family.model, cfg=2))
+    try:
+        astraea.parallel.enable(wan(heads=3).model, ulysses=2)
+    except astraea.ConfigError as e:
+        found["heads_error"] = str(e)
+    torch.save(found, f"{results}.{rank}")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("parallel") / "rank")
+    mp.spawn(_rank_main, args=(_free_port(), path), nprocs=2)
+    return [torch.load(f"{path}.{r}") for r in range(2)]
+
+
+def _single(schedule, shards=1):
+    torch._dynamo.reset()
+    family = wan(**SHAPE)
+    be = astraea.backend(schedule=schedule)
+    compiled = torch.compile(family.model, backend=be)
+    with torch.no_grad():
+        family.call(compiled, torch.randn(family.latent_shape), torch.tensor([1.0]), family.contexts[0])
+    runner = be.runners[0]
+    runner.selection_shards = shards
+    runner.reset()
+    return sample(family, compiled), be.reports[0]
+
+
+def test_budget_one_equals_dense_single_process(ranks):
+    family = wan(**SHAPE)
+    dense = sample(family, family.model)
+    for r in ranks:
+        torch.testing.assert_close(r["dense"], dense, rtol=1e-5, atol=1e-5)
+
+
+def test_budget_r_equals_single_process_with_the_same_selection(ranks):
+    single, report = _single(SPARSE, shards=2)
+    assert ranks[0]["sparse_blocks"] == report.num_sparse_blocks == 2
+    assert ranks[0]["hash"] == report.structure_hash  # schedules and cost tables carry over
+    for r in ranks:
+        torch.testing.assert_close(r["sparse"], single, rtol=1e-4, atol=1e-5)
+    # each rank computes its share: half the tokens of its 36, then a quarter, then half
+    tokens = {step: t for step, ctx, t in ranks[0]["records"] if ctx == 0}
+    assert tokens == {0: 36, 1: 18, 2: 9, 3: 18}
+    assert ranks[0]["records"] == ranks[1]["records"]
+
+
+def test_selection_differs_from_unbalanced_single_process(ranks):
+    """The equality above is not vacuous: global top-k selects differently."""
+    single, _ = _single(SPARSE, shards=1)
+    assert (ranks[0]["sparse"] - single).abs().max() > 1e-4
+
+
+def test_guidance_split_over_ranks_equals_guidance_in_turn(ranks):
+    family = wan(**SHAPE)
+    expected = sample(family, family.model)
+    for r in ranks:
+        torch.testing.assert_close(r["cfg"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_heads_that_do_not_split_are_refused(ranks):
+    assert "3 attention heads do not split over a Ulysses degree of 2" in ranks[0]["heads_error"]

@@ -15,6 +15,7 @@ two halves that run the conditional and the unconditional branch (`guidance`).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from unittest import mock
@@ -63,12 +64,19 @@ def enable(model: torch.nn.Module, ulysses: int | None = None, cfg: int = 1) -> 
     with mock.patch("torch.accelerator.device_count", return_value=count):
         model.enable_parallelism(config=config)
     _resolve_hook_signatures(model)
-    # diffusers warns once (a logger call) when the timestep has no token axis to split;
-    # dynamo breaks the graph on logger calls unless told to skip them.
-    warn_once = getattr(logging.Logger, "warning_once", None)
-    if warn_once is not None:
-        torch._dynamo.config.ignore_logging_functions.add(warn_once)
+    _quiet_split_warning()
     return mesh
+
+
+def _quiet_split_warning() -> None:
+    """diffusers' split hook calls `logger.warning_once` when an input (Wan's 1-D timestep)
+    has no axis to split. Only transformers defines `warning_once`, so without it the call
+    fails; and dynamo breaks the graph at logger calls it is not told to skip."""
+    logger = logging.getLogger("diffusers.hooks.context_parallel")
+    warn_once = getattr(logger, "warning_once", None)
+    if warn_once is None:
+        warn_once = logger.warning_once = functools.lru_cache(None)(logger.warning)
+    torch._dynamo.config.ignore_logging_functions.add(getattr(warn_once, "__func__", warn_once))
 
 
 def _resolve_hook_signatures(model: torch.nn.Module) -> None:

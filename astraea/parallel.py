@@ -15,7 +15,6 @@ two halves that run the conditional and the unconditional branch (`guidance`).
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 from unittest import mock
@@ -69,14 +68,19 @@ def enable(model: torch.nn.Module, ulysses: int | None = None, cfg: int = 1) -> 
 
 
 def _quiet_split_warning() -> None:
-    """diffusers' split hook calls `logger.warning_once` when an input (Wan's 1-D timestep)
-    has no axis to split. Only transformers defines `warning_once`, so without it the call
-    fails; and dynamo breaks the graph at logger calls it is not told to skip."""
-    logger = logging.getLogger("diffusers.hooks.context_parallel")
-    warn_once = getattr(logger, "warning_once", None)
-    if warn_once is None:
-        warn_once = logger.warning_once = functools.lru_cache(None)(logger.warning)
-    torch._dynamo.config.ignore_logging_functions.add(getattr(warn_once, "__func__", warn_once))
+    """diffusers' split hook calls `logger.warning_once` whenever an input has no axis to
+    split (Wan's 1-D timestep, which is meant to be shared by every rank). Only transformers
+    defines `warning_once`, so without it the call fails, and with it dynamo breaks the
+    graph there. That logger's `warning_once` becomes a no-op that dynamo is told to skip
+    (through the older config name: newer torch aliases it, and older torch then leaves it
+    out of the config it logs, which cannot hold functions)."""
+    logging.getLogger("diffusers.hooks.context_parallel").warning_once = _ignore
+    torch._dynamo.config.ignore_logger_methods.add(_ignore)
+
+
+def _ignore(*args, **kwargs) -> None:
+    return None
+
 
 
 def _resolve_hook_signatures(model: torch.nn.Module) -> None:

@@ -81,6 +81,7 @@ def measure(args) -> dict:
               "device": torch.cuda.get_device_name(), "torch": torch.__version__, "budgets": {}}
 
     def layout():
+        torch.manual_seed(0)  # the same weights for the dense and the astraea model
         model = wan13b(args.layers)
         mesh = astraea.parallel.enable(model, ulysses=args.ulysses, cfg=args.cfg) if world > 1 else None
         return model, mesh

@@ -36,6 +36,7 @@ def _run_astraea(schedule, **parallel):
     mesh = astraea.parallel.enable(family.model, **parallel)
     be = astraea.backend(schedule=schedule)
     out = sample(family, torch.compile(family.model, backend=be), mesh=mesh)
+    assert len(be.reports) == 1, "the model was traced as one graph"
     return out, [(r.step, r.context, r.tokens) for r in be.runners[0].records], be.reports[0]
 
 

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 
 import astraea
 import astraea.parallel
+from astraea.flops import counting
 from tests.models import sample, wan
 
 SHAPE = dict(frames=2, size=12)  # 72 tokens: 36 per rank
@@ -30,12 +31,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_astraea(schedule, **parallel):
+def _run_astraea(schedule, flops=None, **parallel):
     torch._dynamo.reset()
     family = wan(**SHAPE)
     mesh = astraea.parallel.enable(family.model, **parallel)
     be = astraea.backend(schedule=schedule)
-    out = sample(family, torch.compile(family.model, backend=be), mesh=mesh)
+    compiled = torch.compile(family.model, backend=be)
+    if flops is not None:  # count every call after the first (which builds the runner)
+        with torch.no_grad():
+            family.call(compiled, torch.randn(family.latent_shape), torch.tensor([1.0]), family.contexts[0])
+        be.runners[0].graph_fn = counting(be.runners[0].graph_fn, flops)
+        be.runners[0].reset()
+    out = sample(family, compiled, mesh=mesh)
     assert len(be.reports) == 1, "the model was traced as one graph"
     return out, [(r.step, r.context, r.tokens) for r in be.runners[0].records], be.reports[0]
 
@@ -46,7 +53,8 @@ def _rank_main(rank: int, port: int, results: str) -> None:
     torch.set_num_threads(1)
     found = {}
     found["dense"], _, _ = _run_astraea([1.0] * 4, ulysses=2)
-    found["sparse"], found["records"], report = _run_astraea(SPARSE, ulysses=2)
+    found["flops"] = []
+    found["sparse"], found["records"], report = _run_astraea(SPARSE, found["flops"], ulysses=2)
     found["sparse_blocks"], found["hash"] = report.num_sparse_blocks, report.structure_hash
     family = wan(**SHAPE)
     found["cfg"] = sample(family, family.model, mesh=astraea.parallel.enable(family.model, cfg=2))
@@ -65,7 +73,7 @@ def ranks(tmp_path_factory):
     return [torch.load(f"{path}.{r}") for r in range(2)]
 
 
-def _single(schedule, shards=1):
+def _single(schedule, shards=1, flops=None):
     torch._dynamo.reset()
     family = wan(**SHAPE)
     be = astraea.backend(schedule=schedule)
@@ -74,6 +82,8 @@ def _single(schedule, shards=1):
         family.call(compiled, torch.randn(family.latent_shape), torch.tensor([1.0]), family.contexts[0])
     runner = be.runners[0]
     runner.selection_shards = shards
+    if flops is not None:
+        runner.graph_fn = counting(runner.graph_fn, flops)
     runner.reset()
     return sample(family, compiled), be.reports[0]
 
@@ -86,7 +96,8 @@ def test_budget_one_equals_dense_single_process(ranks):
 
 
 def test_budget_r_equals_single_process_with_the_same_selection(ranks):
-    single, report = _single(SPARSE, shards=2)
+    flops = []
+    single, report = _single(SPARSE, shards=2, flops=flops)
     assert ranks[0]["sparse_blocks"] == report.num_sparse_blocks == 2
     assert ranks[0]["hash"] == report.structure_hash  # schedules and cost tables carry over
     for r in ranks:
@@ -95,6 +106,10 @@ def test_budget_r_equals_single_process_with_the_same_selection(ranks):
     tokens = {step: t for step, ctx, t in ranks[0]["records"] if ctx == 0}
     assert tokens == {0: 36, 1: 18, 2: 9, 3: 18}
     assert ranks[0]["records"] == ranks[1]["records"]
+    # each rank does about half the work of every call; a little more, as the text keys and
+    # values of cross-attention and the timestep embedding are computed on every rank
+    for rank, whole in zip(ranks[0]["flops"], flops):
+        assert 0.5 <= rank / whole <= 0.56
 
 
 def test_selection_differs_from_unbalanced_single_process(ranks):

@@ -115,4 +115,4 @@ def guidance(predict, cond, uncond, scale: float, mesh: DeviceMesh | None = None
         both = [torch.empty_like(mine) for _ in range(2)]
         dist.all_gather(both, mine, group=group)
         c, u = both
-    return u + scale * (c - u)
+    return torch.lerp(u, c, scale)  # u + scale * (c - u)

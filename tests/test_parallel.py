@@ -21,7 +21,9 @@ import astraea.parallel
 from astraea.flops import counting
 from tests.models import sample, wan
 
-SHAPE = dict(frames=2, size=12)  # 72 tokens: 36 per rank
+# 32 tokens, 16 per rank: as many as the head width and half the timestep frequencies, so the
+# analysis must tell the token axis from channel axes of the same size.
+SHAPE = dict(frames=2, size=8)
 SPARSE = [1.0, 0.5, 0.25, 0.5]
 
 
@@ -102,14 +104,14 @@ def test_budget_r_equals_single_process_with_the_same_selection(ranks):
     assert ranks[0]["hash"] == report.structure_hash  # schedules and cost tables carry over
     for r in ranks:
         torch.testing.assert_close(r["sparse"], single, rtol=1e-4, atol=1e-5)
-    # each rank computes its share: half the tokens of its 36, then a quarter, then half
+    # each rank computes its share: all 16 of its tokens, then half, a quarter, half
     tokens = {step: t for step, ctx, t in ranks[0]["records"] if ctx == 0}
-    assert tokens == {0: 36, 1: 18, 2: 9, 3: 18}
+    assert tokens == {0: 16, 1: 8, 2: 4, 3: 8}
     assert ranks[0]["records"] == ranks[1]["records"]
     # each rank does about half the work of every call; a little more, as the text keys and
     # values of cross-attention and the timestep embedding are computed on every rank
     for rank, whole in zip(ranks[0]["flops"], flops):
-        assert 0.5 <= rank / whole <= 0.56
+        assert 0.5 <= rank / whole <= 0.6
 
 
 def test_selection_differs_from_unbalanced_single_process(ranks):

@@ -160,19 +160,21 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
     if not candidates:
         result.reason = f"no tensor with {n_tokens} tokens feeds every self-attention"
         return result
-    # A channel count can equal the token count: try each axis of N entries, earliest first,
-    # and keep the first one that turns every self-attention into one.
+    # A channel count can equal the token count: try each axis of N entries, keep the first
+    # that turns every self-attention into one. Channels come last in these graphs, so axes
+    # before the last are tried first, each group earliest node first.
+    tries = sorted(
+        ((source, dim) for source in candidates for dim, size in enumerate(shape_of(source)) if size == n_tokens),
+        key=lambda sd: (sd[1] == len(shape_of(sd[0])) - 1, order[sd[0]]),
+    )
     first = None
-    for source in candidates[:MAX_SOURCE_TRIES]:
-        for dim, size in enumerate(shape_of(source)):
-            if size != n_tokens:
-                continue
-            trial = TokenAxis(num_tokens=n_tokens, source=source, grid=_grid(source, n_tokens))
-            trial.tdim[source] = dim
-            _Propagator(trial, order).run(nodes[order[source] + 1:])
-            if len(trial.self_attention) == expected:
-                return trial
-            first = first or trial
+    for source, dim in tries[:MAX_SOURCE_TRIES]:
+        trial = TokenAxis(num_tokens=n_tokens, source=source, grid=_grid(source, n_tokens))
+        trial.tdim[source] = dim
+        _Propagator(trial, order).run(nodes[order[source] + 1:])
+        if len(trial.self_attention) == expected:
+            return trial
+        first = first or trial
     return first
 
 
@@ -204,7 +206,12 @@ def _ancestors(node: fx.Node) -> set:
 
 
 def _grid(source: fx.Node, n_tokens: int) -> tuple[int, ...] | None:
-    """Frames x height x width of the token axis, when it was made by flattening a video grid."""
+    """Frames x height x width of the token axis, when it was made by flattening a video grid
+    (possibly moved to its place by a transpose or permute since)."""
+    while (source.op == "call_method" and source.target in PERMUTE_METHODS) or (
+        source.op == "call_function" and source.target in PERMUTE_FUNCTIONS
+    ):
+        source = source.args[0]
     if source.op == "call_method" and source.target == "flatten" or (
         source.op == "call_function" and source.target is torch.flatten
     ):

@@ -24,6 +24,8 @@ from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+import astraea.parallel
+
 from .data import FRAMES, SIZE
 from .text import TEXT_DIM, PromptEncoder
 
@@ -116,6 +118,7 @@ def generate(
     guidance: float = 2.0,
     seed: int = 0,
     progress: bool = False,
+    mesh=None,
 ) -> torch.Tensor:
     """Clips [B, 3, FRAMES, SIZE, SIZE] in [-1, 1] by Euler steps of the flow from noise (t=1) to data (t=0).
 
@@ -124,6 +127,8 @@ def generate(
     encoded empty prompt) unless `guidance` is 1, with the same timestep tensor, each inside
     `transformer.cache_context(...)` when it has one, as diffusers' WanPipeline does.
     The noise comes from `seed` on the CPU, so a seed gives the same clip on any device.
+    With a device `mesh` whose "cfg" dimension is 2, each half of the ranks runs one branch
+    (`astraea.parallel.guidance`).
     """
     batch, device, dtype = prompt_embeds.shape[0], prompt_embeds.device, prompt_embeds.dtype
     negative_embeds = negative_embeds.expand_as(prompt_embeds).contiguous()  # same strides: one compiled graph
@@ -132,16 +137,16 @@ def generate(
     times = torch.linspace(1.0, 0.0, num_steps + 1).tolist()
     context = getattr(transformer, "cache_context", lambda name: contextlib.nullcontext())
 
-    def predict(embeds, timestep, name):
-        with context(name):
+    def predict(embeds):
+        with context("cond" if embeds is prompt_embeds else "uncond"):
             out = transformer(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds, return_dict=False)
         return out[0].float()
 
     for t, t_next in tqdm(list(zip(times, times[1:])), desc="steps", disable=not progress, leave=False):
         timestep = torch.full((batch,), t * 1000.0, device=device)
-        clean = predict(prompt_embeds, timestep, "cond")
-        if guidance != 1.0:
-            uncond = predict(negative_embeds, timestep, "uncond")
-            clean = torch.lerp(uncond, clean, guidance)
+        if guidance == 1.0:
+            clean = predict(prompt_embeds)
+        else:
+            clean = astraea.parallel.guidance(predict, prompt_embeds, negative_embeds, guidance, mesh)
         x = torch.lerp(clean, x, t_next / t)  # x + (t_next - t) * velocity
     return x.clamp(-1.0, 1.0)

@@ -1,8 +1,10 @@
 """astraea against diffusers' own caches on the shipped reference model: speed and fidelity.
 
 Same prompts, seeds, sampler and steps for every method: dense; diffusers' `enable_cache` with
-FirstBlockCache, PyramidAttentionBroadcast and TaylorSeerCache at two or more settings each;
-astraea at uniform budgets and with the searched schedule. For each: wall time and speedup
+FirstBlockCache, PyramidAttentionBroadcast, FasterCache, TaylorSeerCache and MagCache at two
+or more settings each (MagCache calibrated first, as its documentation says: one run with
+`calibrate=True`, whose ratios the other runs use); astraea at uniform budgets and with the
+searched schedule. For each: wall time and speedup
 over dense, PSNR/SSIM of the clips against the dense clips, and semantic accuracy. Writes
 JSON, a markdown table and a Pareto plot of fidelity against speedup.
 
@@ -12,12 +14,20 @@ JSON, a markdown table and a Pareto plot of fidelity against speedup.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import logging
 import os
 import time
 
 import torch
-from diffusers import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+from diffusers import (
+    FasterCacheConfig,
+    FirstBlockCacheConfig,
+    MagCacheConfig,
+    PyramidAttentionBroadcastConfig,
+    TaylorSeerCacheConfig,
+)
 
 import astraea
 from astraea.reference.evaluate import evaluation_prompts, generate_clips, score
@@ -39,8 +49,25 @@ class TimestepSpy:
         return self.model(**kwargs)
 
 
-def diffusers_methods(now: dict) -> dict:
-    timestep = lambda: now["t"]  # noqa: E731  (what PAB asks the pipeline for)
+class CalibrationLog(logging.Handler):
+    """Collects the ratios MagCache logs at the end of a calibration run (one list per branch)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.ratios: list[list[float]] = []
+
+    def emit(self, record):
+        prefix = "MagCache Calibration Results: "
+        message = record.getMessage()
+        if message.startswith(prefix):
+            self.ratios.append(ast.literal_eval(message[len(prefix):]))
+
+
+def diffusers_methods(now: dict, mag_ratios: list[float], steps: int) -> dict:
+    """Two or more settings of each of diffusers' caches. FasterCache runs with
+    `is_guidance_distilled=True`: its unconditional-branch reuse needs both branches in one
+    batch, and the sampler (like diffusers' Wan pipeline) calls them one after the other."""
+    timestep = lambda: now["t"]  # noqa: E731  (what PAB and FasterCache ask the pipeline for)
     return {
         "FirstBlockCache 0.05": FirstBlockCacheConfig(threshold=0.05),
         "FirstBlockCache 0.1": FirstBlockCacheConfig(threshold=0.1),
@@ -49,7 +76,36 @@ def diffusers_methods(now: dict) -> dict:
         "PAB skip 3": PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=3, current_timestep_callback=timestep),
         "TaylorSeer interval 3": TaylorSeerCacheConfig(cache_interval=3, taylor_factors_dtype=torch.float32),
         "TaylorSeer interval 5": TaylorSeerCacheConfig(cache_interval=5, taylor_factors_dtype=torch.float32),
+        **{
+            f"FasterCache skip {n}": FasterCacheConfig(
+                spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=(-1, 681),
+                current_timestep_callback=timestep, attention_weight_callback=lambda _: 0.3, is_guidance_distilled=True,
+            )
+            for n in (2, 3)
+        },
+        **{
+            f"MagCache {threshold}": MagCacheConfig(threshold=threshold, num_inference_steps=steps, mag_ratios=mag_ratios)
+            for threshold in (0.06, 0.12, 0.24)
+        },
     }
+
+
+def calibrate_mag_cache(transformer, run, steps: int) -> list[float]:
+    """MagCache's calibration run: no skipping; the conditional branch's ratios per step."""
+    log, logger = CalibrationLog(), logging.getLogger("diffusers.hooks.mag_cache")
+    level = logger.level
+    logger.addHandler(log)
+    logger.setLevel(logging.INFO)
+    transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=steps))
+    try:
+        run()
+    finally:
+        transformer.disable_cache()
+        logger.removeHandler(log)
+        logger.setLevel(level)
+    if not log.ratios:
+        raise RuntimeError("MagCache calibration logged no ratios")
+    return log.ratios[0]
 
 
 def astraea_methods(steps: int) -> dict:
@@ -92,7 +148,8 @@ def main() -> None:
               f"accuracy {rows[name]['accuracy']:.3f}", flush=True)
 
     spy = TimestepSpy(transformer, now)
-    for name, config in diffusers_methods(now).items():
+    mag_ratios = calibrate_mag_cache(transformer, lambda: run(spy), args.steps)
+    for name, config in diffusers_methods(now, mag_ratios, args.steps).items():
         transformer.enable_cache(config)
         try:
             record(name, *run(spy))
@@ -103,14 +160,14 @@ def main() -> None:
         compiled = torch.compile(transformer, backend=astraea.backend(**options))
         run(compiled)  # compiles
         record(name, *run(compiled))
-    write(rows, args)
+    write(rows, args, mag_ratios)
 
 
-def write(rows: dict, args) -> None:
+def write(rows: dict, args, mag_ratios: list[float]) -> None:
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "peers_reference.json"), "w") as f:
         json.dump({"prompts": args.prompts, "steps": args.steps, "guidance": args.guidance, "device": "cpu",
-                   "threads": torch.get_num_threads(), "rows": rows}, f, indent=1)
+                   "threads": torch.get_num_threads(), "magcache_ratios": mag_ratios, "rows": rows}, f, indent=1)
     lines = [f"reference model, {args.prompts} prompts, {args.steps} steps, guidance {args.guidance}, CPU "
              f"({torch.get_num_threads()} threads); fidelity of the clips against the dense clips", "",
              "| method | speedup | PSNR dB | SSIM | semantic accuracy |", "|---|---|---|---|---|"]

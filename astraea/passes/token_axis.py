@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -189,8 +190,8 @@ def is_module_state(node: fx.Node) -> bool:
     source = getattr(node.meta.get("grapharg"), "source", None)
     if source is None:
         return str(node.target).lower().startswith("l_self")
-    name = source.name() if callable(source.name) else source.name
-    return "._parameters[" in name or "._buffers[" in name
+    name = source.name() if callable(source.name) else source.name  # e.g. "L['self']._modules['proj']._parameters['weight']"
+    return re.search(r"\b_(parameters|buffers)\b", name) is not None
 
 
 def _ancestors(node: fx.Node) -> set:

@@ -43,16 +43,8 @@ def test_prediction_error_against_a_measured_run():
     assert Prediction(100.0, 80.0).error == pytest.approx(-0.25)
 
 
-def test_end_to_end_scale_multiplies_predictions_and_defaults_to_one():
-    scaled = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, end_to_end_scale=0.9)
-    assert scaled.predict([1.0, 0.5], contexts=2) == pytest.approx(0.9 * 2 * (525.0 + 265.0))
-    data = table().to_json()
-    del data["end_to_end_scale"]  # tables measured before the scale existed
-    assert CostTable.from_json(data).end_to_end_scale == 1.0
-
-
 def test_round_trip(tmp_path):
-    t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, meta={"repeats": 3}, end_to_end_scale=0.93)
+    t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, meta={"repeats": 3})
     path = tmp_path / "costs.json"
     t.save(path)
     loaded = CostTable.load(path, expect=KEY)

@@ -25,7 +25,7 @@ import torch
 
 from ..jsonfile import load_json, save_json
 from .sparse import SparseModel
-from .timing import CallTimer, wall_ms
+from .timing import CallTimer
 from .workload import Workload
 
 FORMAT = "astraea-cost-table"
@@ -136,9 +136,6 @@ class CostTable:
     levels: tuple[float, ...]
     latency_ms: tuple[float, ...]
     meta: dict = field(default_factory=dict, compare=False, hash=False)
-    # A dense generation timed end to end over the sum of its calls in the table: calls timed
-    # one by one carry overhead (and miss the sampler's work) that a whole generation does not.
-    end_to_end_scale: float = 1.0
 
     def __post_init__(self):
         if len(self.levels) != len(self.latency_ms):
@@ -152,8 +149,8 @@ class CostTable:
             raise CostTableError(f"budget {budget} was not measured; the table has levels {self.levels}") from None
 
     def predict(self, budgets: Sequence[float], contexts: int = 1) -> float:
-        """Predicted milliseconds of a generation with these budgets: its calls, scaled to end to end."""
-        return self.end_to_end_scale * contexts * sum(self.call_ms(b) for b in budgets)
+        """Predicted milliseconds of the transformer calls of a generation with these budgets."""
+        return contexts * sum(self.call_ms(b) for b in budgets)
 
     def prediction(self, budgets: Sequence[float], measured_ms: float, contexts: int = 1) -> Prediction:
         """How far the prediction for `budgets` is from a measured end-to-end generation."""
@@ -176,7 +173,6 @@ class CostTable:
             "key": self.key.to_json(),
             "levels": list(self.levels),
             "latency_ms": list(self.latency_ms),
-            "end_to_end_scale": self.end_to_end_scale,
             "meta": self.meta,
         }
 
@@ -193,7 +189,6 @@ class CostTable:
             levels=tuple(data["levels"]),
             latency_ms=tuple(data["latency_ms"]),
             meta=dict(data.get("meta") or {}),
-            end_to_end_scale=float(data.get("end_to_end_scale", 1.0)),  # tables measured before it: 1
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -234,10 +229,8 @@ def profile(
     """Measure the compiled transformer's call latency at each budget level on this device.
 
     A first generation compiles and warms up; `repeats` more are timed call by call and each
-    level's latency is the median of its `steps_per_level * repeats * contexts` calls. Then
-    a dense generation of `workload.num_steps` steps is timed end to end, which sets the
-    table's `end_to_end_scale`. Recompiling during the timed runs is an error: it would time
-    the compiler, or eager code.
+    level's latency is the median of its `steps_per_level * repeats * contexts` calls.
+    Recompiling during the timed runs is an error: it would time the compiler, or eager code.
     """
     levels = tuple(sorted({float(x) for x in levels}))
     check_levels(levels)  # before compiling and measuring, not after
@@ -255,16 +248,9 @@ def profile(
                 level = measured[call // workload.contexts]
                 if level is not None:
                     samples[level].append(ms)
-        latency = tuple(statistics.median(samples[level]) for level in levels)
-        dense_steps = (1.0,) * workload.num_steps
-        sparse.set_schedule(dense_steps)
-        dense_ms = wall_ms(lambda: workload.generate(sparse.module, seed=0), workload.device, repeats=1, warmup=0)
-    calls_ms = workload.contexts * workload.num_steps * latency[levels.index(1.0)]
     return CostTable(
         key=CostKey.here(sparse, workload),
         levels=levels,
-        latency_ms=latency,
-        meta={"steps_per_level": steps_per_level, "repeats": repeats, "contexts": workload.contexts,
-              "dense_generation_ms": dense_ms},
-        end_to_end_scale=dense_ms / calls_ms,
+        latency_ms=tuple(statistics.median(samples[level]) for level in levels),
+        meta={"steps_per_level": steps_per_level, "repeats": repeats, "contexts": workload.contexts},
     )

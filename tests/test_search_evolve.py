@@ -3,13 +3,14 @@
 import json
 import math
 
+import numpy as np
 import pytest
 
 from astraea.search.candidates import pareto_front, ranked
 from astraea.search.ea import SearchError, Space
 from astraea.search.fidelity import Fidelity, FidelityReport
 from astraea.search.plot import plot_search
-from astraea.search.search import SearchSettings, evolve, uniform_genomes
+from astraea.search.search import SearchSettings, evolve, front_loaded_genomes, initial_population, uniform_genomes
 
 LEVELS = tuple(i / 10 for i in range(11))
 COSTS = tuple(0.02 + b for b in LEVELS)
@@ -44,6 +45,20 @@ def test_every_candidate_meets_the_target_and_the_search_beats_uniform():
     # The best spends its budget early, where the synthetic fidelity needs it.
     best = candidates[0].budgets
     assert sum(best[:6]) > sum(best[6:])
+
+
+def test_initial_population_starts_from_uniform_and_front_loaded_schedules():
+    front = front_loaded_genomes(SPACE)
+    assert front and all(SPACE.valid(g) for g in front)
+    for genome in front:  # k dense steps, then one budget below dense for the rest
+        budgets = SPACE.budgets(genome)
+        k = budgets.index(min(budgets))
+        assert set(budgets[:k]) == {1.0} and len(set(budgets[k:])) == 1
+    population = initial_population(SPACE, 8, np.random.default_rng(0))
+    assert len(population) == 8 and all(SPACE.valid(g) for g in population)
+    members = {tuple(g) for g in population}
+    assert tuple(uniform_genomes(SPACE)[-1]) in members
+    assert sum(tuple(g) in members for g in front) >= 2
 
 
 def test_same_seed_same_search_and_another_seed_another():

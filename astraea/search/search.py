@@ -7,8 +7,9 @@ target, 82 GPU-hours on average. This one is cheaper in each part:
   that generates each dense reference once, never runs a schedule twice and shares
   trajectory prefixes between candidates; the few best are then confirmed on all seeds and
   the chosen one timed end to end, so the prediction is checked, not trusted;
-- the initial population holds every uniform schedule that fits the target, so the search
-  starts from the obvious answer and every generation can only improve on it.
+- the initial population holds the uniform schedules and the "first k steps dense, then
+  uniform" ones that fit the target, so the search starts from the obvious answers and every
+  generation can only improve on them.
 """
 
 from __future__ import annotations
@@ -121,23 +122,44 @@ def _save(path, problem, generation, population, rng, archive) -> None:
                    tuple(archive.values())).save(path)
 
 
+def _filled(space: Space, level: int, dense_steps: int = 0) -> np.ndarray:
+    """The first `dense_steps` steps dense, every other step as close to `level` as it may be."""
+    return np.array([
+        space.dense if step < dense_steps else allowed[np.abs(allowed - level).argmin()]
+        for step, allowed in enumerate(map(space.allowed, range(space.num_steps)))
+    ])
+
+
 def uniform_genomes(space: Space) -> list[np.ndarray]:
     """Every schedule that uses one budget for all free steps and fits the target."""
+    genomes = (_filled(space, level) for level in range(len(space.levels)))
+    return [g for g in genomes if space.latency(g) <= space.limit_ms]
+
+
+def front_loaded_genomes(space: Space) -> list[np.ndarray]:
+    """For each k, the first k steps dense and the most compute that fits on the others, one
+    budget for all: the hand-made schedule diffusion users reach for first."""
     genomes = []
-    for level in range(len(space.levels)):
-        genome = np.array([a[np.abs(a - level).argmin()] for a in map(space.allowed, range(space.num_steps))])
-        if space.latency(genome) <= space.limit_ms:
-            genomes.append(genome)
+    for k in range(1, space.num_steps):
+        fits = [g for g in (_filled(space, level, k) for level in range(len(space.levels))) if space.latency(g) <= space.limit_ms]
+        if fits:
+            genomes.append(fits[-1])
     return genomes
 
 
 def initial_population(space: Space, size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The uniform schedules that fit (most compute first), the dense schedule lowered at
-    random steps until it fits, and random schedules for the rest."""
-    genomes = uniform_genomes(space)[::-1][: size - 1]
+    """A third of uniform schedules that fit (most compute first), a third of front-loaded ones
+    (spread over how many steps run dense), the dense schedule lowered at random steps until
+    it fits, and random schedules for the rest. Elitism keeps the best of them, so the search
+    ends at least as good as these on its calibration seeds."""
+    genomes = uniform_genomes(space)[::-1][: size // 3]
+    front = front_loaded_genomes(space)
+    if front:
+        picks = np.unique(np.linspace(0, len(front) - 1, min(len(front), size // 3)).round().astype(int))
+        genomes += [front[i] for i in picks]
     genomes.append(repair(space, np.full(space.num_steps, space.dense), rng))
     genomes += [random_genome(space, rng) for _ in range(size - len(genomes))]
-    return genomes
+    return genomes[:size]
 
 
 @dataclass(frozen=True)

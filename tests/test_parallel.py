@@ -57,7 +57,7 @@ def _rank_main(rank: int, port: int, results: str) -> None:
     found["dense"], _, _ = _run_astraea([1.0] * 4, ulysses=2)
     found["flops"] = []
     found["sparse"], found["records"], report = _run_astraea(SPARSE, found["flops"], ulysses=2)
-    found["sparse_blocks"], found["hash"] = report.num_sparse_blocks, report.structure_hash
+    found["sparse_blocks"], found["hash"], found["report"] = report.num_sparse_blocks, report.structure_hash, str(report)
     family = wan(**SHAPE)
     found["cfg"] = sample(family, family.model, mesh=astraea.parallel.enable(family.model, cfg=2))
     try:
@@ -102,6 +102,7 @@ def test_budget_r_equals_single_process_with_the_same_selection(ranks):
     single, report = _single(SPARSE, shards=2, flops=flops)
     assert ranks[0]["sparse_blocks"] == report.num_sparse_blocks == 2
     assert ranks[0]["hash"] == report.structure_hash  # schedules and cost tables carry over
+    assert "16 tokens per rank (Ulysses over 2 ranks)" in ranks[0]["report"]
     for r in ranks:
         torch.testing.assert_close(r["sparse"], single, rtol=1e-4, atol=1e-5)
     # each rank computes its share: all 16 of its tokens, then half, a quarter, half

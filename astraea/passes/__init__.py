@@ -38,7 +38,7 @@ class AnalyseTokens(PassBase):
         self.timestep: fx.Node | None = None
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        collapsed = collapse_ulysses_attention(gm)
+        ranks = collapse_ulysses_attention(gm)
         self.axis = find_token_axis(gm)
         self.blocks, reason = find_blocks(gm, self.axis)
         self.timestep = find_timestep(gm, self.axis.source)
@@ -46,8 +46,8 @@ class AnalyseTokens(PassBase):
             reason = "no timestep input found (a tensor input with one value per batch element)"
             for b in self.blocks:
                 b.reason = b.reason or "model has no timestep input to tell steps apart"
-        self.report = make_report(gm, self.axis, self.blocks, reason, self.timestep)
-        return PassResult(gm, collapsed > 0)
+        self.report = make_report(gm, self.axis, self.blocks, reason, self.timestep, ranks)
+        return PassResult(gm, ranks > 1)
 
 
 class SparsifyBlocks(PassBase):

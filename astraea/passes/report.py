@@ -34,6 +34,7 @@ class Report:
     blocks: tuple[BlockReport, ...]
     reason: str | None
     structure_hash: str
+    ulysses_ranks: int = 1  # ranks the tokens are sharded over; num_tokens is one rank's shard
 
     @property
     def num_blocks(self) -> int:
@@ -46,7 +47,9 @@ class Report:
     def __str__(self) -> str:
         lines = [
             f"astraea: {self.num_sparse_blocks} of {self.num_blocks} blocks sparse, "
-            f"{self.num_tokens} tokens" + (f" (grid {'x'.join(map(str, self.token_grid))})" if self.token_grid else "")
+            f"{self.num_tokens} tokens"
+            + (f" per rank (Ulysses over {self.ulysses_ranks} ranks)" if self.ulysses_ranks > 1 else "")
+            + (f" (grid {'x'.join(map(str, self.token_grid))})" if self.token_grid else "")
             + f", model structure {self.structure_hash}"
         ]
         if self.reason:
@@ -63,7 +66,9 @@ class Report:
         return "\n".join(lines)
 
 
-def make_report(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block], reason: str | None, timestep) -> Report:
+def make_report(
+    gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block], reason: str | None, timestep, ulysses_ranks: int = 1
+) -> Report:
     return Report(
         num_tokens=axis.num_tokens,
         token_grid=axis.grid,
@@ -79,6 +84,7 @@ def make_report(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block], reason
         ),
         reason=reason,
         structure_hash=structure_hash(gm),
+        ulysses_ranks=ulysses_ranks,
     )
 
 

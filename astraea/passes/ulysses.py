@@ -63,8 +63,8 @@ def _local_output(sdpa: fx.Node, local_shape: tuple) -> fx.Node | None:
 
 
 def collapse_ulysses_attention(gm: fx.GraphModule) -> int:
-    """Replace every recognised Ulysses attention; returns how many were replaced."""
-    graph, replaced = gm.graph, 0
+    """Replace every recognised Ulysses attention; returns the ranks it spans (1: none found)."""
+    graph, replaced, ranks = gm.graph, 0, 1
     for sdpa in [n for n in graph.nodes if n.op == "call_function" and n.target in SDPA]:
         q, k, v, mask = sdpa_args(sdpa)
         shape = shape_of(sdpa)
@@ -89,11 +89,11 @@ def collapse_ulysses_attention(gm: fx.GraphModule) -> int:
             local = _transpose(graph, att)
         out.replace_all_uses_with(local)
         _erase_dead(graph, out)
-        replaced += 1
+        replaced, ranks = replaced + 1, size
     if replaced:
         graph.lint()
         gm.recompile()
-    return replaced
+    return ranks
 
 
 def _group_size(q: fx.Node) -> int | None:

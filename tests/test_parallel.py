@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 import astraea
 import astraea.parallel
 from astraea.flops import counting
+from astraea.passes.ulysses import collapse_ulysses_attention
 from tests.models import sample, wan
 
 # 32 tokens, 16 per rank: as many as the head width and half the timestep frequencies, so the
@@ -58,6 +59,7 @@ def _rank_main(rank: int, port: int, results: str) -> None:
     found["flops"] = []
     found["sparse"], found["records"], report = _run_astraea(SPARSE, found["flops"], ulysses=2)
     found["sparse_blocks"], found["hash"], found["report"] = report.num_sparse_blocks, report.structure_hash, str(report)
+    found["collapsed"] = _collapsed_against_engine()
     family = wan(**SHAPE)
     found["cfg"] = sample(family, family.model, mesh=astraea.parallel.enable(family.model, cfg=2))
     try:
@@ -66,6 +68,25 @@ def _rank_main(rank: int, port: int, results: str) -> None:
         found["heads_error"] = str(e)
     torch.save(found, f"{results}.{rank}")
     dist.destroy_process_group()
+
+
+def _collapsed_against_engine():
+    """(ranks, largest difference): the graph with Ulysses attention collapsed into one op,
+    run as is, against the model under diffusers' own exchange."""
+    torch._dynamo.reset()
+    family = wan(**SHAPE)
+    astraea.parallel.enable(family.model, ulysses=2)
+    found = {}
+
+    def collapse_and_run(gm, example_inputs):
+        found["ranks"] = collapse_ulysses_attention(gm)
+        return gm.forward
+
+    x, t = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(1)), torch.tensor([500.0])
+    with torch.no_grad():
+        engine = family.call(family.model, x, t, family.contexts[0])
+        collapsed = family.call(torch.compile(family.model, backend=collapse_and_run), x, t, family.contexts[0])
+    return found["ranks"], float((collapsed - engine).abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +140,12 @@ def test_selection_differs_from_unbalanced_single_process(ranks):
     """The equality above is not vacuous: global top-k selects differently."""
     single, _ = _single(SPARSE, shards=1)
     assert (ranks[0]["sparse"] - single).abs().max() > 1e-4
+
+
+def test_collapsed_ulysses_attention_equals_the_engines_exchange(ranks):
+    for r in ranks:
+        found_ranks, difference = r["collapsed"]
+        assert found_ranks == 2 and difference < 1e-5
 
 
 def test_guidance_split_over_ranks_equals_guidance_in_turn(ranks):

@@ -3,10 +3,13 @@
 Same prompts, seeds, sampler and steps for every method: dense; diffusers' `enable_cache` with
 FirstBlockCache, PyramidAttentionBroadcast, FasterCache, TaylorSeerCache and MagCache at two
 or more settings each (MagCache calibrated first, as its documentation says: one run with
-`calibrate=True`, whose ratios the other runs use); astraea at uniform budgets and with the
-searched schedule. For each: wall time and speedup
-over dense, PSNR/SSIM of the clips against the dense clips, and semantic accuracy. Writes
-JSON, a markdown table and a Pareto plot of fidelity against speedup.
+`calibrate=True`, whose ratios the other runs use); astraea at uniform budgets, with the
+searched schedules (one per speedup target found in benchmarks/results), and with parts of
+its token score switched off (random tokens, change without the LSE factor, no staleness
+penalty). For each: wall time and speedup over dense, PSNR/SSIM of the clips against the
+dense clips, and semantic accuracy; each speedup is against a dense generation timed right
+after the method (CPU speed drifts over a run). Writes JSON, a markdown table and a Pareto
+plot of fidelity against speedup.
 
     python benchmarks/peers.py --out benchmarks/results
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import glob
 import json
 import logging
 import os
@@ -34,7 +38,7 @@ from astraea.reference.evaluate import evaluation_prompts, generate_clips, score
 from astraea.reference.model import load_reference
 from astraea.search.fidelity import compare
 
-SEARCHED = "benchmarks/results/search_reference_20steps_1.5x.json"
+SEARCHED = "benchmarks/results/search_reference_{steps}steps_*x.json"  # one per speedup target
 
 
 class TimestepSpy:
@@ -109,13 +113,20 @@ def calibrate_mag_cache(transformer, run, steps: int) -> list[float]:
 
 
 def astraea_methods(steps: int) -> dict:
+    """Uniform budgets, every searched schedule of this step count in benchmarks/results, and
+    ablations of the token score at 0.3 after 6 dense steps."""
     methods = {
         "astraea 0.5 (6 dense steps)": dict(schedule=0.5, full_steps=6),
         "astraea 0.3 (6 dense steps)": dict(schedule=0.3, full_steps=6),
         "astraea 0.5 (1 dense step)": dict(schedule=0.5, full_steps=1),
     }
-    if os.path.exists(SEARCHED) and astraea.Schedule.load(SEARCHED).num_steps == steps:
-        methods["astraea searched (1.5x target)"] = dict(schedule=SEARCHED, full_steps=0)
+    for path in sorted(glob.glob(SEARCHED.format(steps=steps))):
+        target = path.rsplit("_", 1)[-1].removesuffix(".json")
+        methods[f"astraea searched ({target} target)"] = dict(schedule=path, full_steps=0)
+    ablation = dict(schedule=0.3, full_steps=6)
+    methods["ablation: random tokens"] = dict(ablation, policy="random")
+    methods["ablation: change only (no LSE)"] = dict(ablation, policy="delta")
+    methods["ablation: no staleness penalty"] = dict(ablation, weight_penalty=0.0)
     return methods
 
 
@@ -141,10 +152,12 @@ def main() -> None:
     rows = {"dense": {"seconds": dense_s, "speedup": 1.0, "psnr": float("inf"), "ssim": 1.0, **score(dense, prompts)}}
 
     def record(name, clips, seconds):
+        # This machine's speed drifts over minutes: time dense again next to every method.
+        reference_s = run(transformer)[1]
         fid = compare(clips, dense)
-        rows[name] = {"seconds": seconds, "speedup": dense_s / seconds, "psnr": fid.psnr, "ssim": fid.ssim,
-                      **score(clips, prompts)}
-        print(f"{name:32} {dense_s / seconds:5.2f}x  PSNR {fid.psnr:6.2f}  SSIM {fid.ssim:.3f}  "
+        rows[name] = {"seconds": seconds, "dense_seconds": reference_s, "speedup": reference_s / seconds,
+                      "psnr": fid.psnr, "ssim": fid.ssim, **score(clips, prompts)}
+        print(f"{name:32} {reference_s / seconds:5.2f}x  PSNR {fid.psnr:6.2f}  SSIM {fid.ssim:.3f}  "
               f"accuracy {rows[name]['accuracy']:.3f}", flush=True)
 
     spy = TimestepSpy(transformer, now)
@@ -152,9 +165,10 @@ def main() -> None:
     for name, config in diffusers_methods(now, mag_ratios, args.steps).items():
         transformer.enable_cache(config)
         try:
-            record(name, *run(spy))
+            clips, seconds = run(spy)
         finally:
             transformer.disable_cache()
+        record(name, clips, seconds)  # times dense next: with the cache off
     for name, options in astraea_methods(args.steps).items():
         torch._dynamo.reset()
         compiled = torch.compile(transformer, backend=astraea.backend(**options))

@@ -65,7 +65,7 @@ def ulysses_sparse_attention(
     [B, H, K, d] and the rows' log-sum-exp [B, H, K] (fp32).
     """
     out, lse = _across_ranks(q, k, v, group, lambda q, k, v: sparse_attention(q, k, v, scale))
-    return out, lse
+    return out, lse  # a pair, as the schema says
 
 
 @ulysses_sparse_attention.register_fake

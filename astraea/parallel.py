@@ -71,11 +71,11 @@ def _quiet_split_warning() -> None:
     """diffusers' split hook calls `logger.warning_once` whenever an input has no axis to
     split (Wan's 1-D timestep, which is meant to be shared by every rank). Only transformers
     defines `warning_once`, so without it the call fails, and with it dynamo breaks the
-    graph there. That logger's `warning_once` becomes a no-op that dynamo is told to skip
-    (through the older config name: newer torch aliases it, and older torch then leaves it
-    out of the config it logs, which cannot hold functions)."""
+    graph there. That logger's `warning_once` becomes a no-op that dynamo is told to skip.
+    (torch 2.11 then logs, harmlessly, that it cannot write this config entry in its compile
+    metrics; torch 2.13 leaves the entry out of them.)"""
     logging.getLogger("diffusers.hooks.context_parallel").warning_once = _ignore
-    torch._dynamo.config.ignore_logger_methods.add(_ignore)
+    torch._dynamo.config.ignore_logging_functions.add(_ignore)
 
 
 def _ignore(*args, **kwargs) -> None:

@@ -25,12 +25,15 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..runtime import ops  # noqa: F401  (registers torch.ops.astraea.*)
+from ..runtime import ops, ulysses  # noqa: F401  (register torch.ops.astraea.*)
 from ..runtime.state import GRAPH_INPUTS
 from .blocks import Block
 from .token_axis import DTYPE_FROM_SECOND, TokenAxis, sdpa_args, shape_of
 
 SIZED_METHODS = {"view", "reshape", "expand"}
+# The sparse form of each self-attention op, and the keyword arguments it carries over;
+# any other (an SDPA) becomes astraea::sparse_attention.
+SPARSE_ATTENTION = {torch.ops.astraea.ulysses_attention: (torch.ops.astraea.ulysses_sparse_attention, ("group",))}
 
 
 @dataclass(frozen=True)
@@ -100,10 +103,8 @@ def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> fx
             kwargs = fx.node.map_arg(node.kwargs, remap)
             if node in block.self_attention:
                 q, k, v, _ = sdpa_args(node)
-                if node.target is torch.ops.astraea.ulysses_attention:
-                    op, extra = torch.ops.astraea.ulysses_sparse_attention, {"group": node.kwargs["group"]}
-                else:
-                    op, extra = torch.ops.astraea.sparse_attention, {}
+                op, carried = SPARSE_ATTENTION.get(node.target, (torch.ops.astraea.sparse_attention, ()))
+                extra = {name: node.kwargs[name] for name in carried}
                 pair = graph.call_function(op, (remap(q), k, v), {"scale": node.kwargs.get("scale"), **extra})
                 copy = graph.call_function(operator.getitem, (pair, 0))
                 if lse_rows is None:

@@ -73,14 +73,16 @@ def merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state):
     return y
 
 
-def flop_formulas() -> dict:
-    """FLOP formulas for FlopCounterMode(custom_mapping=...): our attention and CPU flash SDPA."""
+def attention_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode formula of an attention op with SDPA's (q, k, v) shapes."""
     from torch.utils.flop_counter import sdpa_flop_count
 
-    def attention(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(q_shape, k_shape, v_shape)
+    return sdpa_flop_count(q_shape, k_shape, v_shape)
 
+
+def flop_formulas() -> dict:
+    """FLOP formulas for FlopCounterMode(custom_mapping=...): our attention and CPU flash SDPA."""
     return {  # FlopCounterMode looks ops up by their overload packet
-        torch.ops.astraea.sparse_attention: attention,
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention,
+        torch.ops.astraea.sparse_attention: attention_flops,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention_flops,
     }

@@ -58,6 +58,7 @@ class SparseRunner:
         # rank sees one shard (its own), so 1 there too; a single process sets it to the
         # rank count to make the selection that run makes.
         self.selection_shards = 1
+        self.all_tokens = torch.arange(self.num_tokens, device=device)  # the indices of a dense step
         self.tracker = StepTracker()
         self.announcements = announcements  # diffusers' cache_context, when the model has one
         self._announced = False
@@ -108,7 +109,7 @@ class SparseRunner:
                 score = scores(state, self.config, self.generator)
                 idx = select(score, k, self.config, self.report.token_grid, shards)
             else:
-                idx = torch.arange(self.num_tokens, device=self.device)
+                idx = self.all_tokens
             mark_selected(state, idx)
             indices.append(idx)
         self.records.append(CallRecord(call.step, call.context, budget, int(indices[0].numel())))

@@ -48,6 +48,8 @@ def select(
     if shards > 1:
         if config.group == "spatial":
             raise ConfigError("group='spatial' needs whole frames; it cannot select from token shards")
+        if score.numel() % shards or k % shards:
+            raise ValueError(f"{score.numel()} tokens and {k} selected do not split into {shards} equal shards")
         parts = score.chunk(shards)
         width = parts[0].numel()
         return torch.cat([select(p, k // shards, config, None) + i * width for i, p in enumerate(parts)])

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .ops import sparse_attention
+from .ops import attention_flops, sparse_attention
 
 
 def group_of(name: str) -> dist.ProcessGroup:
@@ -75,9 +75,8 @@ def _(q, k, v, scale, group):
 
 def flop_formulas() -> dict:
     """Per-rank FLOPs: the exchanged problem is (group size) times the local shapes' count."""
-    from torch.utils.flop_counter import sdpa_flop_count
 
-    def attention(q_shape, k_shape, v_shape, scale=None, group=None, *args, out_shape=None, **kwargs):
-        return sdpa_flop_count(q_shape, k_shape, v_shape) * group_of(group).size()
+    def attention(q_shape, k_shape, v_shape, scale=None, group=None, *args, **kwargs):
+        return attention_flops(q_shape, k_shape, v_shape) * group_of(group).size()
 
     return {torch.ops.astraea.ulysses_attention: attention, torch.ops.astraea.ulysses_sparse_attention: attention}

@@ -19,6 +19,10 @@ from .lowering import lower
 from .passes import AnalyseTokens, SparsifyBlocks
 
 
+# Options the lowered graph depends on; the others are read per call.
+COMPILED_OPTIONS = ("lowering", "cache_dtype")
+
+
 class AstraeaWarning(UserWarning):
     """The model (or part of it) runs dense; the message says why."""
 
@@ -34,19 +38,32 @@ class Backend:
     def __call__(self, gm: fx.GraphModule, example_inputs: list[Any], **kwargs):
         return compile_graph(gm, example_inputs, self.config, self)
 
-    def set_schedule(self, schedule) -> None:
-        """Use another schedule from the next generation on; nothing recompiles.
+    def update(self, **options) -> None:
+        """Use other options from the next generation on; nothing recompiles.
 
-        Accepts what the `schedule` option accepts; refused (before any change) when it was made
-        for another model than a graph this backend already compiled.
+        Everything but `lowering` and `cache_dtype` is read per call (schedule, token selection,
+        full steps, seed), so one compilation serves them all. Refused, before any change, for
+        an option fixed in a compiled graph or a schedule made for another model.
         """
-        config = self.config.replace(schedule=schedule)
+        config = self.config.replace(**options)
+        if self.runners:
+            fixed = [name for name in COMPILED_OPTIONS if getattr(config, name) != getattr(self.config, name)]
+            if fixed:
+                raise ConfigError(
+                    f"option(s) {fixed} are compiled into the graph; compile again to change them "
+                    "(torch._dynamo.reset(), then torch.compile with a new backend)"
+                )
         for runner in self.runners:
-            config.schedule.check_model(runner.report.structure_hash)
+            check_report(config, runner.report)
         self.config = config
         for runner in self.runners:
             runner.config = config
             runner.reset()
+
+    def set_schedule(self, schedule) -> None:
+        """Use another schedule from the next generation on (accepts what the `schedule`
+        option accepts); nothing recompiles."""
+        self.update(schedule=schedule)
 
     def __repr__(self) -> str:
         return f"astraea.backend({self.config!r})"
@@ -67,6 +84,13 @@ def astraea_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict
     return compile_graph(gm, example_inputs, AstraeaConfig.from_options(options))
 
 
+def check_report(config: AstraeaConfig, report) -> None:
+    """Refuse options this analysed graph cannot honour (before compiling, or changing them)."""
+    config.schedule.check_model(report.structure_hash)
+    if config.group == "spatial" and report.num_sparse_blocks and report.token_grid is None:
+        raise ConfigError("option group='spatial' needs a frame grid, but this model's tokens have none")
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, owner: Backend | None = None):
     from .runtime.announced import compiled_module, listen
     from .runtime.runner import SparseRunner
@@ -78,13 +102,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     report = analysis.report
     if owner is not None:
         owner.reports.append(report)
-    config.schedule.check_model(report.structure_hash)
+    check_report(config, report)
     if report.num_sparse_blocks == 0:
         why = report.reason or "; ".join(sorted({b.reason for b in report.blocks if b.reason}))
         warnings.warn(f"astraea: running this graph dense: {why}", AstraeaWarning, stacklevel=2)
         return dense_gm.forward
-    if config.group == "spatial" and report.token_grid is None:
-        raise ConfigError("option group='spatial' needs a frame grid, but this model's tokens have none")
     for b in report.blocks:
         if not b.sparse:
             warnings.warn(f"astraea: block {b.module or b.index} stays dense: {b.reason}", AstraeaWarning, stacklevel=2)

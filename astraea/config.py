@@ -83,13 +83,11 @@ class AstraeaConfig:
     def from_options(cls, options: dict[str, Any] | None) -> "AstraeaConfig":
         """Build a config from `torch.compile(..., options=...)`, refusing unknown keys."""
         options = dict(options or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ConfigError(f"unknown astraea option(s) {unknown}; known options: {sorted(known)}")
+        _refuse_unknown(options)
         return cls(**options)
 
     def replace(self, **changes) -> "AstraeaConfig":
+        _refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
 
     def step_budget(self, step: int) -> float:
@@ -101,3 +99,10 @@ class AstraeaConfig:
         data = dataclasses.asdict(self)
         data["schedule"] = self.schedule.to_json()
         return data
+
+
+def _refuse_unknown(options: dict[str, Any]) -> None:
+    known = {f.name for f in dataclasses.fields(AstraeaConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown astraea option(s) {unknown}; known options: {sorted(known)}")

@@ -1,17 +1,29 @@
-"""astraea against diffusers' own caches on the shipped reference model: speed and fidelity.
+"""astraea against diffusers' own caches: speed, fidelity and memory in one run.
 
-Same prompts, seeds, sampler and steps for every method: dense; diffusers' `enable_cache` with
-FirstBlockCache, PyramidAttentionBroadcast, FasterCache, TaylorSeerCache and MagCache at two
-or more settings each (MagCache calibrated first, as its documentation says: one run with
-`calibrate=True`, whose ratios the other runs use); astraea at uniform budgets, with the
-searched schedules (one per speedup target found in benchmarks/results), and with parts of
-its token score switched off (random tokens, change without the LSE factor, no staleness
-penalty). For each: wall time and speedup over dense, PSNR/SSIM of the clips against the
-dense clips, and semantic accuracy; each speedup is against a dense generation timed right
-after the method (CPU speed drifts over a run). Writes JSON, a markdown table and a Pareto
-plot of fidelity against speedup.
+Same inputs, seeds, sampler and steps for every method: dense eager (and dense Inductor on a
+GPU); diffusers' `enable_cache` with FirstBlockCache, PyramidAttentionBroadcast, FasterCache,
+TaylorSeerCache and MagCache at two or more settings each (MagCache calibrated first, as its
+documentation says: one run with `calibrate=True`, whose ratios the other runs use); astraea
+at uniform budgets, with the searched schedules (one per speedup target found in
+benchmarks/results), and with parts of its token score switched off (random tokens, change
+without the LSE factor, no staleness penalty). astraea compiles once: the methods differ in
+options it reads per call (`Backend.update`).
 
-    python benchmarks/peers.py --out benchmarks/results
+Two subjects:
+- `--model reference` (default): the shipped trained model; clips for `--prompts` prompts,
+  fidelity of the clips against the dense clips, and semantic accuracy.
+- `--model wan2.1-1.3b` (or `tiny`): random weights on the search's sampler, on held-out seeds.
+  The initial noise dominates a random model's final latent and flatters every method, so
+  fidelity is of what the model contributed (final latent minus noise), the latent's beside it.
+
+Timing: on a GPU each method runs once after the warm-up, speedups are over dense Inductor
+and dense eager, and peak memory is recorded; on a CPU, whose speed drifts over minutes,
+each speedup is over a dense generation timed right after the method. Writes JSON, a
+markdown table and a plot of fidelity against speedup with each side's Pareto front.
+
+    python benchmarks/peers.py                                  # reference model, CPU
+    python benchmarks/peers.py --model wan2.1-1.3b --frames 5 --height 60 --width 104 \\
+        --dtype bfloat16 --device cuda --seeds 2                 # Wan2.1-1.3B shape, 17 frames 480p
 """
 
 from __future__ import annotations
@@ -34,11 +46,67 @@ from diffusers import (
 )
 
 import astraea
-from astraea.reference.evaluate import evaluation_prompts, generate_clips, score
-from astraea.reference.model import load_reference
-from astraea.search.fidelity import compare
+from astraea.config import AstraeaConfig
+from astraea.search import models
+from astraea.search.fidelity import compare, fidelity
 
-SEARCHED = "benchmarks/results/search_reference_{steps}steps_*x.json"  # one per speedup target
+SEARCHED = "benchmarks/results/search_{model}_{steps}steps_*x.json"  # one per speedup target
+HELD_OUT = (100, 101, 102, 103, 104, 105)  # seeds the searches never saw
+
+
+class ReferenceClips:
+    """The shipped model on fixed evaluation prompts, one batch; scored on decoded clips."""
+
+    columns = (("PSNR dB", "psnr", ".2f"), ("SSIM", "ssim", ".3f"), ("semantic accuracy", "accuracy", ".3f"))
+
+    def __init__(self, args):
+        from astraea.reference.evaluate import evaluation_prompts
+        from astraea.reference.model import load_reference
+
+        self.model, self.encoder = load_reference(device=args.device)
+        self.prompts = evaluation_prompts(args.prompts)
+        self.steps, self.guidance = args.steps, args.guidance or 2.0
+        self.setting = (f"reference model, {args.prompts} prompts, {self.steps} steps, guidance {self.guidance}; "
+                        "fidelity of the clips against the dense clips")
+
+    def run(self, model):
+        from astraea.reference.evaluate import generate_clips
+
+        return generate_clips(model, self.encoder, self.prompts, self.steps, self.guidance, batch_size=len(self.prompts))
+
+    def metrics(self, clips, dense) -> dict:
+        from astraea.reference.evaluate import score
+
+        fid = compare(clips, dense)
+        return {"psnr": fid.psnr, "ssim": fid.ssim, **score(clips, self.prompts)}
+
+
+class RandomWan:
+    """A random Wan transformer on the search's sampler; scored on the model's contribution."""
+
+    columns = (("PSNR dB (contribution)", "psnr", ".2f"), ("SSIM (contribution)", "ssim", ".3f"),
+               ("rel. L2 (contribution)", "rel_l2", ".4f"), ("PSNR dB (latent)", "latent_psnr", ".2f"))
+
+    def __init__(self, args):
+        extra = {} if args.guidance is None else {"guidance": args.guidance}
+        self.workload = models.random_wan(args.model, frames=args.frames, height=args.height, width=args.width,
+                                          num_steps=args.steps, dtype=getattr(torch, args.dtype),
+                                          device=args.device, **extra)
+        self.model, self.seeds = self.workload.model, HELD_OUT[: args.seeds]
+        tokens = args.frames * (args.height // 2) * (args.width // 2)
+        self.setting = (f"{args.model}, random weights, latent {args.frames}x{args.height}x{args.width} ({tokens} tokens), "
+                        f"{args.dtype}, {args.steps} steps, guidance {self.workload.guidance}, shift "
+                        f"{self.workload.shift}, seeds {self.seeds}; fidelity of the model's contribution (final "
+                        "latent minus noise) against dense, the latent's beside it")
+
+    def run(self, model):
+        return [self.workload.generate(model, seed) for seed in self.seeds]
+
+    def metrics(self, runs, dense) -> dict:
+        report = fidelity(runs, dense)
+        c = report.contribution
+        return {"psnr": c.psnr, "ssim": c.ssim, "rel_l2": c.rel_l2,
+                "latent_psnr": report.latent.psnr, "latent_ssim": report.latent.ssim}
 
 
 class TimestepSpy:
@@ -70,7 +138,10 @@ class CalibrationLog(logging.Handler):
 def diffusers_methods(now: dict, mag_ratios: list[float], steps: int) -> dict:
     """Two or more settings of each of diffusers' caches. FasterCache runs with
     `is_guidance_distilled=True`: its unconditional-branch reuse needs both branches in one
-    batch, and the sampler (like diffusers' Wan pipeline) calls them one after the other."""
+    batch, and the samplers here (like diffusers' Wan pipeline) call them one after the other.
+    TaylorSeer runs in its lite mode (blocks skipped, the output projection predicted): its
+    default patterns ("^blocks.*attn", matched whole) name no module of Wan's (`attn1`,
+    `attn2`), so by default it hooks nothing and computes every step."""
     timestep = lambda: now["t"]  # noqa: E731  (what PAB and FasterCache ask the pipeline for)
     return {
         "FirstBlockCache 0.05": FirstBlockCacheConfig(threshold=0.05),
@@ -78,8 +149,11 @@ def diffusers_methods(now: dict, mag_ratios: list[float], steps: int) -> dict:
         "FirstBlockCache 0.2": FirstBlockCacheConfig(threshold=0.2),
         "PAB skip 2": PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=2, current_timestep_callback=timestep),
         "PAB skip 3": PyramidAttentionBroadcastConfig(spatial_attention_block_skip_range=3, current_timestep_callback=timestep),
-        "TaylorSeer interval 3": TaylorSeerCacheConfig(cache_interval=3, taylor_factors_dtype=torch.float32),
-        "TaylorSeer interval 5": TaylorSeerCacheConfig(cache_interval=5, taylor_factors_dtype=torch.float32),
+        **{
+            f"TaylorSeer interval {n}": TaylorSeerCacheConfig(cache_interval=n, taylor_factors_dtype=torch.float32,
+                                                               use_lite_mode=True)
+            for n in (3, 5)
+        },
         **{
             f"FasterCache skip {n}": FasterCacheConfig(
                 spatial_attention_block_skip_range=n, spatial_attention_timestep_skip_range=(-1, 681),
@@ -112,97 +186,158 @@ def calibrate_mag_cache(transformer, run, steps: int) -> list[float]:
     return log.ratios[0]
 
 
-def astraea_methods(steps: int) -> dict:
-    """Uniform budgets, every searched schedule of this step count in benchmarks/results, and
-    ablations of the token score at 0.3 after 6 dense steps."""
+def astraea_methods(model: str, steps: int) -> dict:
+    """Uniform budgets, every searched schedule of this model and step count in
+    benchmarks/results, and ablations of the token score at 0.3 after 6 dense steps. Each
+    method names every option it differs in, so one backend can run them in turn."""
+    base = dict(policy="astraea", weight_penalty=AstraeaConfig().weight_penalty)
     methods = {
-        "astraea 0.5 (6 dense steps)": dict(schedule=0.5, full_steps=6),
-        "astraea 0.3 (6 dense steps)": dict(schedule=0.3, full_steps=6),
-        "astraea 0.5 (1 dense step)": dict(schedule=0.5, full_steps=1),
+        "astraea 0.5 (6 dense steps)": dict(base, schedule=0.5, full_steps=6),
+        "astraea 0.3 (6 dense steps)": dict(base, schedule=0.3, full_steps=6),
+        "astraea 0.5 (1 dense step)": dict(base, schedule=0.5, full_steps=1),
     }
-    for path in sorted(glob.glob(SEARCHED.format(steps=steps))):
+    for path in sorted(glob.glob(SEARCHED.format(model=model, steps=steps))):
         target = path.rsplit("_", 1)[-1].removesuffix(".json")
-        methods[f"astraea searched ({target} target)"] = dict(schedule=path, full_steps=0)
-    ablation = dict(schedule=0.3, full_steps=6)
+        methods[f"astraea searched ({target} target)"] = dict(base, schedule=path, full_steps=0)
+    ablation = dict(base, schedule=0.3, full_steps=6)
     methods["ablation: random tokens"] = dict(ablation, policy="random")
     methods["ablation: change only (no LSE)"] = dict(ablation, policy="delta")
     methods["ablation: no staleness penalty"] = dict(ablation, weight_penalty=0.0)
     return methods
 
 
+class Timer:
+    """Runs a generation to the device being done; wall seconds and, on a GPU, peak memory."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, generate) -> tuple[object, float, float | None]:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = generate()
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        return out, seconds, torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=2.0)
+    models.add_arguments(parser)
+    parser.set_defaults(model="reference")
+    parser.add_argument("--prompts", type=int, default=8, help="evaluation prompts (reference model)")
+    parser.add_argument("--seeds", type=int, default=2, help=f"held-out seeds of {HELD_OUT} (random Wan models)")
+    parser.add_argument("--guidance", type=float, default=None, help="default: 2 for the reference model, Wan's 5 otherwise")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    transformer, encoder = load_reference()
-    prompts = evaluation_prompts(args.prompts)
+    device = torch.device(args.device)
+    subject = ReferenceClips(args) if args.model == "reference" else RandomWan(args)
+    transformer, timer, gpu = subject.model, Timer(device), device.type == "cuda"
+
+    def generate(model):
+        return lambda: subject.run(model)
+
+    timer(generate(transformer))  # warm-up
+    dense, dense_s, dense_gb = timer(generate(transformer))
+    baselines = {"eager": dense_s}
+    rows = {}
+
+    def record(name, out, seconds, peak_gb):
+        # A CPU's speed drifts over minutes: time dense again next to every method there.
+        eager_s = dense_s if gpu or name.startswith("dense") else timer(generate(transformer))[1]
+        row = {"seconds": seconds, "dense_seconds": eager_s, "speedup": eager_s / seconds, "peak_gb": peak_gb,
+               **subject.metrics(out, dense)}
+        if "inductor" in baselines:
+            row["speedup_inductor"] = baselines["inductor"] / seconds
+        rows[name] = row
+        fastest = row.get("speedup_inductor", row["speedup"])
+        print(f"{name:34} {fastest:5.2f}x  PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.3f}"
+              + (f"  peak {peak_gb:.2f} GB" if peak_gb is not None else ""), flush=True)
+
+    if gpu:  # the dense baseline a user would compare with: the model under torch.compile
+        inductor = torch.compile(transformer)
+        timer(generate(inductor))  # compiles
+        out, baselines["inductor"], peak = timer(generate(inductor))
+        record("dense Inductor", out, baselines["inductor"], peak)
+    record("dense eager", dense, dense_s, dense_gb)
+
     now = {"t": 1000.0}
-
-    def run(model) -> tuple[torch.Tensor, float]:
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            clips = generate_clips(model, encoder, prompts, args.steps, args.guidance, batch_size=args.prompts)
-        return clips, time.perf_counter() - t0
-
-    run(transformer)  # warm-up
-    dense, dense_s = run(transformer)
-    rows = {"dense": {"seconds": dense_s, "speedup": 1.0, "psnr": float("inf"), "ssim": 1.0, **score(dense, prompts)}}
-
-    def record(name, clips, seconds):
-        # This machine's speed drifts over minutes: time dense again next to every method.
-        reference_s = run(transformer)[1]
-        fid = compare(clips, dense)
-        rows[name] = {"seconds": seconds, "dense_seconds": reference_s, "speedup": reference_s / seconds,
-                      "psnr": fid.psnr, "ssim": fid.ssim, **score(clips, prompts)}
-        print(f"{name:32} {reference_s / seconds:5.2f}x  PSNR {fid.psnr:6.2f}  SSIM {fid.ssim:.3f}  "
-              f"accuracy {rows[name]['accuracy']:.3f}", flush=True)
-
     spy = TimestepSpy(transformer, now)
-    mag_ratios = calibrate_mag_cache(transformer, lambda: run(spy), args.steps)
+    mag_ratios = calibrate_mag_cache(transformer, generate(spy), args.steps)
     for name, config in diffusers_methods(now, mag_ratios, args.steps).items():
         transformer.enable_cache(config)
         try:
-            clips, seconds = run(spy)
+            result = timer(generate(spy))
         finally:
             transformer.disable_cache()
-        record(name, clips, seconds)  # times dense next: with the cache off
-    for name, options in astraea_methods(args.steps).items():
-        torch._dynamo.reset()
-        compiled = torch.compile(transformer, backend=astraea.backend(**options))
-        run(compiled)  # compiles
-        record(name, *run(compiled))
-    write(rows, args, mag_ratios)
+        record(name, *result)  # a CPU times dense next: with the cache off
+
+    torch._dynamo.reset()
+    backend = astraea.backend(schedule=0.5)
+    compiled = torch.compile(transformer, backend=backend)
+    timer(generate(compiled))  # compiles; every method below reuses the compilation
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for name, options in astraea_methods(args.model, args.steps).items():
+            backend.update(**options)
+            record(name, *timer(generate(compiled)))
+    write(rows, args, subject, baselines, mag_ratios, device)
 
 
-def write(rows: dict, args, mag_ratios: list[float]) -> None:
+def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats in both speedup and fidelity, by speedup."""
+    front, best = [], float("-inf")
+    for speedup, fid in sorted(points, key=lambda p: (-p[0], -p[1])):
+        if fid > best:
+            front.append((speedup, fid))
+            best = fid
+    return front[::-1]
+
+
+def write(rows: dict, args, subject, baselines: dict, mag_ratios: list[float], device: torch.device) -> None:
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "peers_reference.json"), "w") as f:
-        json.dump({"prompts": args.prompts, "steps": args.steps, "guidance": args.guidance, "device": "cpu",
-                   "threads": torch.get_num_threads(), "magcache_ratios": mag_ratios, "rows": rows}, f, indent=1)
-    lines = [f"reference model, {args.prompts} prompts, {args.steps} steps, guidance {args.guidance}, CPU "
-             f"({torch.get_num_threads()} threads); fidelity of the clips against the dense clips", "",
-             "| method | speedup | PSNR dB | SSIM | semantic accuracy |", "|---|---|---|---|---|"]
-    lines += [f"| {n} | {r['speedup']:.2f} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['accuracy']:.3f} |" for n, r in rows.items()]
-    with open(os.path.join(args.out, "peers_reference.md"), "w") as f:
+    name = os.path.join(args.out, f"peers_{args.model}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    with open(name + ".json", "w") as f:
+        json.dump({"setting": subject.setting, "device": where, "args": vars(args), "baseline_seconds": baselines,
+                   "magcache_ratios": mag_ratios, "rows": rows}, f, indent=1)
+    speedups = [("speedup over dense Inductor", "speedup_inductor")] if "inductor" in baselines else []
+    speedups.append(("speedup over dense eager", "speedup"))
+    columns = [(h, k, ".2f") for h, k in speedups] + list(subject.columns)
+    if device.type == "cuda":
+        columns.append(("peak GB", "peak_gb", ".2f"))
+    lines = [f"{subject.setting}; {where}", "",
+             "| method | " + " | ".join(h for h, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(format(r[k], fmt) for _, k, fmt in columns) + " |" for n, r in rows.items()]
+    with open(name + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, r in rows.items():
-        if name == "dense":
-            continue
-        ax.scatter(r["speedup"], r["psnr"], color="tab:red" if name.startswith("astraea") else "tab:gray")
-        ax.annotate(name, (r["speedup"], r["psnr"]), fontsize=6)
-    ax.set_xlabel("speedup over dense (CPU wall time)")
-    ax.set_ylabel("PSNR against dense clips, dB")
+    axis, field = speedups[0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sides = {"astraea": ("tab:red", lambda n: n.startswith(("astraea", "ablation"))),
+             "diffusers caches": ("tab:gray", lambda n: not n.startswith(("astraea", "ablation", "dense")))}
+    for side, (colour, member) in sides.items():
+        points = {n: (r[field], r["psnr"]) for n, r in rows.items() if member(n) and r["psnr"] != float("inf")}
+        for n, (x, y) in points.items():
+            ax.scatter(x, y, color=colour, s=14)
+            ax.annotate(n, (x, y), fontsize=5)
+        front = pareto(list(points.values()))
+        if front:
+            ax.step(*zip(*front), where="post", color=colour, alpha=0.6, label=f"{side} (Pareto front)")
+    ax.set_xlabel(axis + (" (GPU wall time)" if device.type == "cuda" else " (CPU wall time)"))
+    ax.set_ylabel(subject.columns[0][0] + " against dense")
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out, "peers_reference.png"), dpi=130)
+    fig.savefig(name + ".png", dpi=130)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Budgets are data: changing them from step to step does not recompile."""
 
+import pytest
 import torch
 
 import astraea
+from astraea import ConfigError
 from tests.models import sample, wan
 
 
@@ -20,3 +22,39 @@ def test_changing_budgets_do_not_recompile():
     budgets = [r.budget for r in be.runners[0].records if r.context == 0]
     assert budgets == [1.0] + schedule[1:] + [1.0] + schedule[1:]
     assert [r.tokens for r in be.runners[0].records if r.budget == 0.0] == [0] * 8
+
+
+def test_update_changes_selection_without_recompiling():
+    """One compilation serves every run-time option: after `update`, a generation equals one
+    from a backend compiled with those options, and nothing recompiles."""
+    options = dict(schedule=[1.0, 0.5, 0.25, 0.5, 0.0, 0.5], policy="random", weight_penalty=0.0, full_steps=2, seed=3)
+    torch._dynamo.reset()
+    family = wan()
+    fresh = astraea.backend(**options)
+    expected = sample(family, torch.compile(family.model, backend=fresh), steps=6)
+    torch._dynamo.reset()
+    be = astraea.backend(schedule=0.5)
+    compiled = torch.compile(family.model, backend=be)
+    default = sample(family, compiled, steps=6)
+    be.update(**options)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        updated = sample(family, compiled, steps=6)
+    assert len(be.runners) == 1
+    torch.testing.assert_close(updated, expected, rtol=0, atol=0)
+    assert not torch.equal(updated, default)  # the options did change what ran
+    assert [r.tokens for r in be.runners[0].records[-12:]] == [r.tokens for r in fresh.runners[0].records]
+
+
+def test_update_refuses_compiled_options_and_unknown_ones_without_change():
+    torch._dynamo.reset()
+    family = wan()
+    be = astraea.backend(schedule=0.5)
+    sample(family, torch.compile(family.model, backend=be), steps=2)
+    before = be.config
+    with pytest.raises(ConfigError, match="cache_dtype.*compiled into the graph"):
+        be.update(cache_dtype="float16", policy="delta")
+    with pytest.raises(ConfigError, match="unknown astraea option"):
+        be.update(budget=0.5)
+    with pytest.raises(ConfigError, match="budget"):
+        be.update(schedule=1.5)
+    assert be.config is before and be.runners[0].config is before

@@ -9,7 +9,8 @@ import astraea
 from astraea.cli import main
 from astraea.schedule import Schedule
 from astraea.search import (
-    CostKey, CostTable, CostTableError, Evaluator, SearchSettings, SparseModel, fidelity, profile, random_wan, search,
+    CostKey, CostTable, CostTableError, Evaluator, SearchError, SearchSettings, SparseModel, fidelity, profile,
+    random_wan, search,
 )
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -89,6 +90,23 @@ def test_resuming_at_a_shared_prefix_matches_running_from_scratch(workload, spar
     scratch = Evaluator(workload, sparse, share_prefixes=False)(second, [0])
     assert resumed.contribution.psnr == pytest.approx(scratch.contribution.psnr, abs=1e-3)
     assert resumed.contribution.rel_l2 == pytest.approx(scratch.contribution.rel_l2, rel=1e-4)
+
+
+def test_searches_for_several_targets_share_one_evaluator(workload, sparse, table):
+    """The second search reuses the first's dense references and scores, and reports only its
+    own work."""
+    evaluator, settings = Evaluator(workload, sparse), SearchSettings(population=3, offspring=2, generations=1)
+    run = lambda speedup: search(workload, table, speedup=speedup, seeds=(0,), confirm=1, settings=settings,  # noqa: E731
+                                 sparse=sparse, evaluator=evaluator, measure=False, progress=False)
+    first = run(1.3)
+    references = dict(evaluator._references)
+    second = run(1.6)
+    assert evaluator._references.keys() == references.keys()
+    assert all(evaluator._references[seed] is run for seed, run in references.items())  # not generated again
+    assert first.stats["generations_run"] > 0 and second.stats["generations_run"] > 0
+    assert first.stats["generations_run"] + second.stats["generations_run"] == evaluator.stats()["generations_run"]
+    with pytest.raises(SearchError, match="evaluator's own sparse model"):
+        search(workload, table, speedup=1.3, evaluator=evaluator, progress=False)
 
 
 def test_cli_profile_then_search(table, tmp_path, capsys):

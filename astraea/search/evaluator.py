@@ -79,15 +79,17 @@ class Evaluator:
                 self._references[seed] = (run, None if decoder is None else decoder(run.latent))
         return self._references[seed]
 
-    @property
-    def shared_fraction(self) -> float:
-        """Fraction of the steps of sparse generations that shared prefixes spared."""
-        return self.steps_shared / max(1, self.steps_run + self.steps_shared)
-
-    @property
-    def shareable_fraction(self) -> float:
-        """Fraction of those steps that restoring the backend's state at any step would spare."""
-        return self.steps_shareable / max(1, self.steps_run + self.steps_shared)
+    def stats(self, since: dict | None = None) -> dict:
+        """The work done, or done since an earlier `stats()`: sparse generations and steps run,
+        steps that shared prefixes spared, and the fractions of the steps spared and of those
+        restoring the backend's state at any step would spare."""
+        counts = {"generations_run": self.generations, "steps_run": self.steps_run,
+                  "steps_shared": self.steps_shared, "steps_shareable": self.steps_shareable}
+        if since is not None:
+            counts = {name: value - since[name] for name, value in counts.items()}
+        steps = max(1, counts["steps_run"] + counts["steps_shared"])
+        return {**counts, "shared_fraction": counts["steps_shared"] / steps,
+                "shareable_fraction": counts["steps_shareable"] / steps}
 
     def _generate(self, budgets: tuple[float, ...], seed: int) -> Trajectory:
         start = self._resume_point(budgets, seed)

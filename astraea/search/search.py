@@ -187,6 +187,7 @@ def search(
     settings: SearchSettings = SearchSettings(),
     config: AstraeaConfig | None = None,
     sparse: SparseModel | None = None,
+    evaluator: Evaluator | None = None,
     share_prefixes: bool | None = None,
     measure: bool = True,
     checkpoint: str | os.PathLike | None = None,
@@ -202,8 +203,10 @@ def search(
     and the best of those is chosen. `config` sets the token selection the schedule is
     searched for (its schedule is ignored); or pass `sparse`, the workload already compiled
     (by `profile`, say): dynamo keeps at most 8 compilations of one forward per process, and
-    every compile of every instance of a model class counts. `share_prefixes` defaults to on
-    except for the random policy, whose random stream a resumed generation would not continue.
+    every compile of every instance of a model class counts. `evaluator` (on `sparse`) carries
+    dense references and scores from one search to the next: searches for several targets.
+    `share_prefixes` defaults to on except for the random policy, whose random stream a resumed
+    generation would not continue.
     Writes the schedule to `output` and a plot to `plot` when given.
     """
     started = time.perf_counter()
@@ -213,6 +216,8 @@ def search(
         raise SearchError(f"proxy_seeds must be between 1 and the {len(seeds)} calibration seeds, got {proxy_seeds}")
     if sparse is not None and config is not None:
         raise SearchError("pass either config or sparse (which has its own config), not both")
+    if evaluator is not None and sparse is not evaluator.sparse:
+        raise SearchError("pass the evaluator's own sparse model with it")
     sparse = sparse or SparseModel(workload, config)
     table.check(CostKey.here(sparse, workload))
     steps, contexts = workload.num_steps, workload.contexts
@@ -221,7 +226,8 @@ def search(
     space = Space(table.levels, tuple(contexts * t for t in table.latency_ms), steps, full_steps, limit)
     if share_prefixes is None:
         share_prefixes = sparse.config.policy != "random"
-    evaluator = Evaluator(workload, sparse, share_prefixes=share_prefixes)
+    evaluator = evaluator or Evaluator(workload, sparse, share_prefixes=share_prefixes)
+    work_before = evaluator.stats()
     proxy, seeds = tuple(seeds[:proxy_seeds]), tuple(seeds)
 
     candidates = evolve(
@@ -242,14 +248,7 @@ def search(
     if measure:
         prediction, dense = (_measure(workload, sparse, table, b) for b in (chosen.budgets, (1.0,) * steps))
     wall_s = time.perf_counter() - started
-    stats = {
-        "evaluated": len(candidates),
-        "generations_run": evaluator.generations,
-        "steps_run": evaluator.steps_run,
-        "steps_shared": evaluator.steps_shared,
-        "shared_fraction": evaluator.shared_fraction,
-        "shareable_fraction": evaluator.shareable_fraction,
-    }
+    stats = {"evaluated": len(candidates), **evaluator.stats(since=work_before)}
     schedule = Schedule(
         budgets=chosen.budgets,
         model=sparse.structure_hash,

@@ -41,6 +41,9 @@ class AstraeaConfig:
     cache_dtype: storage of the per-block caches; "auto" keeps the hidden states' dtype.
     lowering: how the rewritten graph runs: "inductor" (generated Triton around our kernels),
         "eager" (the FX graph as is), or "auto" (Inductor on CUDA, eager elsewhere).
+    cuda_graphs: on a GPU, replay each sparse call as a CUDA graph (one per selection size and
+        guidance branch), so that its thousands of small launches cost one; not for the random
+        policy, "run" groups or several processes. Costs a memory pool of one call's activations.
     """
 
     schedule: Schedule = field(default_factory=lambda: Schedule(constant=0.5))
@@ -53,6 +56,7 @@ class AstraeaConfig:
     seed: int = 0
     cache_dtype: str = "auto"
     lowering: str = "auto"
+    cuda_graphs: bool = True
     version: int = VERSION
 
     def __post_init__(self):
@@ -76,6 +80,8 @@ class AstraeaConfig:
             raise ConfigError(f"option 'cache_dtype' must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
         if self.lowering not in LOWERINGS:
             raise ConfigError(f"option 'lowering' must be one of {LOWERINGS}, got {self.lowering!r}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"option 'cuda_graphs' must be True or False, got {self.cuda_graphs!r}")
         if self.version != VERSION:
             raise ConfigError(f"config version {self.version} is not supported; this astraea reads version {VERSION}")
 

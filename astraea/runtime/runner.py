@@ -2,9 +2,10 @@
 
 Per call it places the call (step, context), looks up the step's budget, selects each
 sparse block's tokens from the context's scores, and runs the rewritten graph with the
-indices and the context's caches as extra inputs. A budget-0 step returns the context's
-previous output without running anything. Budgets and indices are tensors and host ints
-here, outside dynamo, so they never cause a recompile.
+indices and the context's caches as extra inputs; on a GPU the selection and the graph are
+replayed as one CUDA graph per selection size (`call_graphs.py`). A budget-0 step returns the
+context's previous output without running anything. Budgets and indices are tensors and
+host ints here, outside dynamo, so they never cause a recompile.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.fx as fx
 
 from ..config import AstraeaConfig
 from ..passes import Report, SparseBlockInputs
+from .call_graphs import CallGraphs
 from .select import mark_selected, num_selected, scores, select
 from .state import BlockState, ContextState, cache_dtype
 from .steps import StepTracker
@@ -66,6 +68,9 @@ class SparseRunner:
         self.records: list[CallRecord] = []
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
+        # One process on a GPU: replay calls as CUDA graphs (collectives stay uncaptured).
+        single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        self.call_graphs = CallGraphs() if device.type == "cuda" and single else None
 
     # ---- state -----------------------------------------------------------------------------
     def _new_context(self) -> ContextState:
@@ -73,23 +78,28 @@ class SparseRunner:
             blocks=[BlockState.allocate(b.shape, cache_dtype(self.config, b.dtype), self.device) for b in self.blocks]
         )
 
+    def _new_generation(self) -> None:
+        # In place: captured call graphs read the states where they are.
+        for ctx in self.contexts.values():
+            ctx.reset()
+        self.generator.manual_seed(self.config.seed)
+
     def reset(self) -> None:
-        """Forget every context: the next call starts a new generation."""
+        """Forget every context's history: the next call starts a new generation."""
         self.tracker.reset()
         self._announced = False
-        self.contexts.clear()
-        self.generator.manual_seed(self.config.seed)
+        self._new_generation()
 
     def cache_bytes(self) -> int:
         return sum(s.nbytes() for c in self.contexts.values() for s in c.blocks)
 
     # ---- the call --------------------------------------------------------------------------
     def plan(self, timestep: float | None):
-        """(context state, budget, per-block indices or None for a skip) of the next call."""
+        """(placed call, context state, tokens to select per block: 0 for a skip) of the next
+        call; host work only."""
         call = self._place(timestep)
         if call.new_generation:
-            self.contexts.clear()
-            self.generator.manual_seed(self.config.seed)
+            self._new_generation()
         ctx = self.contexts.get(call.context)
         if ctx is None:
             ctx = self.contexts[call.context] = self._new_context()
@@ -97,23 +107,9 @@ class SparseRunner:
         if ctx.fresh:
             budget = 1.0  # nothing cached yet
         if budget == 0.0:
-            for state in ctx.blocks:
-                state.stale.add_(1)
-            self.records.append(CallRecord(call.step, call.context, 0.0, 0))
-            return ctx, None
+            return call, ctx, budget, 0
         shards = self.selection_shards
-        k = num_selected(budget, self.num_tokens // shards) * shards
-        indices = []
-        for state in ctx.blocks:
-            if k < self.num_tokens:  # a dense step needs no scores
-                score = scores(state, self.config, self.generator)
-                idx = select(score, k, self.config, self.report.token_grid, shards)
-            else:
-                idx = self.all_tokens
-            mark_selected(state, idx)
-            indices.append(idx)
-        self.records.append(CallRecord(call.step, call.context, budget, int(indices[0].numel())))
-        return ctx, indices
+        return call, ctx, budget, num_selected(budget, self.num_tokens // shards) * shards
 
     def _place(self, timestep: float | None):
         """Step and branch of this call: as the pipeline announces them, else from the timestep.
@@ -141,14 +137,43 @@ class SparseRunner:
             self.config.schedule.budget(steps - 1)  # a short schedule fails before the first step
         return call
 
+    def _forward(self, ctx: ContextState, k: int, inputs: tuple) -> tuple[tuple, int]:
+        """The device work of a call: select each block's tokens, run the rewritten graph.
+        Returns the outputs and the tokens each block recomputed."""
+        indices = []
+        for state in ctx.blocks:
+            if k < self.num_tokens:  # a dense step needs no scores
+                score = scores(state, self.config, self.generator)
+                idx = select(score, k, self.config, self.report.token_grid, self.selection_shards)
+            else:
+                idx = self.all_tokens
+            mark_selected(state, idx)
+            indices.append(idx)
+        extra = [t for state, idx in zip(ctx.blocks, indices) for t in state.graph_inputs(idx)]
+        out = self.graph_fn(*inputs, *extra)
+        return (tuple(out) if isinstance(out, (list, tuple)) else (out,)), int(indices[0].numel())
+
+    def _graph_key(self, context: int, k: int):
+        """The key of a call's captured graph, or None where a call cannot be captured: the
+        random policy draws from a generator, "run" groups cut a data-dependent tail."""
+        c = self.config
+        if self.call_graphs is None or not c.cuda_graphs or c.policy == "random" or c.group == "run":
+            return None
+        return context, k, c.policy, c.group, c.group_size, c.weight_signal, c.weight_penalty, self.selection_shards
+
     def __call__(self, *args):
         timestep = None
         if self.timestep_position is not None:
             timestep = float(args[self.timestep_position].reshape(-1)[0])
-        ctx, indices = self.plan(timestep)
-        if indices is None:
+        call, ctx, budget, k = self.plan(timestep)
+        if k == 0:
+            for state in ctx.blocks:
+                state.stale.add_(1)
+            self.records.append(CallRecord(call.step, call.context, 0.0, 0))
             return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
-        extra = [t for state, idx in zip(ctx.blocks, indices) for t in state.graph_inputs(idx)]
-        out = self.graph_fn(*args, *extra)
-        ctx.last_output = tuple(out) if isinstance(out, (list, tuple)) else (out,)
+        key = self._graph_key(call.context, k)
+        run = lambda inputs: self._forward(ctx, k, inputs)  # noqa: E731
+        out, tokens = run(args) if key is None else self.call_graphs(key, run, args)
+        self.records.append(CallRecord(call.step, call.context, budget, tokens))
+        ctx.last_output = out
         return out

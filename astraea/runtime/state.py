@@ -45,13 +45,23 @@ class BlockState:
         return [idx, self.cache, self.change, self.lse]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.cache, self.change, self.lse, self.stale))
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.cache, self.change, self.lse, self.stale
 
 
 @dataclass
 class ContextState:
     blocks: list[BlockState]
     last_output: tuple | None = None  # the whole model output, reused by a budget-0 step
+
+    def reset(self) -> None:
+        """As allocated, in place (captured call graphs read these tensors where they are)."""
+        for block in self.blocks:
+            for t in block.tensors():
+                t.zero_()
+        self.last_output = None
 
     @property
     def fresh(self) -> bool:

@@ -42,8 +42,9 @@ class AstraeaConfig:
     lowering: how the rewritten graph runs: "inductor" (generated Triton around our kernels),
         "eager" (the FX graph as is), or "auto" (Inductor on CUDA, eager elsewhere).
     cuda_graphs: on a GPU, replay each sparse call as a CUDA graph (one per selection size and
-        guidance branch), so that its thousands of small launches cost one; not for the random
-        policy, "run" groups or several processes. Costs a memory pool of one call's activations.
+        guidance branch), so that its thousands of small launches cost one; with the "token"
+        group and the astraea or delta policy, in one process. Costs a memory pool of about one
+        call's activations.
     """
 
     schedule: Schedule = field(default_factory=lambda: Schedule(constant=0.5))

@@ -237,10 +237,14 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="astraea launches every kernel instead of replaying calls as CUDA graphs")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw the table and plot of an earlier run's results")
     args = parser.parse_args()
+    if args.replot:
+        return replot(args.replot)
     device = torch.device(args.device)
     subject = ReferenceClips(args) if args.model == "reference" else RandomWan(args)
     transformer, timer, gpu = subject.model, Timer(device), device.type == "cuda"
+    where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
 
     def generate(model):
         return lambda: subject.run(model)
@@ -261,7 +265,8 @@ def main() -> None:
         fastest = row.get("speedup_inductor", row["speedup"])
         print(f"{name:34} {fastest:5.2f}x  PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.3f}"
               + (f"  peak {peak_gb:.2f} GB" if peak_gb is not None else ""), flush=True)
-        write(rows, args, subject, baselines, mag_ratios, device)  # after every method: a cut-off run keeps its rows
+        # After every method: a cut-off run keeps its rows.
+        write(rows, args.model, args.out, subject.setting, subject.columns, baselines, mag_ratios, where, gpu, vars(args))
 
     if gpu:  # the dense baseline a user would compare with: the model under torch.compile
         inductor = torch.compile(transformer)
@@ -308,21 +313,19 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front[::-1]
 
 
-def write(rows: dict, args, subject, baselines: dict, mag_ratios: list[float], device: torch.device) -> None:
-    os.makedirs(args.out, exist_ok=True)
-    name = os.path.join(args.out, f"peers_{args.model}")
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+def write(rows: dict, model: str, out: str, setting: str, columns, baselines: dict, mag_ratios: list[float],
+          where: str, gpu: bool, args: dict) -> None:
+    os.makedirs(out, exist_ok=True)
+    name = os.path.join(out, f"peers_{model}")
     with open(name + ".json", "w") as f:
-        json.dump({"setting": subject.setting, "device": where, "args": vars(args), "baseline_seconds": baselines,
+        json.dump({"setting": setting, "device": where, "gpu": gpu, "args": args, "baseline_seconds": baselines,
                    "magcache_ratios": mag_ratios, "rows": rows}, f, indent=1)
     speedups = [("speedup over dense Inductor", "speedup_inductor")] if "inductor" in baselines else []
     speedups.append(("speedup over dense eager", "speedup"))
-    columns = [(h, k, ".2f") for h, k in speedups] + list(subject.columns)
-    if device.type == "cuda":
-        columns.append(("peak GB", "peak_gb", ".2f"))
-    lines = [f"{subject.setting}; {where}", "",
-             "| method | " + " | ".join(h for h, _, _ in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    lines += [f"| {n} | " + " | ".join(format(r[k], fmt) for _, k, fmt in columns) + " |" for n, r in rows.items()]
+    table = [(h, k, ".2f") for h, k in speedups] + list(columns) + ([("peak GB", "peak_gb", ".2f")] if gpu else [])
+    lines = [f"{setting}; {where}", "",
+             "| method | " + " | ".join(h for h, _, _ in table) + " |", "|---" * (len(table) + 1) + "|"]
+    lines += [f"| {n} | " + " | ".join(format(r[k], fmt) for _, k, fmt in table) + " |" for n, r in rows.items()]
     with open(name + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -333,21 +336,33 @@ def write(rows: dict, args, subject, baselines: dict, mag_ratios: list[float], d
 
     axis, field = speedups[0]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    sides = {"astraea": ("tab:red", lambda n: n.startswith(("astraea", "ablation"))),
-             "diffusers caches": ("tab:gray", lambda n: not n.startswith(("astraea", "ablation", "dense")))}
-    for side, (colour, member) in sides.items():
+    sides = {"astraea": ("tab:red", lambda n: n.startswith("astraea"), True),
+             "astraea ablations": ("tab:pink", lambda n: n.startswith("ablation"), False),
+             "diffusers caches": ("tab:gray", lambda n: not n.startswith(("astraea", "ablation", "dense")), True)}
+    for side, (colour, member, front_line) in sides.items():
         points = {n: (r[field], r["psnr"]) for n, r in rows.items() if member(n) and r["psnr"] != float("inf")}
         for n, (x, y) in points.items():
             ax.scatter(x, y, color=colour, s=14)
             ax.annotate(n, (x, y), fontsize=5)
         front = pareto(list(points.values()))
-        if front:
-            ax.step(*zip(*front), where="post", color=colour, alpha=0.6, label=f"{side} (Pareto front)")
-    ax.set_xlabel(axis + (" (GPU wall time)" if device.type == "cuda" else " (CPU wall time)"))
-    ax.set_ylabel(subject.columns[0][0] + " against dense")
+        if front and front_line:  # the best fidelity on offer at each speed or more
+            ax.step(*zip(*front), where="pre", color=colour, alpha=0.6, label=f"{side} (Pareto front)")
+    ax.set_xlabel(axis + (" (GPU wall time)" if gpu else " (CPU wall time)"))
+    ax.set_ylabel(columns[0][0] + " against dense")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(name + ".png", dpi=130)
+
+
+def replot(path: str) -> None:
+    """Table and plot again from a results JSON (the measurements themselves are not redone)."""
+    with open(path) as f:
+        data = json.load(f)
+    args = data["args"]
+    columns = (ReferenceClips if args["model"] == "reference" else RandomWan).columns
+    gpu = data.get("gpu", any(r.get("peak_gb") is not None for r in data["rows"].values()))
+    write(data["rows"], args["model"], os.path.dirname(path) or ".", data["setting"], columns,
+          data["baseline_seconds"], data["magcache_ratios"], data["device"], gpu, args)
 
 
 if __name__ == "__main__":

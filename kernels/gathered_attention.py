@@ -13,7 +13,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from .launch import launchable
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -222,12 +224,12 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             # Descriptors made on the device live in a scratch buffer Triton asks the
             # allocator for (Inductor installs the same kind of allocator for its launches).
             triton.set_allocator(_scratch)
-        wrap_triton(_gathered_attention_tuned)[grid](*args, UPCAST=False, **consts)
+        launchable(_gathered_attention_tuned, q)[grid](*args, UPCAST=False, **consts)
     else:
         # CPU tensors only run under TRITON_INTERPRET=1: its bf16 arithmetic is wrong, so
         # everything is upcast, and one small tile keeps it quick (autotuning would re-run
         # every config).
-        wrap_triton(_gathered_attention_kernel)[grid](*args, UPCAST=True, BLOCK_M=16, BLOCK_N=32,
+        launchable(_gathered_attention_kernel, q)[grid](*args, UPCAST=True, BLOCK_M=16, BLOCK_N=32,
                                                       **consts)
     return out, lse
 

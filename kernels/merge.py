@@ -17,7 +17,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from .launch import launchable
 
 # The plain PyTorch semantics (the CPU path of the library) is what the kernel must match.
 from astraea.runtime.ops import FP8_MAX, merge_rows_reference  # noqa: F401  (re-exported)
@@ -125,7 +127,7 @@ def merge_rows(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, cache: to
     BLOCK_D = min(triton.next_power_of_2(D), 512)
     BLOCK_R = max(1, 2048 // BLOCK_D)
     H = 0 if lse_rows is None else lse_rows.shape[1]
-    wrap_triton(_merge_rows_kernel)[(triton.cdiv(N, BLOCK_R),)](
+    launchable(_merge_rows_kernel, x)[(triton.cdiv(N, BLOCK_R),)](
         # Without lse_rows the kernel never reads LSE_ROWS; any float32 tensor holds its place.
         x, rows, inv, cache, change, change if lse_rows is None else lse_rows, lse_state, y,
         B, N, D, K, B * H,

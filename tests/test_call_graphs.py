@@ -26,14 +26,13 @@ def generate(family, model, seed: int, steps: int = len(SCHEDULE), guidance: flo
     return x
 
 
-@pytest.mark.parametrize("group", ["token", "spatial"])
-def test_captured_calls_equal_uncaptured_ones(group):
+def test_captured_calls_equal_uncaptured_ones():
     family = wan(frames=3, size=16)
     family.model.cuda()
     runs, runners = {}, {}
     for graphs in (False, True):
         torch._dynamo.reset()
-        be = astraea.backend(schedule=SCHEDULE, group=group, cuda_graphs=graphs)
+        be = astraea.backend(schedule=SCHEDULE, cuda_graphs=graphs)
         compiled = torch.compile(family.model, backend=be)
         runs[graphs] = [generate(family, compiled, seed) for seed in (0, 1, 2)]
         runners[graphs] = be.runners[0]
@@ -44,14 +43,19 @@ def test_captured_calls_equal_uncaptured_ones(group):
     assert captured.replays == computed - len(captured.seen) and captured.replays > computed // 2
     assert runners[False].call_graphs.replays == 0
     assert [r.tokens for r in runners[True].records] == [r.tokens for r in runners[False].records]
+    # Not bit for bit in fp32: cuBLAS may pick other kernels inside a capture (measured on an
+    # H200: 2.4e-5 at most over 3 generations). A replay reading stale inputs or state would
+    # be off by the size of the values themselves. (bf16 Wan2.1-1.3B shape: bit for bit,
+    # benchmarks/results/call_overhead_wan2.1-1.3b.md.)
     for with_graphs, without in zip(runs[True], runs[False]):
-        torch.testing.assert_close(with_graphs, without, rtol=0, atol=0)
+        torch.testing.assert_close(with_graphs, without, rtol=1e-3, atol=1e-4)
 
 
-def test_random_policy_runs_uncaptured():
+@pytest.mark.parametrize("options", [dict(policy="random"), dict(group="spatial")])
+def test_random_policy_and_spatial_groups_run_uncaptured(options):
     family = wan(frames=3, size=16)
     family.model.cuda()
     torch._dynamo.reset()
-    be = astraea.backend(schedule=SCHEDULE, policy="random")
+    be = astraea.backend(schedule=SCHEDULE, **options)
     generate(family, torch.compile(family.model, backend=be), 0)
-    assert be.runners[0].call_graphs.captures == 0
+    assert be.runners[0].call_graphs.captures == 0 and be.runners[0].call_graphs.replays == 0

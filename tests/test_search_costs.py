@@ -35,6 +35,20 @@ def test_prediction_sums_steps_times_contexts():
         t.predict([1.0, 0.55])
 
 
+def test_each_call_pays_the_overhead_around_it_skipped_ones_too():
+    t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, call_overhead_ms=1.5)
+    assert t.predict([1.0, 0.0], contexts=2) == pytest.approx(2 * (525.0 + 1.5) + 2 * (0.05 + 1.5))
+    assert t.step_ms(2)[5] == pytest.approx(2 * (265.0 + 1.5))
+    assert t.call_ms(0.5) == 265.0  # the call's own time
+
+
+def test_tables_without_the_overhead_still_load(tmp_path):
+    data = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, call_overhead_ms=2.0).to_json()
+    assert data["call_overhead_ms"] == 2.0
+    del data["call_overhead_ms"]
+    assert CostTable.from_json(data).call_overhead_ms == 0.0
+
+
 def test_prediction_error_against_a_measured_run():
     p = table().prediction([1.0, 0.5], measured_ms=1000.0, contexts=1)
     assert p.predicted_ms == pytest.approx(790.0)
@@ -44,7 +58,7 @@ def test_prediction_error_against_a_measured_run():
 
 
 def test_round_trip(tmp_path):
-    t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, meta={"repeats": 3})
+    t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, call_overhead_ms=0.25, meta={"repeats": 3})
     path = tmp_path / "costs.json"
     t.save(path)
     loaded = CostTable.load(path, expect=KEY)

@@ -1,6 +1,7 @@
 """Profile and search on a tiny random Wan model through the real backend, API and CLI."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -53,6 +54,12 @@ def test_profile_measures_every_level_for_this_setting(workload, sparse, table):
     assert all(ms > 0 for ms in table.latency_ms)
     # A whole-step skip returns the previous output: far cheaper than any real forward.
     assert table.call_ms(0.0) < 0.2 * min(table.latency_ms[1:])
+    # The sampler's work between calls, from the profiling generations' own wall times: with
+    # it the table predicts them (unless the calls' medians already exceed them).
+    run = table.meta["profiling_generation"]
+    assert table.call_overhead_ms >= 0 and len(run["wall_ms"]) == 2
+    expected = max(statistics.median(run["wall_ms"]), run["calls_ms"])
+    assert table.predict(run["budgets"], workload.contexts) == pytest.approx(expected)
 
 
 def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, sparse, table, tmp_path):

@@ -16,6 +16,7 @@ initialises lazily there), its second captures, and later ones replay.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Hashable
 
 import torch
@@ -23,9 +24,13 @@ import torch
 Run = Callable[[tuple], tuple[tuple, int]]  # the call's inputs -> (outputs, tokens per block)
 
 
+@dataclass
 class _Captured:
-    def __init__(self, graph: torch.cuda.CUDAGraph, copied: frozenset[int], pointers: tuple, outputs: tuple, tokens: int):
-        self.graph, self.copied, self.pointers, self.outputs, self.tokens = graph, copied, pointers, outputs, tokens
+    graph: torch.cuda.CUDAGraph
+    copied: frozenset[int]  # inputs read from the runner's buffers; the others in place
+    pointers: tuple  # where each input was at capture
+    outputs: tuple  # in the pool: each replay overwrites them
+    tokens: int
 
     def fits(self, args: tuple) -> bool:
         """Whether every input the graph reads in place is still where it was captured."""
@@ -70,7 +75,10 @@ class CallGraphs:
     def _capture(self, run: Run, args: tuple, pointers: tuple) -> _Captured:
         copied = frozenset(i for i in self.moving if isinstance(args[i], torch.Tensor))
         for i in copied:
-            if i not in self.buffers or self.buffers[i].shape != args[i].shape or self.buffers[i].dtype != args[i].dtype:
+            buffer = self.buffers.get(i)
+            if buffer is None or buffer.shape != args[i].shape or buffer.dtype != args[i].dtype:
+                if buffer is not None:
+                    self.graphs.clear()  # they read the buffer this one replaces
                 self.buffers[i] = torch.empty_like(args[i])
         self._copy_in(copied, args)
         inputs = tuple(self.buffers[i] if i in copied else a for i, a in enumerate(args))

@@ -154,12 +154,13 @@ class SparseRunner:
         return (tuple(out) if isinstance(out, (list, tuple)) else (out,)), int(indices[0].numel())
 
     def _graph_key(self, context: int, k: int):
-        """The key of a call's captured graph, or None where a call cannot be captured: the
-        random policy draws from a generator, "run" groups cut a data-dependent tail."""
+        """The key of a call's captured graph, or None where a call runs uncaptured: the random
+        policy draws from a generator, and only single-token selection has been checked
+        captured on a GPU ("run" groups cut a data-dependent tail; "spatial" is untested)."""
         c = self.config
-        if self.call_graphs is None or not c.cuda_graphs or c.policy == "random" or c.group == "run":
+        if self.call_graphs is None or not c.cuda_graphs or c.policy == "random" or c.group != "token":
             return None
-        return context, k, c.policy, c.group, c.group_size, c.weight_signal, c.weight_penalty, self.selection_shards
+        return context, k, c.policy, c.weight_signal, c.weight_penalty, self.selection_shards
 
     def __call__(self, *args):
         timestep = None

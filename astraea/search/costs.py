@@ -14,6 +14,7 @@ generation whose schedule visits every level in turn times them all.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import os
 import platform
@@ -130,11 +131,14 @@ class Prediction:
 
 @dataclass(frozen=True)
 class CostTable:
-    """Median milliseconds of one transformer call at each budget level."""
+    """Median milliseconds of one transformer call at each budget level, and what each call
+    costs a generation beyond its own time (the sampler's work between calls, host work the
+    device does not wait for), measured on the same generations."""
 
     key: CostKey
     levels: tuple[float, ...]
     latency_ms: tuple[float, ...]
+    call_overhead_ms: float = 0.0
     meta: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self):
@@ -142,15 +146,23 @@ class CostTable:
             raise CostTableError(f"{len(self.levels)} budget levels but {len(self.latency_ms)} latencies")
         check_levels(self.levels)
 
-    def call_ms(self, budget: float) -> float:
+    def _level(self, budget: float) -> int:
         try:
-            return self.latency_ms[self.levels.index(float(budget))]
+            return self.levels.index(float(budget))
         except ValueError:
             raise CostTableError(f"budget {budget} was not measured; the table has levels {self.levels}") from None
 
+    def call_ms(self, budget: float) -> float:
+        return self.latency_ms[self._level(budget)]
+
+    def step_ms(self, contexts: int = 1) -> tuple[float, ...]:
+        """Milliseconds of one step at each level: its calls, and what each costs around it."""
+        return tuple(contexts * (ms + self.call_overhead_ms) for ms in self.latency_ms)
+
     def predict(self, budgets: Sequence[float], contexts: int = 1) -> float:
-        """Predicted milliseconds of the transformer calls of a generation with these budgets."""
-        return contexts * sum(self.call_ms(b) for b in budgets)
+        """Predicted milliseconds of a generation with these budgets."""
+        steps = self.step_ms(contexts)
+        return sum(steps[self._level(b)] for b in budgets)
 
     def prediction(self, budgets: Sequence[float], measured_ms: float, contexts: int = 1) -> Prediction:
         """How far the prediction for `budgets` is from a measured end-to-end generation."""
@@ -173,6 +185,7 @@ class CostTable:
             "key": self.key.to_json(),
             "levels": list(self.levels),
             "latency_ms": list(self.latency_ms),
+            "call_overhead_ms": self.call_overhead_ms,
             "meta": self.meta,
         }
 
@@ -188,6 +201,7 @@ class CostTable:
             key=CostKey.from_json(data["key"]),
             levels=tuple(data["levels"]),
             latency_ms=tuple(data["latency_ms"]),
+            call_overhead_ms=float(data.get("call_overhead_ms", 0.0)),  # tables measured before it: none
             meta=dict(data.get("meta") or {}),
         )
 
@@ -250,14 +264,16 @@ def profile(
                 level = measured[call // workload.contexts]
                 if level is not None:
                     samples[level].append(ms)
-    table = CostTable(
+    calls = CostTable(
         key=CostKey.here(sparse, workload),
         levels=levels,
         latency_ms=tuple(statistics.median(samples[level]) for level in levels),
-        meta={"steps_per_level": steps_per_level, "repeats": repeats, "contexts": workload.contexts},
     )
-    # The sum of calls against the profiling generations' own wall time: what the calls'
-    # timings leave out (the sampler between calls, host work the GPU does not wait for).
-    check = table.prediction(budgets, statistics.median(walls), workload.contexts)
-    table.meta["end_to_end"] = {"predicted_ms": check.predicted_ms, "measured_ms": check.measured_ms}
-    return table
+    # What the calls' own timings leave out of the profiling generations' wall time, per call.
+    wall, calls_ms = statistics.median(walls), calls.predict(budgets, workload.contexts)
+    return dataclasses.replace(
+        calls,
+        call_overhead_ms=max(0.0, (wall - calls_ms) / (len(budgets) * workload.contexts)),
+        meta={"steps_per_level": steps_per_level, "repeats": repeats, "contexts": workload.contexts,
+              "profiling_generation": {"budgets": list(budgets), "wall_ms": walls, "calls_ms": calls_ms}},
+    )

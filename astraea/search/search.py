@@ -223,7 +223,7 @@ def search(
     steps, contexts = workload.num_steps, workload.contexts
     dense_ms = table.predict([1.0] * steps, contexts)
     limit = dense_ms / speedup if speedup is not None else latency_ms
-    space = Space(table.levels, tuple(contexts * t for t in table.latency_ms), steps, full_steps, limit)
+    space = Space(table.levels, table.step_ms(contexts), steps, full_steps, limit)
     if share_prefixes is None:
         share_prefixes = sparse.config.policy != "random"
     evaluator = evaluator or Evaluator(workload, sparse, share_prefixes=share_prefixes)

@@ -352,6 +352,7 @@ def write(rows: dict, model: str, out: str, setting: str, columns, baselines: di
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(name + ".png", dpi=130)
+    plt.close(fig)  # written after every method: keep one figure open, not one per method
 
 
 def replot(path: str) -> None:

@@ -2,9 +2,10 @@
 when Inductor traces the `triton_op` that wraps it (its tensors are then fake).
 
 Run eagerly, `wrap_triton(kernel)[grid](...)` dispatches a higher-order op and files the
-launch's constants in a side table on every call: 0.7-1 ms of host time per launch on the
-GPU machine (torch.profiler, benchmarks/NOTES.md), 30 attention and 30 merge launches per
-forward of a 30-block model. A direct launch costs tens of microseconds.
+launch's constants in a side table on every call, which a direct launch skips. On the GPU
+machine the attention and merge ops took 0.95 and 0.58 ms of host time per call with it
+(torch.profiler, benchmarks/NOTES.md), 30 of each per forward of a 30-block model; how much of
+that was the wrapper was not measured apart, nor the time saved.
 """
 
 import torch

@@ -152,6 +152,19 @@ def test_attention_rejects_bad_idx_and_scale():
         gathered_attention(q, k, v, None, -1.0)
 
 
+def test_kernels_launch_directly_unless_traced():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.library import wrap_triton
+
+    from kernels.launch import launchable
+    from kernels.merge import _merge_rows_kernel
+
+    assert launchable(_merge_rows_kernel, torch.zeros(2)) is _merge_rows_kernel
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.zeros(2))
+    assert type(launchable(_merge_rows_kernel, fake)) is type(wrap_triton(_merge_rows_kernel))
+
+
 def test_ops_are_registered_and_match_the_functions():
     q, k, v = _qkv(1, 2, 30, 30, 32, torch.float32, seed=8)
     idx = torch.tensor([3, 1, 29], device=DEVICE)

@@ -8,6 +8,7 @@ with a config object, and keeps the runners it builds so callers can inspect the
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch.fx as fx
 from .config import AstraeaConfig, ConfigError
 from .lowering import lower
 from .passes import AnalyseTokens, SparsifyBlocks
+from .passes.skip import reuse_blocks
 
 
 # Options the lowered graph depends on; the others are read per call.
@@ -115,9 +117,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
     position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    skip_gm = reuse_blocks(gm).graph_module  # before lowering, which may change gm
+    lower_skip = functools.partial(lower, skip_gm, config, example_inputs, sparsify.inputs, device)
     graph_fn = lower(gm, config, example_inputs, sparsify.inputs, device)
     announcements = listen(compiled_module())
-    runner = SparseRunner(graph_fn, dense_gm, report, sparsify.inputs, config, position, device, announcements)
+    runner = SparseRunner(graph_fn, dense_gm, report, sparsify.inputs, config, position, device, announcements,
+                          lower_skip)
     if owner is not None:
         owner.runners.append(runner)
     return runner

@@ -20,6 +20,7 @@ POLICIES = ("astraea", "delta", "random")
 GROUPS = ("token", "spatial", "run")
 CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")
 LOWERINGS = ("auto", "inductor", "eager")
+SKIPS = ("blocks", "output")
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,9 @@ class AstraeaConfig:
     cache_dtype: storage of the per-block caches; "auto" keeps the hidden states' dtype.
     lowering: how the rewritten graph runs: "inductor" (generated Triton around our kernels),
         "eager" (the FX graph as is), or "auto" (Inductor on CUDA, eager elsewhere).
+    skip: what a budget-0 step reuses: "blocks" (every block's cached contribution, added to
+        the step's own input: the embeddings and the output head still run, with this step's
+        timestep) or "output" (the branch's previous model output as it is).
     cuda_graphs: on a GPU, replay each sparse call as a CUDA graph (one per selection size and
         guidance branch), so that its thousands of small launches cost one; with the "token"
         group and the astraea or delta policy, in one process. Costs a memory pool of about one
@@ -52,6 +56,7 @@ class AstraeaConfig:
     group: str = "token"
     group_size: int = 1
     full_steps: int = 1
+    skip: str = "blocks"
     weight_signal: float = 1.0
     weight_penalty: float = 0.1
     seed: int = 0
@@ -77,6 +82,8 @@ class AstraeaConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ConfigError(f"option {name!r} must be a non-negative number, got {value!r}")
+        if self.skip not in SKIPS:
+            raise ConfigError(f"option 'skip' must be one of {SKIPS}, got {self.skip!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"option 'cache_dtype' must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
         if self.lowering not in LOWERINGS:

@@ -21,7 +21,7 @@ from astraea.search import models
 from astraea.search.costs import CostKey, CostTable, profile
 from astraea.search.evaluator import Evaluator
 from astraea.search.search import SearchSettings, search
-from astraea.search.sparse import SparseModel
+from astraea.search import sparse as backend_options
 
 HELD_OUT = (100, 101, 102, 103, 104, 105)
 FULL_FIRST = 3
@@ -42,6 +42,7 @@ def cheapest_at_least(table, steps, contexts, prefix, target_ms):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     models.add_arguments(parser)
+    backend_options.add_arguments(parser)
     parser.add_argument("--speedup", type=float, nargs="+", default=[2.0], help="one search per target")
     parser.add_argument("--costs", help="a cost table measured earlier for this setting (default: measure one)")
     defaults = SearchSettings()
@@ -54,7 +55,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"search_{args.model}_{args.steps}steps")
     workload = models.from_arguments(args)
-    sparse = SparseModel(workload)  # one compilation for the profile and every search
+    sparse = backend_options.from_arguments(workload, args)  # one compilation for the profile and every search
     if args.costs:
         table = CostTable.load(args.costs, expect=CostKey.here(sparse, workload))
     else:

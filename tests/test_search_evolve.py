@@ -10,7 +10,9 @@ from astraea.search.candidates import pareto_front, ranked
 from astraea.search.ea import SearchError, Space
 from astraea.search.fidelity import Fidelity, FidelityReport
 from astraea.search.plot import plot_search
-from astraea.search.search import SearchSettings, evolve, front_loaded_genomes, initial_population, uniform_genomes
+from astraea.search.search import (
+    SearchSettings, cached_step_genomes, evolve, front_loaded_genomes, initial_population, uniform_genomes,
+)
 
 LEVELS = tuple(i / 10 for i in range(11))
 COSTS = tuple(0.02 + b for b in LEVELS)
@@ -47,18 +49,32 @@ def test_every_candidate_meets_the_target_and_the_search_beats_uniform():
     assert sum(best[:6]) > sum(best[6:])
 
 
-def test_initial_population_starts_from_uniform_and_front_loaded_schedules():
+def test_initial_population_starts_from_uniform_front_loaded_and_step_caching_schedules():
     front = front_loaded_genomes(SPACE)
     assert front and all(SPACE.valid(g) for g in front)
     for genome in front:  # k dense steps, then one budget below dense for the rest
         budgets = SPACE.budgets(genome)
         k = budgets.index(min(budgets))
         assert set(budgets[:k]) == {1.0} and len(set(budgets[k:])) == 1
+    cached = cached_step_genomes(SPACE)
+    assert len(cached) == 3 and all(SPACE.valid(g) for g in cached)
+    for period, genome in zip((2, 3, 4), cached):  # k dense steps, then a refresh every p-th step
+        budgets = SPACE.budgets(genome)
+        k = budgets.index(0.0)
+        assert set(budgets[:k]) == {1.0} and budgets[k] == 0.0
+        refreshed = [s for s in range(k, len(budgets)) if budgets[s] > 0]
+        assert refreshed and all((s - k) % period == period - 1 for s in refreshed)
+        (level,) = {budgets[s] for s in refreshed}
+        # the most dense first steps that fit (with dense refreshes if any fit): one more would not
+        n = len(budgets)
+        more = [1.0] * (k + 1) + [level if (s - k - 1) % period == period - 1 else 0.0 for s in range(k + 1, n)]
+        assert SPACE.latency(SPACE.genome(more)) > SPACE.limit_ms
     population = initial_population(SPACE, 8, np.random.default_rng(0))
     assert len(population) == 8 and all(SPACE.valid(g) for g in population)
     members = {tuple(g) for g in population}
     assert tuple(uniform_genomes(SPACE)[-1]) in members
     assert sum(tuple(g) in members for g in front) >= 2
+    assert sum(tuple(g) in members for g in cached) >= 2
 
 
 def test_same_seed_same_search_and_another_seed_another():

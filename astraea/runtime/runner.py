@@ -3,8 +3,9 @@
 Per call it places the call (step, context), looks up the step's budget, selects each
 sparse block's tokens from the context's scores, and runs the rewritten graph with the
 indices and the context's caches as extra inputs; on a GPU the selection and the graph are
-replayed as one CUDA graph per selection size (`call_graphs.py`). A budget-0 step returns the
-context's previous output without running anything. Budgets and indices are tensors and
+replayed as one CUDA graph per selection size (`call_graphs.py`). A budget-0 step runs the
+graph's whole-step-skip form (`passes/skip.py`, lowered on first use), or with the option
+skip="output" returns the context's previous output without running anything. Budgets and indices are tensors and
 host ints here, outside dynamo, so they never cause a recompile.
 """
 
@@ -46,9 +47,12 @@ class SparseRunner:
         config: AstraeaConfig,
         timestep_position: int | None,
         device: torch.device,
-        announcements=None,
+        announcements,
+        lower_skip: Callable[[], Callable],
     ):
         self.graph_fn = graph_fn
+        self.lower_skip = lower_skip  # builds the whole-step-skip graph
+        self._skip_fn: Callable | None = None
         self.dense_gm = dense_gm  # the graph before the rewrite, kept for checks and explain
         self.report = report
         self.blocks = blocks
@@ -153,6 +157,14 @@ class SparseRunner:
         out = self.graph_fn(*inputs, *extra)
         return (tuple(out) if isinstance(out, (list, tuple)) else (out,)), int(indices[0].numel())
 
+    def _reuse_blocks(self, ctx: ContextState, inputs: tuple) -> tuple[tuple, int]:
+        """The device work of a skipped step: every block adds its cache to its input."""
+        if self._skip_fn is None:
+            self._skip_fn = self.lower_skip()
+        extra = [t for state in ctx.blocks for t in state.graph_inputs(self.all_tokens)]
+        out = self._skip_fn(*inputs, *extra)
+        return (tuple(out) if isinstance(out, (list, tuple)) else (out,)), 0
+
     def _graph_key(self, context: int, k: int):
         """The key of a call's captured graph, or None where a call runs uncaptured: the random
         policy draws from a generator, and only single-token selection has been checked
@@ -170,10 +182,13 @@ class SparseRunner:
         if k == 0:
             for state in ctx.blocks:
                 state.stale.add_(1)
-            self.records.append(CallRecord(call.step, call.context, 0.0, 0))
-            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
+            if self.config.skip == "output":
+                self.records.append(CallRecord(call.step, call.context, 0.0, 0))
+                return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
+            run = lambda inputs: self._reuse_blocks(ctx, inputs)  # noqa: E731
+        else:
+            run = lambda inputs: self._forward(ctx, k, inputs)  # noqa: E731
         key = self._graph_key(call.context, k)
-        run = lambda inputs: self._forward(ctx, k, inputs)  # noqa: E731
         out, tokens = run(args) if key is None else self.call_graphs(key, run, args)
         self.records.append(CallRecord(call.step, call.context, budget, tokens))
         ctx.last_output = out

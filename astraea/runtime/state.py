@@ -54,7 +54,7 @@ class BlockState:
 @dataclass
 class ContextState:
     blocks: list[BlockState]
-    last_output: tuple | None = None  # the whole model output, reused by a budget-0 step
+    last_output: tuple | None = None  # the last model output (a budget-0 step with skip="output" reuses it)
 
     def reset(self) -> None:
         """As allocated, in place (captured call graphs read these tensors where they are)."""

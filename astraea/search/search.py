@@ -7,9 +7,10 @@ target, 82 GPU-hours on average. This one is cheaper in each part:
   that generates each dense reference once, never runs a schedule twice and shares
   trajectory prefixes between candidates; the few best are then confirmed on all seeds and
   the chosen one timed end to end, so the prediction is checked, not trusted;
-- the initial population holds the uniform schedules and the "first k steps dense, then
-  uniform" ones that fit the target, so the search starts from the obvious answers and every
-  generation can only improve on them.
+- the initial population holds the uniform schedules, the "first k steps dense, then
+  uniform" ones and the step-caching ones ("first k dense, then every p-th step refreshed, the
+  others skipped") that fit the target, so the search starts from the obvious answers and
+  every generation can only improve on them.
 """
 
 from __future__ import annotations
@@ -147,16 +148,43 @@ def front_loaded_genomes(space: Space) -> list[np.ndarray]:
     return genomes
 
 
+def _periodic(space: Space, dense_steps: int, period: int, level: int) -> np.ndarray:
+    """The first `dense_steps` steps dense, then every `period`-th step at `level` and the
+    steps between at the cheapest level (a whole-step skip)."""
+    wanted = [space.dense if s < dense_steps else level if (s - dense_steps) % period == period - 1 else 0
+              for s in range(space.num_steps)]
+    return np.array([allowed[np.abs(allowed - w).argmin()] for w, allowed in zip(wanted, map(space.allowed, range(space.num_steps)))])
+
+
+def cached_step_genomes(space: Space, periods: Sequence[int] = (2, 3, 4)) -> list[np.ndarray]:
+    """For each period p, the step caching of TeaCache and MagCache: the first k steps dense,
+    then every p-th step refreshed and the others skipped, with the most dense first steps that
+    fit (and the refresh lowered when none fits). On smooth trajectories these beat any
+    uniform budget by far (benchmarks/NOTES.md), and a random start rarely finds them."""
+    genomes = []
+    for period in periods:
+        for level in range(space.dense, 0, -1):
+            fits = [g for g in (_periodic(space, k, period, level) for k in range(1, space.num_steps))
+                    if space.latency(g) <= space.limit_ms]
+            if fits:
+                genomes.append(fits[-1])
+                break
+    return genomes
+
+
 def initial_population(space: Space, size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """A third of uniform schedules that fit (most compute first), a third of front-loaded ones
-    (spread over how many steps run dense), the dense schedule lowered at random steps until
-    it fits, and random schedules for the rest. Elitism keeps the best of them, so the search
-    ends at least as good as these on its calibration seeds."""
-    genomes = uniform_genomes(space)[::-1][: size // 3]
+    """Up to a quarter each of uniform schedules that fit (most compute first), front-loaded ones
+    (spread over how many steps run dense) and step-caching ones (one per period), the dense
+    schedule lowered at random steps until it fits, and random schedules for the rest. Elitism
+    keeps the best of them, so the search ends at least as good as these on its calibration
+    seeds."""
+    share = max(1, size // 4)
+    genomes = uniform_genomes(space)[::-1][:share]
     front = front_loaded_genomes(space)
     if front:
-        picks = np.unique(np.linspace(0, len(front) - 1, min(len(front), size // 3)).round().astype(int))
+        picks = np.unique(np.linspace(0, len(front) - 1, min(len(front), share)).round().astype(int))
         genomes += [front[i] for i in picks]
+    genomes += cached_step_genomes(space)[:share]
     genomes.append(repair(space, np.full(space.num_steps, space.dense), rng))
     genomes += [random_genome(space, rng) for _ in range(size - len(genomes))]
     return genomes[:size]

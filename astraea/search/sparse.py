@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 import astraea
-from astraea.config import CACHE_DTYPES, GROUPS, POLICIES, AstraeaConfig
+from astraea.config import CACHE_DTYPES, GROUPS, POLICIES, SKIPS, AstraeaConfig
 from astraea.schedule import Schedule
 
 from .ea import SearchError
@@ -52,10 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=POLICIES, default="astraea", help="token selection")
     parser.add_argument("--group", choices=GROUPS, default="token", help="selection granularity")
     parser.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="auto", help="storage of the block caches")
+    parser.add_argument("--skip", choices=SKIPS, default="blocks", help="what a skipped step (budget 0) reuses")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="launch every kernel of a call instead of replaying it as a CUDA graph")
 
 
 def from_arguments(workload: Workload, args: argparse.Namespace) -> SparseModel:
     return SparseModel(workload, AstraeaConfig(policy=args.policy, group=args.group, cache_dtype=args.cache_dtype,
-                                               cuda_graphs=args.cuda_graphs))
+                                               skip=args.skip, cuda_graphs=args.cuda_graphs))

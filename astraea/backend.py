@@ -89,6 +89,11 @@ def astraea_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict
 def check_report(config: AstraeaConfig, report) -> None:
     """Refuse options this analysed graph cannot honour (before compiling, or changing them)."""
     config.schedule.check_model(report.structure_hash)
+    searched = config.schedule.searched_option("skip")
+    if searched is not None and searched != config.skip:
+        warnings.warn(f"astraea: this schedule was searched with skip={searched!r} but runs with skip={config.skip!r}, "
+                      f"so its searched fidelity does not apply; pass skip={searched!r} to run it as searched",
+                      AstraeaWarning, stacklevel=3)
     if config.group == "spatial" and report.num_sparse_blocks and report.token_grid is None:
         raise ConfigError("option group='spatial' needs a frame grid, but this model's tokens have none")
 

@@ -1,8 +1,8 @@
 """Per-step token budgets: the speed/quality knob, and its JSON file format.
 
 A schedule says, for each denoising step, which fraction of the tokens every sparse block
-recomputes: 1.0 is the dense step, 0.0 reuses the whole previous output of that context
-(a whole-step skip). A schedule is either one budget for every step or one budget per step;
+recomputes: 1.0 is the dense step, 0.0 a whole-step skip (what it reuses is the backend's
+`skip` option). A schedule is either one budget for every step or one budget per step;
 a file may also name the model structure it was searched for, so that it is refused on
 another model instead of silently running with budgets that were never measured there.
 """
@@ -138,6 +138,14 @@ class Schedule:
     def load(cls, path: str | os.PathLike) -> "Schedule":
         data = load_json(path, "schedule file", ScheduleError)
         return cls.from_json(data, source=f"schedule file {os.fspath(path)!r}")
+
+    def searched_option(self, name: str):
+        """The backend option `name` the search that wrote this schedule ran with (None when
+        the schedule did not come from a search)."""
+        from .config import OPTIONS_BEFORE_THEY_EXISTED
+
+        options = self.meta.get("search", {}).get("options")
+        return None if options is None else options.get(name, OPTIONS_BEFORE_THEY_EXISTED.get(name))
 
     def check_model(self, structure_hash: str) -> None:
         """Refuse a schedule made for another model structure."""

@@ -53,6 +53,7 @@ from diffusers import (
 
 import astraea
 from astraea.config import AstraeaConfig
+from astraea.schedule import Schedule
 from astraea.search import models
 from astraea.search.fidelity import compare, fidelity
 
@@ -206,9 +207,12 @@ def astraea_methods(model: str, steps: int) -> dict:
     }
     for path in sorted(glob.glob(SEARCHED.format(model=model, steps=steps))):
         target = path.rsplit("_", 1)[-1].removesuffix(".json")
-        methods[f"astraea searched ({target} target)"] = dict(base, schedule=path, full_steps=0)
-    if "astraea searched (2x target)" in methods:  # skipped steps reusing the previous output instead
-        methods["ablation: output reuse for skips (2x target)"] = dict(methods["astraea searched (2x target)"], skip="output")
+        # Run each as searched: schedules from before the skip option were searched with output reuse.
+        skip = Schedule.load(path).searched_option("skip") or defaults.skip
+        methods[f"astraea searched ({target} target)"] = dict(base, schedule=path, full_steps=0, skip=skip)
+    searched_2x = methods.get("astraea searched (2x target)")
+    if searched_2x is not None and searched_2x["skip"] == "blocks":  # skips reusing the previous output instead
+        methods["ablation: output reuse for skips (2x target)"] = dict(searched_2x, skip="output")
     ablation = dict(base, schedule=0.3, full_steps=6)
     methods["ablation: random tokens"] = dict(ablation, policy="random")
     methods["ablation: change only (no LSE)"] = dict(ablation, policy="delta")

@@ -12,7 +12,7 @@ KEY = CostKey(
     model="1b0ff5cd16ee2e65",
     shapes={"hidden_states": (1, 16, 21, 60, 104), "encoder_hidden_states": (1, 512, 4096)},
     dtype="bfloat16",
-    options={"policy": "astraea", "group": "token", "cache_dtype": "auto"},
+    options={"policy": "astraea", "group": "token", "cache_dtype": "auto", "skip": "blocks"},
     device="NVIDIA H200",
     versions={"torch": "2.11.0", "triton": "3.6.0", "diffusers": "0.42.1", "astraea": "0.1.0"},
 )
@@ -47,6 +47,14 @@ def test_tables_without_the_overhead_still_load(tmp_path):
     assert data["call_overhead_ms"] == 2.0
     del data["call_overhead_ms"]
     assert CostTable.from_json(data).call_overhead_ms == 0.0
+
+
+def test_tables_from_before_the_skip_option_measured_output_reuse():
+    data = table().to_json()
+    del data["key"]["options"]["skip"]
+    assert CostTable.from_json(data).key.options["skip"] == "output"
+    with pytest.raises(CostTableError, match="options"):
+        CostTable.from_json(data).check(KEY)
 
 
 def test_prediction_error_against_a_measured_run():

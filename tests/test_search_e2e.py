@@ -52,8 +52,9 @@ def test_profile_measures_every_level_for_this_setting(workload, sparse, table):
     assert table.levels == LEVELS
     assert table.key == CostKey.here(sparse, workload)
     assert all(ms > 0 for ms in table.latency_ms)
-    # A whole-step skip returns the previous output: far cheaper than any real forward.
-    assert table.call_ms(0.0) < 0.2 * min(table.latency_ms[1:])
+    # A whole-step skip runs only the embeddings, the head and one cache addition per block:
+    # cheaper than any real forward (on this tiny model those parts are a third of one).
+    assert table.call_ms(0.0) < 0.6 * min(table.latency_ms[1:])
     # The sampler's work between calls, from the profiling generations' own wall times: with
     # it the table predicts them (unless the calls' medians already exceed them).
     run = table.meta["profiling_generation"]

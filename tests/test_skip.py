@@ -1,12 +1,16 @@
 """A budget-0 step: skip="blocks" adds every block's cache to the step's own input; skip="output"
 returns the previous output. Both run without recompiling and at a small fraction of the FLOPs."""
 
+import warnings
+
 import pytest
 import torch
 import torch.fx as fx
 
 import astraea
+from astraea.backend import AstraeaWarning
 from astraea.config import ConfigError
+from astraea.schedule import Schedule
 from astraea.flops import count_flops, counting
 from tests.models import ltx, wan
 
@@ -116,3 +120,18 @@ def test_skip_mode_changes_without_recompiling_and_costs_little():
 def test_unknown_skip_mode_is_refused():
     with pytest.raises(ConfigError, match="option 'skip' must be one of"):
         astraea.backend(skip="whole")
+
+
+@pytest.mark.parametrize("searched,warns", [({"skip": "output"}, True), ({}, True), ({"skip": "blocks"}, False)])
+def test_schedule_searched_with_another_skip_mode_warns(tmp_path, searched, warns):
+    """A schedule's fidelity was measured with one skip mode (files older than the option
+    were searched with output reuse): running it with another says so."""
+    path = tmp_path / "schedule.json"
+    Schedule(budgets=(1.0, 0.0), meta={"search": {"options": {"policy": "astraea", **searched}}}).save(path)
+    family = wan()
+    _, model = compiled(family, schedule=str(path), skip="blocks")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        two_steps(family, model)
+    said = [str(w.message) for w in caught if issubclass(w.category, AstraeaWarning)]
+    assert any("searched with skip='output'" in m for m in said) == warns

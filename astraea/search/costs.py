@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from ..config import OPTIONS_BEFORE_THEY_EXISTED
 from ..jsonfile import load_json, save_json
 from .sparse import SparseModel
 from .timing import CallTimer, wall_ms
@@ -33,8 +34,6 @@ FORMAT = "astraea-cost-table"
 VERSION = 1
 DEFAULT_LEVELS = tuple(i / 10 for i in range(11))
 SOFTWARE = ("torch", "triton", "diffusers", "astraea")
-# Backend options newer than some saved tables, with the behaviour those tables measured.
-OPTIONS_BEFORE_THEY_EXISTED = {"skip": "output"}
 
 
 class CostTableError(ValueError):

@@ -5,8 +5,8 @@ sparse block's tokens from the context's scores, and runs the rewritten graph wi
 indices and the context's caches as extra inputs; on a GPU the selection and the graph are
 replayed as one CUDA graph per selection size (`call_graphs.py`). A budget-0 step runs the
 graph's whole-step-skip form (`passes/skip.py`, lowered on first use), or with the option
-skip="output" returns the context's previous output without running anything. Budgets and indices are tensors and
-host ints here, outside dynamo, so they never cause a recompile.
+skip="output" returns the context's previous output without running anything. Budgets and
+indices are tensors and host ints here, outside dynamo, so they never cause a recompile.
 """
 
 from __future__ import annotations

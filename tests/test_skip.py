@@ -21,14 +21,14 @@ class _BlocksReused(fx.Interpreter):
 
     def __init__(self, gm, caches: dict):
         super().__init__(gm)
-        self.caches, self.starts = caches, {}  # block end -> (block start, cache); values by node
+        self.caches, self.values = caches, {}  # block end -> (block start, cache); node -> value
 
     def run_node(self, n):
         value = super().run_node(n)
         if n.name in self.caches:
             start, cache = self.caches[n.name]
-            value = self.starts[start] + cache.to(value.dtype)
-        self.starts[n.name] = value  # a block's start may be the previous block's (new) end
+            value = self.values[start] + cache.to(value.dtype)
+        self.values[n.name] = value  # a block's start may be the previous block's (new) end
         return value
 
 

@@ -112,8 +112,8 @@ def test_searches_for_several_targets_share_one_evaluator(workload, sparse, tabl
     assert evaluator._references.keys() == references.keys()
     assert all(evaluator._references[seed] is run for seed, run in references.items())  # not generated again
     # On this tiny space the second search may find every candidate already scored by the first:
-    # it then runs nothing and must report nothing, not the first one's work.
-    assert first.stats["generations_run"] > 0 and second.stats["evaluated"] > 0
+    # it then runs nothing and must report nothing, not the first one's work (the sum below).
+    assert first.stats["generations_run"] > 0
     assert first.stats["generations_run"] + second.stats["generations_run"] == evaluator.stats()["generations_run"]
     with pytest.raises(SearchError, match="evaluator's own sparse model"):
         search(workload, table, speedup=1.3, evaluator=evaluator, progress=False)

@@ -28,8 +28,7 @@ def reuse_blocks(sparse_gm: fx.GraphModule) -> PassResult:
     runner calls it as it calls the sparse graph."""
     gm = copy.deepcopy(sparse_gm)
     graph = gm.graph
-    merge_ops = (torch.ops.astraea.merge_rows, torch.ops.astraea.merge_rows.default)
-    merges = [n for n in graph.nodes if n.op == "call_function" and n.target in merge_ops]
+    merges = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.astraea.merge_rows]
     for merge in merges:
         x, cache = merge.args[MERGE_X], merge.args[MERGE_CACHE]
         with graph.inserting_before(merge):

@@ -153,17 +153,13 @@ class SparseRunner:
                 idx = self.all_tokens
             mark_selected(state, idx)
             indices.append(idx)
-        extra = [t for state, idx in zip(ctx.blocks, indices) for t in state.graph_inputs(idx)]
-        out = self.graph_fn(*inputs, *extra)
-        return (tuple(out) if isinstance(out, (list, tuple)) else (out,)), int(indices[0].numel())
+        return _call(self.graph_fn, ctx, indices, inputs), int(indices[0].numel())
 
     def _reuse_blocks(self, ctx: ContextState, inputs: tuple) -> tuple[tuple, int]:
         """The device work of a skipped step: every block adds its cache to its input."""
         if self._skip_fn is None:
             self._skip_fn = self.lower_skip()
-        extra = [t for state in ctx.blocks for t in state.graph_inputs(self.all_tokens)]
-        out = self._skip_fn(*inputs, *extra)
-        return (tuple(out) if isinstance(out, (list, tuple)) else (out,)), 0
+        return _call(self._skip_fn, ctx, [self.all_tokens] * len(ctx.blocks), inputs), 0
 
     def _graph_key(self, context: int, k: int):
         """The key of a call's captured graph, or None where a call runs uncaptured: the random
@@ -180,8 +176,7 @@ class SparseRunner:
             timestep = float(args[self.timestep_position].reshape(-1)[0])
         call, ctx, budget, k = self.plan(timestep)
         if k == 0:
-            for state in ctx.blocks:
-                state.stale.add_(1)
+            torch._foreach_add_([state.stale for state in ctx.blocks], 1)  # one launch, not one per block
             if self.config.skip == "output":
                 self.records.append(CallRecord(call.step, call.context, 0.0, 0))
                 return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
@@ -193,3 +188,10 @@ class SparseRunner:
         self.records.append(CallRecord(call.step, call.context, budget, tokens))
         ctx.last_output = out
         return out
+
+
+def _call(graph: Callable, ctx: ContextState, indices: list, inputs: tuple) -> tuple:
+    """Run a form of the rewritten graph: the model's inputs, then each block's runtime inputs."""
+    extra = [t for state, idx in zip(ctx.blocks, indices) for t in state.graph_inputs(idx)]
+    out = graph(*inputs, *extra)
+    return tuple(out) if isinstance(out, (list, tuple)) else (out,)

@@ -90,16 +90,17 @@ class Space:
             raise SearchError(f"budgets {missing} are not among the levels {self.levels}")
         return np.array([index[float(b)] for b in budgets])
 
+    def snap(self, wanted) -> np.ndarray:
+        """The genome nearest to `wanted` (a level index per step) that each step allows."""
+        return np.array([allowed[np.abs(allowed - w).argmin()] for w, allowed in zip(wanted, self._allowed)])
+
     def valid(self, genome: np.ndarray) -> bool:
         return all(g in self.allowed(s) for s, g in enumerate(genome)) and self.latency(genome) <= self.limit_ms
 
 
 def repair(space: Space, genome: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The genome moved into the allowed set, then lowered gene by gene until within the limit."""
-    genome = np.array(genome)
-    for step in range(space.num_steps):
-        allowed = space.allowed(step)
-        genome[step] = allowed[np.abs(allowed - genome[step]).argmin()]
+    genome = space.snap(genome)
     costs = np.asarray(space.costs)
     floor = costs[space.cheapest()]
     spent = costs[genome]

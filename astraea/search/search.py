@@ -125,10 +125,7 @@ def _save(path, problem, generation, population, rng, archive) -> None:
 
 def _filled(space: Space, level: int, dense_steps: int = 0) -> np.ndarray:
     """The first `dense_steps` steps dense, every other step as close to `level` as it may be."""
-    return np.array([
-        space.dense if step < dense_steps else allowed[np.abs(allowed - level).argmin()]
-        for step, allowed in enumerate(map(space.allowed, range(space.num_steps)))
-    ])
+    return space.snap([space.dense] * dense_steps + [level] * (space.num_steps - dense_steps))
 
 
 def uniform_genomes(space: Space) -> list[np.ndarray]:
@@ -151,9 +148,8 @@ def front_loaded_genomes(space: Space) -> list[np.ndarray]:
 def _periodic(space: Space, dense_steps: int, period: int, level: int) -> np.ndarray:
     """The first `dense_steps` steps dense, then every `period`-th step at `level` and the
     steps between at the cheapest level (a whole-step skip)."""
-    wanted = [space.dense if s < dense_steps else level if (s - dense_steps) % period == period - 1 else 0
-              for s in range(space.num_steps)]
-    return np.array([allowed[np.abs(allowed - w).argmin()] for w, allowed in zip(wanted, map(space.allowed, range(space.num_steps)))])
+    return space.snap([space.dense if s < dense_steps else level if (s - dense_steps) % period == period - 1 else 0
+                       for s in range(space.num_steps)])
 
 
 def cached_step_genomes(space: Space, periods: Sequence[int] = (2, 3, 4)) -> list[np.ndarray]:

@@ -21,14 +21,18 @@ and dense eager, and peak memory is recorded; on a CPU, whose speed drifts over 
 each speedup is over a dense generation timed right after the method. Writes JSON, a
 markdown table and a plot of fidelity against speedup with each side's Pareto front.
 
-Fidelity is against dense eager, and also against the dense output of the method's own
-lowering (dense Inductor for astraea on a GPU, dense eager for the others and on a CPU): on the
-random Wan shape a compiled dense model is itself about 47 dB from eager in bfloat16, and the
-second view separates a method's own error from the compiler's rounding.
+Two views on a GPU. The user's: speedup over the faster dense Inductor (plain, or replayed as
+CUDA graphs as astraea's calls are), fidelity against dense eager. Each method on its own
+footing: speedup and fidelity against the dense run of its own lowering (astraea at budget 1.0
+for astraea, dense eager for diffusers' caches, which run eagerly). On the random Wan shape a
+compiled dense model is itself about 47 dB from eager in bfloat16, so the first view's
+fidelity mixes a method's error with the compiler's rounding; the second separates them, and
+keeps CUDA graphs out of astraea's speedup.
 
     python benchmarks/peers.py                                  # reference model, CPU
     python benchmarks/peers.py --model wan2.1-1.3b --frames 5 --height 60 --width 104 \\
         --dtype bfloat16 --device cuda --seeds 2                 # Wan2.1-1.3B shape, 17 frames 480p
+    python benchmarks/peers.py --device cuda --tag h200         # reference model, GPU
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ from astraea.schedule import Schedule
 from astraea.search import models
 from astraea.search.fidelity import compare, fidelity
 
-SEARCHED = "benchmarks/results/search_{model}_{steps}steps_*x.json"  # one per speedup target
+SEARCHED = "benchmarks/results/search_{model}_{steps}steps_*x.json"  # one per speedup target and device kind
+DENSE_ASTRAEA = "astraea 1.0 (dense)"
 HELD_OUT = (100, 101, 102, 103, 104, 105)  # seeds the searches never saw
 
 
@@ -193,20 +198,44 @@ def calibrate_mag_cache(transformer, run, steps: int) -> list[float]:
     return log.ratios[0]
 
 
-def astraea_methods(model: str, steps: int) -> dict:
-    """Uniform budgets, every searched schedule of this model and step count in
-    benchmarks/results, ablations of the token score at 0.3 after 6 dense steps, and the 2x-target
+class CapturedDense:
+    """Dense Inductor replayed as CUDA graphs (`mode="reduce-overhead"`): the dense baseline for
+    astraea's captured calls. Every call starts a graph step and its output is copied out, as the
+    sampler keeps one branch's output while it calls the other."""
+
+    def __init__(self, model):
+        self.compiled = torch.compile(model, mode="reduce-overhead")
+
+    def __call__(self, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return tuple(t.clone() for t in self.compiled(**kwargs))
+
+
+def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str, str]:
+    """{speedup target: path} of the schedules searched for this model and step count on this
+    kind of device (a CPU's cost table says nothing about a GPU's, and back)."""
+    found = {}
+    for path in sorted(glob.glob(SEARCHED.format(model=model, steps=steps))):
+        searched_on = Schedule.load(path).meta.get("search", {}).get("cost_table", {}).get("device", "")
+        if searched_on.startswith("cpu") == (device.type == "cpu"):
+            found[path.rsplit("_", 1)[-1].removesuffix(".json")] = path
+    return found
+
+
+def astraea_methods(model: str, steps: int, device: torch.device) -> dict:
+    """Dense and uniform budgets, every searched schedule of this model, step count and device
+    kind in benchmarks/results, ablations of the token score at 0.3 after 6 dense steps, and the 2x-target
     schedule with skipped steps reusing the previous output instead of the block caches. Each
     method names every option it differs in, so one backend can run them in turn."""
     defaults = AstraeaConfig()
     base = dict(policy="astraea", weight_penalty=defaults.weight_penalty, skip=defaults.skip)
     methods = {
+        DENSE_ASTRAEA: dict(base, schedule=1.0, full_steps=0),
         "astraea 0.5 (6 dense steps)": dict(base, schedule=0.5, full_steps=6),
         "astraea 0.3 (6 dense steps)": dict(base, schedule=0.3, full_steps=6),
         "astraea 0.5 (1 dense step)": dict(base, schedule=0.5, full_steps=1),
     }
-    for path in sorted(glob.glob(SEARCHED.format(model=model, steps=steps))):
-        target = path.rsplit("_", 1)[-1].removesuffix(".json")
+    for target, path in searched_schedules(model, steps, device).items():
         # Run each as searched: schedules from before the skip option were searched with output reuse.
         skip = Schedule.load(path).searched_option("skip") or defaults.skip
         methods[f"astraea searched ({target} target)"] = dict(base, schedule=path, full_steps=0, skip=skip)
@@ -250,6 +279,8 @@ def main() -> None:
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="astraea launches every kernel instead of replaying calls as CUDA graphs")
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", default="", help="added to the output names (e.g. the device, to keep a GPU run "
+                        "of a model beside a CPU one)")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the table and plot of an earlier run's results")
     args = parser.parse_args()
     if args.replot:
@@ -264,47 +295,51 @@ def main() -> None:
 
     timer(generate(transformer))  # warm-up
     dense, dense_s, dense_gb = timer(generate(transformer))
-    baselines, references = {"eager": dense_s}, {"eager": dense}
+    baselines = {"eager": dense_s}
     rows, mag_ratios = {}, []
 
-    def record(name, out, seconds, peak_gb):
+    def record(name, out, seconds, peak_gb, own=(dense_s, dense)):
+        """`own`: (seconds, output) of the dense run of the method's own lowering."""
         # A CPU's speed drifts over minutes: time dense again next to every method there.
         eager_s = dense_s if gpu or name.startswith("dense") else timer(generate(transformer))[1]
         row = {"seconds": seconds, "dense_seconds": eager_s, "speedup": eager_s / seconds, "peak_gb": peak_gb,
                **subject.metrics(out, dense)}
-        # astraea lowers through Inductor on a GPU; diffusers' caches and dense eager run eagerly.
-        lowered = name.startswith(("astraea", "ablation", "dense Inductor"))
-        same = references["inductor" if lowered and "inductor" in references else "eager"]
-        same_metrics = row if same is dense else subject.metrics(out, same)
-        row["psnr_same_lowering"], row["ssim_same_lowering"] = same_metrics["psnr"], same_metrics["ssim"]
-        if "inductor" in baselines:
-            row["speedup_inductor"] = baselines["inductor"] / seconds
+        if gpu:
+            row["speedup_inductor"] = min(baselines["inductor"], baselines["inductor_graphs"]) / seconds
+            own_s, own_out = own
+            mine = row if own_out is dense else subject.metrics(out, own_out)
+            row.update(speedup_own=own_s / seconds, psnr_own=mine["psnr"], ssim_own=mine["ssim"])
         rows[name] = row
-        fastest = row.get("speedup_inductor", row["speedup"])
-        print(f"{name:34} {fastest:5.2f}x  PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.3f}"
-              f"  same-lowering PSNR {row['psnr_same_lowering']:6.2f}"
-              + (f"  peak {peak_gb:.2f} GB" if peak_gb is not None else ""), flush=True)
+        print(f"{name:34} {row.get('speedup_inductor', row['speedup']):5.2f}x  PSNR {row['psnr']:6.2f}  "
+              f"SSIM {row['ssim']:.3f}" + (f"  own dense: {row['speedup_own']:5.2f}x  PSNR {row['psnr_own']:6.2f}"
+                                            f"  peak {peak_gb:.2f} GB" if gpu else ""), flush=True)
         # After every method: a cut-off run keeps its rows.
         write(rows, args.model, args.out, subject.setting, subject.columns, baselines, mag_ratios, where, gpu, vars(args))
 
-    if gpu:  # the dense baseline a user would compare with: the model under torch.compile
-        inductor = torch.compile(transformer)
-        timer(generate(inductor))  # compiles
-        out, baselines["inductor"], peak = timer(generate(inductor))
-        references["inductor"] = out
-        record("dense Inductor", out, baselines["inductor"], peak)
+    if gpu:  # the dense baselines a user would compare with: the model under torch.compile
+        inductor = {"dense Inductor": torch.compile(transformer), "dense Inductor, CUDA graphs": CapturedDense(transformer)}
+        measured = {}
+        for name, model in inductor.items():
+            timer(generate(model))  # compiles (and captures)
+            measured[name] = timer(generate(model))
+        baselines["inductor"], baselines["inductor_graphs"] = (m[1] for m in measured.values())
+        for name, (out, seconds, peak) in measured.items():
+            record(name, out, seconds, peak, own=(seconds, out))
     record("dense eager", dense, dense_s, dense_gb)
 
     torch._dynamo.reset()
     backend = astraea.backend(schedule=0.5, cuda_graphs=args.cuda_graphs)
     compiled = torch.compile(transformer, backend=backend)
     timer(generate(compiled))  # compiles; every method below reuses the compilation
+    astraea_dense = None
     with torch.compiler.set_stance("fail_on_recompile"):
-        for name, options in astraea_methods(args.model, args.steps).items():
+        for name, options in astraea_methods(args.model, args.steps, device).items():
             backend.update(**options)
             if gpu:  # new selection options: their call graphs are captured in a first run
                 timer(generate(compiled))
-            record(name, *timer(generate(compiled)))
+            out, seconds, peak = timer(generate(compiled))
+            astraea_dense = astraea_dense or (seconds, out)  # the first method is astraea's dense
+            record(name, out, seconds, peak, own=astraea_dense)
     del backend, compiled  # free astraea's caches and graphs before measuring the others' memory
     torch._dynamo.reset()
     gc.collect()
@@ -336,18 +371,17 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 def write(rows: dict, model: str, out: str, setting: str, columns, baselines: dict, mag_ratios: list[float],
           where: str, gpu: bool, args: dict) -> None:
     os.makedirs(out, exist_ok=True)
-    name = os.path.join(out, f"peers_{model}")
+    name = os.path.join(out, f"peers_{model}" + (f"_{args['tag']}" if args.get("tag") else ""))
     with open(name + ".json", "w") as f:
         json.dump({"setting": setting, "device": where, "gpu": gpu, "args": args, "baseline_seconds": baselines,
                    "magcache_ratios": mag_ratios, "rows": rows}, f, indent=1)
-    speedups = [("speedup over dense Inductor", "speedup_inductor")] if "inductor" in baselines else []
+    speedups = [("speedup over dense Inductor", "speedup_inductor")] if gpu else []
     speedups.append(("speedup over dense eager", "speedup"))
-    # Only a GPU run has a second lowering; results written before this view have no such columns.
-    same_lowering = "inductor" in baselines and all("psnr_same_lowering" in r for r in rows.values())
+    own = gpu and all("psnr_own" in r for r in rows.values())  # the own-lowering view: GPU runs since it exists
     table = [(h, k, ".2f") for h, k in speedups] + list(columns)
-    if same_lowering:
-        table += [("PSNR dB vs same-lowering dense", "psnr_same_lowering", ".2f"),
-                  ("SSIM vs same-lowering dense", "ssim_same_lowering", ".3f")]
+    if own:
+        table += [("speedup over own dense", "speedup_own", ".2f"), ("PSNR dB vs own dense", "psnr_own", ".2f"),
+                  ("SSIM vs own dense", "ssim_own", ".3f")]
     table += [("peak GB", "peak_gb", ".2f")] if gpu else []
     lines = [f"{setting}; {where}", "",
              "| method | " + " | ".join(h for h, _, _ in table) + " |", "|---" * (len(table) + 1) + "|"]
@@ -360,15 +394,15 @@ def write(rows: dict, model: str, out: str, setting: str, columns, baselines: di
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axis, field = speedups[0]
-    panels = [("psnr", columns[0][0] + " against dense")]
-    if same_lowering:
-        panels.append(("psnr_same_lowering", columns[0][0] + " against same-lowering dense"))
+    clock = " (GPU wall time)" if gpu else " (CPU wall time)"
+    panels = [(speedups[0][1], speedups[0][0] + clock, "psnr", columns[0][0] + " against dense eager")]
+    if own:
+        panels.append(("speedup_own", "speedup over own dense" + clock, "psnr_own", columns[0][0] + " against own dense"))
     fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
+    for ax, (field, xlabel, key, ylabel) in zip(axes[0], panels):
         scatter_fronts(ax, rows, field, key)
-        ax.set_xlabel(axis + (" (GPU wall time)" if gpu else " (CPU wall time)"))
-        ax.set_ylabel(label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(name + ".png", dpi=130)

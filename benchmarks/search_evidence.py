@@ -7,6 +7,7 @@ as slow (so both baselines get as much compute or more). Writes JSON, markdown, 
 and the search plot.
 
     python benchmarks/search_evidence.py --model reference --steps 20 --speedup 2 --out benchmarks/results
+    python benchmarks/search_evidence.py --model reference --device cuda --tag h200 --speedup 2   # beside it
     python benchmarks/search_evidence.py --model wan2.1-1.3b --frames 5 --height 60 --width 104 \\
         --dtype bfloat16 --device cuda --speedup 2 2.5 --generations 5 --held-out 4   # on a GPU
 """
@@ -50,10 +51,13 @@ def main() -> None:
     parser.add_argument("--offspring", type=int, default=defaults.offspring)
     parser.add_argument("--generations", type=int, default=defaults.generations)
     parser.add_argument("--held-out", type=int, default=len(HELD_OUT), help=f"how many of the seeds {HELD_OUT}")
+    parser.add_argument("--proxy-seeds", type=int, default=1, help="calibration seeds every candidate is scored on")
+    parser.add_argument("--tag", default="", help="added to the output names (e.g. the device, to keep a CPU "
+                        "search of the same model beside a GPU one)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"search_{args.model}_{args.steps}steps")
+    stem = os.path.join(args.out, f"search_{args.model}_{args.steps}steps" + (f"_{args.tag}" if args.tag else ""))
     workload = models.from_arguments(args)
     sparse = backend_options.from_arguments(workload, args)  # one compilation for the profile and every search
     if args.costs:
@@ -68,6 +72,7 @@ def main() -> None:
     for speedup in args.speedup:
         name = f"{stem}_{speedup:g}x"
         result = search(workload, table, speedup=speedup, sparse=sparse, evaluator=searching, settings=settings,
+                        proxy_seeds=args.proxy_seeds,
                         output=f"{name}.json", plot=f"{name}.png", progress=False)
         evidence(args, workload, table, result, scoring, held_out, speedup, name)
 

@@ -44,6 +44,7 @@ import glob
 import json
 import logging
 import os
+import statistics
 import time
 
 import torch
@@ -73,11 +74,11 @@ class ReferenceClips:
 
     def __init__(self, args):
         from astraea.reference.evaluate import evaluation_prompts
-        from astraea.reference.model import load_reference
+        from astraea.reference.model import GUIDANCE, load_reference
 
         self.model, self.encoder = load_reference(device=args.device)
         self.prompts = evaluation_prompts(args.prompts)
-        self.steps, self.guidance = args.steps, args.guidance or 2.0
+        self.steps, self.guidance = args.steps, GUIDANCE if args.guidance is None else args.guidance
         self.setting = (f"reference model, {args.prompts} prompts, {self.steps} steps, guidance {self.guidance}; "
                         "fidelity of the clips against the dense clips")
 
@@ -100,10 +101,7 @@ class RandomWan:
                ("rel. L2 (contribution)", "rel_l2", ".4f"), ("PSNR dB (latent)", "latent_psnr", ".2f"))
 
     def __init__(self, args):
-        extra = {} if args.guidance is None else {"guidance": args.guidance}
-        self.workload = models.random_wan(args.model, frames=args.frames, height=args.height, width=args.width,
-                                          num_steps=args.steps, dtype=getattr(torch, args.dtype),
-                                          device=args.device, **extra)
+        self.workload = models.from_arguments(args)
         self.model, self.seeds = self.workload.model, HELD_OUT[: args.seeds]
         tokens = args.frames * (args.height // 2) * (args.width // 2)
         self.setting = (f"{args.model}, random weights, latent {args.frames}x{args.height}x{args.width} ({tokens} tokens), "
@@ -250,23 +248,27 @@ def astraea_methods(model: str, steps: int, device: torch.device) -> dict:
 
 
 class Timer:
-    """Runs a generation to the device being done; wall seconds and, on a GPU, peak memory."""
+    """Runs a generation to the device being done: its output, wall seconds (the median of
+    `repeats` runs) and, on a GPU, peak memory."""
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def __call__(self, generate) -> tuple[object, float, float | None]:
+    def __call__(self, generate, repeats: int = 1) -> tuple[object, float, float | None]:
         cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = generate()
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        return out, seconds, torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None
+        seconds = []
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = generate()
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            seconds.append(time.perf_counter() - start)
+        return out, statistics.median(seconds), torch.cuda.max_memory_allocated(self.device) / 2**30 if cuda else None
 
 
 def main() -> None:
@@ -275,7 +277,6 @@ def main() -> None:
     parser.set_defaults(model="reference")
     parser.add_argument("--prompts", type=int, default=8, help="evaluation prompts (reference model)")
     parser.add_argument("--seeds", type=int, default=2, help=f"held-out seeds of {HELD_OUT} (random Wan models)")
-    parser.add_argument("--guidance", type=float, default=None, help="default: 2 for the reference model, Wan's 5 otherwise")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="astraea launches every kernel instead of replaying calls as CUDA graphs")
     parser.add_argument("--out", default="benchmarks/results")
@@ -293,8 +294,11 @@ def main() -> None:
     def generate(model):
         return lambda: subject.run(model)
 
+    # On a GPU every method is timed once, over the dense runs: those take the median of three
+    # (one eager generation of the small reference model once took 1.4x the others).
+    baseline_repeats = 3 if gpu else 1
     timer(generate(transformer))  # warm-up
-    dense, dense_s, dense_gb = timer(generate(transformer))
+    dense, dense_s, dense_gb = timer(generate(transformer), baseline_repeats)
     baselines = {"eager": dense_s}
     rows, mag_ratios = {}, []
 
@@ -321,7 +325,7 @@ def main() -> None:
         measured = {}
         for name, model in inductor.items():
             timer(generate(model))  # compiles (and captures)
-            measured[name] = timer(generate(model))
+            measured[name] = timer(generate(model), baseline_repeats)
         baselines["inductor"], baselines["inductor_graphs"] = (m[1] for m in measured.values())
         for name, (out, seconds, peak) in measured.items():
             record(name, out, seconds, peak, own=(seconds, out))
@@ -337,7 +341,7 @@ def main() -> None:
             backend.update(**options)
             if gpu:  # new selection options: their call graphs are captured in a first run
                 timer(generate(compiled))
-            out, seconds, peak = timer(generate(compiled))
+            out, seconds, peak = timer(generate(compiled), 1 if astraea_dense else baseline_repeats)
             astraea_dense = astraea_dense or (seconds, out)  # the first method is astraea's dense
             record(name, out, seconds, peak, own=astraea_dense)
     del backend, compiled  # free astraea's caches and graphs before measuring the others' memory

@@ -151,6 +151,17 @@ def _use_tma(k: torch.Tensor, v: torch.Tensor) -> bool:
     return not k.is_cuda or torch.cuda.get_device_capability(k.device)[0] >= 9
 
 
+def _dot_precision(dtype: torch.dtype, head_dim: int) -> str:
+    """fp32 inputs ask for fp32 answers, so no plain TF32. Three TF32 products per dot give
+    them on tensor cores; "ieee" runs on the FMA units, and on an H200 took 1 ms a call on
+    the reference model (head dim 64), 120x PyTorch's fp32 attention. Three-product dots are
+    checked on the H200 at head dims 32 and 64 only: at 16 and 128 the kernel test failed
+    there with a Triton runtime error not yet diagnosed, so those keep "ieee"."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored: half-precision dots run at their own precision
+    return "tf32x3" if head_dim in (32, 64) else "ieee"
+
+
 def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
@@ -213,10 +224,7 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             v.stride(0), v.stride(1), v.stride(2),
             H, n_queries, k.shape[2], scale * _LOG2E)
     consts = dict(HAS_IDX=idx is not None, HEAD_DIM=d, USE_TMA=_use_tma(k, v),
-                  # fp32 inputs ask for fp32 answers, so no plain TF32; three TF32 products
-                  # per dot give them on tensor cores ("ieee" runs on the FMA units: on an H200
-                  # it took 1 ms a call on the reference model, 120x PyTorch's fp32 attention).
-                  DOT_PRECISION="tf32x3" if q.dtype == torch.float32 else "tf32")
+                  DOT_PRECISION=_dot_precision(q.dtype, d))
 
     def grid(meta):
         return (triton.cdiv(n_queries, meta["BLOCK_M"]), B * H)

@@ -11,6 +11,7 @@ from test_search_e2e import one_thread  # noqa: F401  (autouse: these models run
 
 
 def test_reference_workload_samples_as_the_reference_model_does(monkeypatch):
+    # Defaults included: a search must score schedules on the sampler the model runs with.
     torch.manual_seed(0)
     transformer, encoder = reference_model.build_model()
     transformer.eval().requires_grad_(False)
@@ -21,7 +22,7 @@ def test_reference_workload_samples_as_the_reference_model_does(monkeypatch):
     prompt = sample_scenes(np.random.default_rng(seed), 1).prompts()[0].text
     with torch.no_grad():
         theirs = reference_model.generate(
-            transformer, encoder.encode([prompt]), encoder.encode([""]), num_steps=2, guidance=4.0, seed=seed
+            transformer, encoder.encode([prompt]), encoder.encode([""]), num_steps=2, seed=seed
         )
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -25,7 +25,7 @@ import astraea
 
 from ..search.fidelity import compare
 from .evaluate import evaluation_prompts, generate_clips, score
-from .model import load_reference
+from .model import GUIDANCE, load_reference
 
 GIF_SCALE = 3
 GIF_FRAME_MS = 125
@@ -34,7 +34,8 @@ GIF_FRAME_MS = 125
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", type=int, default=8, help="clips to generate (default: 8)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
-    parser.add_argument("--guidance", type=float, default=2.0, help="classifier-free guidance scale (default: 2)")
+    parser.add_argument("--guidance", type=float, default=GUIDANCE,
+                        help=f"classifier-free guidance scale (default: {GUIDANCE:g})")
     parser.add_argument("--schedule", default="0.5",
                         help="a budget for every step, comma-separated budgets per step, or a schedule file (default: 0.5)")
     parser.add_argument("--full-steps", type=int, default=6,

@@ -17,7 +17,7 @@ import torch
 
 from .checks import check_clips, summarize
 from .data import Prompt, sample_scenes
-from .model import WEIGHTS, WEIGHTS_SHA256, generate, load_reference
+from .model import GUIDANCE, WEIGHTS, WEIGHTS_SHA256, generate, load_reference
 
 PROMPT_SEED = 1000
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="a weights file to evaluate unchecked (default: the shipped, checked ones)")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, nargs="+", default=[2.0])
+    parser.add_argument("--guidance", type=float, nargs="+", default=[GUIDANCE])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

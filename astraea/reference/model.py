@@ -109,13 +109,16 @@ def load_reference(
     return transformer, encoder
 
 
+GUIDANCE = 2.0  # the sampler's classifier-free guidance scale unless told otherwise
+
+
 @torch.no_grad()
 def generate(
     transformer,
     prompt_embeds: torch.Tensor,
     negative_embeds: torch.Tensor,
     num_steps: int = 20,
-    guidance: float = 2.0,
+    guidance: float = GUIDANCE,
     seed: int = 0,
     progress: bool = False,
     mesh=None,

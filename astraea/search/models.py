@@ -73,11 +73,13 @@ def random_wan(
 
 
 def reference(
-    *, num_steps: int, guidance: float = 4.0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    *, num_steps: int, guidance: float | None = None, dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu"
 ) -> Workload:
-    """The shipped reference model, sampled as `astraea.reference.model.generate` samples it."""
+    """The shipped reference model, sampled as `astraea.reference.model.generate` samples it
+    (at its guidance scale unless `guidance` is given)."""
     from astraea.reference.data import FRAMES, SIZE, sample_scenes
-    from astraea.reference.model import load_reference
+    from astraea.reference.model import GUIDANCE, load_reference
 
     transformer, encoder = load_reference(device=device, dtype=dtype)
     empty = encoder.encode([""])
@@ -92,7 +94,7 @@ def reference(
         conditioning=conditioning,
         num_steps=num_steps,
         prediction="sample",
-        guidance=guidance,
+        guidance=GUIDANCE if guidance is None else guidance,
         dtype=dtype,
         device=device,
         # Pixel space: the clip a person sees is the final sample clamped to [-1, 1].
@@ -109,11 +111,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps of a generation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's own, 2 for reference, 5 for Wan)")
 
 
 def from_arguments(args: argparse.Namespace) -> Workload:
     dtype, device = getattr(torch, args.dtype), args.device
+    guidance = {} if args.guidance is None else {"guidance": args.guidance}
     if args.model == "reference":
-        return reference(num_steps=args.steps, dtype=dtype, device=device)
+        return reference(num_steps=args.steps, dtype=dtype, device=device, **guidance)
     return random_wan(args.model, frames=args.frames, height=args.height, width=args.width,
-                      num_steps=args.steps, dtype=dtype, device=device)
+                      num_steps=args.steps, dtype=dtype, device=device, **guidance)

@@ -291,6 +291,7 @@ def search(
                 "seeds": list(seeds),
                 "proxy_seeds": list(proxy),
                 "num_steps": steps,
+                "guidance": workload.guidance,  # the sampler the fidelity was scored on
                 "options": sparse.options,
                 "cost_table": table.key.to_json(),
                 "settings": dataclasses.asdict(settings),

@@ -209,14 +209,15 @@ class CapturedDense:
         return tuple(t.clone() for t in self.compiled(**kwargs))
 
 
-def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str, str]:
-    """{speedup target: path} of the schedules searched for this model and step count on this
-    kind of device (a CPU's cost table says nothing about a GPU's, and back)."""
+def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str, Schedule]:
+    """{speedup target: schedule} of those searched for this model and step count on this kind
+    of device (a CPU's cost table says nothing about a GPU's, and back)."""
     found = {}
     for path in sorted(glob.glob(SEARCHED.format(model=model, steps=steps))):
-        searched_on = Schedule.load(path).meta.get("search", {}).get("cost_table", {}).get("device", "")
-        if searched_on.startswith("cpu") == (device.type == "cpu"):
-            found[path.rsplit("_", 1)[-1].removesuffix(".json")] = path
+        schedule = Schedule.load(path)
+        searched_on = schedule.meta.get("search", {}).get("cost_table", {}).get("device", "")
+        if searched_on.startswith("cpu") == (device.type == "cpu"):  # costs.device_name: "cpu ..." or the GPU's name
+            found[path.rsplit("_", 1)[-1].removesuffix(".json")] = schedule
     return found
 
 
@@ -233,10 +234,10 @@ def astraea_methods(model: str, steps: int, device: torch.device) -> dict:
         "astraea 0.3 (6 dense steps)": dict(base, schedule=0.3, full_steps=6),
         "astraea 0.5 (1 dense step)": dict(base, schedule=0.5, full_steps=1),
     }
-    for target, path in searched_schedules(model, steps, device).items():
+    for target, schedule in searched_schedules(model, steps, device).items():
         # Run each as searched: schedules from before the skip option were searched with output reuse.
-        skip = Schedule.load(path).searched_option("skip") or defaults.skip
-        methods[f"astraea searched ({target} target)"] = dict(base, schedule=path, full_steps=0, skip=skip)
+        skip = schedule.searched_option("skip") or defaults.skip
+        methods[f"astraea searched ({target} target)"] = dict(base, schedule=schedule, full_steps=0, skip=skip)
     searched_2x = methods.get("astraea searched (2x target)")
     if searched_2x is not None and searched_2x["skip"] == "blocks":  # skips reusing the previous output instead
         methods["ablation: output reuse for skips (2x target)"] = dict(searched_2x, skip="output")
@@ -335,14 +336,15 @@ def main() -> None:
     backend = astraea.backend(schedule=0.5, cuda_graphs=args.cuda_graphs)
     compiled = torch.compile(transformer, backend=backend)
     timer(generate(compiled))  # compiles; every method below reuses the compilation
-    astraea_dense = None
     with torch.compiler.set_stance("fail_on_recompile"):
-        for name, options in astraea_methods(args.model, args.steps, device).items():
+        for name, options in astraea_methods(args.model, args.steps, device).items():  # its dense first
             backend.update(**options)
             if gpu:  # new selection options: their call graphs are captured in a first run
                 timer(generate(compiled))
-            out, seconds, peak = timer(generate(compiled), 1 if astraea_dense else baseline_repeats)
-            astraea_dense = astraea_dense or (seconds, out)  # the first method is astraea's dense
+            dense_run = name == DENSE_ASTRAEA
+            out, seconds, peak = timer(generate(compiled), baseline_repeats if dense_run else 1)
+            if dense_run:
+                astraea_dense = (seconds, out)
             record(name, out, seconds, peak, own=astraea_dense)
     del backend, compiled  # free astraea's caches and graphs before measuring the others' memory
     torch._dynamo.reset()
@@ -407,7 +409,8 @@ def write(rows: dict, model: str, out: str, setting: str, columns, baselines: di
         scatter_fronts(ax, rows, field, key)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a front is drawn once a side has points
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(name + ".png", dpi=130)
     plt.close(fig)  # written after every method: keep one figure open, not one per method

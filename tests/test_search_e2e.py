@@ -1,6 +1,7 @@
 """Profile and search on a tiny random Wan model through the real backend, API and CLI."""
 
 import json
+import math
 import statistics
 
 import pytest
@@ -11,7 +12,7 @@ from astraea.cli import main
 from astraea.schedule import Schedule
 from astraea.search import (
     CostKey, CostTable, CostTableError, Evaluator, SearchError, SearchSettings, SparseModel, fidelity, profile,
-    random_wan, search,
+    Space, random_wan, search,
 )
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -48,13 +49,24 @@ def table(workload, sparse, tmp_path_factory):
     return table
 
 
+def reachable(table, workload, share):
+    """The speedup `share` of the way from dense to the fastest schedule `table` allows. The
+    table is measured here, and on a loaded two-core machine a skipped step may cost two thirds
+    of a dense one: a fixed target can be out of any schedule's reach."""
+    steps, contexts = workload.num_steps, workload.contexts
+    space = Space(table.levels, table.step_ms(contexts), steps, 1, math.inf)
+    fastest = space.latency(space.cheapest())
+    return 1 + share * (table.predict([1.0] * steps, contexts) / fastest - 1)
+
+
 def test_profile_measures_every_level_for_this_setting(workload, sparse, table):
     assert table.levels == LEVELS
     assert table.key == CostKey.here(sparse, workload)
     assert all(ms > 0 for ms in table.latency_ms)
     # A whole-step skip runs only the embeddings, the head and one cache addition per block:
-    # cheaper than any real forward (on this tiny model those parts are a third of one).
-    assert table.call_ms(0.0) < 0.6 * min(table.latency_ms[1:])
+    # cheaper than any real forward (on this tiny model those parts are a third of one; the
+    # margin is for a loaded machine's timings).
+    assert table.call_ms(0.0) < min(table.latency_ms[1:])
     # The sampler's work between calls, from the profiling generations' own wall times: with
     # it the table predicts them (unless the calls' medians already exceed them).
     run = table.meta["profiling_generation"]
@@ -65,10 +77,10 @@ def test_profile_measures_every_level_for_this_setting(workload, sparse, table):
 
 def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, sparse, table, tmp_path):
     output, plot = tmp_path / "schedule.json", tmp_path / "search.png"
-    settings = SearchSettings(population=4, offspring=4, generations=2)
-    result = search(workload, table, speedup=1.5, seeds=(0,), confirm=2, settings=settings, sparse=sparse,
+    settings, target = SearchSettings(population=4, offspring=4, generations=2), reachable(table, workload, 0.8)
+    result = search(workload, table, speedup=target, seeds=(0,), confirm=2, settings=settings, sparse=sparse,
                     output=output, plot=plot, progress=False)
-    limit = table.predict([1.0] * 6, workload.contexts) / 1.5
+    limit = table.predict([1.0] * 6, workload.contexts) / target
     assert result.chosen.latency_ms <= limit
     assert all(c.latency_ms <= limit and c.budgets[0] == 1.0 for c in result.candidates)
     assert plot.read_bytes()[:4] == b"\x89PNG"
@@ -76,7 +88,7 @@ def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, sparse,
     meta = schedule.meta["search"]
     assert schedule.budgets == result.chosen.budgets
     assert schedule.model == sparse.structure_hash
-    assert meta["predicted_speedup"] >= 1.5 and meta["seeds"] == [0]
+    assert meta["predicted_speedup"] >= target and meta["seeds"] == [0]
     assert meta["measured_ms"] > 0 and result.prediction.measured_ms == meta["measured_ms"]
     assert meta["measured_speedup"] == pytest.approx(result.dense.measured_ms / result.prediction.measured_ms)
 
@@ -106,9 +118,9 @@ def test_searches_for_several_targets_share_one_evaluator(workload, sparse, tabl
     evaluator, settings = Evaluator(workload, sparse), SearchSettings(population=3, offspring=2, generations=1)
     run = lambda speedup: search(workload, table, speedup=speedup, seeds=(0,), confirm=1, settings=settings,  # noqa: E731
                                  sparse=sparse, evaluator=evaluator, measure=False, progress=False)
-    first = run(1.3)
+    first = run(reachable(table, workload, 0.5))
     references = dict(evaluator._references)
-    second = run(1.6)
+    second = run(reachable(table, workload, 0.9))
     assert evaluator._references.keys() == references.keys()
     assert all(evaluator._references[seed] is run for seed, run in references.items())  # not generated again
     # On this tiny space the second search may find every candidate already scored by the first:
@@ -119,12 +131,12 @@ def test_searches_for_several_targets_share_one_evaluator(workload, sparse, tabl
         search(workload, table, speedup=1.3, evaluator=evaluator, progress=False)
 
 
-def test_cli_profile_then_search(table, tmp_path, capsys):
+def test_cli_profile_then_search(workload, table, tmp_path, capsys):
     torch._dynamo.reset()  # the CLI compiles new instances of the same model class
     model = ["--model", "tiny", "--steps", "6", "--frames", "3", "--height", "8", "--width", "8"]
     costs = tmp_path / "costs.json"
     table.save(costs)  # measured in this process: same model, device and threads as the CLI's
-    assert main(["search", *model, "--costs", str(costs), "--speedup", "1.3", "--seeds", "0,1",
+    assert main(["search", *model, "--costs", str(costs), "--speedup", f"{reachable(table, workload, 0.5):.3f}", "--seeds", "0,1",
                  "--population", "3", "--offspring", "2", "--generations", "1", "--confirm", "1",
                  "-o", str(tmp_path / "s.json"), "--checkpoint", str(tmp_path / "c.json"), "--no-progress"]) == 0
     out = capsys.readouterr().out

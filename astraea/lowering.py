@@ -33,11 +33,12 @@ def lower(
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC], constraint_sizes=[None])
+    # idx is [S, K]: S fixed per block, K a symbol (hinted below N).
+    dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC], constraint_sizes=[None] * 2)
     for b in blocks:
-        hint = torch.arange(max(2, b.shape[1] // 2), device=device)  # K: a symbol, hinted below N
+        hint = torch.arange(max(2, b.shape[1] // 2), device=device).expand(b.samples, -1).contiguous()
         with fake_mode:
-            state = BlockState.allocate(b.shape, cache_dtype(config, b.dtype), device)
+            state = BlockState.allocate(b.shape, cache_dtype(config, b.dtype), device, b.samples)
         fakes += state.graph_inputs(fake_mode.from_tensor(hint, symbolic_context=dynamic))
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         return compile_fx(gm, fakes)

@@ -30,17 +30,21 @@ _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3
 @triton.jit
 def _merge_rows_kernel(
     X, ROWS, INV, CACHE, CHANGE, LSE_ROWS, LSE_STATE, Y,
-    B, N, D, K, BH,
-    HAS_LSE: tl.constexpr, CLAMP: tl.constexpr,
+    B, N, D, K, H,
+    HAS_LSE: tl.constexpr, PER_SAMPLE: tl.constexpr, CLAMP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = offs_r < N
-    # inv[n] is n's position in idx, or -1 for a token that was not recomputed.
+    # inv[s, n] is n's position in idx[s], or -1 for a token sample s did not recompute; one
+    # row serves every sample unless PER_SAMPLE.
     j = tl.load(INV + offs_r, mask=r_ok, other=-1)
-    sel = j >= 0
     norm_sum = tl.zeros([BLOCK_R], tl.float32)
+    lse_sum = tl.zeros([BLOCK_R], tl.float32)
     for b in range(B):
+        if PER_SAMPLE:
+            j = tl.load(INV + b * N + offs_r, mask=r_ok, other=-1)
+        sel = j >= 0
         x_row = (b * N + offs_r).to(tl.int64) * D
         f_row = (b * K + j).to(tl.int64) * D
         sq = tl.zeros([BLOCK_R], tl.float32)
@@ -61,29 +65,39 @@ def _merge_rows_kernel(
             if CLAMP > 0:
                 new = tl.minimum(tl.maximum(new, -CLAMP), CLAMP)
             tl.store(CACHE + xy_off, new.to(CACHE.dtype.element_ty), mask=m_sel)
-        norm_sum += tl.sqrt(sq)
-    tl.store(CHANGE + offs_r, norm_sum / B, mask=sel)
-    if HAS_LSE:
-        lse_sum = tl.zeros([BLOCK_R], tl.float32)
-        for bh in range(BH):
-            lse_sum += tl.load(LSE_ROWS + bh * K + j, mask=sel, other=0.0)
-        tl.store(LSE_STATE + offs_r, lse_sum / BH, mask=sel)
+        lse = tl.zeros([BLOCK_R], tl.float32)
+        if HAS_LSE:
+            for h in range(H):
+                lse += tl.load(LSE_ROWS + (b * H + h) * K + j, mask=sel, other=0.0)
+            lse = lse / H
+        if PER_SAMPLE:
+            tl.store(CHANGE + b * N + offs_r, tl.sqrt(sq), mask=sel)
+            if HAS_LSE:
+                tl.store(LSE_STATE + b * N + offs_r, lse, mask=sel)
+        else:
+            norm_sum += tl.sqrt(sq)
+            lse_sum += lse
+    if not PER_SAMPLE:
+        sel = j >= 0
+        tl.store(CHANGE + offs_r, norm_sum / B, mask=sel)
+        if HAS_LSE:
+            tl.store(LSE_STATE + offs_r, lse_sum / B, mask=sel)
 
 
 def _check(x, rows, idx, cache, change, lse_rows, lse_state) -> None:
     if x.dim() != 3:
         raise ValueError(f"merge_rows: x must be [B, N, D], got {tuple(x.shape)}")
     B, N, D = x.shape
-    if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"merge_rows: idx must be a 1-D int64 or int32 tensor, got {idx.dtype} "
+    if idx.dim() != 2 or idx.shape[0] not in (1, B) or idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"merge_rows: idx must be a [1 or B={B}, K] int64 or int32 tensor, got {idx.dtype} "
                         f"of shape {tuple(idx.shape)}")
-    K = idx.shape[0]
+    S, K = idx.shape
     if rows.shape != (B, K, D):
         raise ValueError(f"merge_rows: rows must be [B, K, D] = {(B, K, D)}, got {tuple(rows.shape)}")
     if cache.shape != x.shape:
         raise ValueError(f"merge_rows: cache must be {tuple(x.shape)}, got {tuple(cache.shape)}")
-    if change.shape != (N,) or lse_state.shape != (N,):
-        raise ValueError(f"merge_rows: change and lse_state must be [N] = [{N}], got "
+    if change.shape != (S, N) or lse_state.shape != (S, N):
+        raise ValueError(f"merge_rows: change and lse_state must be [S, N] = {[S, N]}, got "
                          f"{tuple(change.shape)} and {tuple(lse_state.shape)}")
     if lse_rows is not None and (lse_rows.dim() != 3 or lse_rows.shape[0] != B or lse_rows.shape[2] != K):
         raise ValueError(f"merge_rows: lse_rows must be [B, H, K] with B={B}, K={K}, got {tuple(lse_rows.shape)}")
@@ -113,25 +127,25 @@ def merge_rows(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, cache: to
     """Return y (x + cache, with the rows named by idx replaced by ``rows``); update cache,
     change and (when lse_rows is given) lse_state in place at idx, as merge_rows_reference.
 
-    idx must hold unique, valid token numbers; duplicates leave which row wins unspecified.
+    idx must hold unique, valid token numbers per row; duplicates leave which row wins unspecified.
     """
     _check(x, rows, idx, cache, change, lse_rows, lse_state)
     B, N, D = x.shape
-    K = idx.shape[0]
+    S, K = idx.shape
     if K == 0 or B * D == 0:
         # Nothing recomputed: every token reuses its cache, and there is nothing to update.
         return x + cache.to(x.dtype)
     y = torch.empty_like(x)
-    inv = torch.full((N,), -1, dtype=torch.int32, device=x.device)
-    inv[idx] = torch.arange(K, dtype=torch.int32, device=x.device)
+    positions = torch.arange(K, dtype=torch.int32, device=x.device).expand(S, K)
+    inv = torch.full((S, N), -1, dtype=torch.int32, device=x.device).scatter_(1, idx.long(), positions)
     BLOCK_D = min(triton.next_power_of_2(D), 512)
     BLOCK_R = max(1, 2048 // BLOCK_D)
     H = 0 if lse_rows is None else lse_rows.shape[1]
     launchable(_merge_rows_kernel, x)[(triton.cdiv(N, BLOCK_R),)](
         # Without lse_rows the kernel never reads LSE_ROWS; any float32 tensor holds its place.
         x, rows, inv, cache, change, change if lse_rows is None else lse_rows, lse_state, y,
-        B, N, D, K, B * H,
-        HAS_LSE=lse_rows is not None, CLAMP=FP8_MAX if cache.dtype == torch.float8_e4m3fn else 0.0,
+        B, N, D, K, H,
+        HAS_LSE=lse_rows is not None, PER_SAMPLE=S > 1, CLAMP=FP8_MAX if cache.dtype == torch.float8_e4m3fn else 0.0,
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4)
     return y
 

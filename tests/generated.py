@@ -1,7 +1,8 @@
 """DiT-like modules generated from a few knobs, for property tests of the analysis and rewrite.
 
 The knobs cover what real video DiTs vary: depth, width, heads, cross-attention, adaLN
-modulation, gated residuals, RoPE tables, fused or separate q/k/v; and `mixing` puts an
+modulation, gated residuals, RoPE tables (with a batch dim or without, as CogVideoX and
+HunyuanVideo keep them), fused or separate q/k/v; and `mixing` puts an
 op that is not token-wise into one block (a reduction over tokens, a roll along tokens, a
 linear map over the token axis, a cumulative sum), which astraea must leave dense.
 """
@@ -27,6 +28,7 @@ class Knobs:
     modulation: bool = True
     gated: bool = True
     rope: bool = True
+    rope_rows: bool = False  # RoPE tables as [N, d], not [1, 1, N, d]
     fused_qkv: bool = False
     mixing: str | None = None
     mixing_block: int = 0
@@ -100,8 +102,9 @@ class GeneratedDiT(nn.Module):
         self.proj_out = nn.Linear(k.width, channels)
         d = k.width // k.heads
         angles = torch.arange(k.tokens)[:, None] * torch.linspace(0.1, 1.0, d)[None]
-        self.register_buffer("cos", angles.cos()[None, None])
-        self.register_buffer("sin", angles.sin()[None, None])
+        lead = () if k.rope_rows else (None, None)
+        self.register_buffer("cos", angles.cos()[lead])
+        self.register_buffer("sin", angles.sin()[lead])
 
     def forward(self, latent, timestep, context):
         freqs = torch.arange(8, device=latent.device) / 8

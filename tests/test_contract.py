@@ -27,7 +27,7 @@ def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
     be, checker = checked_run(make(), 5, schedule=[1.0, 0.5, 0.25, 0.75, 0.5], policy=policy)
     assert checker.checked == 10 * be.reports[0].num_sparse_blocks
     n = be.reports[0].num_tokens
-    sizes = [len(call[0]) for call in checker.selected]
+    sizes = [call[0].shape[-1] for call in checker.selected]
     assert sizes == [n, n] + [round(b * n) for b in (0.5, 0.5, 0.25, 0.25, 0.75, 0.75, 0.5, 0.5)]
 
 
@@ -36,7 +36,7 @@ def test_grouped_selection_keeps_contract(group, group_size):
     be, checker = checked_run(wan(), 3, schedule=0.5, group=group, group_size=group_size)
     frames, h, w = be.reports[0].token_grid
     for call in checker.selected[2:]:
-        idx = call[0]
+        idx = call[0][0]
         if group == "spatial":  # whole columns: the same positions in every frame
             positions = (idx % (h * w)).view(frames, -1)
             assert (positions == positions[0]).all()

@@ -171,7 +171,7 @@ def test_ops_are_registered_and_match_the_functions():
     out, lse = torch.ops.astraea_kernels.gathered_attention(q, k, v, idx, None)
     ref_out, ref_lse = gathered_attention(q, k, v, idx)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
-    inputs = _merge_inputs(1, 30, 40, 2, idx, torch.float32, torch.float32)
+    inputs = _merge_inputs(1, 30, 40, 2, idx.cpu(), torch.float32, torch.float32)
     mutated = [t.clone() for t in inputs[3:]]
     y = torch.ops.astraea_kernels.merge_rows(*inputs[:3], mutated[0], mutated[1], inputs[5], mutated[3])
     expected = [t.clone() for t in inputs[3:]]
@@ -182,8 +182,10 @@ def test_ops_are_registered_and_match_the_functions():
 # ---- merge_rows ----
 
 def _merge_inputs(B, N, D, H, idx, x_dtype, cache_dtype, seed=0):
+    """Inputs of merge_rows; idx is [S, K], or [K] for one selection shared by the batch."""
     g = torch.Generator().manual_seed(seed)
-    K = idx.shape[0]
+    idx = idx[None] if idx.dim() == 1 else idx
+    S, K = idx.shape
     x = torch.randn(B, N, D, generator=g)
     rows = torch.randn(B, K, D, generator=g)
     cache = torch.randn(B, N, D, generator=g)
@@ -194,12 +196,17 @@ def _merge_inputs(B, N, D, H, idx, x_dtype, cache_dtype, seed=0):
         # itself is checked on the GPU. One row past the fp8 range checks the saturation.
         x = (x * 4).round().clamp(-16, 16) / 4
         step = ((torch.randn(B, K, D, generator=g) * 2).clamp(-7.5, 7.5) * 16).round() / 16
-        rows = x[:, idx] + step.to(torch.float8_e4m3fn).float()
+        rows = _rows_at(x, idx) + step.to(torch.float8_e4m3fn).float()
         rows[:, :1] = 1024.0
-    change, lse_state = torch.rand(N, generator=g), torch.randn(N, generator=g)
+    change, lse_state = torch.rand(S, N, generator=g), torch.randn(S, N, generator=g)
     lse_rows = torch.randn(B, H, K, generator=g)
     return (x.to(DEVICE, x_dtype), rows.to(DEVICE, x_dtype), idx.to(DEVICE), cache.to(DEVICE, cache_dtype),
             change.to(DEVICE), lse_rows.to(DEVICE), lse_state.to(DEVICE))
+
+
+def _rows_at(t, idx):
+    """t[b, idx[b or 0]] for each sample b: [B, K, D] (indexing: CPU has no fp8 gather)."""
+    return t[torch.arange(t.shape[0], device=t.device)[:, None], idx.expand(t.shape[0], -1)]
 
 
 def _check_merge(x, rows, idx, cache, change, lse_rows, lse_state):
@@ -209,27 +216,33 @@ def _check_merge(x, rows, idx, cache, change, lse_rows, lse_state):
     y_ref = merge_rows_reference(x, rows, idx, ref_state[0], ref_state[1], lse_rows, ref_state[2])
     half = x.dtype != torch.float32
     # Selected rows are copies of `rows`, so they must match exactly.
-    assert torch.equal(y[:, idx], rows)
+    assert torch.equal(_rows_at(y, idx), rows)
     torch.testing.assert_close(y.float(), y_ref.float(), atol=2e-2 if half else 1e-6, rtol=1.6e-2 if half else 1e-6)
 
-    unselected = torch.ones(x.shape[1], dtype=torch.bool, device=x.device)
-    unselected[idx] = False
-    for new, old in zip(state, (cache, change, lse_state)):
-        assert torch.equal(new[..., unselected, :] if new.dim() == 3 else new[unselected],
-                           old[..., unselected, :] if old.dim() == 3 else old[unselected])
+    chosen = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device).scatter_(1, idx.expand(x.shape[0], -1), True)
+    scored = chosen[: idx.shape[0]]  # the score rows: per sample, or the batch's one
+    assert torch.equal(state[0][~chosen], cache[~chosen])
+    for new, old in zip(state[1:], (change, lse_state)):
+        assert torch.equal(new[~scored], old[~scored])
     torch.testing.assert_close(state[1], ref_state[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(state[2], ref_state[2], atol=1e-6, rtol=1e-6)
     if lse_rows is None:
         assert torch.equal(state[2], lse_state)
 
-    new = rows.float() - x[:, idx].float()
-    got = state[0][:, idx].float()
+    new = rows.float() - _rows_at(x, idx).float()
+    got = _rows_at(state[0], idx).float()
     if cache.dtype == torch.float8_e4m3fn:
         assert torch.equal(got, new.clamp(-448, 448)) and torch.equal(state[0], ref_state[0])
     elif cache.dtype == torch.float32:
         torch.testing.assert_close(got, new, atol=0, rtol=0)
     else:
-        torch.testing.assert_close(got, ref_state[0][:, idx].float(), atol=1e-2, rtol=1.6e-2)
+        torch.testing.assert_close(got, _rows_at(ref_state[0], idx).float(), atol=1e-2, rtol=1.6e-2)
+
+
+def _selections(B, N, K, seed):
+    """[B, K]: a different random selection for each sample."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(N, generator=g)[:K] for _ in range(B)])
 
 
 @pytest.mark.parametrize("x_dtype, cache_dtype", [
@@ -237,10 +250,20 @@ def _check_merge(x, rows, idx, cache, change, lse_rows, lse_state):
     (torch.float16, torch.float16), (torch.bfloat16, torch.float8_e4m3fn), (torch.float32, torch.float8_e4m3fn),
 ])
 @pytest.mark.parametrize("with_lse", [True, False])
-def test_merge_matches_reference(x_dtype, cache_dtype, with_lse):
-    idx = torch.randperm(70, generator=torch.Generator().manual_seed(9))[:29]
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_merge_matches_reference(x_dtype, cache_dtype, with_lse, per_sample):
+    idx = _selections(2 if per_sample else 1, 70, 29, seed=9)
     x, rows, idx, cache, change, lse_rows, lse_state = _merge_inputs(2, 70, 96, 3, idx, x_dtype, cache_dtype)
     _check_merge(x, rows, idx, cache, change, lse_rows if with_lse else None, lse_state)
+
+
+def test_merge_keeps_each_samples_scores_apart():
+    """Per sample, a token's change and LSE are its own sample's, not the batch's mean."""
+    idx = torch.tensor([[0, 1], [1, 2]])
+    x, rows, idx, cache, change, lse_rows, lse_state = _merge_inputs(2, 4, 8, 2, idx, torch.float32, torch.float32)
+    merge_rows(x, rows, idx, cache, change, lse_rows, lse_state)
+    torch.testing.assert_close(lse_state[1, 1:3], lse_rows[1].mean(0))
+    torch.testing.assert_close(lse_state[0, :2], lse_rows[0].mean(0))
 
 
 @pytest.mark.parametrize("N, D, idx", [
@@ -248,6 +271,7 @@ def test_merge_matches_reference(x_dtype, cache_dtype, with_lse):
     (33, 40, torch.arange(33).flip(0)),     # every token selected
     (33, 40, torch.tensor([32])),           # one token
     (33, 40, torch.tensor([], dtype=torch.int64)),  # none: everything from the cache
+    (33, 40, torch.tensor([[32], [0]])),    # one token, a different one per sample
 ])
 def test_merge_shapes(N, D, idx):
     _check_merge(*_merge_inputs(2, N, D, 4, idx, torch.float32, torch.float32, seed=N))
@@ -264,9 +288,9 @@ def test_merge_writes_every_row(monkeypatch):
 
 @settings(max_examples=10, deadline=None)
 @given(B=st.integers(1, 2), N=st.integers(1, 60), D=st.integers(1, 150), frac=st.floats(0.0, 1.0),
-       seed=st.integers(0, 2**16))
-def test_merge_property(B, N, D, frac, seed):
-    idx = torch.randperm(N, generator=torch.Generator().manual_seed(seed))[:round(frac * N)]
+       per_sample=st.booleans(), seed=st.integers(0, 2**16))
+def test_merge_property(B, N, D, frac, per_sample, seed):
+    idx = _selections(B if per_sample else 1, N, round(frac * N), seed)
     _check_merge(*_merge_inputs(B, N, D, 2, idx, torch.float32, torch.float32, seed=seed))
 
 
@@ -285,3 +309,7 @@ def test_merge_rejects_bad_inputs():
         merge_rows(x, rows, idx, cache, change, lse_rows[:, :, :1], lse_state)
     with pytest.raises(TypeError, match="change"):
         merge_rows(x, rows, idx, cache, change.double(), lse_rows, lse_state)
+    with pytest.raises(TypeError, match=r"idx must be a \[1 or B=1, K\]"):
+        merge_rows(x, rows, idx[0], cache, change, lse_rows, lse_state)
+    with pytest.raises(ValueError, match="change and lse_state must be"):
+        merge_rows(x, rows, idx, cache, change[0], lse_rows, lse_state)

@@ -4,7 +4,7 @@ For a block with input x (N tokens) and output y, and a per-call index tensor `i
 selected tokens, the rewritten block:
   1. runs the nodes that feed self-attention keys/values on all N rows, unchanged;
   2. runs every other node of the block on the K selected rows: a copy of the node whose
-     token inputs from outside the copied set are gathered with `index_select(dim, idx)`
+     token inputs from outside the copied set are gathered with `gather_tokens(dim, idx)`
      (the block input, key/value-side tensors, RoPE tables), and whose literal shapes name
      the token count as -1 so the same graph serves every K;
   3. replaces self-attention by `astraea::sparse_attention(q_rows, k_all, v_all)`, which also
@@ -14,6 +14,10 @@ selected tokens, the rewritten block:
 The graph gains, per sparse block, four inputs: idx, cache, change and lse (the last three
 are per-context runtime state). Nothing in the rewritten graph depends on K, so budgets
 change from step to step without recompiling.
+
+idx is [S, K]: each of the batch's S = B samples selects its own tokens where every gathered
+tensor has the batch on dim 0 (or 1 there: a table every sample shares, combined with tensors
+of its own rank) and tokens elsewhere; otherwise S = 1, one selection for the whole batch.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..runtime import ops, ulysses  # noqa: F401  (register torch.ops.astraea.*)
+from ..runtime.ops import gather_tokens
 from ..runtime.state import GRAPH_INPUTS
 from .blocks import Block
 from .token_axis import DTYPE_FROM_SECOND, TokenAxis, sdpa_args, shape_of
@@ -44,6 +49,7 @@ class SparseBlockInputs:
     module: str
     shape: tuple[int, ...]  # block input [B, N, D]
     dtype: torch.dtype
+    samples: int  # S: rows of idx and of the scores (B: a selection per sample; 1: one for the batch)
 
 
 def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> tuple[PassResult, list]:
@@ -58,27 +64,36 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         with graph.inserting_before(first_op):
             idx, cache, change, lse = (graph.placeholder(f"astraea_block{block.index}_{name}") for name in GRAPH_INPUTS)
         start = replaced.get(block.start, block.start)
-        merged = _sparse_copy(graph, axis, block, start, idx, cache, change, lse)
+        merged, per_sample = _sparse_copy(graph, axis, block, start, idx, cache, change, lse)
         block.end.replace_all_uses_with(merged, delete_user_cb=lambda u: u is not merged)
         replaced[block.end] = merged
-        axis.tdim[merged] = axis.tdim[block.end]  # the next block's start: gathered like any stream node
+        # The next block's start: gathered like any stream node.
+        axis.tdim[merged] = axis.tdim[block.end]
+        merged.meta["example_value"] = block.end.meta.get("example_value")
         for node in reversed(block.sparse):
             graph.erase_node(node)
-        inputs.append(SparseBlockInputs(block.index, block.module, shape_of(block.start), block.start.meta["example_value"].dtype))
+        shape = shape_of(block.start)
+        samples = shape[0] if per_sample else 1
+        inputs.append(SparseBlockInputs(block.index, block.module, shape, block.start.meta["example_value"].dtype, samples))
     graph.lint()
     gm.recompile()
     return PassResult(gm, bool(inputs)), inputs
 
 
-def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> fx.Node:
+def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> tuple[fx.Node, bool]:
+    """The block's sparse form, ending in its merge; and whether its tokens can be gathered per sample."""
     copies: dict[fx.Node, fx.Node] = {}
     gathered: dict[tuple, fx.Node] = {}
     kv = {x for s in block.self_attention for x in sdpa_args(s)[1:3]}
     lse_rows = None
+    batch = shape_of(block.start)[0]
+    per_sample = True
 
-    def gather(node, dim):
+    def gather(node, dim, consumer):
+        nonlocal per_sample
+        per_sample = per_sample and _batch_leads(node, dim, consumer, batch)
         if (node, dim) not in gathered:
-            gathered[node, dim] = graph.call_function(torch.index_select, (node, dim, idx))
+            gathered[node, dim] = graph.call_function(gather_tokens, (node, dim, idx))
         return gathered[node, dim]
 
     with graph.inserting_before(block.end.next):
@@ -88,15 +103,15 @@ def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> fx
             if node.op == "call_method" and node.target in DTYPE_FROM_SECOND:
                 keep |= set(node.all_input_nodes[1:])
 
-            def remap(a, tables=tables, keep=keep):
+            def remap(a, tables=tables, keep=keep, node=node):
                 if a in copies:
                     return copies[a]
                 if a in keep:
                     return a
                 if isinstance(axis.tdim.get(a), int):
-                    return gather(a, axis.tdim[a])
+                    return gather(a, axis.tdim[a], node)
                 if a in tables:
-                    return gather(a, tables[a])
+                    return gather(a, tables[a], node)
                 return a
 
             args = fx.node.map_arg(node.args, remap)
@@ -120,7 +135,22 @@ def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> fx
         merged = graph.call_function(
             torch.ops.astraea.merge_rows, (start, copies[block.end], idx, cache, change, lse_rows, lse_state)
         )
-    return merged
+    return merged, per_sample
+
+
+def _batch_leads(node: fx.Node, dim: int, consumer: fx.Node, batch: int) -> bool:
+    """Whether `node`'s rows along `dim` can be gathered per sample for `consumer`: its dim 0 is
+    the batch, or 1 for a table shared by every sample that `consumer` combines with tensors of
+    the table's own rank (so that dim 0 lines up with the batch), and tokens lie elsewhere."""
+    if batch == 1:
+        return True
+    shape = shape_of(node)
+    if shape is None or dim == 0:
+        return False
+    if shape[0] == batch:
+        return True
+    out = consumer.meta.get("example_value")
+    return shape[0] == 1 and isinstance(out, torch.Tensor) and out.dim() == len(shape) and out.shape[0] == batch
 
 
 def _sizes_with_free_token_dim(node: fx.Node, axis: TokenAxis) -> list[int]:

@@ -1,10 +1,12 @@
-"""The two operators the rewritten graph calls, registered with torch.library.
+"""The operators the rewritten graph calls: two registered with torch.library, one plain.
 
 `astraea::sparse_attention(q, k, v)` is attention for the selected query rows over all keys
 and values, and also returns each row's natural-log log-sum-exp (the selection score's
 S_LSE). `astraea::merge_rows` assembles a block's output from its fresh rows and its cache,
 and updates the cache and the score state in the same pass. Both are opaque custom ops so
 that Inductor treats them as single nodes; the kernels in `kernels/` implement them on GPU.
+`gather_tokens` picks the selected rows of a tensor, per sample; it is plain PyTorch, which
+Inductor fuses into its consumers.
 """
 
 from __future__ import annotations
@@ -12,6 +14,22 @@ from __future__ import annotations
 import torch
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn; cached contributions are clamped to it
+
+
+def gather_tokens(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx[s]` of `x` along `dim` for each sample s. idx: [S, K]; S = 1 takes the same
+    rows for the whole batch, else dim 0 of x is the batch of S samples, or 1 for a table every
+    sample shares (the result then has S)."""
+    samples, k = idx.shape
+    if samples == 1:
+        return x.index_select(dim, idx[0])
+    shape = list(x.shape)
+    shape[0] = samples
+    index = [1] * x.dim()
+    index[0], index[dim] = samples, k
+    x = x.expand(shape)
+    shape[dim] = k
+    return x.gather(dim, idx.view(index).expand(shape))
 
 
 @torch.library.custom_op("astraea::sparse_attention", mutates_args=())
@@ -45,7 +63,9 @@ def merge_rows(
 ) -> torch.Tensor:
     """Block output: fresh `rows` at `idx`, `x + cache` elsewhere; refresh cache and scores.
 
-    x: [B, N, D] block input; rows: [B, K, D]; idx: [K]; cache: [B, N, D]; change, lse_state: [N].
+    x: [B, N, D] block input; rows: [B, K, D]; idx: [S, K] (S = B: each sample's own rows, or
+    1: the same rows for the batch); cache: [B, N, D]; change, lse_state: [S, N]. With S = 1
+    the scores are the batch's means.
     """
     if x.is_cuda:
         from kernels import merge_rows as merge_rows_kernel
@@ -61,15 +81,19 @@ def _(x, rows, idx, cache, change, lse_rows, lse_state):
 
 def merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state):
     """Plain PyTorch merge_rows: the CPU path, and what the Triton kernel must match."""
+    batch, shared = torch.arange(x.shape[0], device=x.device)[:, None], idx.shape[0] == 1
+    at = (batch, idx.expand(x.shape[0], -1))  # [B, K] rows of [B, N, ...]
     y = x + cache.to(x.dtype)
-    y[:, idx] = rows
-    new = rows.float() - x[:, idx].float()
-    change[idx] = (new - cache[:, idx].float()).norm(dim=-1).mean(0)
+    y[at] = rows
+    new = rows.float() - x[at].float()
+    moved = (new - cache[at].float()).norm(dim=-1)  # [B, K]
+    change.scatter_(1, idx, moved.mean(0, keepdim=True) if shared else moved)
     if cache.dtype == torch.float8_e4m3fn:
         new = new.clamp(-FP8_MAX, FP8_MAX)
-    cache[:, idx] = new.to(cache.dtype)  # indexed assignment: index_copy_ has no fp8 kernel on CPU
+    cache[at] = new.to(cache.dtype)  # indexed assignment: index_copy_ has no fp8 kernel on CPU
     if lse_rows is not None:
-        lse_state[idx] = lse_rows.float().mean(dim=(0, 1))
+        lse = lse_rows.float().mean(1)  # [B, K]
+        lse_state.scatter_(1, idx, lse.mean(0, keepdim=True) if shared else lse)
     return y
 
 

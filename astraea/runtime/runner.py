@@ -64,7 +64,9 @@ class SparseRunner:
         # rank sees one shard (its own), so 1 there too; a single process sets it to the
         # rank count to make the selection that run makes.
         self.selection_shards = 1
-        self.all_tokens = torch.arange(self.num_tokens, device=device)  # the indices of a dense step
+        # The indices of a dense step, [S, N] for each block's S.
+        every = torch.arange(self.num_tokens, device=device)
+        self.all_tokens = [every.expand(b.samples, -1).contiguous() for b in blocks]
         self.tracker = StepTracker()
         self.announcements = announcements  # diffusers' cache_context, when the model has one
         self._announced = False
@@ -79,7 +81,9 @@ class SparseRunner:
     # ---- state -----------------------------------------------------------------------------
     def _new_context(self) -> ContextState:
         return ContextState(
-            blocks=[BlockState.allocate(b.shape, cache_dtype(self.config, b.dtype), self.device) for b in self.blocks]
+            blocks=[
+                BlockState.allocate(b.shape, cache_dtype(self.config, b.dtype), self.device, b.samples) for b in self.blocks
+            ]
         )
 
     def _new_generation(self) -> None:
@@ -145,26 +149,26 @@ class SparseRunner:
         """The device work of a call: select each block's tokens, run the rewritten graph.
         Returns the outputs and the tokens each block recomputed."""
         indices = []
-        for state in ctx.blocks:
+        for state, every in zip(ctx.blocks, self.all_tokens):
             if k < self.num_tokens:  # a dense step needs no scores
                 score = scores(state, self.config, self.generator)
                 idx = select(score, k, self.config, self.report.token_grid, self.selection_shards)
             else:
-                idx = self.all_tokens
+                idx = every
             mark_selected(state, idx)
             indices.append(idx)
-        return _call(self.graph_fn, ctx, indices, inputs), int(indices[0].numel())
+        return _call(self.graph_fn, ctx, indices, inputs), int(indices[0].shape[-1])
 
     def _reuse_blocks(self, ctx: ContextState, inputs: tuple) -> tuple[tuple, int]:
         """The device work of a skipped step: every block adds its cache to its input."""
         if self._skip_fn is None:
             self._skip_fn = self.lower_skip()
-        return _call(self._skip_fn, ctx, [self.all_tokens] * len(ctx.blocks), inputs), 0
+        return _call(self._skip_fn, ctx, self.all_tokens, inputs), 0
 
     def _graph_key(self, context: int, k: int):
         """The key of a call's captured graph, or None where a call runs uncaptured: the random
         policy draws from a generator, and only single-token selection has been checked
-        captured on a GPU ("run" groups cut a data-dependent tail; "spatial" is untested)."""
+        captured on a GPU ("run" and "spatial" groups are untested there)."""
         c = self.config
         if self.call_graphs is None or not c.cuda_graphs or c.policy == "random" or c.group != "token":
             return None

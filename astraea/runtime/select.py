@@ -6,7 +6,9 @@ change: how much its block contribution moved when last recomputed) and n_i the 
 since it was last recomputed, so that every token is refreshed now and then. The "delta"
 policy drops the LSE factor; "random" ignores the scores (baselines to measure against).
 Selection is over single tokens, over spatial positions (a position in every frame at once),
-or over contiguous runs of tokens; the chosen indices are returned sorted.
+or over contiguous runs of tokens; the chosen indices are returned sorted. Each sample of a
+batch has its own scores and selection (prompts in one batch need different tokens), except
+in a block the rewrite could not gather per sample, where one row serves the whole batch.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ def num_selected(budget: float, num_tokens: int) -> int:
 
 
 def scores(state: BlockState, config: AstraeaConfig, generator: torch.Generator) -> torch.Tensor:
+    """[S, N] scores: one row per sample the block selects for (see `BlockState`)."""
     if config.policy == "random":
         return torch.rand(state.change.shape, generator=generator, device=state.change.device)
     signal = state.change if config.policy == "delta" else state.lse.clamp_min(0) * state.change
-    signal = signal / signal.mean().clamp_min(1e-12)
+    signal = signal / signal.mean(-1, keepdim=True).clamp_min(1e-12)
     penalty = torch.exp(state.stale.clamp(max=MAX_STALE).float())
     return config.weight_signal * signal + config.weight_penalty * penalty
 
@@ -40,37 +43,40 @@ def scores(state: BlockState, config: AstraeaConfig, generator: torch.Generator)
 def select(
     score: torch.Tensor, k: int, config: AstraeaConfig, grid: tuple[int, ...] | None, shards: int = 1
 ) -> torch.Tensor:
-    """Sorted int64 indices of about k < N tokens, grouped as the config asks.
+    """Sorted int64 indices [S, K] of about k < N tokens per row of `score` [S, N], grouped as
+    the config asks. Every row gets the same count: grouped selections fill a partial group's
+    place with the row's best other tokens.
 
     With `shards` > 1, k / shards tokens from each of that many equal contiguous shards: the
     selection each rank of a sequence-parallel run makes from its own shard.
     """
+    n = score.shape[-1]
     if shards > 1:
         if config.group == "spatial":
             raise ConfigError("group='spatial' needs whole frames; it cannot select from token shards")
-        if score.numel() % shards or k % shards:
-            raise ValueError(f"{score.numel()} tokens and {k} selected do not split into {shards} equal shards")
-        parts = score.chunk(shards)
-        width = parts[0].numel()
-        return torch.cat([select(p, k // shards, config, None) + i * width for i, p in enumerate(parts)])
-    n = score.numel()
+        if n % shards or k % shards:
+            raise ValueError(f"{n} tokens and {k} selected do not split into {shards} equal shards")
+        width = n // shards
+        return torch.cat([select(p, k // shards, config, None) + i * width for i, p in enumerate(score.chunk(shards, -1))], -1)
     if config.group == "token":
-        chosen = score.topk(k).indices
-    elif config.group == "spatial":
+        return score.topk(k, -1).indices.sort(-1).values
+    if config.group == "spatial":
         frames = grid[0]
         plane = n // frames
-        positions = score.view(frames, plane).sum(0).topk(max(1, math.ceil(k / frames))).indices
-        chosen = (torch.arange(frames, device=score.device)[:, None] * plane + positions[None]).flatten()
-    else:
-        g = config.group_size
-        padded = torch.nn.functional.pad(score, (0, (-n) % g))
-        runs = padded.view(-1, g).sum(1).topk(max(1, math.ceil(k / g))).indices
-        chosen = (runs[:, None] * g + torch.arange(g, device=score.device)[None]).flatten()
-        chosen = chosen[chosen < n]
-    return chosen.sort().values
+        positions = score.unflatten(-1, (frames, plane)).sum(-2).topk(max(1, math.ceil(k / frames)), -1).indices
+        chosen = (torch.arange(frames, device=score.device)[:, None] * plane + positions[:, None, :]).flatten(1)
+        return chosen.sort(-1).values
+    g = config.group_size
+    padded = torch.nn.functional.pad(score, (0, (-n) % g))
+    runs = padded.unflatten(-1, (-1, g)).sum(-1).topk(max(1, math.ceil(k / g)), -1).indices
+    chosen = (runs[:, :, None] * g + torch.arange(g, device=score.device)).flatten(1)
+    # A run past the end is short: every token of the chosen runs, then the row's best others.
+    picked = torch.zeros_like(padded, dtype=torch.bool).scatter_(-1, chosen, True)[:, :n]
+    first = torch.where(picked, torch.inf, score)
+    return first.topk(min(chosen.shape[-1], n), -1).indices.sort(-1).values
 
 
 def mark_selected(state: BlockState, idx: torch.Tensor) -> None:
-    """Age every token by one step, except those recomputed now."""
+    """Age every token by one step, except those recomputed now (idx: [S, K])."""
     state.stale.add_(1)
-    state.stale.index_fill_(0, idx, 0)
+    state.stale.scatter_(-1, idx, 0)

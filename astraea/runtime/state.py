@@ -25,19 +25,22 @@ GRAPH_INPUTS = ("idx", "cache", "change", "lse")
 
 @dataclass
 class BlockState:
+    """A block's cache, and its scores with one row per selection: S = B rows when each sample
+    selects its own tokens, S = 1 when one selection serves the batch."""
+
     cache: torch.Tensor  # [B, N, D]: what the block last added to each token
-    change: torch.Tensor  # [N] fp32: how much that contribution moved at its last refresh
-    lse: torch.Tensor  # [N] fp32: the token's self-attention log-sum-exp at its last refresh
-    stale: torch.Tensor  # [N] int32: steps since the token was last recomputed
+    change: torch.Tensor  # [S, N] fp32: how much that contribution moved at its last refresh
+    lse: torch.Tensor  # [S, N] fp32: the token's self-attention log-sum-exp at its last refresh
+    stale: torch.Tensor  # [S, N] int32: steps since the token was last recomputed
 
     @classmethod
-    def allocate(cls, shape, dtype, device) -> "BlockState":
-        n = shape[1]
+    def allocate(cls, shape, dtype, device, samples: int) -> "BlockState":
+        rows = (samples, shape[1])
         return cls(
             cache=torch.zeros(shape, dtype=dtype, device=device),
-            change=torch.zeros(n, dtype=torch.float32, device=device),
-            lse=torch.zeros(n, dtype=torch.float32, device=device),
-            stale=torch.zeros(n, dtype=torch.int32, device=device),
+            change=torch.zeros(rows, dtype=torch.float32, device=device),
+            lse=torch.zeros(rows, dtype=torch.float32, device=device),
+            stale=torch.zeros(rows, dtype=torch.int32, device=device),
         )
 
     def graph_inputs(self, idx: torch.Tensor) -> list[torch.Tensor]:

@@ -1,0 +1,70 @@
+"""Each sample of a batch selects its own tokens: a batch of prompts gives what each prompt
+gives alone, where the block's tensors let the rewrite gather per sample."""
+
+import pytest
+import torch
+
+import astraea
+from tests.generated import GeneratedDiT, Knobs
+from tests.models import wan
+
+BUDGETS = [1.0, 0.5, 0.25, 0.5]
+
+
+def _generated(**knobs):
+    torch.manual_seed(0)
+    k = Knobs(tokens=32, **knobs)
+    model = GeneratedDiT(k).eval()
+
+    def inputs(g, batch):
+        return torch.randn(batch, k.tokens, 4, generator=g), torch.randn(batch, 5, 16, generator=g)
+
+    return model, inputs, lambda m, x, t, c: m(x, t, c)
+
+
+def _wan():
+    family = wan()
+
+    def inputs(g, batch):
+        return torch.randn((batch, *family.latent_shape[1:]), generator=g), torch.randn(batch, 7, 32, generator=g)
+
+    return family.model, inputs, family.call
+
+
+def _generate(model, call, latent, context):
+    """Euler steps along the model's prediction, one call per step (no guidance)."""
+    torch._dynamo.reset()  # a new batch size would otherwise recompile with a symbolic batch
+    be = astraea.backend(schedule=BUDGETS)
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        for step in range(len(BUDGETS)):
+            t = torch.full((latent.shape[0],), 1000.0 - 200 * step)
+            latent = latent - 0.2 * call(compiled, latent, t, context)
+    assert len(be.runners) == 1
+    return latent, be.runners[0]
+
+
+@pytest.mark.parametrize("make", [_generated, _wan], ids=["generated", "wan"])
+def test_a_batch_selects_as_each_sample_alone(make):
+    torch._dynamo.reset()
+    model, inputs, call = make()
+    latent, context = inputs(torch.Generator().manual_seed(1), 2)
+    batched, runner = _generate(model, call, latent, context)
+    assert [b.samples for b in runner.blocks] == [2] * len(runner.blocks)
+    assert [r.tokens for r in runner.records] == [runner.num_tokens] + [round(b * runner.num_tokens) for b in BUDGETS[1:]]
+    state = runner.contexts[0].blocks[0]
+    assert not torch.equal(state.stale[0], state.stale[1]), "the two samples chose the same tokens"
+    for i in range(2):
+        alone, _ = _generate(model, call, latent[i : i + 1], context[i : i + 1])
+        torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_tables_without_a_batch_dim_share_one_selection():
+    """RoPE tables kept as [N, d] cannot be gathered per sample: one selection for the batch,
+    and the sparse steps still follow the dense model's blocks on the tokens they recompute."""
+    torch._dynamo.reset()
+    model, inputs, call = _generated(rope_rows=True)
+    latent, context = inputs(torch.Generator().manual_seed(1), 2)
+    _, runner = _generate(model, call, latent, context)
+    assert [b.samples for b in runner.blocks] == [1] * len(runner.blocks)
+    assert runner.contexts[0].blocks[0].stale.shape == (1, runner.num_tokens)

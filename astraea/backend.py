@@ -119,6 +119,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
             warnings.warn(f"astraea: block {b.module or b.index} stays dense: {b.reason}", AstraeaWarning, stacklevel=2)
     sparsify = SparsifyBlocks(analysis)
     sparsify(gm)
+    for b in sparsify.inputs:
+        if b.shared_because:
+            warnings.warn(f"astraea: block {b.module or b.index} selects one set of tokens for the whole batch of "
+                          f"{b.shape[0]}: {b.shared_because}", AstraeaWarning, stacklevel=2)
     placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
     position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))

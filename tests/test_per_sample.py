@@ -65,6 +65,7 @@ def test_tables_without_a_batch_dim_share_one_selection():
     torch._dynamo.reset()
     model, inputs, call = _generated(rope_rows=True)
     latent, context = inputs(torch.Generator().manual_seed(1), 2)
-    _, runner = _generate(model, call, latent, context)
+    with pytest.warns(astraea.AstraeaWarning, match=r"one set of tokens for the whole batch of 2: .* \[32, 16\] has no batch"):
+        _, runner = _generate(model, call, latent, context)
     assert [b.samples for b in runner.blocks] == [1] * len(runner.blocks)
     assert runner.contexts[0].blocks[0].stale.shape == (1, runner.num_tokens)

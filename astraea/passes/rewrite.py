@@ -49,7 +49,12 @@ class SparseBlockInputs:
     module: str
     shape: tuple[int, ...]  # block input [B, N, D]
     dtype: torch.dtype
-    samples: int  # S: rows of idx and of the scores (B: a selection per sample; 1: one for the batch)
+    shared_because: str | None = None  # why one selection serves the batch, if it does
+
+    @property
+    def samples(self) -> int:
+        """S, the rows of idx and of the scores: B (a selection per sample) or 1 (one for the batch)."""
+        return 1 if self.shared_because else self.shape[0]
 
 
 def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> tuple[PassResult, list]:
@@ -64,7 +69,7 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         with graph.inserting_before(first_op):
             idx, cache, change, lse = (graph.placeholder(f"astraea_block{block.index}_{name}") for name in GRAPH_INPUTS)
         start = replaced.get(block.start, block.start)
-        merged, per_sample = _sparse_copy(graph, axis, block, start, idx, cache, change, lse)
+        merged, shared_because = _sparse_copy(graph, axis, block, start, idx, cache, change, lse)
         block.end.replace_all_uses_with(merged, delete_user_cb=lambda u: u is not merged)
         replaced[block.end] = merged
         # The next block's start: gathered like any stream node.
@@ -72,26 +77,27 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         merged.meta["example_value"] = block.end.meta.get("example_value")
         for node in reversed(block.sparse):
             graph.erase_node(node)
-        shape = shape_of(block.start)
-        samples = shape[0] if per_sample else 1
-        inputs.append(SparseBlockInputs(block.index, block.module, shape, block.start.meta["example_value"].dtype, samples))
+        dtype = block.start.meta["example_value"].dtype
+        inputs.append(SparseBlockInputs(block.index, block.module, shape_of(block.start), dtype, shared_because))
     graph.lint()
     gm.recompile()
     return PassResult(gm, bool(inputs)), inputs
 
 
-def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> tuple[fx.Node, bool]:
-    """The block's sparse form, ending in its merge; and whether its tokens can be gathered per sample."""
+def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> tuple[fx.Node, str | None]:
+    """The block's sparse form, ending in its merge; and, if its tokens cannot be gathered per
+    sample, why."""
     copies: dict[fx.Node, fx.Node] = {}
     gathered: dict[tuple, fx.Node] = {}
     kv = {x for s in block.self_attention for x in sdpa_args(s)[1:3]}
     lse_rows = None
     batch = shape_of(block.start)[0]
-    per_sample = True
+    shared_because = None
 
     def gather(node, dim, consumer):
-        nonlocal per_sample
-        per_sample = per_sample and _batch_leads(node, dim, consumer, batch)
+        nonlocal shared_because
+        if shared_because is None and not _batch_leads(node, dim, consumer, batch):
+            shared_because = f"{node.name} {list(shape_of(node) or ())} has no batch on dim 0 to gather its tokens per sample"
         if (node, dim) not in gathered:
             gathered[node, dim] = graph.call_function(gather_tokens, (node, dim, idx))
         return gathered[node, dim]
@@ -135,7 +141,7 @@ def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> tu
         merged = graph.call_function(
             torch.ops.astraea.merge_rows, (start, copies[block.end], idx, cache, change, lse_rows, lse_state)
         )
-    return merged, per_sample
+    return merged, shared_because
 
 
 def _batch_leads(node: fx.Node, dim: int, consumer: fx.Node, batch: int) -> bool:

@@ -4,7 +4,8 @@ After a block has recomputed K of its N tokens, every token needs an output: the
 for the K selected, the input plus the cached contribution for the rest. The same pass
 refreshes the cache for the selected tokens, records how far each one's contribution moved
 (the change score the next step's selection reads) and, when given, the mean attention LSE
-per token. Done in PyTorch this is a gather, a scatter and several elementwise passes over
+per token: per sample when each sample selects its own tokens, as the batch's means when one
+selection serves it. Done in PyTorch this is a gather, a scatter and several elementwise passes over
 [B, N, D]; here each element of x and cache is read once and y written once.
 
 float8_e4m3fn caches store the contribution unscaled, saturated to +-448 (the format's

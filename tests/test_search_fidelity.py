@@ -87,6 +87,8 @@ def test_decoded_view_and_mean_over_seeds():
     assert report.decoded is not None and report.score == report.decoded.psnr
     assert report.decoded.ssim == pytest.approx((per_seed[0].decoded.ssim + per_seed[1].decoded.ssim) / 2)
     assert per_seed[0].decoded.psnr == math.inf
+    # PSNR over seeds is that of the mean error: an identical seed halves the other's, +3 dB.
+    assert report.decoded.psnr == pytest.approx(per_seed[1].decoded.psnr + 10 * math.log10(2))
     assert FidelityReport.from_json(report.to_json()) == report
 
 

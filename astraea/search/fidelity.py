@@ -35,7 +35,13 @@ class Fidelity:
 
     @classmethod
     def mean(cls, items: Sequence["Fidelity"]) -> "Fidelity":
-        return cls(*(float(np.mean([getattr(f, k) for f in items])) for k in ("psnr", "ssim", "rel_l2")))
+        """Over seeds: SSIM and relative L2 averaged; PSNR of the mean error (each seed's MSE
+        over its squared peak), not the mean of the dBs. Averaged dBs let a schedule pay for one
+        ruined clip with a few perfect ones; the pooled error, like a batch's PSNR, does not."""
+        errors = [10.0 ** (-f.psnr / 10.0) for f in items]  # MSE / peak^2, 0 for an identical run
+        error = float(np.mean(errors))
+        psnr = math.inf if error == 0.0 else -10.0 * math.log10(error)
+        return cls(psnr, *(float(np.mean([getattr(f, k) for f in items])) for k in ("ssim", "rel_l2")))
 
 
 @dataclass(frozen=True)

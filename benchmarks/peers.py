@@ -283,8 +283,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="", help="added to the output names (e.g. the device, to keep a GPU run "
                         "of a model beside a CPU one)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="generations timed per method, their median taken (on a CPU the dense one timed beside each too)")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the table and plot of an earlier run's results")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.replot:
         return replot(args.replot)
     device = torch.device(args.device)
@@ -295,9 +299,10 @@ def main() -> None:
     def generate(model):
         return lambda: subject.run(model)
 
-    # On a GPU every method is timed once, over the dense runs: those take the median of three
-    # (one eager generation of the small reference model once took 1.4x the others).
-    baseline_repeats = 3 if gpu else 1
+    # Each method is timed --repeats times; on a GPU the dense runs at least three times (one
+    # eager generation of the small reference model once took 1.4x the others).
+    repeats = args.repeats
+    baseline_repeats = max(repeats, 3 if gpu else 1)
     timer(generate(transformer))  # warm-up
     dense, dense_s, dense_gb = timer(generate(transformer), baseline_repeats)
     baselines = {"eager": dense_s}
@@ -306,7 +311,7 @@ def main() -> None:
     def record(name, out, seconds, peak_gb, own=(dense_s, dense)):
         """`own`: (seconds, output) of the dense run of the method's own lowering."""
         # A CPU's speed drifts over minutes: time dense again next to every method there.
-        eager_s = dense_s if gpu or name.startswith("dense") else timer(generate(transformer))[1]
+        eager_s = dense_s if gpu or name.startswith("dense") else timer(generate(transformer), repeats)[1]
         row = {"seconds": seconds, "dense_seconds": eager_s, "speedup": eager_s / seconds, "peak_gb": peak_gb,
                **subject.metrics(out, dense)}
         if gpu:
@@ -342,7 +347,7 @@ def main() -> None:
             if gpu:  # new selection options: their call graphs are captured in a first run
                 timer(generate(compiled))
             dense_run = name == DENSE_ASTRAEA
-            out, seconds, peak = timer(generate(compiled), baseline_repeats if dense_run else 1)
+            out, seconds, peak = timer(generate(compiled), baseline_repeats if dense_run else repeats)
             if dense_run:
                 astraea_dense = (seconds, out)
             record(name, out, seconds, peak, own=astraea_dense)
@@ -358,7 +363,7 @@ def main() -> None:
     for name, config in diffusers_methods(now, mag_ratios, args.steps).items():
         transformer.enable_cache(config)
         try:
-            result = timer(generate(spy))
+            result = timer(generate(spy), repeats)
         finally:
             transformer.disable_cache()
         record(name, *result)  # a CPU times dense next: with the cache off

@@ -212,12 +212,16 @@ class CapturedDense:
 def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str, Schedule]:
     """{speedup target: schedule} of those searched for this model and step count on this kind
     of device (a CPU's cost table says nothing about a GPU's, and back)."""
-    found = {}
+    found, paths = {}, {}
     for path in sorted(glob.glob(SEARCHED.format(model=model, steps=steps))):
         schedule = Schedule.load(path)
         searched_on = schedule.meta.get("search", {}).get("cost_table", {}).get("device", "")
         if searched_on.startswith("cpu") == (device.type == "cpu"):  # costs.device_name: "cpu ..." or the GPU's name
-            found[path.rsplit("_", 1)[-1].removesuffix(".json")] = schedule
+            target = path.rsplit("_", 1)[-1].removesuffix(".json")
+            if target in found:
+                raise SystemExit(f"two schedules searched for {target} on this kind of device, {paths[target]} and "
+                                 f"{path}: move one out of {os.path.dirname(path)}")
+            found[target], paths[target] = schedule, path
     return found
 
 

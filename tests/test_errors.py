@@ -91,7 +91,7 @@ def test_selection_shards_must_split_evenly():
     from astraea.runtime.select import select
 
     config = astraea.AstraeaConfig()
-    score = torch.arange(12.0)
-    assert select(score, 4, config, None, shards=2).tolist() == [4, 5, 10, 11]  # top 2 of each half
+    score = torch.arange(12.0)[None]
+    assert select(score, 4, config, None, shards=2).tolist() == [[4, 5, 10, 11]]  # top 2 of each half
     with pytest.raises(ValueError, match="do not split into 5 equal shards"):
         select(score, 5, config, None, shards=5)

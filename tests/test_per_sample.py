@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import astraea
+from tests.contract import ContractChecker
 from tests.generated import GeneratedDiT, Knobs
 from tests.models import wan
 
@@ -12,43 +13,41 @@ BUDGETS = [1.0, 0.5, 0.25, 0.5]
 
 
 def _generated(**knobs):
+    """(model, latent, context, call) for a batch of two, with a different prompt each."""
     torch.manual_seed(0)
     k = Knobs(tokens=32, **knobs)
-    model = GeneratedDiT(k).eval()
-
-    def inputs(g, batch):
-        return torch.randn(batch, k.tokens, 4, generator=g), torch.randn(batch, 5, 16, generator=g)
-
-    return model, inputs, lambda m, x, t, c: m(x, t, c)
+    g = torch.Generator().manual_seed(1)
+    latent, context = torch.randn(2, k.tokens, 4, generator=g), torch.randn(2, 5, 16, generator=g)
+    return GeneratedDiT(k).eval(), latent, context, lambda m, x, t, c: m(x, t, c)
 
 
 def _wan():
-    family = wan()
-
-    def inputs(g, batch):
-        return torch.randn((batch, *family.latent_shape[1:]), generator=g), torch.randn(batch, 7, 32, generator=g)
-
-    return family.model, inputs, family.call
+    family = wan(batch=2)
+    latent = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(1))
+    return family.model, latent, family.contexts[0], family.call
 
 
-def _generate(model, call, latent, context):
-    """Euler steps along the model's prediction, one call per step (no guidance)."""
+def _generate(model, call, latent, context, checked=False):
+    """Euler steps along the model's prediction, one call per step (no guidance); with
+    `checked`, every sparse block call is checked against the dense model's block."""
     torch._dynamo.reset()  # a new batch size would otherwise recompile with a symbolic batch
     be = astraea.backend(schedule=BUDGETS)
     compiled = torch.compile(model, backend=be)
+    t = lambda step: torch.full((latent.shape[0],), 1000.0 - 200 * step)  # noqa: E731
     with torch.no_grad():
+        if checked:
+            call(compiled, latent, t(0), context)  # compiles
+            be.runners[0].reset()
+            be.runners[0].graph_fn = ContractChecker(be.runners[0], atol=1e-4, rtol=1e-4)
         for step in range(len(BUDGETS)):
-            t = torch.full((latent.shape[0],), 1000.0 - 200 * step)
-            latent = latent - 0.2 * call(compiled, latent, t, context)
+            latent = latent - 0.2 * call(compiled, latent, t(step), context)
     assert len(be.runners) == 1
     return latent, be.runners[0]
 
 
 @pytest.mark.parametrize("make", [_generated, _wan], ids=["generated", "wan"])
 def test_a_batch_selects_as_each_sample_alone(make):
-    torch._dynamo.reset()
-    model, inputs, call = make()
-    latent, context = inputs(torch.Generator().manual_seed(1), 2)
+    model, latent, context, call = make()
     batched, runner = _generate(model, call, latent, context)
     assert [b.samples for b in runner.blocks] == [2] * len(runner.blocks)
     assert [r.tokens for r in runner.records] == [runner.num_tokens] + [round(b * runner.num_tokens) for b in BUDGETS[1:]]
@@ -61,11 +60,10 @@ def test_a_batch_selects_as_each_sample_alone(make):
 
 def test_tables_without_a_batch_dim_share_one_selection():
     """RoPE tables kept as [N, d] cannot be gathered per sample: one selection for the batch,
-    and the sparse steps still follow the dense model's blocks on the tokens they recompute."""
-    torch._dynamo.reset()
-    model, inputs, call = _generated(rope_rows=True)
-    latent, context = inputs(torch.Generator().manual_seed(1), 2)
+    a warning that says so, and every sparse block call still keeps the contract."""
+    model, latent, context, call = _generated(rope_rows=True)
     with pytest.warns(astraea.AstraeaWarning, match=r"one set of tokens for the whole batch of 2: .* \[32, 16\] has no batch"):
-        _, runner = _generate(model, call, latent, context)
+        _, runner = _generate(model, call, latent, context, checked=True)
     assert [b.samples for b in runner.blocks] == [1] * len(runner.blocks)
     assert runner.contexts[0].blocks[0].stale.shape == (1, runner.num_tokens)
+    assert runner.graph_fn.checked == len(BUDGETS) * len(runner.blocks)

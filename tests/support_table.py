@@ -1,0 +1,118 @@
+"""The README's support table: what `astraea.explain` says of every video transformer class.
+
+    python -m tests.support_table           # print the table
+    python -m tests.support_table --write   # and put it in README.md, between the markers
+
+One row per factory in `tests.support_models.CASES` (a class may have variants, such as Wan 2.2's
+per-token timestep), and a "no small config yet" row for each class that
+`video_transformer_classes()` lists without a factory. tests/test_support_table.py checks that the
+README holds what this module generates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import astraea
+from tests.support_models import CASES, Case, video_transformer_classes
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN = "<!-- support-table:begin -->"
+END = "<!-- support-table:end -->"
+MAX_REASON = 200  # characters of one reason in the table
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    blocks: str  # "sparse / all", or "-" where there is no report
+    notes: str  # why blocks stay dense, the error, or that there is no factory
+
+
+def _clean(text: str) -> str:
+    """One reason as a table cell: node-name counters dropped (dynamo numbers repeated names,
+    `hidden_states_34`, so the same reason in two blocks reads the same), one line, pipes escaped."""
+    text = re.sub(r"\b([A-Za-z][A-Za-z_]*?)_\d+\b", r"\1", " ".join(str(text).split()))
+    if len(text) > MAX_REASON:
+        text = text[: MAX_REASON - 3] + "..."
+    return text.replace("|", "\\|")
+
+
+def explain_row(case: Case) -> Row:
+    """`astraea.explain` of the case's model at its example inputs, as a row; never raises."""
+    torch._dynamo.reset()
+    try:
+        family = case.build()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = astraea.explain(family.model, **family.example())
+    except Exception as e:  # the row reports it; the table goes on
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return Row(case.label, "-", _clean(f"error: {type(e).__name__}: {first}"))
+    finally:
+        torch._dynamo.reset()
+    reasons = [report.reason] if report.reason else []
+    reasons += [b.reason for b in report.blocks if not b.sparse and b.reason]
+    notes = "; ".join(dict.fromkeys(_clean(r) for r in reasons))
+    return Row(case.label, f"{report.num_sparse_blocks} / {report.num_blocks}", notes)
+
+
+def rows() -> list[Row]:
+    out = [explain_row(case) for case in CASES]
+    covered = {case.cls for case in CASES}
+    out += [Row(name, "-", "no small config yet") for name in video_transformer_classes() if name not in covered]
+    order = {name: i for i, name in enumerate(sorted({c.cls for c in CASES} | set(video_transformer_classes())))}
+    cls_of = {case.label: case.cls for case in CASES}
+    return sorted(out, key=lambda r: (order[cls_of.get(r.label, r.label)], r.label))
+
+
+def render(table_rows: list[Row]) -> str:
+    lines = ["| diffusers class | sparse blocks | why blocks stay dense |", "|---|---|---|"]
+    for r in table_rows:
+        cls, _, variant = r.label.partition(" ")
+        label = f"`{cls}`" + (f" {variant}" if variant else "")
+        lines.append(f"| {label} | {r.blocks} | {r.notes} |")
+    return "\n".join(lines)
+
+
+def generate() -> str:
+    return render(rows())
+
+
+def readme_table(text: str) -> str | None:
+    """The table between the markers of a README's text, or None when the markers are missing."""
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start:
+        return None
+    return text[start + len(BEGIN) : end].strip()
+
+
+def write_readme(table: str, path: Path = README) -> None:
+    text = path.read_text()
+    if readme_table(text) is None:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} markers to write the table between")
+    start, end = text.find(BEGIN) + len(BEGIN), text.find(END)
+    path.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.support_table", description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help=f"replace the table in {README.name}")
+    args = parser.parse_args(argv)
+    table = generate()
+    print(table)
+    if args.write:
+        write_readme(table)
+        print(f"wrote {README}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

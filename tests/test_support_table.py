@@ -1,0 +1,48 @@
+"""The README's support table is what the analysis says today, and budget 1.0 is the dense model
+for every video transformer class diffusers exports (tests/support_models.py)."""
+
+import difflib
+import warnings
+
+import pytest
+import torch
+
+import astraea
+from tests.models import sample
+from tests.support_models import CASES, video_transformer_classes
+from tests.support_table import BEGIN, END, README, generate, readme_table
+
+
+def test_every_listed_class_is_in_the_table():
+    listed = video_transformer_classes()
+    assert len(listed) >= 20, listed
+    assert {case.cls for case in CASES} <= set(listed), "a factory for a class the listing does not find"
+
+
+def test_readme_table_is_current():
+    current = readme_table(README.read_text())
+    assert current is not None, f"README.md has no {BEGIN} ... {END} section"
+    fresh = generate()
+    diff = "\n".join(
+        difflib.unified_diff(current.splitlines(), fresh.splitlines(), "README.md", "generated", lineterm="")
+    )
+    assert current == fresh, (
+        "README.md's support table is not what the analysis says now; regenerate it with "
+        f"`python -m tests.support_table --write` and commit README.md\n{diff}"
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.build.__name__ for case in CASES])
+def test_budget_one_equals_eager(case):
+    torch._dynamo.reset()
+    family = case.build()
+    reference = sample(family, family.model, steps=2)
+    be = astraea.backend(schedule=1.0)
+    compiled = torch.compile(family.model, backend=be)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "runs dense, because ..." for the classes the analysis leaves dense
+        out = sample(family, compiled, steps=2)
+    torch._dynamo.reset()
+    assert out.shape == reference.shape
+    error = (torch.linalg.norm(out - reference) / torch.linalg.norm(reference)).item()
+    assert error <= 1e-5, f"{case.label}: budget 1.0 differs from eager, relative error {error:.3g}"

@@ -25,6 +25,11 @@ from .passes.skip import reuse_blocks
 COMPILED_OPTIONS = ("lowering", "cache_dtype")
 
 
+# Token counts each model (by structure hash) was compiled sparse at in this process, so that a
+# later compile of the same model that falls back to dense at another shape says so.
+_SPARSE_SHAPES: dict[str, int] = {}
+
+
 class AstraeaWarning(UserWarning):
     """The model (or part of it) runs dense; the message says why."""
 
@@ -112,8 +117,12 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     check_report(config, report)
     if report.num_sparse_blocks == 0:
         why = report.reason or "; ".join(sorted({b.reason for b in report.blocks if b.reason}))
+        before = _SPARSE_SHAPES.get(report.structure_hash)
+        if before is not None:
+            why = f"this model ran sparse at {before} tokens, but at this shape it runs dense: {why}"
         warnings.warn(f"astraea: running this graph dense: {why}", AstraeaWarning, stacklevel=2)
         return dense_gm.forward
+    _SPARSE_SHAPES[report.structure_hash] = report.num_tokens
     for b in report.blocks:
         if not b.sparse:
             warnings.warn(f"astraea: block {b.module or b.index} stays dense: {b.reason}", AstraeaWarning, stacklevel=2)

@@ -1,41 +1,58 @@
-"""Check the sparse-block contract on a live runner, one call at a time.
+"""Check the sparse-block contract on a live runner, one call at a time, per segment.
 
-For a call of the rewritten graph, record every block's input x, output y, selected indices
-and cache before the call; then run the dense graph with each block's input replaced by the
-recorded x, and compare: selected rows must equal the dense block's output for that input,
-the others must be x plus the cached contribution.
+For a call of the rewritten graph, record every value it computes, and each block's input x,
+output y, selected indices and cache before the call. Then replay the dense graph block by
+block: every node inside a sparse block is computed densely from inputs taken from the sparse
+run (the block's input, and the text stream where a joint block has one), and compared:
+- the video tokens: selected rows equal the dense block's output for that input, the others
+  are x plus the cached contribution;
+- every tensor a block hands on that holds only small segments (the text stream of a joint
+  block) equals its dense value exactly: those rows are always computed, with fresh keys and
+  values of every token.
 """
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.fx as fx
 
+from astraea.passes import AnalyseTokens
 
-class _RecordMerges(fx.Interpreter):
+
+class _RecordAll(fx.Interpreter):
     def __init__(self, gm):
         super().__init__(gm)
-        self.blocks = []
-
-    def call_function(self, target, args, kwargs):
-        if target is torch.ops.astraea.merge_rows:
-            x, rows, idx, cache = args[:4]
-            before = cache.clone()
-            y = super().call_function(target, args, kwargs)
-            self.blocks.append({"x": x, "y": y, "idx": idx, "cache_before": before})
-            return y
-        return super().call_function(target, args, kwargs)
-
-
-class _DenseBlocks(fx.Interpreter):
-    def __init__(self, gm, starts: dict, ends: set):
-        super().__init__(gm)
-        self.starts, self.ends, self.outputs = starts, ends, {}
+        self.values, self.blocks = {}, []
 
     def run_node(self, n):
+        if n.op == "call_function" and n.target is torch.ops.astraea.merge_rows:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            x, _, idx, cache = args[:4]
+            before = cache.clone()
+            y = self.call_function(n.target, args, kwargs)
+            self.blocks.append({"x": x, "y": y, "idx": idx, "cache_before": before})
+            return y
         value = super().run_node(n)
-        if n.name in self.ends:
-            self.outputs[n.name] = value
+        self.values[n.name] = value
+        return value
+
+
+class _DenseReplay(fx.Interpreter):
+    """The dense graph, with every node outside the sparse blocks (and each block's input)
+    taken from the sparse run; the nodes of the blocks, and the nodes right after them that
+    read the blocks' small segments, computed."""
+
+    def __init__(self, gm, recorded: dict, starts: dict, compute: set):
+        super().__init__(gm)
+        self.recorded, self.starts, self.compute, self.values = recorded, starts, compute, {}
+
+    def run_node(self, n):
+        if n.name not in self.compute and n.name in self.recorded and n.op != "placeholder":
+            value = self.recorded[n.name]
+        else:
+            value = self.values[n.name] = super().run_node(n)
         return self.starts.get(n.name, value)
 
 
@@ -43,29 +60,46 @@ class ContractChecker:
     """Stands in for a runner's graph and checks the contract on every call it runs.
 
     Install with `runner.graph_fn = ContractChecker(runner)`; `checked` counts the blocks
-    checked and `selected` records the indices of each call.
+    checked, `segments` the small-segment tensors checked, and `selected` records the indices
+    of each call.
     """
 
     def __init__(self, runner, atol=1e-5, rtol=1e-5):
         self.gm, self.dense_gm, self.report = runner.graph_fn, runner.dense_gm, runner.report
         self.num_inputs = sum(n.op == "placeholder" for n in self.dense_gm.graph.nodes)
         self.atol, self.rtol = atol, rtol
-        self.checked, self.selected = 0, []
+        self.checked, self.segments, self.selected = 0, 0, []
+        analysis = AnalyseTokens()
+        analysis(copy.deepcopy(self.dense_gm))
+        sparse = [b for b in analysis.blocks if b.reason is None]
+        assert [b.end.name for b in sparse] == [b.end for b in self.report.blocks if b.sparse]
+        inside = {n.name for b in sparse for n in b.region}
+        ends = {b.end.name for b in sparse}
+        # Users after a block of what it computed, other than its output: the small segments
+        # it hands on (the text stream), which must be exact.
+        self.handed_on = {
+            u.name for b in sparse for n in b.sparse if n is not b.end for u in n.users if u.name not in inside
+        }
+        self.compute = inside | self.handed_on
+        assert not (self.handed_on & ends)
 
     def __call__(self, *args):
-        recorder = _RecordMerges(self.gm)
+        recorder = _RecordAll(self.gm)
         out = recorder.run(*args)
         sparse = [b for b in self.report.blocks if b.sparse]
         assert len(recorder.blocks) == len(sparse)
         starts = {b.start: rec["x"] for b, rec in zip(sparse, recorder.blocks)}
-        dense = _DenseBlocks(self.dense_gm, starts, {b.end for b in sparse})
+        dense = _DenseReplay(self.dense_gm, recorder.values, starts, self.compute)
         dense.run(*args[: self.num_inputs])
         for b, rec in zip(sparse, recorder.blocks):
             x, y, idx = rec["x"], rec["y"], rec["idx"]
-            expected, reused = dense.outputs[b.end], x + rec["cache_before"].to(x.dtype)
+            expected, reused = dense.values[b.end], x + rec["cache_before"].to(x.dtype)
             chosen = torch.zeros(x.shape[:2], dtype=torch.bool).scatter_(1, idx.expand(x.shape[0], -1), True)
             torch.testing.assert_close(y[chosen], expected[chosen], atol=self.atol, rtol=self.rtol)
             torch.testing.assert_close(y[~chosen], reused[~chosen], atol=self.atol, rtol=self.rtol)
             self.checked += 1
+        for name in sorted(self.handed_on):
+            torch.testing.assert_close(recorder.values[name], dense.values[name], atol=self.atol, rtol=self.rtol)
+            self.segments += 1
         self.selected.append([rec["idx"] for rec in recorder.blocks])
         return out

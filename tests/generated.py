@@ -2,7 +2,10 @@
 
 The knobs cover what real video DiTs vary: depth, width, heads, cross-attention, adaLN
 modulation, gated residuals, RoPE tables (with a batch dim or without, as CogVideoX and
-HunyuanVideo keep them), fused or separate q/k/v; and `mixing` puts an
+HunyuanVideo keep them), fused or separate q/k/v, joint text-video attention (`joint`:
+"dual" keeps separate text weights and one attention over the concatenation, as CogVideoX and
+HunyuanVideo's double blocks; "single" runs one block over the concatenated tokens, as
+HunyuanVideo's single blocks), text before or after the video; and `mixing` puts an
 op that is not token-wise into one block (a reduction over tokens, a roll along tokens, a
 linear map over the token axis, a cumulative sum), which astraea must leave dense.
 """
@@ -32,6 +35,8 @@ class Knobs:
     fused_qkv: bool = False
     mixing: str | None = None
     mixing_block: int = 0
+    joint: str | None = None  # None, "dual" or "single"
+    text_first: bool = False
 
 
 class Block(nn.Module):
@@ -49,12 +54,19 @@ class Block(nn.Module):
         self.ff = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(approximate="tanh"), nn.Linear(2 * w, w))
         self.mod = nn.Parameter(torch.randn(1, 6, w) / w**0.5)
         self.token_mix = nn.Parameter(torch.randn(k.tokens, k.tokens) / k.tokens)
+        if k.joint == "dual":
+            self.txt_norm, self.txt_qkv, self.txt_out = nn.LayerNorm(w), nn.Linear(w, 3 * w), nn.Linear(w, w)
+            self.txt_ff = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(approximate="tanh"), nn.Linear(2 * w, w))
 
     def heads(self, x):
         b, n, _ = x.shape
         return x.view(b, n, self.k.heads, -1).transpose(1, 2)
 
     def forward(self, x, temb, ctx, cos, sin):
+        if self.k.joint == "dual":
+            return self.dual(x, ctx, temb, cos, sin)
+        if self.k.joint == "single":
+            return self.single(x, ctx, temb, cos, sin)
         k = self.k
         shift, scale, gate, c_shift, c_scale, c_gate = (self.mod + temb[:, None]).chunk(6, dim=1)
         h = self.norm1(x)
@@ -80,6 +92,70 @@ class Block(nn.Module):
         f = self.ff(h)
         return x + (f * c_gate if k.gated else f)
 
+    def qkv_heads(self, h):
+        if self.k.fused_qkv:
+            return tuple(self.heads(t) for t in self.qkv(h).chunk(3, dim=-1))
+        return self.heads(self.to_q(h)), self.heads(self.to_k(h)), self.heads(self.to_v(h))
+
+    def rope(self, q, cos, sin):
+        return q * cos + q.flip(-1) * sin if self.k.rope else q
+
+    def joined(self, video, text, dim):
+        return torch.cat([text, video] if self.k.text_first else [video, text], dim=dim)
+
+    def parted(self, joint, n, dim):
+        """(video, text) parts of a joint tensor."""
+        t = joint.shape[dim] - n
+        if self.k.text_first:
+            text, video = joint.split([t, n], dim=dim)
+        else:
+            video, text = joint.split([n, t], dim=dim)
+        return video, text
+
+    def dual(self, x, txt, temb, cos, sin):
+        """Separate weights for text and video, one attention over both."""
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.mod + temb[:, None]).chunk(6, dim=1)
+        h = self.norm1(x)
+        if self.k.modulation:
+            h = h * (1 + scale) + shift
+        q, key, v = self.qkv_heads(h)
+        q, key = self.rope(q, cos, sin), self.rope(key, cos, sin)
+        tq, tk, tv = (self.heads(t) for t in self.txt_qkv(self.txt_norm(txt)).chunk(3, dim=-1))
+        a = F.scaled_dot_product_attention(self.joined(q, tq, 2), self.joined(key, tk, 2), self.joined(v, tv, 2))
+        a, ta = self.parted(a.transpose(1, 2).flatten(2), x.shape[1], 1)
+        x = x + (self.out(a) * gate if self.k.gated else self.out(a))
+        if self.k.mixing and self.index == self.k.mixing_block:
+            x = self.mix(x)
+        txt = txt + self.txt_out(ta)
+        h = self.norm3(x)
+        if self.k.modulation:
+            h = h * (1 + c_scale) + c_shift
+        f = self.ff(h)
+        return x + (f * c_gate if self.k.gated else f), txt + self.txt_ff(txt)
+
+    def single(self, x, txt, temb, cos, sin):
+        """One block over the concatenated tokens; RoPE on the video part only."""
+        n = x.shape[1]
+        shift, scale, gate, c_shift, c_scale, c_gate = (self.mod + temb[:, None]).chunk(6, dim=1)
+        joint = self.joined(x, txt, 1)
+        h = self.norm1(joint)
+        if self.k.modulation:
+            h = h * (1 + scale) + shift
+        q, key, v = self.qkv_heads(h)
+        (qv, qt), (kv, kt) = self.parted(q, n, 2), self.parted(key, n, 2)
+        q, key = self.joined(self.rope(qv, cos, sin), qt, 2), self.joined(self.rope(kv, cos, sin), kt, 2)
+        a = self.out(F.scaled_dot_product_attention(q, key, v).transpose(1, 2).flatten(2))
+        joint = joint + (a * gate if self.k.gated else a)
+        h = self.norm3(joint)
+        if self.k.modulation:
+            h = h * (1 + c_scale) + c_shift
+        f = self.ff(h)
+        joint = joint + (f * c_gate if self.k.gated else f)
+        x, txt = self.parted(joint, n, 1)
+        if self.k.mixing and self.index == self.k.mixing_block:
+            x = self.mix(x)
+        return x, txt
+
     def mix(self, x):
         kind = self.k.mixing
         if kind == "mean":
@@ -97,6 +173,7 @@ class GeneratedDiT(nn.Module):
         self.k = k
         self.proj_in = nn.Linear(channels, k.width)
         self.time = nn.Linear(16, k.width)
+        self.txt_in = nn.Linear(16, k.width) if k.joint else None
         self.blocks = nn.ModuleList(Block(k, i) for i in range(k.depth))
         self.norm_out = nn.LayerNorm(k.width)
         self.proj_out = nn.Linear(k.width, channels)
@@ -111,6 +188,10 @@ class GeneratedDiT(nn.Module):
         t = timestep[:, None] * torch.exp(-freqs)[None]
         temb = self.time(torch.cat([t.sin(), t.cos()], dim=-1))
         x = self.proj_in(latent)
+        if self.k.joint:
+            context = self.txt_in(context)
         for block in self.blocks:
             x = block(x, temb, context, self.cos, self.sin)
+            if self.k.joint:
+                x, context = x
         return self.proj_out(self.norm_out(x))

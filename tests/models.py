@@ -1,4 +1,4 @@
-"""Small models of the four supported families, with random weights, and a CFG sampling loop.
+"""Small models of four families, with random weights, and a CFG sampling loop.
 
 Each family is the real diffusers class at a tiny config, so the graphs the tests see are
 the graphs users' models give.
@@ -77,7 +77,7 @@ def cogvideox(seed=0) -> Family:
     def call(m, x, t, e):
         return m(hidden_states=x, encoder_hidden_states=e, timestep=t.expand(x.shape[0]), return_dict=False)[0]
 
-    return Family("cogvideox", model, (1, 3, 4, 16, 16), call, (cond, uncond), False)
+    return Family("cogvideox", model, (1, 3, 4, 16, 16), call, (cond, uncond), True)
 
 
 def hunyuan(seed=0) -> Family:
@@ -96,7 +96,7 @@ def hunyuan(seed=0) -> Family:
             pooled_projections=pooled, guidance=guidance, return_dict=False,
         )[0]
 
-    return Family("hunyuan", model, (1, 4, 3, 16, 16), call, (cond, uncond), False)
+    return Family("hunyuan", model, (1, 4, 3, 16, 16), call, (cond, uncond), True)
 
 
 FAMILIES = {"wan": wan, "ltx": ltx, "cogvideox": cogvideox, "hunyuan": hunyuan}

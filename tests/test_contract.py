@@ -5,7 +5,7 @@ import torch
 import astraea
 from astraea.flops import count_flops, counting
 from tests.contract import ContractChecker
-from tests.models import ltx, sample, wan
+from tests.models import cogvideox, hunyuan, ltx, sample, wan
 
 
 def checked_run(family, steps, **options):
@@ -21,11 +21,16 @@ def checked_run(family, steps, **options):
     return be, checker
 
 
-@pytest.mark.parametrize("make", [wan, ltx], ids=["wan", "ltx"])
+@pytest.mark.parametrize("make", [wan, ltx, cogvideox, hunyuan], ids=["wan", "ltx", "cogvideox", "hunyuan"])
 @pytest.mark.parametrize("policy", ["astraea", "delta", "random"])
 def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
+    """Wan and LTX: one stream with cross-attention; CogVideoX: dual-stream joint attention
+    (text and video weights share one attention over the concatenation); HunyuanVideo: a
+    dual-stream block, then a single-stream block over the concatenated tokens."""
     be, checker = checked_run(make(), 5, schedule=[1.0, 0.5, 0.25, 0.75, 0.5], policy=policy)
     assert checker.checked == 10 * be.reports[0].num_sparse_blocks
+    joint = make in (cogvideox, hunyuan)
+    assert (checker.segments > 0) == joint  # the text stream each joint block hands on is exact
     n = be.reports[0].num_tokens
     sizes = [call[0].shape[-1] for call in checker.selected]
     assert sizes == [n, n] + [round(b * n) for b in (0.5, 0.5, 0.25, 0.25, 0.75, 0.75, 0.5, 0.5)]

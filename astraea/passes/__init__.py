@@ -39,8 +39,12 @@ class AnalyseTokens(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ranks = collapse_ulysses_attention(gm)
-        self.axis = find_token_axis(gm)
-        self.blocks, reason = find_blocks(gm, self.axis)
+        try:
+            self.axis = find_token_axis(gm)
+            self.blocks, reason = find_blocks(gm, self.axis)
+        except Exception as e:  # a graph the analysis cannot read runs dense, saying why
+            reason = f"AnalyseTokens could not read this graph ({type(e).__name__}: {e})"
+            self.axis, self.blocks = TokenAxis(reason=reason), []
         self.timestep = find_timestep(gm, self.axis.source)
         if self.blocks and self.timestep is None:
             reason = "no timestep input found (a tensor input with one value per batch element)"

@@ -56,14 +56,23 @@ def dependency_graph(gm: fx.GraphModule, axis: TokenAxis) -> nx.DiGraph:
 
 
 def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str | None]:
-    """Blocks along the residual stream, and a reason when there are none."""
+    """Blocks along the residual stream, and a reason when there are none.
+
+    The residual stream is followed through the tensors that carry the video tokens; where the
+    model keeps text (or other small segments) as a second stream beside it, that stream runs
+    through the blocks in full and joins the video tokens only inside them (joint attention),
+    so the video stream's dominators still cut the model into blocks. Block boundaries are
+    tensors of the video tokens alone.
+    """
     if axis.source is None:
         return [], axis.reason
     deps = dependency_graph(gm, axis)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     mutation_nodes = {w for w, _ in axis.mutations}
     token_nodes = [n for n in gm.graph.nodes if axis.is_token(n) or n in mutation_nodes]
-    stream = deps.subgraph(token_nodes)
+    tokens = deps.subgraph(token_nodes)
+    video = [n for n in token_nodes if axis.carries_video(n) or n in mutation_nodes or n is axis.source]
+    stream = deps.subgraph(video)
     reachable = nx.descendants(stream, axis.source) | {axis.source}
     stream = stream.subgraph(reachable)
     sink = max((n for n in reachable if axis.is_token(n)), key=order.get)
@@ -72,10 +81,12 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
     while chain[-1] is not axis.source:
         chain.append(idom[chain[-1]])
     chain.reverse()
+    full_chain = chain
+    chain = [c for c in chain if isinstance(axis.tdim.get(c), int) and axis.layout_of(c).only_video]
     attentions = [s for s in axis.self_attention if s in reachable]
     if not attentions:
         lost = next((f"token axis lost: {r}" for r in map(axis.opaque, gm.graph.nodes) if r), None)
-        return [], lost or "no self-attention along the token stream"
+        return [], lost or axis.reason or "no self-attention along the token stream"
 
     lost_attention = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA and axis.opaque(n)]
     note = None
@@ -83,7 +94,9 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         note = f"{len(lost_attention)} attention(s) run dense, token axis lost: {axis.opaque(lost_attention[0])}"
     position = {}
     for s in attentions:
-        position[s] = max(i for i, c in enumerate(chain) if order[c] < order[s])
+        before = [i for i, c in enumerate(chain) if order[c] < order[s]]
+        if before:
+            position[s] = before[-1]
     starts = sorted(set(position.values()))
     blocks = []
     for j, p in enumerate(starts):
@@ -92,21 +105,28 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         elif len(starts) > 1 and p + starts[-1] - starts[-2] < len(chain):
             end = p + starts[-1] - starts[-2]
         else:
-            end = _last_join(chain, stream, p)
+            end = _last_join(full_chain, chain, stream, p)
         block = Block(index=j, start=chain[p], end=chain[end])
-        _fill(block, deps, stream, axis, order)
+        _fill(block, deps, tokens, axis, order)
         blocks.append(block)
     return blocks, note
 
 
-def _last_join(chain, stream, p) -> int:
-    """Index of the last residual join (a stream node with several token inputs) after p."""
-    joins = [i for i in range(p + 1, len(chain)) if stream.in_degree(chain[i]) > 1]
-    return joins[-1] if joins else len(chain) - 1
+def _last_join(full_chain, chain, stream, p) -> int:
+    """Index in `chain` of the last block's end: the last residual join (a stream node with
+    several token inputs) after chain[p], or the first tensor of the video tokens alone after
+    it (a single-stream block joins on the concatenated tokens, then splits the video off)."""
+    after = full_chain.index(chain[p]) + 1
+    joins = [i for i in range(after, len(full_chain)) if stream.in_degree(full_chain[i]) > 1]
+    if not joins:
+        return len(chain) - 1
+    at = set(chain)
+    end = next((n for n in full_chain[joins[-1]:] if n in at), chain[-1])
+    return chain.index(end)
 
 
-def _fill(block: Block, deps: nx.DiGraph, stream: nx.DiGraph, axis: TokenAxis, order: dict) -> None:
-    inside = (nx.descendants(stream, block.start) & nx.ancestors(stream, block.end)) | {block.end}
+def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, order: dict) -> None:
+    inside = (nx.descendants(tokens, block.start) & nx.ancestors(tokens, block.end)) | {block.end}
     region = sorted(inside, key=order.get)
     block.region = region
     block.self_attention = [n for n in axis.self_attention if n in inside]
@@ -116,12 +136,6 @@ def _fill(block: Block, deps: nx.DiGraph, stream: nx.DiGraph, axis: TokenAxis, o
         "|".join(f"{n.op}:{getattr(n.target, '__name__', n.target)}" for n in region).encode()
     ).hexdigest()[:12]
 
-    escaping = [
-        n.name for n in region if n is not block.end for u in deps.successors(n) if u not in inside
-    ]
-    if escaping:
-        block.reason = f"intermediate value(s) {sorted(set(escaping))[:3]} are used after the block"
-        return
     stream_shape = shape_of(block.start)
     if axis.tdim[block.start] != 1 or len(stream_shape or ()) != 3 or shape_of(block.end) != stream_shape:
         block.reason = "the residual stream here is not a [batch, tokens, channels] tensor kept by the block"
@@ -145,6 +159,23 @@ def _fill(block: Block, deps: nx.DiGraph, stream: nx.DiGraph, axis: TokenAxis, o
     block.sparse = [n for n in region if n not in feeds_kv]
     if block.end in feeds_kv:
         block.reason = "the block output itself feeds keys/values"
+        return
+    escaping = sorted({
+        n.name for n in block.sparse if n is not block.end
+        for u in deps.successors(n) if u not in inside and not _may_leave(n, u, axis)
+    })
+    if escaping:
+        block.reason = f"intermediate value(s) {escaping[:3]} are used after the block"
+
+
+def _may_leave(node: fx.Node, user: fx.Node, axis: TokenAxis) -> bool:
+    """Whether a sparse node of a block may be used after it: its rows form is complete where
+    it holds no video tokens (the text stream of a joint block), and a user that picks only
+    such segments out of it (the text part of a joint attention's output) reads complete rows."""
+    if not axis.carries_video(node) and axis.is_token(node):
+        return True
+    return user.op == "call_function" and user.target is operator.getitem and axis.is_token(user) \
+        and not axis.carries_video(user) and not isinstance(axis.tdim.get(user), tuple)
 
 
 def _unsupported_attention(node: fx.Node) -> str | None:

@@ -22,6 +22,7 @@ of its own rank) and tokens elsewhere; otherwise S = 1, one selection for the wh
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -33,7 +34,10 @@ from ..runtime import ops, ulysses  # noqa: F401  (register torch.ops.astraea.*)
 from ..runtime.ops import gather_tokens
 from ..runtime.state import GRAPH_INPUTS
 from .blocks import Block
-from .token_axis import DTYPE_FROM_SECOND, TokenAxis, sdpa_args, shape_of
+from . import rules
+from .layout import Layout
+from .rules import DTYPE_FROM_SECOND, sdpa_args, shape_of
+from .token_axis import TokenAxis
 
 SIZED_METHODS = {"view", "reshape", "expand"}
 # The sparse form of each self-attention op, and the keyword arguments it carries over;
@@ -69,7 +73,7 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         with graph.inserting_before(first_op):
             idx, cache, change, lse = (graph.placeholder(f"astraea_block{block.index}_{name}") for name in GRAPH_INPUTS)
         start = replaced.get(block.start, block.start)
-        merged, shared_because = _sparse_copy(graph, axis, block, start, idx, cache, change, lse)
+        merged, shared_because = _SparseCopy(graph, axis, block, idx).build(start, cache, change, lse)
         block.end.replace_all_uses_with(merged, delete_user_cb=lambda u: u is not merged)
         replaced[block.end] = merged
         # The next block's start: gathered like any stream node.
@@ -84,64 +88,183 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
     return PassResult(gm, bool(inputs)), inputs
 
 
-def _sparse_copy(graph, axis, block, start, idx, cache, change, lse_state) -> tuple[fx.Node, str | None]:
-    """The block's sparse form, ending in its merge; and, if its tokens cannot be gathered per
-    sample, why."""
-    copies: dict[fx.Node, fx.Node] = {}
-    gathered: dict[tuple, fx.Node] = {}
-    kv = {x for s in block.self_attention for x in sdpa_args(s)[1:3]}
-    lse_rows = None
-    batch = shape_of(block.start)[0]
-    shared_because = None
+class _SparseCopy:
+    """The sparse form of one block: a copy of each sparse node on the selected rows, placed
+    right after the node it copies, ending in the block's merge.
 
-    def gather(node, dim, consumer):
-        nonlocal shared_because
-        if shared_because is None and not _batch_leads(node, dim, consumer, batch):
-            shared_because = f"{node.name} {list(shape_of(node) or ())} has no batch on dim 0 to gather its tokens per sample"
-        if (node, dim) not in gathered:
-            gathered[node, dim] = graph.call_function(gather_tokens, (node, dim, idx))
-        return gathered[node, dim]
+    A tensor whose token axis joins small segments to the video tokens (text for joint
+    attention) has, in its rows form, every row of the small segments and the selected video
+    rows, in the same order; slices and splits that pick segments out of it are rewritten to
+    the rows form's bounds. Users after the block that read only small segments (the text
+    stream) are pointed at the rows form, which holds those segments complete.
+    """
 
-    with graph.inserting_before(block.end.next):
+    def __init__(self, graph, axis: TokenAxis, block: Block, idx: fx.Node):
+        self.graph, self.axis, self.block, self.idx = graph, axis, block, idx
+        self.copies: dict[fx.Node, fx.Node] = {}
+        self.gathered: dict[tuple, fx.Node] = {}
+        self.indices: dict[Layout, fx.Node] = {}
+        self.batch = shape_of(block.start)[0]
+        self.shared_because: str | None = None
+
+    def build(self, start, cache, change, lse_state) -> tuple[fx.Node, str | None]:
+        graph, block, axis = self.graph, self.block, self.axis
+        kv = {x for s in block.self_attention for x in sdpa_args(s)[1:3]}
+        lse_rows = None
+        region = set(block.region)
         for node in block.sparse:
-            tables = dict(axis.tables.get(node, ()))
+            tables = {a: (dim, layout) for a, dim, layout in axis.tables.get(node, ())}
             keep = set(kv) if node in block.self_attention else set()
             if node.op == "call_method" and node.target in DTYPE_FROM_SECOND:
                 keep |= set(node.all_input_nodes[1:])
-
-            def remap(a, tables=tables, keep=keep, node=node):
-                if a in copies:
-                    return copies[a]
-                if a in keep:
-                    return a
-                if isinstance(axis.tdim.get(a), int):
-                    return gather(a, axis.tdim[a], node)
-                if a in tables:
-                    return gather(a, tables[a], node)
-                return a
-
-            args = fx.node.map_arg(node.args, remap)
-            kwargs = fx.node.map_arg(node.kwargs, remap)
-            if node in block.self_attention:
-                q, k, v, _ = sdpa_args(node)
-                op, carried = SPARSE_ATTENTION.get(node.target, (torch.ops.astraea.sparse_attention, ()))
-                extra = {name: node.kwargs[name] for name in carried}
-                pair = graph.call_function(op, (remap(q), k, v), {"scale": node.kwargs.get("scale"), **extra})
-                copy = graph.call_function(operator.getitem, (pair, 0))
-                if lse_rows is None:
-                    lse_rows = graph.call_function(operator.getitem, (pair, 1))
-            else:
-                if node.op == "call_method" and node.target in SIZED_METHODS:
-                    args = (args[0], *_sizes_with_free_token_dim(node, axis))
-                elif node.op == "call_function" and node.target is torch.reshape:
-                    args = (args[0], tuple(_sizes_with_free_token_dim(node, axis)))
-                copy = graph.create_node(node.op, node.target, args, kwargs, name=f"{node.name}_rows")
+            remap = functools.partial(self.remap, tables=tables, keep=keep, consumer=node)
+            with graph.inserting_before(node.next):
+                if node in block.self_attention:
+                    q, k, v, mask = sdpa_args(node)
+                    op, carried = SPARSE_ATTENTION.get(node.target, (torch.ops.astraea.sparse_attention, ()))
+                    extra = {name: node.kwargs[name] for name in carried}
+                    if mask is not None:
+                        extra["attn_mask"] = remap(mask)
+                    pair = graph.call_function(op, (remap(q), k, v), {"scale": node.kwargs.get("scale"), **extra})
+                    copy = graph.call_function(operator.getitem, (pair, 0))
+                    if lse_rows is None:
+                        lse_rows = graph.call_function(operator.getitem, (pair, 1))
+                else:
+                    copy = self.copy_node(node, remap)
             copy.meta["astraea_rows_of"] = node.name
-            copies[node] = copy
-        merged = graph.call_function(
-            torch.ops.astraea.merge_rows, (start, copies[block.end], idx, cache, change, lse_rows, lse_state)
-        )
-    return merged, shared_because
+            self.copies[node] = copy
+            if node is not block.end:
+                for user in list(node.users):
+                    if user not in region:
+                        self.leave(node, user)
+        end = self.copies[block.end]
+        with graph.inserting_before(end.next):
+            merged = graph.call_function(
+                torch.ops.astraea.merge_rows, (start, end, self.idx, cache, change, lse_rows, lse_state)
+            )
+        return merged, self.shared_because
+
+    def copy_node(self, node, remap) -> fx.Node:
+        args = fx.node.map_arg(node.args, remap)
+        kwargs = fx.node.map_arg(node.kwargs, remap)
+        axis, t = self.axis, self.axis.tdim.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
+        if node.target is operator.getitem and isinstance(t, int) and isinstance(node.args[1], (slice, tuple)):
+            args = (args[0], self.rows_index(node.args[0], node.args[1]))
+        elif isinstance(t, int) and isinstance(axis.tdim.get(node), tuple) and axis.layout_of(node.args[0]).sizes != (
+            axis.layout_of(node.args[0]).total,
+        ) and _splits_tokens(node, t):
+            return self.graph.call_function(split_rows, (args[0], t, self.rows_bounds(node, t)), name=f"{node.name}_rows")
+        elif node.op == "call_method" and node.target in SIZED_METHODS:
+            args = (args[0], *_sizes_with_free_token_dim(node, axis))
+        elif node.op == "call_function" and node.target is torch.reshape:
+            args = (args[0], tuple(_sizes_with_free_token_dim(node, axis)))
+        return self.graph.create_node(node.op, node.target, args, kwargs, name=f"{node.name}_rows")
+
+    def remap(self, a, *, tables, keep, consumer):
+        axis = self.axis
+        if a in self.copies:
+            return self.copies[a]
+        if a in keep:
+            return a
+        if isinstance(axis.tdim.get(a), int):
+            return self.gather(a, axis.tdim[a], axis.layout_of(a), consumer)
+        if a in tables:
+            return self.gather(a, *tables[a], consumer)
+        return a
+
+    def gather(self, node, dim, layout: Layout, consumer):
+        """`node`'s rows for the selection, along `dim` (its token axis, of `layout`)."""
+        if not layout.has_video:
+            return node  # small segments only: every row is computed
+        if self.shared_because is None and not _batch_leads(node, dim, consumer, self.batch):
+            self.shared_because = f"{node.name} {list(shape_of(node) or ())} has no batch on dim 0 to gather its tokens per sample"
+        if (node, dim) not in self.gathered:
+            self.gathered[node, dim] = self.graph.call_function(gather_tokens, (node, dim, self.index(layout)))
+        return self.gathered[node, dim]
+
+    def index(self, layout: Layout) -> fx.Node:
+        """The rows of `layout` to compute: the selected video rows, every row of the others."""
+        if layout.only_video:
+            return self.idx
+        if layout not in self.indices:
+            with self.graph.inserting_after(self.idx):
+                self.indices[layout] = self.graph.call_function(segment_rows, (self.idx, layout.sizes, layout.video))
+        return self.indices[layout]
+
+    def rows_index(self, src: fx.Node, index):
+        """`src[index]` for the rows form of `src`: a slice of whole segments along the token
+        axis becomes the same segments' slice of the rows form."""
+        t, ndim = self.axis.tdim[src], len(shape_of(src))
+        part = rules.token_index(t, ndim, index)
+        if not isinstance(part, slice) or part == slice(None):
+            return index
+        layout = self.axis.layout_of(src)
+        start, stop, _ = part.indices(layout.total)
+        bounds = _rows_slice(layout, *layout.segments(start, stop))
+        out, dim_in = [], 0
+        for i in rules.normalise_index(index, ndim):
+            if i is not None and dim_in == t:
+                i = bounds
+            if i is not None:
+                dim_in += 1
+            out.append(i)
+        return tuple(out)
+
+    def rows_bounds(self, node, t) -> list[slice]:
+        layout, bounds, at = self.axis.layout_of(node.args[0]), [], 0
+        for piece in node.meta["example_value"]:
+            stop = at + int(piece.shape[t])
+            bounds.append(_rows_slice(layout, *layout.segments(at, stop)))
+            at = stop
+        return bounds
+
+    def leave(self, node, user):
+        """Point a user after the block at the rows form of `node` (see `_may_leave`)."""
+        copy = self.copies[node]
+        if user.target is operator.getitem and isinstance(user.args[1], (slice, tuple)) and isinstance(
+            self.axis.tdim.get(node), int
+        ):
+            user.args = (copy, self.rows_index(node, user.args[1]))
+        else:
+            user.replace_input_with(node, copy)
+
+
+def _rows_slice(layout: Layout, i: int, j: int) -> slice:
+    """The slice of segments [i, j) in the rows form of `layout`, whose video segment has an
+    unknown number of rows: bounds counted from the end past the video segment."""
+    sizes, video = layout.sizes, layout.video
+    if video is None or j <= video:
+        return slice(sum(sizes[:i]), sum(sizes[:j]))
+    after = sum(sizes[j:])
+    stop = -after if after else None
+    if i > video:
+        return slice(-sum(sizes[i:]), stop)
+    return slice(sum(sizes[:i]) or None, stop)
+
+
+def _splits_tokens(node, t) -> bool:
+    dim_position = 1 if node.target in ("unbind", torch.unbind) else 2
+    dim = node.kwargs.get("dim", node.args[dim_position] if len(node.args) > dim_position else 0)
+    return dim % len(shape_of(node.args[0])) == t
+
+
+def split_rows(x: torch.Tensor, dim: int, bounds: list) -> tuple:
+    """A split of `x` along `dim` at the given slices (a split of a joint tensor's rows form)."""
+    lead = (slice(None),) * dim
+    return tuple(x[(*lead, b)] for b in bounds)
+
+
+def segment_rows(idx: torch.Tensor, sizes: tuple, video: int) -> torch.Tensor:
+    """[S, rows]: every row of each small segment and the selected rows of the video segment,
+    at their offsets in a joint token axis of segment `sizes`."""
+    parts, at = [], 0
+    for i, size in enumerate(sizes):
+        if i == video:
+            parts.append(idx + at)
+        else:
+            parts.append(torch.arange(at, at + size, device=idx.device).expand(idx.shape[0], -1))
+        at += size
+    return torch.cat(parts, dim=1)
 
 
 def _batch_leads(node: fx.Node, dim: int, consumer: fx.Node, batch: int) -> bool:

@@ -13,19 +13,23 @@ MAX_TIMESTEP_NUMEL = 16  # one value per batch element
 
 
 def find_timestep(gm: fx.GraphModule, token_source: fx.Node | None) -> fx.Node | None:
-    """The data input (not a parameter or buffer) holding one value per batch element.
+    """The data input (not a parameter or buffer) holding the diffusion time.
 
-    When several inputs qualify, one named like a timestep wins; otherwise the first.
+    An input named like a timestep wins, whatever its shape: [B], or one value per token
+    ([B, N], Wan 2.2 TI2V) or per frame. Otherwise the first small input with at most one
+    value per batch element. The runner reads the largest value (tokens of a conditioning
+    frame may sit at time 0).
     """
-    candidates = []
+    candidates, named = [], []
     for node in gm.graph.nodes:
         if node.op != "placeholder" or is_module_state(node) or node is token_source:
             continue
         value = node.meta.get("example_value")
         shape = shape_of(node)
-        if not isinstance(value, torch.Tensor) or shape is None or value.is_complex():
+        if not isinstance(value, torch.Tensor) or shape is None or value.is_complex() or value.dtype == torch.bool:
             continue
-        if len(shape) <= 1 and math.prod(shape) <= MAX_TIMESTEP_NUMEL:
+        if "timestep" in node.name.lower() or node.name.lower() in ("l_t_", "l_sigma_"):
+            named.append(node)
+        elif len(shape) <= 1 and math.prod(shape) <= MAX_TIMESTEP_NUMEL:
             candidates.append(node)
-    named = [n for n in candidates if "timestep" in n.name.lower() or n.name.lower() in ("l_t_", "l_sigma_")]
     return (named or candidates or [None])[0]

@@ -34,20 +34,29 @@ def gather_tokens(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
 
 @torch.library.custom_op("astraea::sparse_attention", mutates_args=())
 def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, attn_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [B, H, K, d] selected queries; k, v: [B, H, N, d]. Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
-    if q.is_cuda:
+    """q: [B, H, K, d] selected queries; k, v: [B, H, N, d]; attn_mask (bool or additive)
+    broadcasts to [B, H, K, N]. Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    if q.is_cuda and attn_mask is None:
         from kernels import gathered_attention
 
         out, lse = gathered_attention(q, k, v, scale=scale)
         return out.contiguous(), lse.contiguous()
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+    if q.is_cuda:
+        bias = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
+        return out.contiguous(), lse[..., : q.shape[2]].float().contiguous()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
+    )
     return out.contiguous(), lse.float().contiguous()
 
 
 @sparse_attention.register_fake
-def _(q, k, v, scale=None):
+def _(q, k, v, scale=None, attn_mask=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 

@@ -32,19 +32,19 @@ class Family:
     sparse: bool  # whether astraea makes its blocks sparse today
 
 
-def wan(frames=3, size=8, layers=2, dim_head=16, heads=2, seed=0, batch=1) -> Family:
+def wan(frames=3, size=8, layers=2, dim_head=16, heads=2, seed=0, batch=1, channels=4, text_tokens=7, ffn_dim=64) -> Family:
     torch.manual_seed(seed)
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim_head, in_channels=4,
-        out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=layers, cross_attn_norm=True,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=dim_head, in_channels=channels,
+        out_channels=channels, text_dim=32, freq_dim=32, ffn_dim=ffn_dim, num_layers=layers, cross_attn_norm=True,
         rope_max_seq_len=32,
     ).eval()
-    cond, uncond = torch.randn(batch, 7, 32), torch.zeros(batch, 7, 32)
+    cond, uncond = torch.randn(batch, text_tokens, 32), torch.zeros(batch, text_tokens, 32)
 
     def call(m, x, t, e):
         return m(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=e, return_dict=False)[0]
 
-    return Family("wan", model, (batch, 4, frames, size, size), call, (cond, uncond), True)
+    return Family("wan", model, (batch, channels, frames, size, size), call, (cond, uncond), True)
 
 
 def ltx(frames=3, size=4, layers=2, seed=0) -> Family:

@@ -118,14 +118,19 @@ _WAN = dict(
 )
 
 
-def wan() -> SupportFamily:
+def _wan_like(name: str, cls, **extra) -> SupportFamily:
+    """A class built on Wan's blocks, at Wan's tiny config, called as Wan is."""
     torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(**_WAN)
+    model = cls(**_WAN, **extra)
 
     def inputs(x, t, e):
         return dict(hidden_states=x, timestep=_bt(t, x), encoder_hidden_states=e, return_dict=False)
 
-    return _family("wan", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _family(name, model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+
+
+def wan() -> SupportFamily:
+    return _wan_like("wan", diffusers.WanTransformer3DModel)
 
 
 def wan22_ti2v() -> SupportFamily:
@@ -147,23 +152,11 @@ def wan22_ti2v() -> SupportFamily:
 
 
 def chronoedit() -> SupportFamily:
-    torch.manual_seed(0)
-    model = diffusers.ChronoEditTransformer3DModel(**_WAN, rope_temporal_skip_len=8)
-
-    def inputs(x, t, e):
-        return dict(hidden_states=x, timestep=_bt(t, x), encoder_hidden_states=e, return_dict=False)
-
-    return _family("chronoedit", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _wan_like("chronoedit", diffusers.ChronoEditTransformer3DModel, rope_temporal_skip_len=8)
 
 
 def skyreels_v2() -> SupportFamily:
-    torch.manual_seed(0)
-    model = diffusers.SkyReelsV2Transformer3DModel(**_WAN)
-
-    def inputs(x, t, e):
-        return dict(hidden_states=x, timestep=_bt(t, x), encoder_hidden_states=e, return_dict=False)
-
-    return _family("skyreels_v2", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _wan_like("skyreels_v2", diffusers.SkyReelsV2Transformer3DModel)
 
 
 def skyreels_v2_df() -> SupportFamily:

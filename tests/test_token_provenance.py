@@ -4,11 +4,11 @@ goes sparse like any other, keeps the contract, and is exact at budget 1.0."""
 
 import pytest
 import torch
-from diffusers import LTXVideoTransformer3DModel, WanTransformer3DModel
+from diffusers import LTXVideoTransformer3DModel
 
 import astraea
 from tests.contract import ContractChecker
-from tests.models import Family, cogvideox, hunyuan, sample
+from tests.models import Family, cogvideox, hunyuan, sample, wan
 
 # Wan: in_channels 20, 12 text tokens, head dim 8, width 16, FFN 24; patch (1, 2, 2) over a
 # 4x4 latent gives 4 tokens per frame, so the frame count picks the token count.
@@ -19,17 +19,7 @@ LTX_SIZES = {"text": 8, "channels": 12, "head_dim": 8, "width": 16, "ffn": 64}
 
 
 def wan_at(tokens: int) -> Family:
-    torch.manual_seed(0)
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=20, out_channels=20,
-        text_dim=32, freq_dim=32, ffn_dim=24, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32,
-    ).eval()
-    cond, uncond = torch.randn(1, 12, 32), torch.zeros(1, 12, 32)
-
-    def call(m, x, t, e):
-        return m(hidden_states=x, timestep=t.expand(x.shape[0]), encoder_hidden_states=e, return_dict=False)[0]
-
-    return Family("wan", model, (1, 20, tokens // 4, 4, 4), call, (cond, uncond), True)
+    return wan(frames=tokens // 4, size=4, dim_head=8, channels=20, text_tokens=12, ffn_dim=24)
 
 
 def ltx_at(tokens: int) -> Family:

@@ -150,9 +150,7 @@ class _SparseCopy:
         axis, t = self.axis, self.axis.tdim.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
         if node.target is operator.getitem and isinstance(t, int) and isinstance(node.args[1], (slice, tuple)):
             args = (args[0], self.rows_index(node.args[0], node.args[1]))
-        elif isinstance(t, int) and isinstance(axis.tdim.get(node), tuple) and axis.layout_of(node.args[0]).sizes != (
-            axis.layout_of(node.args[0]).total,
-        ) and _splits_tokens(node, t):
+        elif isinstance(t, int) and isinstance(axis.tdim.get(node), tuple) and _splits_tokens(node, t):
             return self.graph.call_function(split_rows, (args[0], t, self.rows_bounds(node, t)), name=f"{node.name}_rows")
         elif node.op == "call_method" and node.target in SIZED_METHODS:
             args = (args[0], *_sizes_with_free_token_dim(node, axis))

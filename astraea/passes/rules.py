@@ -98,10 +98,10 @@ def broadcast(p, node, tensor_args=None):
         raise Mix(f"inputs disagree on the token axis (dims {sorted(out_dims)} of the output)")
     if len(layouts) != 1:
         raise Mix(f"inputs hold different segments of the token axis ({', '.join(sorted(l.describe() for l in layouts))})")
-    out = out_dims.pop()
+    out, layout = out_dims.pop(), layouts.pop()
     for a in tensor_args:
         if p.td(a) is None and shape_of(a) is not None:
-            p.table(node, a, out - (len(out_shape) - len(shape_of(a))), layouts.copy().pop())
+            p.table(node, a, out - (len(out_shape) - len(shape_of(a))), layout)
     return out
 
 
@@ -115,7 +115,7 @@ ELEMENTWISE_FUNCTIONS = (
     torch.clamp, torch.where, torch.maximum, torch.minimum, torch.erf, torch.square,
     torch.reciprocal, torch.lerp, torch.addcmul, torch.float_power, torch.real,
     F.gelu, F.silu, F.relu, F.dropout, F.mish, F.softplus, F.leaky_relu, F.elu, F.hardswish,
-    F.sigmoid, torch.exp2, torch.log1p, torch.expm1, F.elu, torch.nn.functional.relu6,
+    F.sigmoid, torch.exp2, torch.log1p, torch.expm1, F.relu6,
     torch.empty_like, torch.zeros_like, torch.ones_like, torch.full_like, torch.rand_like,
     torch.randn_like,
 )
@@ -182,7 +182,7 @@ def reduction(p, node):
     """A reduction over channel dims is token-wise; over the token axis it mixes tokens."""
     x = node.args[0]
     t, nd = p.td(x), len(shape_of(x))
-    is_norm = node.target in ("norm", torch.linalg.vector_norm)
+    is_norm = node.target in ("norm", torch.norm, torch.linalg.vector_norm)
     position = 2 if is_norm else 1  # norm(x, ord, dim, keepdim)
     dim = node.kwargs.get("dim", node.args[position] if len(node.args) > position else None)
     if dim is None:
@@ -320,9 +320,10 @@ def cat(p, node):
     layouts = {p.layout(a) for a in tokens}
     if len(layouts) != 1:
         raise Mix("concatenated inputs hold different segments of the token axis")
+    layout = layouts.pop()
     for a in seq:
         if isinstance(a, fx.Node) and p.td(a) is None:
-            p.table(node, a, t - (len(outs) - len(shape_of(a))) + stack, layouts.pop() if len(layouts) else p.layout(tokens[0]))
+            p.table(node, a, t - (len(outs) - len(shape_of(a))) + stack, layout)
     return t + 1 if stack and dim <= t else t
 
 

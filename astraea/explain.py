@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .passes import Report, analyse
@@ -11,20 +13,34 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Report:
     """Trace `model(*args, **kwargs)` with dynamo and return the analysis report.
 
     The report says which blocks will be sparse and, for each one that stays dense, why.
-    When dynamo splits the model into several graphs, the report of the graph with the most
-    blocks is returned (the others hold no transformer blocks in any model seen so far).
+    When dynamo splits the call into several graphs (graph breaks), every graph is analysed on
+    its own: the report is that of the graph with the most blocks, and it lists each graph's
+    outcome and where dynamo broke the model, so that a user can remove a break that keeps
+    the blocks apart.
     """
-    reports: list[Report] = []
-
-    def capture(gm, example_inputs):
-        reports.append(analyse(gm))
-        return gm.forward
-
     with torch.no_grad():
-        torch.compile(model, backend=capture)(*args, **kwargs)
-    if not reports:
+        traced = torch._dynamo.explain(model)(*args, **kwargs)
+    if not traced.graphs:
         raise RuntimeError(
             "astraea.explain: dynamo compiled no graph for this call; its recompile limit for this "
             "forward may be reached (torch._dynamo.reset() clears it)"
         )
-    return max(reports, key=lambda r: (r.num_blocks, r.num_sparse_blocks))
+    reports = [analyse(gm) for gm in traced.graphs]
+    best = max(range(len(reports)), key=lambda i: (reports[i].num_blocks, reports[i].num_sparse_blocks))
+    if len(reports) == 1:
+        return reports[0]
+    graphs = tuple(_outcome(i, r, chosen=i == best) for i, r in enumerate(reports))
+    breaks = tuple(dict.fromkeys(_graph_break(b) for b in traced.break_reasons))
+    return dataclasses.replace(reports[best], graphs=graphs, graph_breaks=breaks)
+
+
+def _outcome(i: int, report: Report, chosen: bool) -> str:
+    what = f"graph {i}: {report.num_sparse_blocks} of {report.num_blocks} blocks sparse"
+    why = report.reason or next((b.reason for b in report.blocks if not b.sparse), None)
+    return what + (" (reported below)" if chosen else "") + (f"; {why}" if why and not chosen else "")
+
+
+def _graph_break(reason) -> str:
+    frame = reason.user_stack[-1] if reason.user_stack else None
+    where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} " if frame else ""
+    return f"{where}({' '.join(str(reason.reason).split())[:160]})"

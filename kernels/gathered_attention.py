@@ -21,14 +21,17 @@ _LOG2E = 1.0 / math.log(2.0)
 
 
 @triton.jit
-def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, col_ok,
-                  MASK_COLS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # Scores live in base-2 units (scale * log2 e folded in) so the exponentials are exp2.
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, col_ok, kb,
+                  MASK_COLS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # Scores live in base-2 units (scale * log2 e folded in, the key bias too) so the
+    # exponentials are exp2.
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        s = s + kb[None, :]
     if MASK_COLS:
         s = tl.where(col_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -38,12 +41,12 @@ def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, col_ok,
 
 @triton.jit
 def _gathered_attention_kernel(
-    Q, K, V, IDX, Out, Lse,
-    stride_qb, stride_qh, stride_qm,
+    Q, K, V, IDX, KB, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_kbb,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     H, n_queries, n_keys, qk_scale,
-    HAS_IDX: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -80,6 +83,8 @@ def _gathered_attention_kernel(
         v_desc = tl.make_tensor_descriptor(v_base, shape=[n_keys, HEAD_DIM], strides=[stride_vn, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
     k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :]
+    kb_ptrs = KB + b * stride_kbb + offs_n
+    kb = tl.zeros([BLOCK_N], tl.float32)
     v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -99,8 +104,10 @@ def _gathered_attention_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, offs_n,
-                                      False, DOT_PRECISION)
+        if HAS_BIAS:
+            kb = tl.load(kb_ptrs + start_n) * 1.4426950408889634
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, offs_n, kb,
+                                      False, HAS_BIAS, DOT_PRECISION)
     if n_full < n_keys:
         col_ok = n_full + offs_n < n_keys
         if USE_TMA:
@@ -112,8 +119,10 @@ def _gathered_attention_kernel(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, col_ok,
-                                      True, DOT_PRECISION)
+        if HAS_BIAS:
+            kb = tl.load(kb_ptrs + n_full, mask=col_ok, other=0.0) * 1.4426950408889634
+        acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, col_ok, kb,
+                                      True, HAS_BIAS, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     out_rows = pid_bh.to(tl.int64) * n_queries + offs_m
@@ -166,7 +175,8 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor]) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor],
+           key_bias: Optional[torch.Tensor] = None) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"gathered_attention: q, k, v must be [B, H, L, d], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -197,17 +207,27 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: Optional[torc
             raise ValueError(f"gathered_attention: idx on {idx.device}, q on {q.device}")
         if not idx.is_contiguous():
             raise ValueError("gathered_attention: idx must be contiguous")
+    if key_bias is not None:
+        if key_bias.dim() != 2 or key_bias.shape[0] not in (1, q.shape[0]) or key_bias.shape[1] != k.shape[2]:
+            raise ValueError(f"gathered_attention: key_bias must be [1 or B={q.shape[0]}, N={k.shape[2]}], "
+                             f"got {tuple(key_bias.shape)}")
+        if key_bias.dtype != torch.float32 or key_bias.stride(-1) != 1 or key_bias.device != q.device:
+            raise TypeError("gathered_attention: key_bias must be float32, contiguous in N, on q's device")
 
 
 def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        idx: Optional[torch.Tensor] = None,
-                       scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q[:, :, idx] k^T * scale) v and its natural-log LSE, as ([B, H, K, d], [B, H, K] fp32).
+                       scale: Optional[float] = None,
+                       key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q[:, :, idx] k^T * scale + key_bias) v and its natural-log LSE, as
+    ([B, H, K, d], [B, H, K] fp32).
 
     idx (int64 [K], the same rows for every batch and head) must hold valid row numbers of q:
-    the kernel does not bounds-check it. With idx None every row of q is a query.
+    the kernel does not bounds-check it. With idx None every row of q is a query. key_bias
+    ([B or 1, N] fp32, -inf for a masked key) is a key-padding mask as an additive bias, the
+    same for every head and query (text padding in joint attention).
     """
-    _check(q, k, v, idx)
+    _check(q, k, v, idx, key_bias)
     B, H, Lq, d = q.shape
     n_queries = Lq if idx is None else idx.shape[0]
     out = torch.empty((B, H, n_queries, d), dtype=q.dtype, device=q.device)
@@ -218,12 +238,13 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not scale > 0:
         # The kernel takes the running max before scaling, which is only right for scale > 0.
         raise ValueError(f"gathered_attention: scale must be positive, got {scale}")
-    args = (q, k, v, q if idx is None else idx, out, lse,
+    args = (q, k, v, q if idx is None else idx, lse if key_bias is None else key_bias, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
+            0 if key_bias is None or key_bias.shape[0] == 1 else key_bias.stride(0),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             H, n_queries, k.shape[2], scale * _LOG2E)
-    consts = dict(HAS_IDX=idx is not None, HEAD_DIM=d, USE_TMA=_use_tma(k, v),
+    consts = dict(HAS_IDX=idx is not None, HAS_BIAS=key_bias is not None, HEAD_DIM=d, USE_TMA=_use_tma(k, v),
                   DOT_PRECISION=_dot_precision(q.dtype, d))
 
     def grid(meta):
@@ -252,7 +273,8 @@ gathered_attention_op = triton_op("astraea_kernels::gathered_attention", mutates
 
 def gathered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  idx: Optional[torch.Tensor] = None,
-                                 scale: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                 scale: Optional[float] = None,
+                                 key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch in fp32 (fp64 for fp64 inputs): what the kernel must match, and the CPU
     path without Triton. Returns out in q's dtype and lse in the compute dtype."""
     if idx is not None:
@@ -260,6 +282,8 @@ def gathered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     compute = torch.promote_types(q.dtype, torch.float32)
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
+    if key_bias is not None:
+        s = s + key_bias.to(compute)[:, None, None, :]
     lse = torch.logsumexp(s, dim=-1)
     out = torch.matmul(torch.exp(s - lse[..., None]), v.to(compute))
     return out.to(q.dtype), lse

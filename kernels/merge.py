@@ -23,10 +23,7 @@ from torch.library import triton_op
 from .launch import launchable
 
 # The plain PyTorch semantics (the CPU path of the library) is what the kernel must match.
-from astraea.runtime.ops import FP8_MAX, merge_rows_reference  # noqa: F401  (re-exported)
-
-_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
-
+from astraea.runtime.ops import FP8_MAX, check_merge_args, merge_rows_reference  # noqa: F401  (re-exported)
 
 @triton.jit
 def _merge_rows_kernel(
@@ -85,43 +82,6 @@ def _merge_rows_kernel(
             tl.store(LSE_STATE + offs_r, lse_sum / B, mask=sel)
 
 
-def _check(x, rows, idx, cache, change, lse_rows, lse_state) -> None:
-    if x.dim() != 3:
-        raise ValueError(f"merge_rows: x must be [B, N, D], got {tuple(x.shape)}")
-    B, N, D = x.shape
-    if idx.dim() != 2 or idx.shape[0] not in (1, B) or idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"merge_rows: idx must be a [1 or B={B}, K] int64 or int32 tensor, got {idx.dtype} "
-                        f"of shape {tuple(idx.shape)}")
-    S, K = idx.shape
-    if rows.shape != (B, K, D):
-        raise ValueError(f"merge_rows: rows must be [B, K, D] = {(B, K, D)}, got {tuple(rows.shape)}")
-    if cache.shape != x.shape:
-        raise ValueError(f"merge_rows: cache must be {tuple(x.shape)}, got {tuple(cache.shape)}")
-    if change.shape != (S, N) or lse_state.shape != (S, N):
-        raise ValueError(f"merge_rows: change and lse_state must be [S, N] = {[S, N]}, got "
-                         f"{tuple(change.shape)} and {tuple(lse_state.shape)}")
-    if lse_rows is not None and (lse_rows.dim() != 3 or lse_rows.shape[0] != B or lse_rows.shape[2] != K):
-        raise ValueError(f"merge_rows: lse_rows must be [B, H, K] with B={B}, K={K}, got {tuple(lse_rows.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"merge_rows: x dtype must be float32, bfloat16 or float16, got {x.dtype}")
-    if rows.dtype != x.dtype:
-        raise TypeError(f"merge_rows: rows dtype {rows.dtype} differs from x dtype {x.dtype}")
-    if cache.dtype not in _CACHE_DTYPES:
-        raise TypeError(f"merge_rows: cache dtype must be one of {_CACHE_DTYPES}, got {cache.dtype}")
-    for name, t in (("change", change), ("lse_state", lse_state), ("lse_rows", lse_rows)):
-        if t is not None and t.dtype != torch.float32:
-            raise TypeError(f"merge_rows: {name} must be float32, got {t.dtype}")
-    named = (("x", x), ("rows", rows), ("idx", idx), ("cache", cache), ("change", change),
-             ("lse_rows", lse_rows), ("lse_state", lse_state))
-    for name, t in named:
-        if t is None:
-            continue
-        if not t.is_contiguous():
-            raise ValueError(f"merge_rows: {name} must be contiguous, got strides {t.stride()}")
-        if t.device != x.device:
-            raise ValueError(f"merge_rows: {name} on {t.device}, x on {x.device}")
-
-
 def merge_rows(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, cache: torch.Tensor,
                change: torch.Tensor, lse_rows: Optional[torch.Tensor],
                lse_state: torch.Tensor) -> torch.Tensor:
@@ -130,7 +90,7 @@ def merge_rows(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, cache: to
 
     idx must hold unique, valid token numbers per row; duplicates leave which row wins unspecified.
     """
-    _check(x, rows, idx, cache, change, lse_rows, lse_state)
+    check_merge_args(x, rows, idx, cache, change, lse_rows, lse_state)
     B, N, D = x.shape
     S, K = idx.shape
     if K == 0 or B * D == 0:

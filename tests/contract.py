@@ -18,6 +18,8 @@ import copy
 import torch
 import torch.fx as fx
 
+import astraea
+from astraea.flops import count_flops, counting
 from astraea.passes import AnalyseTokens
 
 
@@ -103,3 +105,18 @@ class ContractChecker:
             self.segments += 1
         self.selected.append([rec["idx"] for rec in recorder.blocks])
         return out
+
+
+def budget_flops(family, x, cond, budget: float):
+    """(dense FLOPs, FLOPs of a step at `budget` after a dense one, the backend) of `family`'s
+    model on latent `x` and context `cond`; counted on the eager rewrite inside the runner."""
+    torch._dynamo.reset()
+    be = astraea.backend(schedule=[1.0, budget])
+    compiled = torch.compile(family.model, backend=be)
+    with torch.no_grad():
+        dense, _ = count_flops(family.call, family.model, x, torch.tensor([900.0]), cond)
+        family.call(compiled, x, torch.tensor([900.0]), cond)  # step 0: dense, fills the caches
+        counted = []
+        be.runners[0].graph_fn = counting(be.runners[0].graph_fn, counted)
+        family.call(compiled, x, torch.tensor([800.0]), cond)
+    return dense, counted[0], be

@@ -5,7 +5,8 @@ modulation, gated residuals, RoPE tables (with a batch dim or without, as CogVid
 HunyuanVideo keep them), fused or separate q/k/v, joint text-video attention (`joint`:
 "dual" keeps separate text weights and one attention over the concatenation, as CogVideoX and
 HunyuanVideo's double blocks; "single" runs one block over the concatenated tokens, as
-HunyuanVideo's single blocks), text before or after the video; and `mixing` puts an
+HunyuanVideo's single blocks), text before or after the video, attention through SDPA or
+written out by hand (matmul, softmax, matmul); and `mixing` puts an
 op that is not token-wise into one block (a reduction over tokens, a roll along tokens, a
 linear map over the token axis, a cumulative sum), which astraea must leave dense.
 """
@@ -37,6 +38,7 @@ class Knobs:
     mixing_block: int = 0
     joint: str | None = None  # None, "dual" or "single"
     text_first: bool = False
+    written_attention: bool = False  # softmax(q k^T * scale) v written out, as research code does
 
 
 class Block(nn.Module):
@@ -58,6 +60,11 @@ class Block(nn.Module):
             self.txt_norm, self.txt_qkv, self.txt_out = nn.LayerNorm(w), nn.Linear(w, 3 * w), nn.Linear(w, w)
             self.txt_ff = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(approximate="tanh"), nn.Linear(2 * w, w))
 
+    def attend(self, q, k, v):
+        if not self.k.written_attention:
+            return F.scaled_dot_product_attention(q, k, v)
+        return (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1) @ v
+
     def heads(self, x):
         b, n, _ = x.shape
         return x.view(b, n, self.k.heads, -1).transpose(1, 2)
@@ -77,7 +84,7 @@ class Block(nn.Module):
         if k.rope:
             q = q * cos + q.flip(-1) * sin
             key = key * cos + key.flip(-1) * sin
-        a = F.scaled_dot_product_attention(q, key, v).transpose(1, 2).flatten(2)
+        a = self.attend(q, key, v).transpose(1, 2).flatten(2)
         a = self.out(a)
         x = x + (a * gate if k.gated else a)
         if k.mixing and self.index == k.mixing_block:
@@ -85,7 +92,7 @@ class Block(nn.Module):
         if k.cross:
             cq = self.heads(self.cross_q(self.norm2(x)))
             ck, cv = (self.heads(t) for t in self.cross_kv(ctx).chunk(2, dim=-1))
-            x = x + self.cross_out(F.scaled_dot_product_attention(cq, ck, cv).transpose(1, 2).flatten(2))
+            x = x + self.cross_out(self.attend(cq, ck, cv).transpose(1, 2).flatten(2))
         h = self.norm3(x)
         if k.modulation:
             h = h * (1 + c_scale) + c_shift
@@ -121,7 +128,7 @@ class Block(nn.Module):
         q, key, v = self.qkv_heads(h)
         q, key = self.rope(q, cos, sin), self.rope(key, cos, sin)
         tq, tk, tv = (self.heads(t) for t in self.txt_qkv(self.txt_norm(txt)).chunk(3, dim=-1))
-        a = F.scaled_dot_product_attention(self.joined(q, tq, 2), self.joined(key, tk, 2), self.joined(v, tv, 2))
+        a = self.attend(self.joined(q, tq, 2), self.joined(key, tk, 2), self.joined(v, tv, 2))
         a, ta = self.parted(a.transpose(1, 2).flatten(2), x.shape[1], 1)
         x = x + (self.out(a) * gate if self.k.gated else self.out(a))
         if self.k.mixing and self.index == self.k.mixing_block:
@@ -144,7 +151,7 @@ class Block(nn.Module):
         q, key, v = self.qkv_heads(h)
         (qv, qt), (kv, kt) = self.parted(q, n, 2), self.parted(key, n, 2)
         q, key = self.joined(self.rope(qv, cos, sin), qt, 2), self.joined(self.rope(kv, cos, sin), kt, 2)
-        a = self.out(F.scaled_dot_product_attention(q, key, v).transpose(1, 2).flatten(2))
+        a = self.out(self.attend(q, key, v).transpose(1, 2).flatten(2))
         joint = joint + (a * gate if self.k.gated else a)
         h = self.norm3(joint)
         if self.k.modulation:

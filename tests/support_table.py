@@ -59,6 +59,8 @@ def explain_row(case: Case) -> Row:
     finally:
         torch._dynamo.reset()
     reasons = [report.reason] if report.reason else []
+    if report.graph_breaks:  # the blocks may be cut apart: the break is what a user can act on
+        reasons.insert(0, f"dynamo splits the call into {len(report.graphs)} graphs, at {'; '.join(report.graph_breaks)}")
     reasons += [b.reason for b in report.blocks if not b.sparse and b.reason]
     notes = "; ".join(dict.fromkeys(_clean(r) for r in reasons))
     return Row(case.label, f"{report.num_sparse_blocks} / {report.num_blocks}", notes)

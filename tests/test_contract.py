@@ -3,9 +3,9 @@
 import pytest
 import torch
 import astraea
-from astraea.flops import count_flops, counting
-from tests.contract import ContractChecker
+from tests.contract import ContractChecker, budget_flops
 from tests.models import cogvideox, hunyuan, ltx, sample, wan
+from tests.support_models import CASES
 
 
 def checked_run(family, steps, **options):
@@ -36,6 +36,17 @@ def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
     assert sizes == [n, n] + [round(b * n) for b in (0.5, 0.5, 0.25, 0.25, 0.75, 0.75, 0.5, 0.5)]
 
 
+@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel"])
+def test_contract_on_support_models(label):
+    """Mechanisms met first in a diffusers class: EasyAnimate writes RoPE into the video part of
+    its joint queries/keys in place; Cosmos repeats keys over heads (grouped-query attention)
+    and adds a positional embedding at the start of every block."""
+    case = next(c for c in CASES if c.label == label)
+    be, checker = checked_run(case.build(), 3, schedule=0.5)
+    assert be.reports[0].num_sparse_blocks == be.reports[0].num_blocks > 0
+    assert checker.checked == 6 * be.reports[0].num_sparse_blocks
+
+
 @pytest.mark.parametrize("group,group_size", [("spatial", 1), ("run", 4)])
 def test_grouped_selection_keeps_contract(group, group_size):
     be, checker = checked_run(wan(), 3, schedule=0.5, group=group, group_size=group_size)
@@ -51,24 +62,13 @@ def test_grouped_selection_keeps_contract(group, group_size):
 
 @pytest.mark.parametrize("budget", [0.25, 0.5, 0.75])
 def test_flops_follow_budget(budget):
-    torch._dynamo.reset()
     heads, dim_head, layers = 2, 32, 2
     family = wan(frames=4, size=32, layers=layers, heads=heads, dim_head=dim_head)  # 4x16x16 = 1,024 tokens
-    be = astraea.backend(schedule=[1.0, budget])
-    compiled = torch.compile(family.model, backend=be)
-    x = torch.randn(family.latent_shape)
-    cond = family.contexts[0]
-    with torch.no_grad():
-        dense, _ = count_flops(family.call, family.model, x, torch.tensor([900.0]), cond)
-        family.call(compiled, x, torch.tensor([900.0]), cond)  # step 0: dense, fills the caches
-        runner, counted = be.runners[0], []
-        runner.graph_fn = counting(runner.graph_fn, counted)
-        family.call(compiled, x, torch.tensor([800.0]), cond)
-    sparse = counted[0]
+    dense, sparse, be = budget_flops(family, torch.randn(family.latent_shape), family.contexts[0], budget)
     n, width = be.reports[0].num_tokens, heads * dim_head
     assert n >= 1024
     keys_values = layers * 2 * (2 * n * width * width)  # K and V projections of every token
-    assert runner.records[-1].tokens == round(budget * n)
+    assert be.runners[0].records[-1].tokens == round(budget * n)
     assert sparse <= budget * dense + keys_values + 0.02 * dense
     assert sparse >= budget * dense * 0.9  # the count saw the sparse work at all
     print(f"budget {budget}: sparse/dense FLOPs {sparse / dense:.3f}, bound {(budget * dense + keys_values) / dense + 0.02:.3f}")

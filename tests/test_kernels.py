@@ -313,3 +313,32 @@ def test_merge_rejects_bad_inputs():
         merge_rows(x, rows, idx[0], cache, change, lse_rows, lse_state)
     with pytest.raises(ValueError, match="change and lse_state must be"):
         merge_rows(x, rows, idx, cache, change[0], lse_rows, lse_state)
+
+
+def test_merge_op_fake_matches_real_on_strided_inputs():
+    """The block input may reach merge_rows transposed (HunyuanVideo's single-stream block):
+    the op's fake must give the strides the real op returns, or Inductor's stride asserts fail."""
+    B, N, D, K = 1, 8, 4, 3
+    x = torch.randn(B, D, N).transpose(1, 2)  # [B, N, D], not contiguous
+    idx = torch.tensor([[0, 3, 5]])
+    args = (x, torch.randn(B, K, D), idx, torch.zeros(B, N, D), torch.zeros(1, N), torch.randn(B, 2, K), torch.zeros(1, N))
+    torch.library.opcheck(torch.ops.astraea.merge_rows, args, test_utils=("test_faketensor", "test_schema"))
+    assert torch.ops.astraea.merge_rows(*args).is_contiguous()
+
+
+@pytest.mark.parametrize("batch_bias", [1, 2])
+def test_attention_key_bias(batch_bias):
+    """A key-padding mask as an additive bias (the text padding of joint attention): masked
+    keys get no weight, and the kernel matches the reference with the bias, ragged tail included."""
+    q, k, v = _qkv(2, 2, 5, 45, 32, torch.float32)
+    bias = torch.zeros(batch_bias, 45, device=DEVICE)
+    bias[:, 40:] = float("-inf")
+    bias[-1, :3] = -1.5
+    idx = torch.tensor([0, 2, 4], device=DEVICE)
+    out, lse = gathered_attention(q, k, v, idx, key_bias=bias)
+    ref_out, ref_lse = gathered_attention_reference(q.double(), k.double(), v.double(), idx, key_bias=bias.double())
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-4, rtol=1e-4)
+    dropped, _ = gathered_attention_reference(q[:, :, :, :].double(), k[:, :, :40].double(), v[:, :, :40].double(), idx,
+                                              key_bias=bias[:, :40].double())
+    torch.testing.assert_close(ref_out, dropped)  # -inf keys are as good as absent

@@ -22,7 +22,7 @@ def knobs(draw):
         cross=draw(st.booleans()), modulation=draw(st.booleans()), gated=draw(st.booleans()),
         rope=draw(st.booleans()), rope_rows=draw(st.booleans()), fused_qkv=draw(st.booleans()), mixing=draw(st.sampled_from(MIXING)),
         mixing_block=draw(st.integers(0, depth - 1)), joint=draw(st.sampled_from([None, "dual", "single"])),
-        text_first=draw(st.booleans()),
+        text_first=draw(st.booleans()), written_attention=draw(st.booleans()),
     )
 
 

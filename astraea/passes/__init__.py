@@ -18,6 +18,7 @@ from .rewrite import SparseBlockInputs, rewrite_blocks
 from .timestep import find_timestep
 from .token_axis import TokenAxis, find_token_axis
 from .ulysses import collapse_ulysses_attention
+from .written_attention import collapse_written_attention
 
 __all__ = [
     "AnalyseTokens", "SparsifyBlocks", "Report", "BlockReport", "SparseBlockInputs", "analyse",
@@ -28,7 +29,8 @@ class AnalyseTokens(PassBase):
     """Analysis pass: records a frozen `Report` (and its details).
 
     Its one change to the graph is normalising: sequence-parallel (Ulysses) attention is
-    collapsed into a single op first, so that it reads as self-attention on this rank's tokens.
+    collapsed into a single op first, so that it reads as self-attention on this rank's tokens,
+    and attention written out by hand (softmax of q k^T, times v) into one SDPA.
     """
 
     def __init__(self):
@@ -39,6 +41,7 @@ class AnalyseTokens(PassBase):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         ranks = collapse_ulysses_attention(gm)
+        written = collapse_written_attention(gm)
         try:
             self.axis = find_token_axis(gm)
             self.blocks, reason = find_blocks(gm, self.axis)
@@ -51,7 +54,7 @@ class AnalyseTokens(PassBase):
             for b in self.blocks:
                 b.reason = b.reason or "model has no timestep input to tell steps apart"
         self.report = make_report(gm, self.axis, self.blocks, reason, self.timestep, ranks)
-        return PassResult(gm, ranks > 1)
+        return PassResult(gm, ranks > 1 or written > 0)
 
 
 class SparsifyBlocks(PassBase):

@@ -102,6 +102,8 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
     for j, p in enumerate(starts):
         if j + 1 < len(starts):
             end = starts[j + 1]
+        elif len(starts) > 1 and (within := _last_in_module(chain, p, _block_module(position, p, starts[-2]))):
+            end = within
         elif len(starts) > 1 and p + starts[-1] - starts[-2] < len(chain):
             end = p + starts[-1] - starts[-2]
         else:
@@ -110,6 +112,23 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         _fill(block, deps, tokens, axis, order)
         blocks.append(block)
     return blocks, note
+
+
+def _block_module(position: dict, p: int, q: int) -> list[str]:
+    """The module path of the block whose attention follows chain[p]: its attention's path up to
+    the first part that differs from the attention's after chain[q] (a sibling block)."""
+    mine = next(_module_path(s) for s, at in position.items() if at == p)
+    other = next(_module_path(s) for s, at in position.items() if at == q)
+    for i, (a, b) in enumerate(zip(mine, other)):
+        if a != b:
+            return mine[: i + 1]
+    return []
+
+
+def _last_in_module(chain, p: int, module: list[str]) -> int | None:
+    """Index of the last stream node after chain[p] computed inside `module`, if any."""
+    inside = [i for i in range(p + 1, len(chain)) if module and _module_path(chain[i])[: len(module)] == module]
+    return inside[-1] if inside else None
 
 
 def _last_join(full_chain, chain, stream, p) -> int:
@@ -150,6 +169,12 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
         _, k, v, _ = sdpa_args(s)
         for x in (k, v):
             feeds_kv |= (nx.ancestors(deps, x) & inside) | ({x} & inside)
+    # An in-place write into a key/value tensor (RoPE on the video part of a joint key) is part
+    # of it: it and what it writes must see every token.
+    writes = [(w, target) for w, target in axis.mutations if w in inside]
+    while new := {w for w, target in writes if target in feeds_kv and w not in feeds_kv}:
+        for w in new:
+            feeds_kv |= (nx.ancestors(deps, w) & inside) | {w}
     # Items picked out of a dense tuple (q of a fused qkv chunk) are views: keep them dense.
     feeds_kv |= {
         n for n in region
@@ -192,14 +217,15 @@ def _unsupported_attention(node: fx.Node) -> str | None:
     return None
 
 
+def _module_path(node: fx.Node) -> list[str]:
+    """The path of the module that computed `node` (['blocks', '3', 'attn1']), [] if unknown."""
+    stack = node.meta.get("nn_module_stack")
+    return _clean_path(list(stack.values())[-1][0]).split(".") if stack else []
+
+
 def _module_of(region) -> str:
     """Common module path of the block's nodes (e.g. 'blocks.3'), for reports."""
-    paths = []
-    for n in region:
-        stack = n.meta.get("nn_module_stack")
-        if stack:
-            path = list(stack.values())[-1][0]
-            paths.append(_clean_path(path).split("."))
+    paths = [path for path in map(_module_path, region) if path]
     if not paths:
         return ""
     common = paths[0]

@@ -35,6 +35,8 @@ class Report:
     reason: str | None
     structure_hash: str
     ulysses_ranks: int = 1  # ranks the tokens are sharded over; num_tokens is one rank's shard
+    graphs: tuple[str, ...] = ()  # when dynamo split the call: each graph's outcome (astraea.explain)
+    graph_breaks: tuple[str, ...] = ()  # where dynamo split it, and why
 
     @property
     def num_blocks(self) -> int:
@@ -52,6 +54,10 @@ class Report:
             + (f" (grid {'x'.join(map(str, self.token_grid))})" if self.token_grid else "")
             + f", model structure {self.structure_hash}"
         ]
+        if self.graphs:
+            lines.append(f"  dynamo split this call into {len(self.graphs)} graphs; a block cut by a graph break stays dense")
+            lines += [f"    {g}" for g in self.graphs]
+            lines += [f"    graph break at {b}" for b in self.graph_breaks]
         if self.reason:
             lines.append(f"  dense: {self.reason}")
         for b in self.blocks:

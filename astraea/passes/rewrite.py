@@ -127,8 +127,12 @@ class _SparseCopy:
                         extra["attn_mask"] = remap(mask)
                     pair = graph.call_function(op, (remap(q), k, v), {"scale": node.kwargs.get("scale"), **extra})
                     copy = graph.call_function(operator.getitem, (pair, 0))
-                    if lse_rows is None:
+                    if lse_rows is None:  # [B, H, query rows]: the video rows' part, for the scores
                         lse_rows = graph.call_function(operator.getitem, (pair, 1))
+                        layout = axis.layout_of(q)
+                        if not layout.only_video:
+                            video = _rows_slice(layout, layout.video, layout.video + 1)
+                            lse_rows = graph.call_function(operator.getitem, (lse_rows, (Ellipsis, video)))
                 else:
                     copy = self.copy_node(node, remap)
             copy.meta["astraea_rows_of"] = node.name
@@ -148,8 +152,9 @@ class _SparseCopy:
         args = fx.node.map_arg(node.args, remap)
         kwargs = fx.node.map_arg(node.kwargs, remap)
         axis, t = self.axis, self.axis.tdim.get(node.args[0]) if node.args and isinstance(node.args[0], fx.Node) else None
-        if node.target is operator.getitem and isinstance(t, int) and isinstance(node.args[1], (slice, tuple)):
-            args = (args[0], self.rows_index(node.args[0], node.args[1]))
+        if node.target in (operator.getitem, operator.setitem) and isinstance(t, int) \
+                and isinstance(node.args[1], (slice, tuple)):
+            args = (args[0], self.rows_index(node.args[0], node.args[1]), *args[2:])
         elif isinstance(t, int) and isinstance(axis.tdim.get(node), tuple) and _splits_tokens(node, t):
             return self.graph.call_function(split_rows, (args[0], t, self.rows_bounds(node, t)), name=f"{node.name}_rows")
         elif node.op == "call_method" and node.target in SIZED_METHODS:

@@ -31,9 +31,9 @@ RULES: dict[tuple[str, object], Callable] = {}
 # what `ulysses.collapse_ulysses_attention` makes of a sequence-parallel one.
 SDPA = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention, torch.ops.astraea.ulysses_attention}
 # Methods whose second tensor gives only a dtype/device: it is neither gathered nor aligned.
-DTYPE_FROM_SECOND = {"type_as", "to"}
+DTYPE_FROM_SECOND = {"type_as", "to", "type"}
 RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"}
-PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "movedim", "mT"}
+PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "movedim"}
 PERMUTE_FUNCTIONS = {torch.permute, torch.transpose, torch.swapaxes, torch.movedim}
 
 
@@ -144,8 +144,23 @@ def mutating(p, node):
     return broadcast(p, node)
 
 
-@register(getattr, methods=("size", "dim", "numel", "stride", "is_contiguous", "element_size"))
+@register(methods=("size", "dim", "numel", "stride", "is_contiguous", "element_size"))
 def metadata(p, node):
+    return None
+
+
+@register(getattr)
+def attribute(p, node):
+    """x.shape or x.dtype carry no token data; x.mT / x.T are transposes, x.real / x.imag
+    element-wise views."""
+    x, name = node.args[:2]
+    t, nd = p.td(x), len(shape_of(x) or ())
+    if name in ("real", "imag"):
+        return t
+    if name in ("mT", "mH") or (name in ("T", "H") and nd == 2):
+        return {nd - 1: nd - 2, nd - 2: nd - 1}.get(t, t)
+    if shape_of(node) is not None:
+        raise Mix(f"tensor attribute {name} is not known to be token-wise")
     return None
 
 
@@ -167,10 +182,10 @@ def norm(p, node):
     normalized = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
     k = len(normalized) if isinstance(normalized, (list, tuple)) else 1
     t = p.td(x)
-    if t >= len(shape_of(x)) - k:
-        raise Mix("normalisation over the token axis")
     if any(p.td(a) is not None for a in node.all_input_nodes[1:]):
         raise Mix("normalisation weights derived from the tokens")
+    if t >= len(shape_of(x)) - k:
+        raise Mix("normalisation over the token axis")
     return t
 
 
@@ -190,6 +205,8 @@ def reduction(p, node):
     dims = {d % nd for d in (dim if isinstance(dim, (list, tuple)) else (dim,))}
     if t in dims:
         raise Mix("reduction over the token axis")
+    if node.target in ("std", "var", torch.std, torch.var):
+        position += 1  # std(x, dim, unbiased, keepdim)
     keepdim = node.kwargs.get("keepdim", node.args[position + 1] if len(node.args) > position + 1 else False)
     return t if keepdim else t - sum(d < t for d in dims)
 
@@ -215,6 +232,7 @@ def along_dims(position, default):
 for _name, (_position, _default) in {
     "softmax": (1, None), "log_softmax": (1, None), "normalize": (2, 1), "flip": (1, None),
     "roll": (2, None), "cumsum": (1, None), "cumprod": (1, None), "logcumsumexp": (1, None),
+    "repeat_interleave": (2, None),
 }.items():
     _functions = [f for f in (getattr(torch, _name, None), getattr(F, _name, None)) if f is not None]
     register(*_functions, methods=(_name,))(along_dims(_position, _default))
@@ -231,7 +249,7 @@ def reshape(p, node):
     if outs is None:
         raise Mix("output shape unknown")
     if node.target in ("expand", "expand_as"):
-        return t + len(outs) - len(ins)
+        return None if t is None else t + len(outs) - len(ins)  # c.expand_as(x): c's values, not tokens
     before, n = math.prod(ins[:t]), ins[t]
     for j, size in enumerate(outs):
         if size == n and math.prod(outs[:j]) == before:
@@ -239,14 +257,24 @@ def reshape(p, node):
     raise Mix("reshape that splits or merges the token axis")
 
 
+@register(methods=("repeat",))
+def repeat(p, node):
+    """x.repeat(*sizes): tiles each dim (new ones lead); token-wise while the token axis is
+    tiled once (keys repeated over heads for grouped-query attention)."""
+    x, sizes = node.args[0], node.args[1:]
+    sizes = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else sizes
+    t = p.td(x) + len(sizes) - len(shape_of(x))
+    if sizes[t] != 1:
+        raise Mix("repeats the token axis")
+    return t
+
+
 @register(*PERMUTE_FUNCTIONS, methods=sorted(PERMUTE_METHODS))
 def permute(p, node):
     x = node.args[0]
     t, nd = p.td(x), len(shape_of(x))
     rest = node.args[1:]
-    if node.target == "mT":
-        perm = list(range(nd - 2)) + [nd - 1, nd - 2]
-    elif node.target in ("permute", torch.permute):
+    if node.target in ("permute", torch.permute):
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
         dims = node.kwargs.get("dims", dims)
         perm = [d % nd for d in dims]
@@ -331,6 +359,8 @@ def cat(p, node):
 def getitem(p, node):
     src, index = node.args
     t = p.td(src)
+    if t is None:
+        raise Mix("indexes a tensor with token data")  # only the index carries tokens
     if isinstance(t, tuple):
         layouts = p.r.layout.get(src)
         if isinstance(layouts, tuple):
@@ -340,17 +370,26 @@ def getitem(p, node):
     out = index_axis(t, ndim, index)
     if out is not None:
         return out
-    # A slice of whole segments along the token axis (the text or the video part of a joint
-    # tensor); with an integer step, or cutting a segment, the tokens are mixed up.
+    covered = _segment_slice(p, src, t, ndim, index)
+    if covered is not None:
+        p.r.layout[node] = covered[1]
+        return covered[0]
+    raise Mix(f"indexing along the token axis ({p.layout(src).describe()} rows)")
+
+
+def _segment_slice(p, src, t: int, ndim: int, index):
+    """(token dim of `src[index]`, its layout) when `index` slices whole segments along the
+    token axis (the text or the video part of a joint tensor), else None: with a step, or
+    cutting a segment, the tokens are mixed up."""
     part = token_index(t, ndim, index)
     layout = p.layout(src)
     if isinstance(part, slice) and part.step in (None, 1):
         start, stop, _ = part.indices(layout.total)
         covered = layout.segments(start, stop)
-        if covered is not None:
-            p.r.layout[node] = layout.sub(*covered)
-            return index_axis(t, ndim, _whole_token_dim(t, ndim, index))
-    raise Mix(f"indexing along the token axis ({layout.describe()} rows)")
+        out = index_axis(t, ndim, _whole_token_dim(t, ndim, index))
+        if covered is not None and out is not None:  # None: advanced indexing moved the dims
+            return out, layout.sub(*covered)
+    return None
 
 
 @register(operator.setitem)
@@ -359,12 +398,18 @@ def setitem(p, node):
     t = p.td(dst)
     if t is None:
         raise Mix("writes token values into a tensor without a token axis")
-    out = index_axis(t, len(shape_of(dst)), index)
-    if out is None:
-        raise Mix("indexed write along the token axis")
+    ndim = len(shape_of(dst))
+    out, layout = index_axis(t, ndim, index), p.layout(dst)
+    if out is None:  # a write into whole segments (RoPE applied to the video part of a joint q/k)
+        covered = _segment_slice(p, dst, t, ndim, index)
+        if covered is None:
+            raise Mix("indexed write along the token axis, not of whole segments")
+        out, layout = covered
     if isinstance(value, fx.Node) and shape_of(value) is not None and p.td(value) is None:
         sub = shape_of(value)
-        p.table(node, value, out - (len(indexed_shape(shape_of(dst), index)) - len(sub)), p.layout(dst))
+        p.table(node, value, out - (len(indexed_shape(shape_of(dst), index)) - len(sub)), layout)
+    elif isinstance(value, fx.Node) and p.td(value) is not None and p.layout(value) != layout:
+        raise Mix("writes tokens of other segments into the token axis")
     p.r.mutations.append((node, dst))
     return None
 

@@ -98,9 +98,12 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
         q, _, v, _ = sdpa_args(a)
         queries |= _ancestors(q) if isinstance(q, fx.Node) else set()
         values |= _ancestors(v) if isinstance(v, fx.Node) else set()
+    # [batch, tokens, channels] tensors first (the shape of a transformer's residual stream;
+    # a latent grid or a positional table before it only reaches the tokens through a reshape),
+    # earliest first among them.
     tries = [
         (source, dim)
-        for source in sorted(queries & values & _ancestors(output), key=order.get)
+        for source in sorted(queries & values & _ancestors(output), key=lambda n: (len(shape_of(n) or ()) != 3, order[n]))
         if not is_module_state(source) and len(shape_of(source) or ()) >= 3
         for dim, size in enumerate(shape_of(source)) if dim > 0 and size > 1
     ]
@@ -195,8 +198,8 @@ class _Propagator:
             if node.op in ("placeholder", "get_attr", "output"):
                 continue
             inputs = node.all_input_nodes
-            if not any(a in self.r.tdim for a in inputs):
-                continue  # does not depend on the token stream: shared by all tokens
+            if all(self.r.tdim.get(a) is None for a in inputs):
+                continue  # no token data in: shared by all tokens (a dtype read off a token tensor)
             bad = next((self.r.tdim[a] for a in inputs if isinstance(self.r.tdim.get(a), Opaque)), None)
             if bad is not None:
                 self.r.tdim[node] = Opaque(bad)

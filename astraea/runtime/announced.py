@@ -39,6 +39,13 @@ class Announcements:
         context = getattr(self._hook.manager, "_context", None)
         return context if context is not None and context.step_index is not None else None
 
+    def assume_first_call(self, step: int, name: str | None, branches: dict) -> None:
+        """Take an unannounced first call as announced at `step` under `name`, with the branch
+        numbers known so far by name; the name None stands for a first call's name not yet
+        known (the next name not seen before gets its branch)."""
+        self._step, self._names_this_step = step, {name}
+        self._branches = dict(branches)
+
     def generation_ended(self) -> bool:
         """Whether the pipeline closed a generation (reset its hooks) since the last look."""
         ended, self._hook.ended = self._hook.ended, False
@@ -53,6 +60,8 @@ class Announcements:
             self._names_this_step = set()
         self._step = step
         self._names_this_step.add(name)
+        if name not in self._branches and None in self._branches:
+            self._branches[name] = self._branches.pop(None)  # the unannounced first call's name
         branch = self._branches.setdefault(name, len(self._branches))
         return Call(step=step, context=branch, new_generation=new)
 

@@ -38,14 +38,15 @@ def sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, H, K, d] selected queries; k, v: [B, H, N, d]; attn_mask (bool or additive)
     broadcasts to [B, H, K, N]. Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
-    if q.is_cuda and attn_mask is None:
+    key_bias = _key_bias(attn_mask, k.shape[2])
+    if q.is_cuda and (attn_mask is None or key_bias is not None):
         from kernels import gathered_attention
 
-        out, lse = gathered_attention(q, k, v, scale=scale)
+        out, lse = gathered_attention(q, k, v, scale=scale, key_bias=key_bias)
         return out.contiguous(), lse.contiguous()
-    if q.is_cuda:
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
+    if q.is_cuda:  # a mask that differs between queries or heads
         bias = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
         return out.contiguous(), lse[..., : q.shape[2]].float().contiguous()
@@ -53,6 +54,20 @@ def sparse_attention(
         q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
     )
     return out.contiguous(), lse.float().contiguous()
+
+
+def _key_bias(mask: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
+    """A mask that is the same for every head and query (key padding: HunyuanVideo's text
+    mask, [B, 1, 1, N]) as the kernel's additive fp32 key bias [B or 1, N]; else None."""
+    if mask is None or mask.dim() > 4 or mask.shape[-1] != n_keys:
+        return None
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    if shape[1] != 1 or shape[2] != 1:
+        return None
+    rows = mask.reshape(shape[0], n_keys)
+    if rows.dtype == torch.bool:
+        return torch.zeros(rows.shape, dtype=torch.float32, device=rows.device).masked_fill(~rows, float("-inf"))
+    return rows.float().contiguous()
 
 
 @sparse_attention.register_fake
@@ -76,20 +91,64 @@ def merge_rows(
     1: the same rows for the batch); cache: [B, N, D]; change, lse_state: [S, N]. With S = 1
     the scores are the batch's means.
     """
+    x, rows = x.contiguous(), rows.contiguous()
+    lse_rows = lse_rows.contiguous() if lse_rows is not None else None
     if x.is_cuda:
         from kernels import merge_rows as merge_rows_kernel
 
-        return merge_rows_kernel(x.contiguous(), rows.contiguous(), idx, cache, change, lse_rows, lse_state)
+        return merge_rows_kernel(x, rows, idx, cache, change, lse_rows, lse_state)
     return merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state)
 
 
 @merge_rows.register_fake
 def _(x, rows, idx, cache, change, lse_rows, lse_state):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as both paths return it whatever x's strides
+
+
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
+
+
+def check_merge_args(x, rows, idx, cache, change, lse_rows, lse_state) -> None:
+    """The shapes and dtypes merge_rows takes (both paths check them: a wrong shape must not broadcast)."""
+    if x.dim() != 3:
+        raise ValueError(f"merge_rows: x must be [B, N, D], got {tuple(x.shape)}")
+    B, N, D = x.shape
+    if idx.dim() != 2 or idx.shape[0] not in (1, B) or idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"merge_rows: idx must be a [1 or B={B}, K] int64 or int32 tensor, got {idx.dtype} "
+                        f"of shape {tuple(idx.shape)}")
+    S, K = idx.shape
+    if rows.shape != (B, K, D):
+        raise ValueError(f"merge_rows: rows must be [B, K, D] = {(B, K, D)}, got {tuple(rows.shape)}")
+    if cache.shape != x.shape:
+        raise ValueError(f"merge_rows: cache must be {tuple(x.shape)}, got {tuple(cache.shape)}")
+    if change.shape != (S, N) or lse_state.shape != (S, N):
+        raise ValueError(f"merge_rows: change and lse_state must be [S, N] = {[S, N]}, got "
+                         f"{tuple(change.shape)} and {tuple(lse_state.shape)}")
+    if lse_rows is not None and (lse_rows.dim() != 3 or lse_rows.shape[0] != B or lse_rows.shape[2] != K):
+        raise ValueError(f"merge_rows: lse_rows must be [B, H, K] with B={B}, K={K}, got {tuple(lse_rows.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"merge_rows: x dtype must be float32, bfloat16 or float16, got {x.dtype}")
+    if rows.dtype != x.dtype:
+        raise TypeError(f"merge_rows: rows dtype {rows.dtype} differs from x dtype {x.dtype}")
+    if cache.dtype not in CACHE_DTYPES:
+        raise TypeError(f"merge_rows: cache dtype must be one of {CACHE_DTYPES}, got {cache.dtype}")
+    for name, t in (("change", change), ("lse_state", lse_state), ("lse_rows", lse_rows)):
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"merge_rows: {name} must be float32, got {t.dtype}")
+    named = (("x", x), ("rows", rows), ("idx", idx), ("cache", cache), ("change", change),
+             ("lse_rows", lse_rows), ("lse_state", lse_state))
+    for name, t in named:
+        if t is None:
+            continue
+        if not t.is_contiguous():
+            raise ValueError(f"merge_rows: {name} must be contiguous, got strides {t.stride()}")
+        if t.device != x.device:
+            raise ValueError(f"merge_rows: {name} on {t.device}, x on {x.device}")
 
 
 def merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state):
     """Plain PyTorch merge_rows: the CPU path, and what the Triton kernel must match."""
+    check_merge_args(x, rows, idx, cache, change, lse_rows, lse_state)
     batch, shared = torch.arange(x.shape[0], device=x.device)[:, None], idx.shape[0] == 1
     at = (batch, idx.expand(x.shape[0], -1))  # [B, K] rows of [B, N, ...]
     y = x + cache.to(x.dtype)

@@ -11,6 +11,8 @@ indices are tensors and host ints here, outside dynamo, so they never cause a re
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,16 +124,21 @@ class SparseRunner:
     def _place(self, timestep: float | None):
         """Step and branch of this call: as the pipeline announces them, else from the timestep.
 
-        A generation uses one source throughout. The hook that listens is attached while the
-        first call compiles, so the first generation is placed by its timesteps; announced
-        placement starts with a generation that begins announced (after the pipeline closed
-        the previous one, or when the timestep jumps back up).
+        A generation uses one source throughout, with one exception: the hook that listens is
+        attached while the first call compiles, after the pipeline announced that call, so the
+        first announcement arrives with the second call. The generation then switches to the
+        announcements there, and the first call takes its place from the second's (a
+        transformer first called at step 2, Wan 2.2's low-noise expert, is at step 2, not 0).
+        Otherwise announced placement starts with a generation that begins announced (after
+        the pipeline closed the previous one, or when the timestep jumps back up).
         """
         a = self.announcements
         announced = a.current() if a is not None else None
         switch = announced is not None and not self._announced
         if announced is None or not (self._announced or a.generation_ended()):
             call = self.tracker.observe(timestep)
+            if switch and not call.new_generation and len(self.records) == 1:
+                return self._join_announcements(announced, call)
             switch = switch and call.new_generation
             if not switch:
                 self._announced = False
@@ -144,6 +151,24 @@ class SparseRunner:
         if call.new_generation and steps:
             self.config.schedule.budget(steps - 1)  # a short schedule fails before the first step
         return call
+
+    def _join_announcements(self, announced, second):
+        """Place the second call of the first generation by its announcement, and the first
+        (compiled, unannounced, dense) call by it: another branch of the same step (the
+        timesteps say which), or the same branch one step before."""
+        a, first = self.announcements, self.records[0]
+        a.reset()
+        if second.context > 0:
+            step, name, branches = int(announced.step_index), None, {None: first.context, announced.name: second.context}
+        else:
+            step, name, branches = int(announced.step_index) - 1, announced.name, {announced.name: first.context}
+        a.assume_first_call(step, name, branches)
+        self.records[0] = dataclasses.replace(first, step=step)
+        self._announced = True
+        steps = getattr(announced, "num_inference_steps", None)
+        if steps:
+            self.config.schedule.budget(steps - 1)
+        return a.observe(announced)
 
     def _forward(self, ctx: ContextState, k: int, inputs: tuple) -> tuple[tuple, int]:
         """The device work of a call: select each block's tokens, run the rewritten graph.

@@ -1,0 +1,129 @@
+"""Collapse attention written out by hand into one SDPA node, so the analysis sees attention.
+
+Research code often computes attention as `softmax(q @ k^T * scale [+ bias]) @ v` instead of
+calling `F.scaled_dot_product_attention`. Followed op by op, the first product contracts
+over the channels and the second over the keys' token axis, which the token rules call
+token mixing, so such a model would run dense. This pass finds the pattern in the graph:
+
+    scores = matmul(q, kt)         # kt is k transposed in its last two dims
+    scores = scores * c  or  / c   # any number of Python-number scalings (optional)
+    scores = scores + bias         # an additive mask (optional; after the scalings, as SDPA adds it)
+    probs  = softmax(scores, -1)   # optionally cast, and dropout with p = 0
+    out    = matmul(probs, v)
+
+and replaces it with `F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=c)`,
+which computes the same function. Intermediate values used anywhere else (attention maps
+returned to the caller, for instance) leave the pattern as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+MATMUL = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
+SOFTMAX = {F.softmax, torch.softmax, "softmax"}
+TRANSPOSES = {torch.transpose, "transpose", torch.swapaxes, "swapaxes"}
+CASTS = {"float", "to", "type_as", "half", "bfloat16"}
+MUL = {operator.mul, torch.mul, "mul"}
+DIV = {operator.truediv, torch.div, "div"}
+ADD = {operator.add, torch.add, "add"}
+
+
+def collapse_written_attention(gm: fx.GraphModule) -> int:
+    """Replace each hand-written attention in `gm` by one SDPA node; returns how many."""
+    found = 0
+    for node in list(gm.graph.nodes):
+        if _is(node, SOFTMAX) and _softmax_dim(node) in (-1, _ndim(node) - 1):
+            found += _collapse(gm.graph, node)
+    if found:
+        gm.graph.lint()
+        gm.recompile()
+    return found
+
+
+def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
+    probs = [softmax]  # softmax, then casts and zero dropout, each used only by the next
+    while (user := _only_user(probs[-1])) is not None and (
+        _is(user, CASTS) or (_is(user, {F.dropout, "dropout"}) and _zero_dropout(user))
+    ):
+        probs.append(user)
+    out = _only_user(probs[-1])
+    if out is None or not _is(out, MATMUL) or out.args[0] is not probs[-1]:
+        return 0
+    chain = []  # from the softmax's input back to q @ k^T, each used only by the one before
+    v = out.args[1]
+    scale, bias, node = 1.0, None, softmax.args[0]
+    while isinstance(node, fx.Node) and _only_user(node) is not None:
+        chain.append(node)
+        if _is(node, MUL) and _number(node.args[1]):
+            scale, node = scale * node.args[1], node.args[0]
+        elif _is(node, MUL) and _number(node.args[0]):
+            scale, node = scale * node.args[0], node.args[1]
+        elif _is(node, DIV) and _number(node.args[1]):
+            scale, node = scale / node.args[1], node.args[0]
+        elif _is(node, ADD) and bias is None and scale == 1.0 and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+            node, bias = node.args if _is(node.args[0], MATMUL | MUL | DIV) else node.args[::-1]
+        else:
+            break
+    if not chain or chain[-1] is not node or not _is(node, MATMUL) or not isinstance(node.args[1], fx.Node) or _ndim(node) < 3:
+        return 0
+    q, kt = node.args
+    with graph.inserting_before(out):
+        k = _untransposed(graph, kt)
+        kwargs = {"scale": float(scale)} | ({"attn_mask": bias} if bias is not None else {})
+        sdpa = graph.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs)
+    sdpa.meta = dict(out.meta)
+    out.replace_all_uses_with(sdpa)
+    for dead in [out, *reversed(probs), *chain]:
+        graph.erase_node(dead)
+    if k is not kt and not kt.users:
+        graph.erase_node(kt)
+    return 1
+
+
+def _untransposed(graph: fx.Graph, kt: fx.Node) -> fx.Node:
+    """k from k^T: the transpose's input when kt is a transpose of the last two dims, else a
+    new transpose of kt."""
+    nd = _ndim(kt)
+    if _is(kt, TRANSPOSES) and {d % nd for d in kt.args[1:3]} == {nd - 2, nd - 1}:
+        return kt.args[0]
+    if kt.op == "call_function" and kt.target is getattr and kt.args[1] == "mT":
+        return kt.args[0]
+    k = graph.call_method("transpose", (kt, -2, -1))
+    value = kt.meta.get("example_value")
+    if value is not None:
+        with value.fake_mode if hasattr(value, "fake_mode") else torch.no_grad():
+            k.meta["example_value"] = value.transpose(-2, -1)
+    return k
+
+
+def _zero_dropout(node: fx.Node) -> bool:
+    p = node.kwargs.get("p", node.args[1] if len(node.args) > 1 else 0.5)
+    training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
+    return p == 0 or training is False
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def _is(node, targets) -> bool:
+    return isinstance(node, fx.Node) and node.op in ("call_function", "call_method") and node.target in targets
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _softmax_dim(node: fx.Node):
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+
+
+def _ndim(node: fx.Node) -> int:
+    value = node.meta.get("example_value")
+    return value.dim() if isinstance(value, torch.Tensor) else -1

@@ -1,0 +1,325 @@
+"""astraea inside real diffusers video pipelines, end to end: HunyuanVideo, CogVideoX, Wan 2.2 A14B
+(two transformers, each with its own schedule) and LTX-2, at tiny random-weight configs, nothing
+downloaded.
+
+The text encoders are left out (`tokenizer=None, text_encoder=None`): the prompt embeddings, and the
+pooled embeddings and attention masks a pipeline needs, are passed in their place. Each pipeline
+gets the smallest VAE its constructor takes, so its latent geometry comes from a real VAE config,
+but the outputs compared are latents (`output_type="latent"`): astraea changes only the
+transformer, and decoding would add time without adding a check.
+
+One compilation per transformer serves three generations: at the sparse schedule (the generation
+that compiles, as a user's first call is), at it again, and at budget 1.0 after `set_schedule`.
+The tests check what those generations returned and what the runners recorded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLCogVideoX,
+    AutoencoderKLHunyuanVideo,
+    AutoencoderKLLTX2Audio,
+    AutoencoderKLLTX2Video,
+    AutoencoderKLWan,
+    CogVideoXDDIMScheduler,
+    CogVideoXPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    HunyuanVideoPipeline,
+    LTX2Pipeline,
+    WanPipeline,
+)
+from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+import astraea
+from tests import support_models
+from tests.models import wan
+from tests.support_models import TEXT_LEN
+
+STEPS = 4
+CLOSE = 0.3  # sparse vs dense latents, relative: loose (random weights, steps at half the tokens or fewer)
+
+
+def _mask(valid: int, left: bool = False) -> torch.Tensor:
+    """A text attention mask with `valid` tokens and padding after them (before them with `left`, as
+    Gemma's tokenizer pads): real prompts are padded, so the masks reach the attention."""
+    mask = torch.zeros(1, TEXT_LEN)
+    if left:
+        mask[:, TEXT_LEN - valid:] = 1
+    else:
+        mask[:, :valid] = 1
+    return mask
+
+
+# --- The pipelines --------------------------------------------------------------------------------
+
+
+def hunyuan_video():
+    """Double- then single-stream joint text-video attention; true CFG as two calls per step
+    (`true_cfg_scale` and a negative prompt) besides the embedded guidance."""
+    family = support_models.hunyuan_video()
+    vae = AutoencoderKLHunyuanVideo(
+        latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4
+    )
+    pipe = HunyuanVideoPipeline(
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, vae=vae, transformer=family.model,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+    cond, uncond = family.contexts
+    return pipe, dict(
+        prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
+        prompt_attention_mask=_mask(6), negative_prompt_embeds=uncond["encoder_hidden_states"],
+        negative_pooled_prompt_embeds=uncond["pooled_projections"], negative_prompt_attention_mask=_mask(3),
+        true_cfg_scale=4.0, guidance_scale=6.0, height=64, width=64, num_frames=9,
+    )
+
+
+def cogvideox():
+    """Dual-stream joint attention; CFG batched (uncond and cond in one call of batch 2), the RoPE
+    tables made by the pipeline; the released models' DDIM v-prediction scheduler."""
+    family = support_models.cogvideox()
+    vae = AutoencoderKLCogVideoX(latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4)
+    scheduler = CogVideoXDDIMScheduler(
+        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
+    )
+    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=family.model, scheduler=scheduler)
+    cond, uncond = family.contexts
+    return pipe, dict(
+        prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=6.0, height=64, width=64, num_frames=9
+    )
+
+
+def wan22_a14b():
+    """Wan 2.2 A14B: `transformer` denoises the high-noise steps, `transformer_2` (other weights) the
+    low-noise ones, each at its own guidance scale. With shift 3 the 4 timesteps are 1000, 858, 602
+    and 9, so `boundary_ratio` 0.7 (timestep 700) gives each transformer two steps."""
+    high, low = wan(seed=0), wan(seed=1)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    )
+    pipe = WanPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        transformer=high.model, transformer_2=low.model, boundary_ratio=0.7,
+    )
+    cond, uncond = high.contexts
+    return pipe, dict(
+        prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=4.0, guidance_scale_2=3.0, height=64,
+        width=64, num_frames=9,
+    )
+
+
+def ltx2():
+    """LTX2Pipeline itself: it builds offline. Gemma is left out (its stacked hidden states, 2 layers
+    of 32 here, are the prompt embeddings), and the text connectors, video VAE and audio VAE are tiny
+    (the audio VAE's 2 latent channels x 4 mel bins give the transformer's 8 audio channels). CFG
+    only, batched in one call per step: STG and modality isolation (`stg_scale`, `modality_scale`)
+    call the transformer again with other Python arguments, that is other graphs, which this file
+    does not check."""
+    family = support_models.ltx2()
+    connectors = LTX2TextConnectors(
+        caption_channels=32, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=16, video_connector_num_layers=1,
+        video_connector_num_learnable_registers=TEXT_LEN, audio_connector_num_attention_heads=2,
+        audio_connector_attention_head_dim=16, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=TEXT_LEN, rope_double_precision=False,
+    )
+    vae = AutoencoderKLLTX2Video(
+        latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 3,
+        layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 4, spatial_compression_ratio=32,
+        temporal_compression_ratio=8,
+    )
+    audio_vae = AutoencoderKLLTX2Audio(base_channels=8, num_res_blocks=1, latent_channels=2, mel_bins=16)
+    pipe = LTX2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=None, tokenizer=None,
+        connectors=connectors, transformer=family.model, vocoder=None,
+    )
+    text = torch.randn(1, TEXT_LEN, 64, generator=torch.Generator().manual_seed(1))
+    return pipe, dict(
+        prompt_embeds=text, prompt_attention_mask=_mask(6, left=True), negative_prompt_embeds=torch.zeros_like(text),
+        negative_prompt_attention_mask=_mask(3, left=True), guidance_scale=4.0, stg_scale=0.0, audio_stg_scale=0.0,
+        modality_scale=1.0, audio_modality_scale=1.0, height=128, width=128, num_frames=17,
+    )
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: pytest groups the tests of a case by it
+class Case:
+    name: str
+    build: Callable  # () -> (pipeline, the keyword arguments of its call)
+    schedules: dict  # transformer attribute -> its sparse schedule (1.0 where it starts: nothing cached)
+    steps: dict  # transformer attribute -> the steps it denoises
+    calls: int  # transformer calls per step: 2 for cond and uncond calls, 1 for CFG batched in one
+    sparse: bool  # whether astraea makes every block sparse today
+
+
+CASES = [
+    Case("hunyuan_video", hunyuan_video, {"transformer": [1.0, 1.0, 0.5, 0.5]}, {"transformer": (0, 1, 2, 3)}, 2, True),
+    Case("cogvideox", cogvideox, {"transformer": [1.0, 1.0, 0.5, 0.25]}, {"transformer": (0, 1, 2, 3)}, 1, True),
+    Case(
+        "wan22_a14b", wan22_a14b,
+        # unlike budgets at the steps each transformer does not run: a schedule read at the other's
+        # steps shows in the records
+        {"transformer": [1.0, 0.5, 0.75, 0.75], "transformer_2": [1.0, 0.75, 1.0, 0.25]},
+        {"transformer": (0, 1), "transformer_2": (2, 3)}, 2, True,
+    ),
+    # LTX-2 runs dense today (audio-video attention): only budget 1.0 and that a sparse schedule runs
+    Case("ltx2", ltx2, {"transformer": [1.0, 1.0, 0.5, 0.5]}, {"transformer": (0, 1, 2, 3)}, 1, False),
+]
+SPARSE = [case for case in CASES if case.sparse]
+DENSE = [case for case in CASES if not case.sparse]
+
+
+def cases(selection):
+    """Parametrize `run` over `selection`; each case is built and generated once for the module."""
+    return pytest.mark.parametrize("run", selection, indirect=True, ids=[c.name for c in selection], scope="module")
+
+
+# --- Running them ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What one case's generations returned and recorded."""
+
+    case: Case
+    backends: dict  # transformer attribute -> its astraea backend
+    eager: torch.Tensor
+    sparse: list  # the two generations at the sparse schedules
+    dense: torch.Tensor  # the generation at budget 1.0
+    calls: list  # per generation: transformer attribute -> its runners' (step, context, budget, tokens)
+    compiled: dict  # transformer attribute -> graphs its backend had compiled at the end of each step
+    warned: list  # the AstraeaWarnings, as text
+
+
+def _latents(out) -> torch.Tensor:
+    """A generation's latents, flat: the video's, and the audio's where the pipeline makes audio."""
+    return torch.cat([t.flatten() for t in (out.frames, getattr(out, "audio", None)) if t is not None])
+
+
+def _generate(pipe, inputs, on_step=None) -> torch.Tensor:
+    """One generation, from the same noise every time."""
+    out = pipe(
+        **inputs, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0), output_type="latent",
+        callback_on_step_end=on_step,
+    )
+    return _latents(out)
+
+
+def _calls(be) -> list:
+    """Every call the backend's runners made so far (none where it left the graph dense: no runner)."""
+    return [(r.step, r.context, r.budget, r.tokens) for runner in be.runners for r in runner.records]
+
+
+def _relative(a, b) -> float:
+    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
+
+
+@pytest.fixture(scope="module")
+def run(request):
+    """The case's pipeline, eager, then compiled (each transformer with its own backend) for two
+    generations at the sparse schedules and one at budget 1.0."""
+    case = request.param
+    torch._dynamo.reset()
+    pipe, inputs = case.build()
+    pipe.set_progress_bar_config(disable=True)
+    eager = _generate(pipe, inputs)
+    backends = {name: astraea.backend(schedule=schedule) for name, schedule in case.schedules.items()}
+    for name, be in backends.items():
+        setattr(pipe, name, torch.compile(getattr(pipe, name), backend=be))
+    compiled = {name: [] for name in backends}
+
+    def count(_pipe, step, t, tensors):  # every (re)compile dynamo makes goes through the backend
+        for name, be in backends.items():
+            compiled[name].append(len(be.reports))
+        return {}
+
+    done = {name: 0 for name in backends}
+    calls = []
+
+    def generate():
+        latents = _generate(pipe, inputs, count)
+        calls.append({name: _calls(be)[done[name]:] for name, be in backends.items()})
+        done.update({name: len(_calls(be)) for name, be in backends.items()})
+        return latents
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", astraea.AstraeaWarning)
+        sparse = [generate(), generate()]
+        for be in backends.values():
+            be.set_schedule(1.0)
+        dense = generate()
+    warned = [str(w.message) for w in caught if issubclass(w.category, astraea.AstraeaWarning)]
+    yield Run(case, backends, eager, sparse, dense, calls, compiled, warned)
+    torch._dynamo.reset()
+
+
+def _expected(case: Case, name: str) -> list:
+    """(step, context, budget) of every call of transformer `name` in one generation at its schedule."""
+    schedule = case.schedules[name]
+    return [(step, context, schedule[step]) for step in case.steps[name] for context in range(case.calls)]
+
+
+# --- The checks -------------------------------------------------------------------------------------
+
+
+@cases(CASES)
+def test_budget_one_equals_eager(run):
+    """After `set_schedule(1.0)` every call is dense, and the pipeline gives what it gives eager."""
+    error = _relative(run.dense, run.eager)
+    assert error <= 1e-5, f"{run.case.name}: budget 1.0 differs from eager, relative error {error:.3g}"
+    recorded = [call for calls in run.calls[2].values() for call in calls]
+    assert all(budget == 1.0 for _, _, budget, _ in recorded), recorded  # set_schedule(1.0) reached every runner
+
+
+@cases(SPARSE)
+def test_every_block_goes_sparse(run):
+    """What `astraea.explain` would say, from the analysis the backend ran on the pipeline's own
+    inputs: a model that runs dense here, wholly or in part, fails."""
+    for name, be in run.backends.items():
+        assert be.reports, f"{name}: astraea compiled nothing"
+        for report in be.reports:
+            assert 0 < report.num_sparse_blocks == report.num_blocks, f"{name}:\n{report}\n{run.warned}"
+
+
+@cases(SPARSE)
+def test_sparse_schedule_runs_each_transformers_budgets(run):
+    """Each transformer runs its own schedule at the steps it denoises (for Wan 2.2 the boundary
+    splits them), in the generation that compiles as in the next; the result moves away from dense
+    but stays close to it."""
+    for name, be in run.backends.items():
+        n = be.runners[0].num_tokens
+        for i, generation in enumerate(run.calls[:2]):
+            calls = generation[name]
+            assert [c[:3] for c in calls] == _expected(run.case, name), f"{name}, generation {i + 1}: {calls}"
+            assert all((tokens < n) == (budget < 1.0) for _, _, budget, tokens in calls), calls
+    torch.testing.assert_close(run.sparse[1], run.sparse[0], rtol=0, atol=0)  # a generation starts afresh
+    error = _relative(run.sparse[0], run.dense)
+    assert 1e-4 < error < CLOSE, f"{run.case.name}: sparse vs dense relative error {error:.3g}"
+
+
+@cases(SPARSE)
+def test_no_recompiles_after_the_first_step(run):
+    """Budgets change from step to step and generation to generation as data: each backend compiles
+    in the first step its transformer runs and never again."""
+    for name, counts in run.compiled.items():
+        first = run.case.steps[name][0]
+        assert counts[first] > 0 and set(counts[first:]) == {counts[first]}, f"{name}: graphs per step {counts}"
+
+
+@cases(DENSE)
+def test_dense_model_runs_a_sparse_schedule_and_says_why(run):
+    """A model astraea leaves dense still runs at a sparse schedule, and every graph it leaves dense
+    comes with a warning that gives the analysis' reason (as `astraea.explain` reports it)."""
+    assert all(torch.isfinite(x).all() and x.shape == run.eager.shape for x in run.sparse)
+    for be in run.backends.values():
+        for report in be.reports:
+            if report.num_sparse_blocks == 0:
+                # the graph's reason, or where it has none, its blocks'
+                reasons = [report.reason] if report.reason else [b.reason for b in report.blocks if b.reason]
+                said = [w for w in run.warned if "running this graph dense: " in w and all(r in w for r in reasons)]
+                assert reasons and said, f"{report}\nwarned: {run.warned}"

@@ -36,7 +36,7 @@ def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
     assert sizes == [n, n] + [round(b * n) for b in (0.5, 0.5, 0.25, 0.25, 0.75, 0.75, 0.5, 0.5)]
 
 
-@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel"])
+@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel"])
 def test_contract_on_support_models(label):
     """Mechanisms met first in a diffusers class: EasyAnimate writes RoPE into the video part of
     its joint queries/keys in place; Cosmos repeats keys over heads (grouped-query attention)

@@ -154,24 +154,21 @@ class Case:
     schedules: dict  # transformer attribute -> its sparse schedule (1.0 where it starts: nothing cached)
     steps: dict  # transformer attribute -> the steps it denoises
     calls: int  # transformer calls per step: 2 for cond and uncond calls, 1 for CFG batched in one
-    sparse: bool  # whether astraea makes every block sparse today
 
 
 CASES = [
-    Case("hunyuan_video", hunyuan_video, {"transformer": [1.0, 1.0, 0.5, 0.5]}, {"transformer": (0, 1, 2, 3)}, 2, True),
-    Case("cogvideox", cogvideox, {"transformer": [1.0, 1.0, 0.5, 0.25]}, {"transformer": (0, 1, 2, 3)}, 1, True),
+    Case("hunyuan_video", hunyuan_video, {"transformer": [1.0, 1.0, 0.5, 0.5]}, {"transformer": (0, 1, 2, 3)}, 2),
+    Case("cogvideox", cogvideox, {"transformer": [1.0, 1.0, 0.5, 0.25]}, {"transformer": (0, 1, 2, 3)}, 1),
     Case(
         "wan22_a14b", wan22_a14b,
         # unlike budgets at the steps each transformer does not run: a schedule read at the other's
         # steps shows in the records
         {"transformer": [1.0, 0.5, 0.75, 0.75], "transformer_2": [1.0, 0.75, 1.0, 0.25]},
-        {"transformer": (0, 1), "transformer_2": (2, 3)}, 2, True,
+        {"transformer": (0, 1), "transformer_2": (2, 3)}, 2,
     ),
-    # LTX-2 runs dense today (audio-video attention): only budget 1.0 and that a sparse schedule runs
-    Case("ltx2", ltx2, {"transformer": [1.0, 1.0, 0.5, 0.5]}, {"transformer": (0, 1, 2, 3)}, 1, False),
+    # video and audio streams, each with its text; audio-to-video and video-to-audio attention
+    Case("ltx2", ltx2, {"transformer": [1.0, 1.0, 0.5, 0.5]}, {"transformer": (0, 1, 2, 3)}, 1),
 ]
-SPARSE = [case for case in CASES if case.sparse]
-DENSE = [case for case in CASES if not case.sparse]
 
 
 def cases(selection):
@@ -276,7 +273,7 @@ def test_budget_one_equals_eager(run):
     assert all(budget == 1.0 for _, _, budget, _ in recorded), recorded  # set_schedule(1.0) reached every runner
 
 
-@cases(SPARSE)
+@cases(CASES)
 def test_every_block_goes_sparse(run):
     """What `astraea.explain` would say, from the analysis the backend ran on the pipeline's own
     inputs: a model that runs dense here, wholly or in part, fails."""
@@ -286,7 +283,7 @@ def test_every_block_goes_sparse(run):
             assert 0 < report.num_sparse_blocks == report.num_blocks, f"{name}:\n{report}\n{run.warned}"
 
 
-@cases(SPARSE)
+@cases(CASES)
 def test_sparse_schedule_runs_each_transformers_budgets(run):
     """Each transformer runs its own schedule at the steps it denoises (for Wan 2.2 the boundary
     splits them), in the generation that compiles as in the next; the result moves away from dense
@@ -302,24 +299,10 @@ def test_sparse_schedule_runs_each_transformers_budgets(run):
     assert 1e-4 < error < CLOSE, f"{run.case.name}: sparse vs dense relative error {error:.3g}"
 
 
-@cases(SPARSE)
+@cases(CASES)
 def test_no_recompiles_after_the_first_step(run):
     """Budgets change from step to step and generation to generation as data: each backend compiles
     in the first step its transformer runs and never again."""
     for name, counts in run.compiled.items():
         first = run.case.steps[name][0]
         assert counts[first] > 0 and set(counts[first:]) == {counts[first]}, f"{name}: graphs per step {counts}"
-
-
-@cases(DENSE)
-def test_dense_model_runs_a_sparse_schedule_and_says_why(run):
-    """A model astraea leaves dense still runs at a sparse schedule, and every graph it leaves dense
-    comes with a warning that gives the analysis' reason (as `astraea.explain` reports it)."""
-    assert all(torch.isfinite(x).all() and x.shape == run.eager.shape for x in run.sparse)
-    for be in run.backends.values():
-        for report in be.reports:
-            if report.num_sparse_blocks == 0:
-                # the graph's reason, or where it has none, its blocks'
-                reasons = [report.reason] if report.reason else [b.reason for b in report.blocks if b.reason]
-                said = [w for w in run.warned if "running this graph dense: " in w and all(r in w for r in reasons)]
-                assert reasons and said, f"{report}\nwarned: {run.warned}"

@@ -145,7 +145,15 @@ def _last_join(full_chain, chain, stream, p) -> int:
 
 
 def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, order: dict) -> None:
-    inside = (nx.descendants(tokens, block.start) & nx.ancestors(tokens, block.end)) | {block.end}
+    after_start = nx.descendants(tokens, block.start)
+    inside = (after_start & nx.ancestors(tokens, block.end)) | {block.end}
+    # Keys/values another stream reads in this block (video-to-audio attention) lead to no
+    # token output, so the path above misses them; they belong to the block that computes them.
+    for reader in axis.kv_readers:
+        if order[reader] < order[block.end]:
+            for x in sdpa_args(reader)[1:3]:
+                if x in after_start:
+                    inside |= (nx.ancestors(tokens, x) & after_start) | {x}
     region = sorted(inside, key=order.get)
     block.region = region
     block.self_attention = [n for n in axis.self_attention if n in inside]
@@ -165,7 +173,7 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
             block.reason = f"self-attention {s.name} uses {unsupported}"
             return
     feeds_kv = set()
-    for s in block.self_attention:
+    for s in block.self_attention + [r for r in axis.kv_readers if r in deps and _reads_inside(r, inside)]:
         _, k, v, _ = sdpa_args(s)
         for x in (k, v):
             feeds_kv |= (nx.ancestors(deps, x) & inside) | ({x} & inside)
@@ -191,6 +199,12 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
     })
     if escaping:
         block.reason = f"intermediate value(s) {escaping[:3]} are used after the block"
+
+
+def _reads_inside(reader: fx.Node, inside: set) -> bool:
+    """Whether a key/value reader's keys or values are computed in this block."""
+    _, k, v, _ = sdpa_args(reader)
+    return k in inside or v in inside
 
 
 def _may_leave(node: fx.Node, user: fx.Node, axis: TokenAxis) -> bool:

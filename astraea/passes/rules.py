@@ -475,7 +475,8 @@ def indexed_shape(shape, index):
 @register(*SDPA)
 def attention(p, node):
     """Self-attention when keys and values carry the video tokens (any other segments with
-    them); cross-attention when they carry no token data. Queries may be any segments."""
+    them); cross-attention when they carry no token data. Queries may be any segments, or
+    none: another stream (audio) attending to the video (a key/value reader)."""
     q, k, v, mask = sdpa_args(node)
     tq, tk, tv = p.td(q), p.td(k), p.td(v)
     nq = len(shape_of(q))
@@ -491,8 +492,13 @@ def attention(p, node):
             p.table(node, mask, len(shape_of(mask)) - 2, p.layout(q))
         p.r.cross_attention.append(node)
         return tq
-    if tk != nq - 2 or tv != nq - 2 or tq is None or p.layout(k) != p.layout(v):
+    if tk != nq - 2 or tv != nq - 2 or p.layout(k) != p.layout(v):
         raise Mix("attention whose keys/values carry tokens in an unsupported way")
+    if tq is None:  # another stream's queries (audio) over every video token: no token axis out
+        if mask is not None and shape_of(mask)[-1] != 1:
+            raise Mix("a mask over the video keys of another stream's attention")
+        p.r.kv_readers.append(node)
+        return None
     if mask is not None:
         shape = shape_of(mask)
         if shape is None or shape[-1] not in (1, p.layout(k).total):

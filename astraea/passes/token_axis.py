@@ -47,7 +47,10 @@ class TokenAxis:
     reason. layout[node] gives the segments of that axis where it is not the video tokens
     alone. tables[node] lists (input, dim, layout) of non-stream inputs that must be gathered
     with the tokens. self_attention lists attention nodes whose keys/values carry the video
-    tokens. mutations lists in-place writes (setitem, x.add_(...)) as (node, mutated input).
+    tokens. kv_readers lists attention nodes whose queries are another stream (audio reading
+    the video) over keys/values of the video tokens: their output has no token axis, and their
+    keys/values, like self-attention's, must see every token. mutations lists in-place writes
+    (setitem, x.add_(...)) as (node, mutated input).
     """
 
     num_tokens: int | None = None
@@ -58,6 +61,7 @@ class TokenAxis:
     tables: dict = field(default_factory=dict)
     self_attention: list = field(default_factory=list)
     cross_attention: list = field(default_factory=list)
+    kv_readers: list = field(default_factory=list)
     mutations: list = field(default_factory=list)
     reason: str | None = None
 

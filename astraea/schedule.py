@@ -24,6 +24,13 @@ class ScheduleError(ValueError):
     """A schedule that cannot be used: bad budgets, wrong length, wrong model, bad file."""
 
 
+def same_structure(stored: str, current: str) -> bool:
+    """Whether a file made for model structure `stored` serves a model of structure `current`.
+    A file written before the structure named the attention geometry holds the parameter part
+    alone (16 hex digits) and serves every model with those parameter shapes."""
+    return stored == current or ("-" not in stored and stored == current.split("-")[0])
+
+
 def check_budget(value: Any, where: str = "budget") -> float:
     """Return `value` as a float in [0, 1] or raise a ScheduleError naming the problem."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -149,7 +156,7 @@ class Schedule:
 
     def check_model(self, structure_hash: str) -> None:
         """Refuse a schedule made for another model structure."""
-        if self.model is not None and self.model != structure_hash:
+        if self.model is not None and not same_structure(self.model, structure_hash):
             raise ScheduleError(
                 f"schedule was made for model structure {self.model}, but this model is {structure_hash}; "
                 "search a schedule for this model (astraea search) or drop the 'model' field"

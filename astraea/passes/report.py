@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from .blocks import Block
-from .token_axis import TokenAxis, is_module_state, shape_of
+from .token_axis import SDPA, TokenAxis, is_module_state, sdpa_args, shape_of
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,32 @@ def make_report(
 
 
 def structure_hash(gm: fx.GraphModule) -> str:
-    """Hash of the shapes of the model's parameters and buffers, in order: the same for one
-    architecture and config whatever the batch, resolution, dtype or torch version (the op
-    sequence is not: dynamo specialises some ops on the batch size)."""
+    """The model's identity for schedules and cost tables: "<parameters>-<attention>".
+
+    The first part hashes the shapes of the parameters and buffers, in order; the second the
+    geometry of every attention (heads and head dim of its queries, keys and values: all dims
+    but the batch and the sequence). Both are the same for one architecture and config whatever
+    the batch, resolution, dtype or torch version (the op sequence is not: dynamo specialises
+    some ops on the batch size); the second tells apart models whose weights have the same
+    shapes but split them into heads differently. Files written before it existed hold the
+    first part alone (`schedule.same_structure`).
+    """
+    return f"{parameter_hash(gm)}-{_attention_hash(gm)}"
+
+
+def parameter_hash(gm: fx.GraphModule) -> str:
     h = hashlib.sha256()
     for n in gm.graph.nodes:
         if is_module_state(n):
             h.update(f"{shape_of(n)};".encode())
     return h.hexdigest()[:16]
+
+
+def _attention_hash(gm: fx.GraphModule) -> str:
+    h = hashlib.sha256()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in SDPA:
+            for x in sdpa_args(n)[:3]:
+                shape = shape_of(x) or ()
+                h.update(f"{tuple(shape[1:-2])}x{shape[-1:]};".encode())
+    return h.hexdigest()[:8]

@@ -26,6 +26,7 @@ import torch
 
 from ..config import OPTIONS_BEFORE_THEY_EXISTED
 from ..jsonfile import load_json, save_json
+from ..schedule import same_structure
 from .sparse import SparseModel
 from .timing import CallTimer, wall_ms
 from .workload import Workload
@@ -90,7 +91,10 @@ class CostKey:
     def differences(self, other: "CostKey") -> list[str]:
         """Each field in which `other` differs from this key, as 'field: mine vs other'."""
         mine, theirs = self.to_json(), other.to_json()
-        return [f"{name}: {mine[name]} vs {theirs[name]}" for name in mine if mine[name] != theirs[name]]
+        return [
+            f"{name}: {mine[name]} vs {theirs[name]}" for name in mine
+            if mine[name] != theirs[name] and not (name == "model" and same_structure(mine[name], theirs[name]))
+        ]
 
     def to_json(self) -> dict:
         return {

@@ -58,3 +58,19 @@ def test_update_refuses_compiled_options_and_unknown_ones_without_change():
     with pytest.raises(ConfigError, match="budget"):
         be.update(schedule=1.5)
     assert be.config is before and be.runners[0].config is before
+
+
+def test_call_records_are_bounded(monkeypatch):
+    """A runner serving many generations keeps only the newest RECORDS_KEPT call records."""
+    from astraea.runtime import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "RECORDS_KEPT", 5)
+    torch._dynamo.reset()
+    family = wan()
+    be = astraea.backend(schedule=[1.0, 0.5, 0.0])
+    compiled = torch.compile(family.model, backend=be)
+    sample(family, compiled, steps=3)  # 6 calls: 3 steps x 2 branches
+    sample(family, compiled, steps=3)
+    records = be.runners[0].records
+    assert len(records) == 5
+    assert [(r.step, r.context, r.budget) for r in records] == [(0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.0), (2, 1, 0.0)]

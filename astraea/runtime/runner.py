@@ -27,6 +27,9 @@ from .state import BlockState, ContextState, cache_dtype
 from .steps import StepTracker
 
 
+RECORDS_KEPT = 10_000  # call records a runner keeps: 50 generations of 100 calls
+
+
 @dataclass(frozen=True)
 class CallRecord:
     """What one call did: for tests, benchmarks and the demo's budget plot."""
@@ -190,6 +193,13 @@ class SparseRunner:
             self._skip_fn = self.lower_skip()
         return _call(self._skip_fn, ctx, self.all_tokens, inputs), 0
 
+    def _record(self, record: CallRecord) -> None:
+        """Keep what the call did; the oldest records go past RECORDS_KEPT, so that a
+        long-running server's runner does not grow."""
+        self.records.append(record)
+        if len(self.records) > RECORDS_KEPT:
+            del self.records[: len(self.records) - RECORDS_KEPT]
+
     def _graph_key(self, context: int, k: int):
         """The key of a call's captured graph, or None where a call runs uncaptured: the random
         policy draws from a generator, and only single-token selection has been checked
@@ -207,14 +217,14 @@ class SparseRunner:
         if k == 0:
             torch._foreach_add_([state.stale for state in ctx.blocks], 1)  # one launch, not one per block
             if self.config.skip == "output":
-                self.records.append(CallRecord(call.step, call.context, 0.0, 0))
+                self._record(CallRecord(call.step, call.context, 0.0, 0))
                 return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
             run = lambda inputs: self._reuse_blocks(ctx, inputs)  # noqa: E731
         else:
             run = lambda inputs: self._forward(ctx, k, inputs)  # noqa: E731
         key = self._graph_key(call.context, k)
         out, tokens = run(args) if key is None else self.call_graphs(key, run, args)
-        self.records.append(CallRecord(call.step, call.context, budget, tokens))
+        self._record(CallRecord(call.step, call.context, budget, tokens))
         ctx.last_output = out
         return out
 

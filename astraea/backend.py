@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
+import time
 import warnings
 from typing import Any
 
@@ -20,6 +22,21 @@ from .lowering import lower
 from .passes import AnalyseTokens, SparsifyBlocks
 from .passes.skip import reuse_blocks
 
+
+def _progress_log() -> logging.Logger:
+    """The logger compile progress goes to: "astraea", printing to stderr unless the user gave
+    it a handler or a level (`logging.getLogger("astraea").setLevel(logging.WARNING)` quiets it)."""
+    log = logging.getLogger("astraea")
+    if not log.handlers and log.level == logging.NOTSET:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
+
+
+_log = _progress_log()
 
 # Options the lowered graph depends on; the others are read per call.
 COMPILED_OPTIONS = ("lowering", "cache_dtype")
@@ -109,9 +126,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
 
     dense_gm = gm  # dynamo still reads this graph after we return: rewrite a copy
     gm = copy.deepcopy(gm)
+    started = time.perf_counter()
+    _log.info("analysing a graph of %d nodes", len(gm.graph.nodes))
     analysis = AnalyseTokens()
     analysis(gm)
     report = analysis.report
+    _log.info("%d of %d blocks sparse over %s tokens (%.1f s)", report.num_sparse_blocks, report.num_blocks,
+              report.num_tokens, time.perf_counter() - started)
     if owner is not None:
         owner.reports.append(report)
     check_report(config, report)

@@ -21,8 +21,6 @@ GROUPS = ("token", "spatial", "run")
 CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")
 LOWERINGS = ("auto", "inductor", "eager")
 SKIPS = ("blocks", "output")
-# Options newer than some saved cost tables and schedules, with the behaviour those files measured.
-OPTIONS_BEFORE_THEY_EXISTED = {"skip": "output"}
 
 
 class ConfigError(ValueError):

@@ -6,12 +6,12 @@ from typing import Callable
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from .runtime import ops, ulysses
+from .ops import sparse, ulysses
 
 
 def count_flops(fn: Callable, *args):
     """(FLOPs, result) of `fn(*args)`."""
-    counter = FlopCounterMode(display=False, custom_mapping={**ops.flop_formulas(), **ulysses.flop_formulas()})
+    counter = FlopCounterMode(display=False, custom_mapping={**sparse.flop_formulas(), **ulysses.flop_formulas()})
     with counter:
         out = fn(*args)
     return counter.get_total_flops(), out

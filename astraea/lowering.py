@@ -10,6 +10,9 @@ so nothing re-checks guards; the runner keeps K >= 2, the range the symbol was c
 
 from __future__ import annotations
 
+import logging
+import time
+
 from typing import Callable
 
 import torch
@@ -18,8 +21,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 from .config import AstraeaConfig
-from .passes import SparseBlockInputs
+from .ops.signature import SparseBlockInputs
 from .runtime.state import BlockState, cache_dtype
+
+log = logging.getLogger("astraea")  # its handler: astraea.backend
 
 
 def lower(
@@ -40,5 +45,9 @@ def lower(
         with fake_mode:
             state = BlockState.allocate(b.shape, cache_dtype(config, b.dtype), device, b.samples)
         fakes += state.graph_inputs(fake_mode.from_tensor(hint, symbolic_context=dynamic))
+    started = time.perf_counter()
+    log.info("lowering %d nodes with Inductor (the long part of a compile)", len(gm.graph.nodes))
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
-        return compile_fx(gm, fakes)
+        compiled = compile_fx(gm, fakes)
+    log.info("lowered in %.1f s; budgets change per step without compiling again", time.perf_counter() - started)
+    return compiled

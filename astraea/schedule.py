@@ -16,6 +16,10 @@ from typing import Any, Sequence
 
 from .jsonfile import load_json, save_json
 
+# Backend options newer than some saved cost tables and schedules, with the behaviour those
+# files measured.
+OPTIONS_BEFORE_THEY_EXISTED = {"skip": "output"}
+
 FORMAT = "astraea-schedule"
 VERSION = 1
 
@@ -149,8 +153,6 @@ class Schedule:
     def searched_option(self, name: str):
         """The backend option `name` the search that wrote this schedule ran with (None when
         the schedule did not come from a search)."""
-        from .config import OPTIONS_BEFORE_THEY_EXISTED
-
         options = self.meta.get("search", {}).get("options")
         return None if options is None else options.get(name, OPTIONS_BEFORE_THEY_EXISTED.get(name))
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 import astraea
 import astraea.parallel
 from astraea.runtime.select import num_selected
-from astraea.runtime.ulysses import exchange
+from astraea.ops.ulysses import exchange
 from forward import timed, wan13b
 
 BUDGETS = (0.5, 0.4)

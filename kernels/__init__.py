@@ -1,7 +1,20 @@
 """Triton kernels of astraea: gathered-query flash attention with per-row LSE, and the fused
-merge of fresh rows into a block's cache. Importing registers the torch ops
+merge of fresh rows into a block's cache. Their plain-PyTorch references import without
+Triton (`merge_reference`); the kernels load on first use, which registers the torch ops
 astraea_kernels::gathered_attention and astraea_kernels::merge_rows."""
-from .gathered_attention import gathered_attention, gathered_attention_reference
-from .merge import merge_rows, merge_rows_reference
 
-__all__ = ["gathered_attention", "gathered_attention_reference", "merge_rows", "merge_rows_reference"]
+import importlib
+
+_HOMES = {
+    "gathered_attention": "gathered_attention", "gathered_attention_reference": "gathered_attention",
+    "merge_rows": "merge", "merge_rows_reference": "merge_reference",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # the function, not the submodule of the same name the import set
+    return value

@@ -23,7 +23,7 @@ from torch.library import triton_op
 from .launch import launchable
 
 # The plain PyTorch semantics (the CPU path of the library) is what the kernel must match.
-from astraea.runtime.ops import FP8_MAX, check_merge_args, merge_rows_reference  # noqa: F401  (re-exported)
+from .merge_reference import FP8_MAX, check_merge_args, merge_rows_reference  # noqa: F401  (re-exported)
 
 @triton.jit
 def _merge_rows_kernel(

@@ -95,3 +95,22 @@ def test_selection_shards_must_split_evenly():
     assert select(score, 4, config, None, shards=2).tolist() == [[4, 5, 10, 11]]  # top 2 of each half
     with pytest.raises(ValueError, match="do not split into 5 equal shards"):
         select(score, 5, config, None, shards=5)
+
+
+def test_compile_says_what_it_is_doing():
+    """A compile reports its stages on the "astraea" logger (printed to stderr by default)."""
+    import logging
+
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    log = logging.getLogger("astraea")
+    log.addHandler(handler)
+    try:
+        torch._dynamo.reset()
+        family = wan()
+        sample(family, torch.compile(family.model, backend=astraea.backend(schedule=0.5)), steps=1)
+    finally:
+        log.removeHandler(handler)
+    assert any(line.startswith("analysing a graph of") for line in lines), lines
+    assert any("2 of 2 blocks sparse over" in line for line in lines), lines

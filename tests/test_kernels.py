@@ -318,6 +318,7 @@ def test_merge_rejects_bad_inputs():
 def test_merge_op_fake_matches_real_on_strided_inputs():
     """The block input may reach merge_rows transposed (HunyuanVideo's single-stream block):
     the op's fake must give the strides the real op returns, or Inductor's stride asserts fail."""
+    import astraea.ops  # noqa: F401  (registers torch.ops.astraea.*)
     B, N, D, K = 1, 8, 4, 3
     x = torch.randn(B, D, N).transpose(1, 2)  # [B, N, D], not contiguous
     idx = torch.tensor([[0, 3, 5]])

@@ -14,7 +14,8 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .blocks import Block, find_blocks
 from .report import BlockReport, Report, make_report
-from .rewrite import SparseBlockInputs, rewrite_blocks
+from ..ops.signature import SparseBlockInputs
+from .rewrite import rewrite_blocks
 from .timestep import find_timestep
 from .token_axis import TokenAxis, find_token_axis
 from .ulysses import collapse_ulysses_attention

@@ -164,7 +164,8 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
     ).hexdigest()[:12]
 
     stream_shape = shape_of(block.start)
-    if axis.tdim[block.start] != 1 or len(stream_shape or ()) != 3 or shape_of(block.end) != stream_shape:
+    if axis.tdim[block.start] != 1 or axis.tdim.get(block.end) != 1 or len(stream_shape or ()) != 3 \
+            or shape_of(block.end) != stream_shape:
         block.reason = "the residual stream here is not a [batch, tokens, channels] tensor kept by the block"
         return
     for s in block.self_attention:

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import functools
 import operator
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..runtime import ops, ulysses  # noqa: F401  (register torch.ops.astraea.*)
-from ..runtime.ops import gather_tokens
-from ..runtime.state import GRAPH_INPUTS
+from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
+from ..ops.signature import GRAPH_INPUTS, SparseBlockInputs
+from ..ops.sparse import gather_tokens
 from .blocks import Block
 from . import rules
 from .layout import Layout
@@ -43,22 +42,6 @@ SIZED_METHODS = {"view", "reshape", "expand"}
 # The sparse form of each self-attention op, and the keyword arguments it carries over;
 # any other (an SDPA) becomes astraea::sparse_attention.
 SPARSE_ATTENTION = {torch.ops.astraea.ulysses_attention: (torch.ops.astraea.ulysses_sparse_attention, ("group",))}
-
-
-@dataclass(frozen=True)
-class SparseBlockInputs:
-    """Where a sparse block's runtime inputs sit in the rewritten graph's signature."""
-
-    index: int
-    module: str
-    shape: tuple[int, ...]  # block input [B, N, D]
-    dtype: torch.dtype
-    shared_because: str | None = None  # why one selection serves the batch, if it does
-
-    @property
-    def samples(self) -> int:
-        """S, the rows of idx and of the scores: B (a selection per sample) or 1 (one for the batch)."""
-        return 1 if self.shared_because else self.shape[0]
 
 
 def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> tuple[PassResult, list]:

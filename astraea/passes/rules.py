@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..runtime import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_attention)
+from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_attention)
 from .layout import Layout
 
 F = torch.nn.functional

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
-from ..runtime import ops  # noqa: F401  (register torch.ops.astraea.*)
+from .. import ops  # noqa: F401  (registers torch.ops.astraea.*)
 
 MERGE_X, MERGE_CACHE = 0, 3  # positions of the block input and the cache in merge_rows' arguments
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from ..runtime import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
+from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
 from .token_axis import SDPA, sdpa_args, shape_of
 
 _c10d = torch.ops._c10d_functional

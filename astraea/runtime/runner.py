@@ -20,7 +20,8 @@ import torch
 import torch.fx as fx
 
 from ..config import AstraeaConfig
-from ..passes import Report, SparseBlockInputs
+from ..ops.signature import SparseBlockInputs
+from ..passes import Report
 from .call_graphs import CallGraphs
 from .select import mark_selected, num_selected, scores, select
 from .state import BlockState, ContextState, cache_dtype

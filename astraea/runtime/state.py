@@ -19,9 +19,6 @@ def cache_dtype(config: AstraeaConfig, hidden_dtype: torch.dtype) -> torch.dtype
     return hidden_dtype if config.cache_dtype == "auto" else getattr(torch, config.cache_dtype)
 
 
-# What the rewritten graph takes per sparse block, in this order, after the model's inputs.
-GRAPH_INPUTS = ("idx", "cache", "change", "lse")
-
 
 @dataclass
 class BlockState:
@@ -44,7 +41,7 @@ class BlockState:
         )
 
     def graph_inputs(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        """This block's inputs of the rewritten graph, in GRAPH_INPUTS order."""
+        """This block's inputs of the rewritten graph, in `astraea.ops.signature.GRAPH_INPUTS` order."""
         return [idx, self.cache, self.change, self.lse]
 
     def nbytes(self) -> int:

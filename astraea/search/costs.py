@@ -24,9 +24,8 @@ from typing import Sequence
 
 import torch
 
-from ..config import OPTIONS_BEFORE_THEY_EXISTED
 from ..jsonfile import load_json, save_json
-from ..schedule import same_structure
+from ..schedule import OPTIONS_BEFORE_THEY_EXISTED, same_structure
 from .sparse import SparseModel
 from .timing import CallTimer, wall_ms
 from .workload import Workload

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .ops import attention_flops, sparse_attention
+from .sparse import attention_flops, sparse_attention
 
 
 def group_of(name: str) -> dist.ProcessGroup:

@@ -1,9 +1,10 @@
 """Check the kernels on the GPU, then time them at Wan-1.3B 480p shapes.
 
-gathered_attention is timed the way the model calls it (permuted q/k/v views, K random query
-rows picked by idx) against F.scaled_dot_product_attention on a pre-gathered contiguous q of
-the same K rows with all keys: the ideal a query-sparse block can hope for is time linear in
-K. merge_rows is timed as bytes moved per second.
+gathered_attention is timed the way the rewritten graph calls it (the K selected query rows
+gathered from the [B, N, H, d] projection, so a permuted [B, H, K, d] view; keys and values as
+permuted views of all N) against F.scaled_dot_product_attention on contiguous copies of the
+same tensors: the ideal a query-sparse block can hope for is time linear in K. merge_rows is
+timed as bytes moved per second, with one selection for the batch ([1, K] indices).
 
     PYTHONPATH=. python benchmarks/attention.py --out benchmarks/results/attention.json
 """
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import astraea.ops  # noqa: F401  (registers torch.ops.astraea.*, which check_compiled calls)
 from kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
 from kernels.gathered_attention import _gathered_attention_tuned
 
@@ -40,12 +42,17 @@ def qkv(B, N, H, d, dtype=torch.bfloat16):
     return [x[:, :, i].transpose(1, 2) for i in range(3)]
 
 
+def gathered_rows(q, idx):
+    """The rows idx of q [B, H, N, d] as the graph gathers them: from q's [B, N, H, d] storage."""
+    return q.transpose(1, 2)[:, idx].transpose(1, 2)
+
+
 def check_attention(B, N, H, d, K, rows_checked=1024):
     q, k, v = qkv(B, N, H, d)
-    idx = torch.randperm(N, device="cuda")[:K]
-    out, lse = gathered_attention(q, k, v, idx)
+    q_rows = gathered_rows(q, torch.randperm(N, device="cuda")[:K])
+    out, lse = gathered_attention(q_rows, k, v)
     sub = torch.arange(min(rows_checked, K), device="cuda")
-    ref_out, ref_lse = gathered_attention_reference(q, k, v, idx[sub])
+    ref_out, ref_lse = gathered_attention_reference(q_rows[:, :, sub], k, v)
     err = (out[:, :, sub].float() - ref_out.float()).abs().max().item()
     lse_err = (lse[:, :, sub] - ref_lse).abs().max().item()
     assert err < 2e-2 and lse_err < 1e-3, (N, K, err, lse_err)
@@ -56,28 +63,30 @@ def check_misaligned():
     # A view one element into its storage cannot use TMA: this runs the pointer path.
     wide = torch.randn(1, 4, 1000, 129, device="cuda", dtype=torch.bfloat16)
     q, k, v = wide[..., 1:], wide.flip(2)[..., 1:], wide.flip(1)[..., 1:]
-    idx = torch.randperm(1000, device="cuda")[:333]
-    out, lse = gathered_attention(q, k, v, idx)
-    ref_out, ref_lse = gathered_attention_reference(q, k, v, idx)
+    q = q[:, :, torch.randperm(1000, device="cuda")[:333]]
+    out, lse = gathered_attention(q, k, v)
+    ref_out, ref_lse = gathered_attention_reference(q, k, v)
     err = (out.float() - ref_out.float()).abs().max().item()
     assert err < 2e-2 and (lse - ref_lse).abs().max().item() < 1e-3, err
     return {"pointer_path_max_abs_err": err}
 
 
 def merge_inputs(B, N, D, H, K, cache_dtype):
-    idx = torch.randperm(N, device="cuda")[:K]
+    """merge_rows' inputs with one selection for the batch: idx [1, K], scores [1, N]."""
+    idx = torch.randperm(N, device="cuda")[:K][None]
     x = torch.randn(B, N, D, device="cuda", dtype=torch.bfloat16)
-    rows = torch.randn(B, K, D, device="cuda", dtype=torch.bfloat16)
+    fresh = torch.randn(B, K, D, device="cuda", dtype=torch.bfloat16)
     cache = torch.randn(B, N, D, device="cuda").to(cache_dtype)
-    return x, rows, idx, cache, torch.rand(N, device="cuda"), torch.randn(B, H, K, device="cuda"), torch.randn(N, device="cuda")
+    return (x, fresh, idx, cache, torch.rand(1, N, device="cuda"), torch.randn(B, H, K, device="cuda"),
+            torch.randn(1, N, device="cuda"))
 
 
 def check_merge(cache_dtype):
-    x, rows, idx, cache, change, lse_rows, lse_state = merge_inputs(2, 3000, 640, 12, 1234, cache_dtype)
+    x, fresh, idx, cache, change, lse_rows, lse_state = merge_inputs(2, 3000, 640, 12, 1234, cache_dtype)
     ours = [t.clone() for t in (cache, change, lse_state)]
     ref = [t.clone() for t in (cache, change, lse_state)]
-    y = merge_rows(x, rows, idx, ours[0], ours[1], lse_rows, ours[2])
-    y_ref = merge_rows_reference(x, rows, idx, ref[0], ref[1], lse_rows, ref[2])
+    y = merge_rows(x, fresh, idx, ours[0], ours[1], lse_rows, ours[2])
+    y_ref = merge_rows_reference(x, fresh, idx, ref[0], ref[1], lse_rows, ref[2])
     assert torch.equal(y, y_ref) and torch.equal(ours[0], ref[0]), cache_dtype
     torch.testing.assert_close(ours[1], ref[1], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(ours[2], ref[2], atol=1e-6, rtol=1e-6)
@@ -85,18 +94,19 @@ def check_merge(cache_dtype):
 
 
 def check_compiled():
-    """The registered ops inside a torch.compile graph give the eager results."""
-    def f(q, k, v, idx, x, rows, cache, change, lse_state):
-        out, lse = torch.ops.astraea_kernels.gathered_attention(q, k, v, idx, None)
-        y = torch.ops.astraea_kernels.merge_rows(x, rows * 2, idx, cache, change, lse, lse_state)
+    """The library's ops (which launch these kernels) inside an Inductor graph give the eager results."""
+    def f(q, k, v, x, fresh, idx, cache, change, lse_state):
+        out, lse = torch.ops.astraea.sparse_attention(q, k, v)
+        y = torch.ops.astraea.merge_rows(x, fresh * 2, idx, cache, change, lse, lse_state)
         return out + 1, y
 
+    x, fresh, idx, cache, change, _, lse_state = merge_inputs(1, 999, 256, 4, 300, torch.bfloat16)
     q, k, v = qkv(1, 999, 4, 64)
-    x, rows, idx, cache, change, _, lse_state = merge_inputs(1, 999, 256, 4, 300, torch.bfloat16)
+    q = gathered_rows(q, idx[0])
     eager_state = [t.clone() for t in (cache, change, lse_state)]
     compiled_state = [t.clone() for t in (cache, change, lse_state)]
-    eager = f(q, k, v, idx, x, rows, *eager_state)
-    compiled = torch.compile(f, fullgraph=True)(q, k, v, idx, x, rows, *compiled_state)
+    eager = f(q, k, v, x, fresh, idx, *eager_state)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v, x, fresh, idx, *compiled_state)
     same = all(torch.equal(a, b) for a, b in zip(eager + tuple(eager_state), compiled + tuple(compiled_state)))
     assert same, "compiled ops differ from eager"
     return same
@@ -107,12 +117,11 @@ def time_attention(N, H, d, ratios):
     rows = []
     for r in ratios:
         K = round(r * N)
-        idx = torch.randperm(N, device="cuda")[:K]
-        q_rows = q[:, :, idx].contiguous()
-        k_c, v_c = k.contiguous(), v.contiguous()
+        q_view = gathered_rows(q, torch.randperm(N, device="cuda")[:K])
+        q_rows, k_c, v_c = q_view.contiguous(), k.contiguous(), v.contiguous()
         flops = 4 * H * K * N * d
         sdpa = median_ms(lambda: F.scaled_dot_product_attention(q_rows, k_c, v_c))
-        ours = median_ms(lambda: gathered_attention(q, k, v, idx))
+        ours = median_ms(lambda: gathered_attention(q_view, k, v))
         ours_dense = median_ms(lambda: gathered_attention(q_rows, k_c, v_c))
         rows.append({"K_over_N": r, "K": K, "sdpa_ms": sdpa, "ours_ms": ours, "ours_contiguous_ms": ours_dense,
                      "sdpa_tflops": flops / sdpa / 1e9, "ours_tflops": flops / ours / 1e9,
@@ -125,10 +134,10 @@ def time_attention(N, H, d, ratios):
 
 def time_merge(N, D, H, ratio, cache_dtype):
     K = round(ratio * N)
-    x, rows, idx, cache, change, lse_rows, lse_state = merge_inputs(1, N, D, H, K, cache_dtype)
-    call = lambda: merge_rows(x, rows, idx, cache, change, lse_rows, lse_state)
-    # x, cache and y over all rows; rows and the cache write over the K selected.
-    moved = N * D * (2 * x.element_size() + cache.element_size()) + K * D * (rows.element_size() + cache.element_size())
+    x, fresh, idx, cache, change, lse_rows, lse_state = merge_inputs(1, N, D, H, K, cache_dtype)
+    call = lambda: merge_rows(x, fresh, idx, cache, change, lse_rows, lse_state)
+    # x, cache and y over all rows; the fresh rows and the cache write over the K selected.
+    moved = N * D * (2 * x.element_size() + cache.element_size()) + K * D * (fresh.element_size() + cache.element_size())
     eager = median_ms(lambda: [call() for _ in range(20)]) / 20
     call()
     graph = torch.cuda.CUDAGraph()

@@ -1,7 +1,8 @@
 """Triton kernels of astraea: gathered-query flash attention with per-row LSE, and the fused
 merge of fresh rows into a block's cache. Their plain-PyTorch references import without
-Triton (`merge_reference`); the kernels load on first use, which registers the torch ops
-astraea_kernels::gathered_attention and astraea_kernels::merge_rows."""
+Triton (`merge_reference`); the kernels load on first use. The library launches them from
+its own ops (`astraea.ops.sparse`: astraea::sparse_attention and astraea::merge_rows), which
+Inductor treats as opaque nodes."""
 
 import importlib
 

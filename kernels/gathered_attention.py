@@ -1,11 +1,12 @@
-"""Flash-attention forward for a chosen subset of query rows against all keys.
+"""Flash-attention forward for the K recomputed query rows of a block against all N keys.
 
 A token-sparse block recomputes only K of its N tokens, but each of those tokens must still
-attend to fresh keys and values of all N. Gathering the K query rows into a new tensor first
-would cost a copy per block per step; instead the kernel reads the rows named by ``idx``
-straight out of q (which may be a permuted [B, N, H, d] view) and writes a dense [B, H, K, d]
-output. It also returns each row's natural-log log-sum-exp, which the selection logic uses as
-a per-token attention statistic and which lets partial results be merged exactly.
+attend to fresh keys and values of all N. The rewritten graph gathers the K rows before the
+query projection (Inductor fuses the gather into its consumers), so q arrives as [B, H, K, d]
+(any strides with a contiguous last dim, e.g. a permuted [B, K, H, d] view) and the kernel
+writes a dense [B, H, K, d] output. It also returns each row's natural-log log-sum-exp, which
+the selection logic uses as a per-token attention statistic and which lets partial results
+be merged exactly. A key-padding mask comes in as an additive bias per key.
 """
 import math
 from typing import Optional
@@ -13,9 +14,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
-
-from .launch import launchable
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -41,12 +39,12 @@ def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, col_ok, kb,
 
 @triton.jit
 def _gathered_attention_kernel(
-    Q, K, V, IDX, KB, Out, Lse,
+    Q, K, V, KB, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_kbb,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     H, n_queries, n_keys, qk_scale,
-    HAS_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -61,10 +59,7 @@ def _gathered_attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < n_queries
-    if HAS_IDX:
-        rows = tl.load(IDX + offs_m, mask=row_ok, other=0).to(tl.int64)
-    else:
-        rows = offs_m.to(tl.int64)
+    rows = offs_m.to(tl.int64)
 
     # Rows past K read row 0 of q (never stored); the block stays rectangular for tl.dot.
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :],
@@ -175,8 +170,7 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor],
-           key_bias: Optional[torch.Tensor] = None) -> None:
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: Optional[torch.Tensor]) -> None:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"gathered_attention: q, k, v must be [B, H, L, d], got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -199,14 +193,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: Optional[torc
         if t.stride(-1) != 1:
             raise ValueError(f"gathered_attention: {name} must be contiguous in its last dim, "
                              f"got strides {t.stride()}")
-    if idx is not None:
-        if idx.dim() != 1 or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"gathered_attention: idx must be a 1-D int64 or int32 tensor, "
-                            f"got {idx.dtype} of shape {tuple(idx.shape)}")
-        if idx.device != q.device:
-            raise ValueError(f"gathered_attention: idx on {idx.device}, q on {q.device}")
-        if not idx.is_contiguous():
-            raise ValueError("gathered_attention: idx must be contiguous")
     if key_bias is not None:
         if key_bias.dim() != 2 or key_bias.shape[0] not in (1, q.shape[0]) or key_bias.shape[1] != k.shape[2]:
             raise ValueError(f"gathered_attention: key_bias must be [1 or B={q.shape[0]}, N={k.shape[2]}], "
@@ -216,20 +202,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: Optional[torc
 
 
 def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       idx: Optional[torch.Tensor] = None,
                        scale: Optional[float] = None,
                        key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q[:, :, idx] k^T * scale + key_bias) v and its natural-log LSE, as
-    ([B, H, K, d], [B, H, K] fp32).
-
-    idx (int64 [K], the same rows for every batch and head) must hold valid row numbers of q:
-    the kernel does not bounds-check it. With idx None every row of q is a query. key_bias
-    ([B or 1, N] fp32, -inf for a masked key) is a key-padding mask as an additive bias, the
-    same for every head and query (text padding in joint attention).
+    """softmax(q k^T * scale + key_bias) v and its natural-log LSE, as ([B, H, K, d], [B, H, K]
+    fp32), for q [B, H, K, d] and k, v [B, H, N, d]. key_bias ([B or 1, N] fp32, -inf for a
+    masked key) is a key-padding mask as an additive bias, the same for every head and query
+    (text padding in joint attention).
     """
-    _check(q, k, v, idx, key_bias)
-    B, H, Lq, d = q.shape
-    n_queries = Lq if idx is None else idx.shape[0]
+    _check(q, k, v, key_bias)
+    B, H, n_queries, d = q.shape
     out = torch.empty((B, H, n_queries, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, n_queries), dtype=torch.float32, device=q.device)
     if n_queries == 0 or B * H == 0:
@@ -238,13 +219,13 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not scale > 0:
         # The kernel takes the running max before scaling, which is only right for scale > 0.
         raise ValueError(f"gathered_attention: scale must be positive, got {scale}")
-    args = (q, k, v, q if idx is None else idx, lse if key_bias is None else key_bias, out, lse,
+    args = (q, k, v, lse if key_bias is None else key_bias, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
             0 if key_bias is None or key_bias.shape[0] == 1 else key_bias.stride(0),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             H, n_queries, k.shape[2], scale * _LOG2E)
-    consts = dict(HAS_IDX=idx is not None, HAS_BIAS=key_bias is not None, HEAD_DIM=d, USE_TMA=_use_tma(k, v),
+    consts = dict(HAS_BIAS=key_bias is not None, HEAD_DIM=d, USE_TMA=_use_tma(k, v),
                   DOT_PRECISION=_dot_precision(q.dtype, d))
 
     def grid(meta):
@@ -255,30 +236,20 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             # Descriptors made on the device live in a scratch buffer Triton asks the
             # allocator for (Inductor installs the same kind of allocator for its launches).
             triton.set_allocator(_scratch)
-        launchable(_gathered_attention_tuned, q)[grid](*args, UPCAST=False, **consts)
+        _gathered_attention_tuned[grid](*args, UPCAST=False, **consts)
     else:
         # CPU tensors only run under TRITON_INTERPRET=1: its bf16 arithmetic is wrong, so
         # everything is upcast, and one small tile keeps it quick (autotuning would re-run
         # every config).
-        launchable(_gathered_attention_kernel, q)[grid](*args, UPCAST=True, BLOCK_M=16, BLOCK_N=32,
-                                                      **consts)
+        _gathered_attention_kernel[grid](*args, UPCAST=True, BLOCK_M=16, BLOCK_N=32, **consts)
     return out, lse
 
 
-# The same launcher as an op Inductor can trace through and schedule around on CUDA. Eager
-# calls of the op (CPU included, under the interpreter) run the launcher unchanged; compiled
-# CPU graphs cannot lower the Triton call, so they keep calling the plain function above.
-gathered_attention_op = triton_op("astraea_kernels::gathered_attention", mutates_args=())(gathered_attention)
-
-
 def gathered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 idx: Optional[torch.Tensor] = None,
                                  scale: Optional[float] = None,
                                  key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain PyTorch in fp32 (fp64 for fp64 inputs): what the kernel must match, and the CPU
     path without Triton. Returns out in q's dtype and lse in the compute dtype."""
-    if idx is not None:
-        q = q.index_select(2, idx)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     compute = torch.promote_types(q.dtype, torch.float32)
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale

@@ -18,9 +18,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op
 
-from .launch import launchable
 
 # The plain PyTorch semantics (the CPU path of the library) is what the kernel must match.
 from .merge_reference import FP8_MAX, check_merge_args, merge_rows_reference  # noqa: F401  (re-exported)
@@ -102,18 +100,10 @@ def merge_rows(x: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, cache: to
     BLOCK_D = min(triton.next_power_of_2(D), 512)
     BLOCK_R = max(1, 2048 // BLOCK_D)
     H = 0 if lse_rows is None else lse_rows.shape[1]
-    launchable(_merge_rows_kernel, x)[(triton.cdiv(N, BLOCK_R),)](
+    _merge_rows_kernel[(triton.cdiv(N, BLOCK_R),)](
         # Without lse_rows the kernel never reads LSE_ROWS; any float32 tensor holds its place.
         x, rows, inv, cache, change, change if lse_rows is None else lse_rows, lse_state, y,
         B, N, D, K, H,
         HAS_LSE=lse_rows is not None, PER_SAMPLE=S > 1, CLAMP=FP8_MAX if cache.dtype == torch.float8_e4m3fn else 0.0,
         BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=4)
     return y
-
-
-# The same launcher as an op Inductor can trace through on CUDA; compiled CPU graphs cannot
-# lower the Triton call, so they keep calling the plain function above.
-merge_rows_op = triton_op("astraea_kernels::merge_rows",
-                          mutates_args={"cache", "change", "lse_state"})(merge_rows)
-
-

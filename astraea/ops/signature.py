@@ -1,14 +1,34 @@
-"""The inputs a rewritten graph takes besides the model's own: for each sparse block, in
-GRAPH_INPUTS order, the selected rows, the cache, the change scores and the LSE scores. The
-rewrite appends them (passes/rewrite.py), the lowering fakes them, the runner feeds them."""
+"""The inputs a rewritten graph takes besides the model's own, and how to read its ops'
+arguments by name. For each sparse block the rewrite (passes/rewrite.py) appends the fields
+of `BlockInputs`, in order; the lowering fakes them, the runner feeds them
+(runtime/state.py), and the skip pass reads `merge_rows`' arguments by their schema names."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
+import torch.fx as fx
 
-GRAPH_INPUTS = ("idx", "cache", "change", "lse")
+
+class BlockInputs(NamedTuple):
+    """One sparse block's inputs of the rewritten graph, in the order it takes them (graph
+    nodes in the rewrite, tensors in the runner)."""
+
+    idx: Any  # [S, K] the selected rows
+    cache: Any  # [B, N, D] what the block last added to each token
+    change: Any  # [S, N] how far each token's contribution moved
+    lse: Any  # [S, N] each token's attention log-sum-exp
+
+
+def call_arg(node: fx.Node, name: str):
+    """The argument `name` of a call to a registered op, however it was passed."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    op = node.target if isinstance(node.target, torch._ops.OpOverload) else node.target.default
+    names = [a.name for a in op._schema.arguments]
+    return node.args[names.index(name)]
 
 
 @dataclass(frozen=True)

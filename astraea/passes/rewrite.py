@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
-from ..ops.signature import GRAPH_INPUTS, SparseBlockInputs
+from ..ops.signature import BlockInputs, SparseBlockInputs
 from ..ops.sparse import gather_tokens
 from .blocks import Block
 from . import rules
@@ -54,9 +54,9 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         if block.reason is not None:
             continue
         with graph.inserting_before(first_op):
-            idx, cache, change, lse = (graph.placeholder(f"astraea_block{block.index}_{name}") for name in GRAPH_INPUTS)
+            placed = BlockInputs(*(graph.placeholder(f"astraea_block{block.index}_{name}") for name in BlockInputs._fields))
         start = replaced.get(block.start, block.start)
-        merged, shared_because = _SparseCopy(graph, axis, block, idx).build(start, cache, change, lse)
+        merged, shared_because = _SparseCopy(graph, axis, block, placed).build(start)
         block.end.replace_all_uses_with(merged, delete_user_cb=lambda u: u is not merged)
         replaced[block.end] = merged
         # The next block's start: gathered like any stream node.
@@ -82,15 +82,15 @@ class _SparseCopy:
     stream) are pointed at the rows form, which holds those segments complete.
     """
 
-    def __init__(self, graph, axis: TokenAxis, block: Block, idx: fx.Node):
-        self.graph, self.axis, self.block, self.idx = graph, axis, block, idx
+    def __init__(self, graph, axis: TokenAxis, block: Block, inputs: BlockInputs):
+        self.graph, self.axis, self.block, self.inputs, self.idx = graph, axis, block, inputs, inputs.idx
         self.copies: dict[fx.Node, fx.Node] = {}
         self.gathered: dict[tuple, fx.Node] = {}
         self.indices: dict[Layout, fx.Node] = {}
         self.batch = shape_of(block.start)[0]
         self.shared_because: str | None = None
 
-    def build(self, start, cache, change, lse_state) -> tuple[fx.Node, str | None]:
+    def build(self, start) -> tuple[fx.Node, str | None]:
         graph, block, axis = self.graph, self.block, self.axis
         kv = {x for s in block.self_attention for x in sdpa_args(s)[1:3]}
         lse_rows = None
@@ -127,7 +127,8 @@ class _SparseCopy:
         end = self.copies[block.end]
         with graph.inserting_before(end.next):
             merged = graph.call_function(
-                torch.ops.astraea.merge_rows, (start, end, self.idx, cache, change, lse_rows, lse_state)
+                torch.ops.astraea.merge_rows,
+                (start, end, self.idx, self.inputs.cache, self.inputs.change, lse_rows, self.inputs.lse),
             )
         return merged, self.shared_because
 

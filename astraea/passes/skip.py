@@ -18,8 +18,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops  # noqa: F401  (registers torch.ops.astraea.*)
-
-MERGE_X, MERGE_CACHE = 0, 3  # positions of the block input and the cache in merge_rows' arguments
+from ..ops.signature import call_arg
 
 
 def reuse_blocks(sparse_gm: fx.GraphModule) -> PassResult:
@@ -30,7 +29,7 @@ def reuse_blocks(sparse_gm: fx.GraphModule) -> PassResult:
     graph = gm.graph
     merges = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.astraea.merge_rows]
     for merge in merges:
-        x, cache = merge.args[MERGE_X], merge.args[MERGE_CACHE]
+        x, cache = call_arg(merge, "x"), call_arg(merge, "cache")
         with graph.inserting_before(merge):
             cast = graph.call_method("type_as", (cache, x))
             reused = graph.call_function(torch.add, (x, cast))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import AstraeaConfig
+from ..ops.signature import BlockInputs
 
 
 def cache_dtype(config: AstraeaConfig, hidden_dtype: torch.dtype) -> torch.dtype:
@@ -40,9 +41,9 @@ class BlockState:
             stale=torch.zeros(rows, dtype=torch.int32, device=device),
         )
 
-    def graph_inputs(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        """This block's inputs of the rewritten graph, in `astraea.ops.signature.GRAPH_INPUTS` order."""
-        return [idx, self.cache, self.change, self.lse]
+    def graph_inputs(self, idx: torch.Tensor) -> BlockInputs:
+        """This block's inputs of the rewritten graph, selecting the rows `idx`."""
+        return BlockInputs(idx=idx, cache=self.cache, change=self.change, lse=self.lse)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())

@@ -217,7 +217,7 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out, lse
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if not scale > 0:
-        # The kernel takes the running max before scaling, which is only right for scale > 0.
+        # No attention scales by zero, a negative number or NaN: such a scale is a bug upstream.
         raise ValueError(f"gathered_attention: scale must be positive, got {scale}")
     args = (q, k, v, lse if key_bias is None else key_bias, out, lse,
             q.stride(0), q.stride(1), q.stride(2),

@@ -12,7 +12,7 @@ from astraea.backend import AstraeaWarning
 from astraea.config import ConfigError
 from astraea.schedule import Schedule
 from astraea.flops import count_flops, counting
-from tests.models import ltx, wan
+from tests.models import cogvideox, hunyuan, ltx, wan
 
 
 class _BlocksReused(fx.Interpreter):
@@ -54,7 +54,7 @@ def recording(runner, sink: dict):
     lower = runner.lower_skip
 
     def lower_recording():
-        fn = lower()
+        fn = sink["graph"] = lower()
 
         def run(*args):
             sink["args"] = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
@@ -66,8 +66,10 @@ def recording(runner, sink: dict):
     runner.lower_skip = lower_recording
 
 
-@pytest.mark.parametrize("make", [wan, ltx], ids=["wan", "ltx"])
+@pytest.mark.parametrize("make", [wan, ltx, cogvideox, hunyuan], ids=["wan", "ltx", "cogvideox", "hunyuan"])
 def test_blocks_skip_adds_each_cache_to_the_fresh_input(make):
+    """Also for joint attention: the text stream only feeds the blocks' work, so a skipped step
+    computes none of it (no attention at all is left in the skip graph)."""
     family = make()
     be, model = compiled(family, schedule=[1.0, 0.0], skip="blocks")
     with torch.no_grad():
@@ -88,6 +90,8 @@ def test_blocks_skip_adds_each_cache_to_the_fresh_input(make):
         expected = _BlocksReused(runner.dense_gm, caches).run(*seen["args"][:n_inputs])
     torch.testing.assert_close(tuple(seen["out"]), tuple(expected), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(y1, y0)  # it follows the new input, unlike output reuse
+    attention = [n for n in seen["graph"].graph.nodes if n.op == "call_function" and "attention" in str(n.target)]
+    assert not attention, attention
 
 
 def test_output_skip_returns_the_previous_output():

@@ -114,3 +114,18 @@ def test_compile_says_what_it_is_doing():
         log.removeHandler(handler)
     assert any(line.startswith("analysing a graph of") for line in lines), lines
     assert any("2 of 2 blocks sparse over" in line for line in lines), lines
+
+
+def test_data_dependent_shapes_run_dense_with_a_reason_not_a_crash():
+    """Mochi with dynamo capturing torch.nonzero: sizes known only at run time in the graph."""
+    import warnings
+
+    from tests.support_models import CASES
+
+    family = next(c for c in CASES if c.label.startswith("Mochi")).build()
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = astraea.explain(family.model, **family.example())
+    torch._dynamo.reset()
+    assert report.num_sparse_blocks == 0 and (report.reason or any(b.reason for b in report.blocks))

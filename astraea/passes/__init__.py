@@ -41,9 +41,10 @@ class AnalyseTokens(PassBase):
         self.timestep: fx.Node | None = None
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        ranks = collapse_ulysses_attention(gm)
-        written = collapse_written_attention(gm)
+        ranks, written = 1, 0
         try:
+            ranks = collapse_ulysses_attention(gm)
+            written = collapse_written_attention(gm)
             self.axis = find_token_axis(gm)
             self.blocks, reason = find_blocks(gm, self.axis)
         except Exception as e:  # a graph the analysis cannot read runs dense, saying why

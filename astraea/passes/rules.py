@@ -60,9 +60,14 @@ def rule_for(node: fx.Node) -> Callable | None:
 
 
 def shape_of(node) -> tuple[int, ...] | None:
+    """The node's tensor shape, or None: not a tensor, or a size known only at run time (the
+    output of torch.nonzero, with dynamo capturing data-dependent shapes)."""
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     if isinstance(value, torch.Tensor):
-        return tuple(int(s) for s in value.shape)
+        try:
+            return tuple(int(s) for s in value.shape)
+        except RuntimeError:  # GuardOnDataDependentSymNode
+            return None
     return None
 
 

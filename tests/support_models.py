@@ -281,22 +281,23 @@ def allegro() -> SupportFamily:
     return _family("allegro", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
 
 
-def latte() -> SupportFamily:
-    """Latte: a spatial block (attention within each frame) then a temporal one (across frames at
-    each position); learned sigma, so the first half of the output channels is the prediction (as
-    the pipeline takes it)."""
+def latte(batch: int = 1) -> SupportFamily:
+    """Latte: each layer a spatial block (attention within each frame) then a temporal one (across
+    frames at each position); learned sigma, so the first half of the output channels is the
+    prediction (as the pipeline takes it). `batch` samples share the text."""
     torch.manual_seed(0)
     model = diffusers.LatteTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=1,
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2,
         cross_attention_dim=32, attention_bias=True, sample_size=8, patch_size=2, activation_fn="gelu-approximate",
         num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
         caption_channels=32, video_length=3,
     )
 
     def inputs(x, t, e):
-        return dict(hidden_states=x, encoder_hidden_states=e, timestep=_bt(t, x), return_dict=False)
+        return dict(hidden_states=x, encoder_hidden_states=e.expand(x.shape[0], -1, -1), timestep=_bt(t, x),
+                    return_dict=False)
 
-    return _family("latte", model, (1, 4, 3, 8, 8), _contexts(32), inputs, pick=lambda out: out[0][:, :4])
+    return _family("latte", model, (batch, 4, 3, 8, 8), _contexts(32), inputs, pick=lambda out: out[0][:, :4])
 
 
 def sana_video() -> SupportFamily:

@@ -36,7 +36,7 @@ def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
     assert sizes == [n, n] + [round(b * n) for b in (0.5, 0.5, 0.25, 0.25, 0.75, 0.75, 0.5, 0.5)]
 
 
-@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel"])
+@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel", "LatteTransformer3DModel"])
 def test_contract_on_support_models(label):
     """Mechanisms met first in a diffusers class: EasyAnimate writes RoPE into the video part of
     its joint queries/keys in place; Cosmos repeats keys over heads (grouped-query attention)
@@ -45,6 +45,22 @@ def test_contract_on_support_models(label):
     be, checker = checked_run(case.build(), 3, schedule=0.5)
     assert be.reports[0].num_sparse_blocks == be.reports[0].num_blocks > 0
     assert checker.checked == 6 * be.reports[0].num_sparse_blocks
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_factorised_attention_keeps_contract(batch):
+    """Latte's temporal attention regroups [B * F, N, C] as [B * N, F, C] (folded into the batch
+    when B > 1, with a per-(sample, token) timestep table): its blocks go sparse with one
+    selection for the batch, every frame of a selected position recomputed."""
+    from tests.support_models import latte
+
+    be, checker = checked_run(latte(batch), 3, schedule=0.5)
+    report = be.reports[0]
+    assert report.num_sparse_blocks == report.num_blocks == 2
+    assert checker.checked == 6 * report.num_sparse_blocks
+    # The first block holds the regrouping (spatial block, then temporal block); the last one
+    # ends with its spatial block (its temporal block runs in full) and selects per frame.
+    assert [b.samples for b in be.runners[0].blocks] == [1, 3 * batch]
 
 
 @pytest.mark.parametrize("group,group_size", [("spatial", 1), ("run", 4)])

@@ -60,6 +60,7 @@ def token(*shape, dim=1, layout=JOINT, dtype=torch.float32) -> Input:
 
 
 X = token(2, 9, 4)  # [batch, joint tokens, channels]
+FOLDED = token(12, 3, 4, dim=0, layout=VIDEO.fold())  # [batch * 6 video tokens, frames, channels]
 C = Input((4,))  # per channel: broadcast over the tokens
 C9 = Input((2, 9, 4))  # as large as X without being token data
 MASK = Input((4,), dtype=torch.bool)
@@ -332,6 +333,12 @@ X_SPLIT_CHANNELS = token(2, 9, 2, 2)
     (Call("expand", token(9, 4, dim=0), 2, 9, 4), (1, JOINT)),
     (Call("expand_as", token(9, 4, dim=0), C9), (1, JOINT)),
     (Call("expand_as", Input((4,)), X), None),  # c.expand_as(x): c's values in x's shape
+    # Factorised attention regroups [B, N, F, C] as [B * N, F, C]: the token axis folded into the
+    # batch, and back.
+    (Call("reshape", token(2, 6, 3, 4, layout=VIDEO), 12, 3, 4), (0, VIDEO.fold())),
+    (Call("reshape", FOLDED, 2, 6, 3, 4), (1, VIDEO)),
+    (Call("reshape", FOLDED, 12, 12), (0, VIDEO.fold())),
+    (Call("reshape", X, 18, 4), "reshape that splits or merges the token axis"),  # joint axes do not fold
     (Call(torch.flatten, X), "reshape that splits or merges the token axis"),
 ))
 def test_reshape(call, expected):
@@ -477,6 +484,8 @@ KEY_MASK = Input((1, 1, 9, 9))
     (Call(SDPA, Q, KV, KV), (2, JOINT), "cross"),
     (Call(SDPA, Q, Q, Q, token(2, 1, 9, 9, dim=2)), "attention mask derived from the tokens", None),
     (Call(SDPA, *[token(2, 9, 2, 4)] * 3), "query token axis is not the sequence axis", None),
+    (Call(SDPA, *[token(12, 2, 3, 4, dim=0, layout=VIDEO.fold())] * 3), (0, VIDEO.fold()), None),  # within each token
+    (Call(SDPA, KV, Q, Q), None, "reader"),  # another stream's queries over every token's keys/values
     (Call(SDPA, Q, token(2, 2, 3, 4, dim=2, layout=TEXT), Input((2, 2, 3, 4))),
      "attention whose keys and values disagree on carrying tokens", None),
     (Call(SDPA, Q, Q, token(2, 2, 9, 4, dim=2, layout=Layout((3, 6), 1))),
@@ -488,11 +497,13 @@ def test_attention(call, expected, kind):
     traced = follow(call)
     axis, node = traced.axis, traced.node
     assert verdict(traced) == expected
-    assert ("self" if node in axis.self_attention else "cross" if node in axis.cross_attention else None) == kind
+    assert ("self" if node in axis.self_attention else "cross" if node in axis.cross_attention
+            else "reader" if node in axis.kv_readers else None) == kind
 
 
 # ---- tables: inputs gathered with the tokens -----------------------------------------------------
 PER_TOKEN = Input((1, 9, 1))
+FOLDED_TABLE = Input((12, 1, 4))
 CROSS_MASK = Input((1, 1, 9, 5))
 
 
@@ -509,6 +520,7 @@ CROSS_MASK = Input((1, 1, 9, 5))
     (Call(operator.setitem, X, (slice(None), slice(6, None)), TEXT_X), [(TEXT_X, 1, TEXT)]),
     (Call(SDPA, Q, Q, Q, attn_mask=KEY_MASK), [(KEY_MASK, 2, JOINT)]),
     (Call(SDPA, Q, KV, KV, attn_mask=CROSS_MASK), [(CROSS_MASK, 2, JOINT)]),
+    (Call(operator.add, FOLDED, FOLDED_TABLE), [(FOLDED_TABLE, 0, VIDEO.fold())]),  # a row per (sample, token)
 ))
 def test_rows_of_other_inputs_are_gathered_with_the_tokens(call, tables):
     """An input that is not token data but has a row per token where it meets the token axis

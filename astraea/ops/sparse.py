@@ -33,6 +33,13 @@ def gather_tokens(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(dim, idx.view(index).expand(shape))
 
 
+def gather_folded_tokens(x: torch.Tensor, dim: int, idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows `idx[0]` of every sample's `n` tokens along `dim`, which holds (sample, token) pairs
+    sample-major (a per-token table of factorised attention, [B * N, ...]); idx: [1, K]."""
+    grouped = x.unflatten(dim, (x.shape[dim] // n, n)).index_select(dim + 1, idx[0])
+    return grouped.flatten(dim, dim + 1)
+
+
 @torch.library.custom_op("astraea::sparse_attention", mutates_args=())
 def sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, attn_mask: torch.Tensor | None = None

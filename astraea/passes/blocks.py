@@ -82,7 +82,9 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         chain.append(idom[chain[-1]])
     chain.reverse()
     full_chain = chain
-    chain = [c for c in chain if isinstance(axis.tdim.get(c), int) and axis.layout_of(c).only_video]
+    # Block boundaries: [batch, tokens, channels] tensors of the video tokens alone (not joined
+    # to text, not regrouped into the batch by factorised attention).
+    chain = [c for c in chain if axis.tdim.get(c) == 1 and len(shape_of(c) or ()) == 3 and axis.layout_of(c).only_video]
     attentions = [s for s in axis.self_attention if s in reachable]
     if not attentions:
         lost = next((f"token axis lost: {r}" for r in map(axis.opaque, gm.graph.nodes) if r), None)

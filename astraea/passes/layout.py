@@ -16,6 +16,15 @@ from dataclasses import dataclass
 class Layout:
     sizes: tuple[int, ...]
     video: int | None  # position of the video segment, None for a tensor of small segments only
+    # The token axis folded into a leading dim with the batch (rows are (sample, token) pairs,
+    # sample-major), as factorised attention regroups [B, F, S, C] into [B * S, F, C].
+    folded: bool = False
+
+    def fold(self) -> "Layout":
+        return Layout(self.sizes, self.video, folded=True)
+
+    def unfold(self) -> "Layout":
+        return Layout(self.sizes, self.video)
 
     @classmethod
     def of_video(cls, n: int) -> "Layout":
@@ -27,7 +36,7 @@ class Layout:
 
     @property
     def only_video(self) -> bool:
-        return self.video == 0 and len(self.sizes) == 1
+        return self.video == 0 and len(self.sizes) == 1 and not self.folded
 
     @property
     def has_video(self) -> bool:
@@ -65,4 +74,5 @@ class Layout:
         return Layout(self.sizes[i:j], video)
 
     def describe(self) -> str:
-        return "+".join(f"{'video ' if k == self.video else ''}{s}" for k, s in enumerate(self.sizes))
+        text = "+".join(f"{'video ' if k == self.video else ''}{s}" for k, s in enumerate(self.sizes))
+        return f"{text} folded into the batch" if self.folded else text

@@ -31,7 +31,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
 from ..ops.signature import BlockInputs, SparseBlockInputs
-from ..ops.sparse import gather_tokens
+from ..ops.sparse import gather_folded_tokens, gather_tokens
 from .blocks import Block
 from . import rules
 from .layout import Layout
@@ -89,6 +89,10 @@ class _SparseCopy:
         self.indices: dict[Layout, fx.Node] = {}
         self.batch = shape_of(block.start)[0]
         self.shared_because: str | None = None
+        if any(isinstance(axis.tdim.get(n), int) and (axis.tdim[n] == 0 or axis.layout_of(n).folded) for n in block.region):
+            # [B, N, F, C] regrouped as [B * N, F, C]: each token's frames must all be selected,
+            # and the rows form regroups the same way only if every sample selects the same rows.
+            self.shared_because = "its tokens are regrouped with the frames (factorised attention)"
 
     def build(self, start) -> tuple[fx.Node, str | None]:
         graph, block, axis = self.graph, self.block, self.axis
@@ -163,6 +167,8 @@ class _SparseCopy:
         """`node`'s rows for the selection, along `dim` (its token axis, of `layout`)."""
         if not layout.has_video:
             return node  # small segments only: every row is computed
+        if layout.folded:  # a table with a row per (sample, token); one selection for the batch
+            return self.graph.call_function(gather_folded_tokens, (node, dim, self.idx, layout.total))
         if self.shared_because is None and not _batch_leads(node, dim, consumer, self.batch):
             self.shared_because = f"{node.name} {list(shape_of(node) or ())} has no batch on dim 0 to gather its tokens per sample"
         if (node, dim) not in self.gathered:

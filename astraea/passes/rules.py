@@ -259,6 +259,15 @@ def reshape(p, node):
     for j, size in enumerate(outs):
         if size == n and math.prod(outs[:j]) == before:
             return j
+    layout = p.layout(x)
+    rest_in, rest_out = math.prod(ins[t + 1:]), math.prod(outs[1:])
+    if layout.only_video and t > 0 and outs[0] == before * n and rest_out == rest_in:
+        p.r.layout[node] = layout.fold()  # [B, ..., N, F, C] -> [B * ... * N, F, C]: factorised attention
+        return 0
+    if layout.folded and t == 0 and len(outs) > 1 and outs[1] == layout.total and outs[0] * outs[1] == n \
+            and math.prod(outs[2:]) == rest_in:
+        p.r.layout[node] = layout.unfold()  # and back: [B * N, F, C] -> [B, N, F, C]
+        return 1
     raise Mix("reshape that splits or merges the token axis")
 
 
@@ -487,6 +496,11 @@ def attention(p, node):
     nq = len(shape_of(q))
     if mask is not None and p.td(mask) is not None:
         raise Mix("attention mask derived from the tokens")
+    if tq is not None and tq < nq - 2 and tq == tk == tv and p.layout(q) == p.layout(k) == p.layout(v) \
+            and p.layout(q).video == 0 and len(p.layout(q).sizes) == 1 and mask is None:
+        # Tokens in a batch dim of the attention (factorised attention across frames: each
+        # token's frames attend to each other): every token's attention is its own.
+        return tq
     if tq is not None and tq != nq - 2:
         raise Mix("query token axis is not the sequence axis")
     keys_video = tk is not None and p.layout(k).has_video

@@ -239,6 +239,9 @@ class _Propagator:
         shape = shape_of(arg)
         if shape is None or dim < 0 or dim >= len(shape) or shape[dim] == 1:
             return
+        if layout.folded and shape[dim] % layout.total == 0:  # a row per (sample, token)
+            self.r.tables.setdefault(node, []).append((arg, dim, layout))
+            return
         if shape[dim] != layout.total:
             raise Mix(f"input {arg.name} has {shape[dim]} rows where the token axis has {layout.total}")
         self.r.tables.setdefault(node, []).append((arg, dim, layout))

@@ -129,7 +129,10 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
         if best_score is None or score > best_score:
             best, best_score = trial, score
     if not best.self_attention:
-        best.reason = "no self-attention along the token stream"
+        best.reason = (
+            f"no self-attention: none of the {len(attentions)} attention op(s) takes keys and values from "
+            "its queries' tokens (linear attention or convolutions written as plain ops are not followed)"
+        )
     return best
 
 

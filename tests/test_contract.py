@@ -58,9 +58,9 @@ def test_factorised_attention_keeps_contract(batch):
     report = be.reports[0]
     assert report.num_sparse_blocks == report.num_blocks == 2
     assert checker.checked == 6 * report.num_sparse_blocks
-    # The first block holds the regrouping (spatial block, then temporal block); the last one
-    # ends with its spatial block (its temporal block runs in full) and selects per frame.
-    assert [b.samples for b in be.runners[0].blocks] == [1, 3 * batch]
+    # Each block is a layer: a spatial block, then a temporal one (the last block too: it ends
+    # after the reshape back that follows its temporal block).
+    assert [b.samples for b in be.runners[0].blocks] == [1, 1]
 
 
 @pytest.mark.parametrize("group,group_size", [("spatial", 1), ("run", 4)])

@@ -104,7 +104,8 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
     for j, p in enumerate(starts):
         if j + 1 < len(starts):
             end = starts[j + 1]
-        elif len(starts) > 1 and (within := _last_in_module(chain, p, _block_module(position, p, starts[-2]))):
+        elif len(starts) > 1 and (within := _end_after_modules(
+                chain, p, _block_modules(position, p, starts[-2], blocks[-1].region), gm.graph.nodes, order)):
             end = within
         elif len(starts) > 1 and p + starts[-1] - starts[-2] < len(chain):
             end = p + starts[-1] - starts[-2]
@@ -116,21 +117,31 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
     return blocks, note
 
 
-def _block_module(position: dict, p: int, q: int) -> list[str]:
-    """The module path of the block whose attention follows chain[p]: its attention's path up to
-    the first part that differs from the attention's after chain[q] (a sibling block)."""
+def _block_modules(position: dict, p: int, q: int, previous_region) -> set[tuple[str, ...]]:
+    """The module paths of the block whose attention follows chain[p], from the block before it
+    (whose attention follows chain[q]): the attention's path up to the part that numbers the
+    block ('transformer_blocks.1'), and every module of the previous block's region numbered at
+    that depth, renumbered (a Latte layer's temporal block beside its spatial one)."""
     mine = next(_module_path(s) for s, at in position.items() if at == p)
     other = next(_module_path(s) for s, at in position.items() if at == q)
-    for i, (a, b) in enumerate(zip(mine, other)):
-        if a != b:
-            return mine[: i + 1]
-    return []
+    i = next((i for i, (a, b) in enumerate(zip(mine, other)) if a != b), None)
+    if i is None:
+        return set()
+    modules = {tuple(mine[: i + 1])}
+    for path in map(_module_path, previous_region):
+        if len(path) > i and path[i] == other[i]:
+            modules.add(tuple(path[:i]) + (mine[i],))
+    return modules
 
 
-def _last_in_module(chain, p: int, module: list[str]) -> int | None:
-    """Index of the last stream node after chain[p] computed inside `module`, if any."""
-    inside = [i for i in range(p + 1, len(chain)) if module and _module_path(chain[i])[: len(module)] == module]
-    return inside[-1] if inside else None
+def _end_after_modules(chain, p: int, modules: set[tuple[str, ...]], nodes, order: dict) -> int | None:
+    """Index of the first stream node after chain[p] that comes after every op of `modules`
+    (the block's last residual join, or the reshape back to the stream that follows its last
+    module), if any."""
+    last = max((order[n] for n in nodes if any(tuple(_module_path(n)[: len(m)]) == m for m in modules)), default=None)
+    if last is None:
+        return None
+    return next((i for i in range(p + 1, len(chain)) if order[chain[i]] >= last), None)
 
 
 def _last_join(full_chain, chain, stream, p) -> int:

@@ -31,7 +31,8 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Report:
         return reports[0]
     graphs = tuple(_outcome(i, r, chosen=i == best) for i, r in enumerate(reports))
     breaks = tuple(dict.fromkeys(_graph_break(b) for b in traced.break_reasons))
-    return dataclasses.replace(reports[best], graphs=graphs, graph_breaks=breaks)
+    blocks = tuple((r.num_sparse_blocks, r.num_blocks) for r in reports)
+    return dataclasses.replace(reports[best], graphs=graphs, graph_breaks=breaks, graph_blocks=blocks)
 
 
 def _outcome(i: int, report: Report, chosen: bool) -> str:

@@ -37,6 +37,7 @@ class Report:
     ulysses_ranks: int = 1  # ranks the tokens are sharded over; num_tokens is one rank's shard
     graphs: tuple[str, ...] = ()  # when dynamo split the call: each graph's outcome (astraea.explain)
     graph_breaks: tuple[str, ...] = ()  # where dynamo split it, and why
+    graph_blocks: tuple[tuple[int, int], ...] = ()  # (sparse, all) blocks of each of those graphs
 
     @property
     def num_blocks(self) -> int:

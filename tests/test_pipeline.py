@@ -26,8 +26,8 @@ def _generate(pipe):
     prompt, negative = torch.randn(1, 7, 32, generator=g), torch.zeros(1, 7, 32)
     return pipe(
         prompt_embeds=prompt, negative_prompt_embeds=negative, height=64, width=64, num_frames=5,
-        num_inference_steps=6, guidance_scale=4.0, output_type="pt", generator=g,
-    ).frames
+        num_inference_steps=6, guidance_scale=4.0, output_type="latent", generator=g,
+    ).frames  # latents: astraea changes the transformer, and a random VAE would blur the comparison
 
 
 def test_pipeline_dense_and_sparse(pipe):
@@ -47,8 +47,10 @@ def test_pipeline_dense_and_sparse(pipe):
         sparse = _generate(pipe)
         records = be.runners[0].records
         assert [r.budget for r in records] == [1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.0, 0.0, 0.5, 0.5, 0.25, 0.25]
-        assert torch.isfinite(sparse).all()
-        assert 0 < (sparse - reference).abs().max() < 0.5
+        # Half the tokens or fewer at four of six steps, one step skipped: close to dense (measured
+        # 1.7% relative; another seed's latents differ from these by 136%), but not equal to it.
+        error = float((sparse - reference).norm() / reference.norm())
+        assert 1e-4 < error < 0.05, error
     finally:
         pipe.transformer = eager
 

@@ -7,6 +7,7 @@ import dataclasses
 import torch
 
 from .passes import Report, analyse
+from .passes.report import GraphOutcome
 
 
 def explain(model: torch.nn.Module, *args, **kwargs) -> Report:
@@ -26,19 +27,15 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Report:
             "forward may be reached (torch._dynamo.reset() clears it)"
         )
     reports = [analyse(gm) for gm in traced.graphs]
-    best = max(range(len(reports)), key=lambda i: (reports[i].num_blocks, reports[i].num_sparse_blocks))
+    best = max(reports, key=lambda r: (r.num_blocks, r.num_sparse_blocks))
     if len(reports) == 1:
-        return reports[0]
-    graphs = tuple(_outcome(i, r, chosen=i == best) for i, r in enumerate(reports))
+        return best
+    graphs = tuple(
+        GraphOutcome(r.num_sparse_blocks, r.num_blocks, r.reason or next((b.reason for b in r.blocks if not b.sparse), None))
+        for r in reports
+    )
     breaks = tuple(dict.fromkeys(_graph_break(b) for b in traced.break_reasons))
-    blocks = tuple((r.num_sparse_blocks, r.num_blocks) for r in reports)
-    return dataclasses.replace(reports[best], graphs=graphs, graph_breaks=breaks, graph_blocks=blocks)
-
-
-def _outcome(i: int, report: Report, chosen: bool) -> str:
-    what = f"graph {i}: {report.num_sparse_blocks} of {report.num_blocks} blocks sparse"
-    why = report.reason or next((b.reason for b in report.blocks if not b.sparse), None)
-    return what + (" (reported below)" if chosen else "") + (f"; {why}" if why and not chosen else "")
+    return dataclasses.replace(best, graphs=graphs, graph_breaks=breaks)
 
 
 def _graph_break(reason) -> str:

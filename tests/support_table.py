@@ -62,8 +62,8 @@ def explain_row(case: Case) -> Row:
     sparse, blocks = report.num_sparse_blocks, report.num_blocks
     if report.graph_breaks:  # the blocks may be cut apart: the break is what a user can act on
         reasons.insert(0, f"dynamo splits the call into {len(report.graphs)} graphs, at {'; '.join(report.graph_breaks)}")
-        reasons += [g.partition("; ")[2] for g in report.graphs if "; " in g]  # the other graphs' reasons
-        sparse, blocks = (sum(counts) for counts in zip(*report.graph_blocks))
+        reasons += [g.reason for g in report.graphs if g.reason]
+        sparse, blocks = sum(g.sparse_blocks for g in report.graphs), sum(g.blocks for g in report.graphs)
     reasons += [b.reason for b in report.blocks if not b.sparse and b.reason]
     notes = "; ".join(dict.fromkeys(_clean(r) for r in reasons))
     return Row(case.label, f"{sparse} / {blocks}", notes)

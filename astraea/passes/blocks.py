@@ -187,7 +187,7 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
             block.reason = f"self-attention {s.name} uses {unsupported}"
             return
     feeds_kv = set()
-    for s in block.self_attention + [r for r in axis.kv_readers if r in deps and _reads_inside(r, inside)]:
+    for s in block.self_attention + [r for r in axis.kv_readers if _reads_inside(r, inside)]:
         _, k, v, _ = sdpa_args(s)
         for x in (k, v):
             feeds_kv |= (nx.ancestors(deps, x) & inside) | ({x} & inside)

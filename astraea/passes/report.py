@@ -27,6 +27,15 @@ class BlockReport:
 
 
 @dataclass(frozen=True)
+class GraphOutcome:
+    """One of the graphs dynamo split a call into (see `astraea.explain`)."""
+
+    sparse_blocks: int
+    blocks: int
+    reason: str | None  # why it has no sparse block, or why its first dense block is dense
+
+
+@dataclass(frozen=True)
 class Report:
     num_tokens: int | None
     token_grid: tuple[int, ...] | None
@@ -35,9 +44,8 @@ class Report:
     reason: str | None
     structure_hash: str
     ulysses_ranks: int = 1  # ranks the tokens are sharded over; num_tokens is one rank's shard
-    graphs: tuple[str, ...] = ()  # when dynamo split the call: each graph's outcome (astraea.explain)
+    graphs: tuple[GraphOutcome, ...] = ()  # when dynamo split the call: every graph, this one included
     graph_breaks: tuple[str, ...] = ()  # where dynamo split it, and why
-    graph_blocks: tuple[tuple[int, int], ...] = ()  # (sparse, all) blocks of each of those graphs
 
     @property
     def num_blocks(self) -> int:
@@ -57,7 +65,10 @@ class Report:
         ]
         if self.graphs:
             lines.append(f"  dynamo split this call into {len(self.graphs)} graphs; a block cut by a graph break stays dense")
-            lines += [f"    {g}" for g in self.graphs]
+            lines += [
+                f"    graph {i}: {g.sparse_blocks} of {g.blocks} blocks sparse" + (f"; {g.reason}" if g.reason else "")
+                for i, g in enumerate(self.graphs)
+            ]
             lines += [f"    graph break at {b}" for b in self.graph_breaks]
         if self.reason:
             lines.append(f"  dense: {self.reason}")

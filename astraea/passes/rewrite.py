@@ -83,7 +83,7 @@ class _SparseCopy:
     """
 
     def __init__(self, graph, axis: TokenAxis, block: Block, inputs: BlockInputs):
-        self.graph, self.axis, self.block, self.inputs, self.idx = graph, axis, block, inputs, inputs.idx
+        self.graph, self.axis, self.block, self.inputs = graph, axis, block, inputs
         self.copies: dict[fx.Node, fx.Node] = {}
         self.gathered: dict[tuple, fx.Node] = {}
         self.indices: dict[Layout, fx.Node] = {}
@@ -132,7 +132,7 @@ class _SparseCopy:
         with graph.inserting_before(end.next):
             merged = graph.call_function(
                 torch.ops.astraea.merge_rows,
-                (start, end, self.idx, self.inputs.cache, self.inputs.change, lse_rows, self.inputs.lse),
+                (start, end, self.inputs.idx, self.inputs.cache, self.inputs.change, lse_rows, self.inputs.lse),
             )
         return merged, self.shared_because
 
@@ -168,7 +168,7 @@ class _SparseCopy:
         if not layout.has_video:
             return node  # small segments only: every row is computed
         if layout.folded:  # a table with a row per (sample, token); one selection for the batch
-            return self.graph.call_function(gather_folded_tokens, (node, dim, self.idx, layout.total))
+            return self.graph.call_function(gather_folded_tokens, (node, dim, self.inputs.idx, layout.total))
         if self.shared_because is None and not _batch_leads(node, dim, consumer, self.batch):
             self.shared_because = f"{node.name} {list(shape_of(node) or ())} has no batch on dim 0 to gather its tokens per sample"
         if (node, dim) not in self.gathered:
@@ -178,10 +178,10 @@ class _SparseCopy:
     def index(self, layout: Layout) -> fx.Node:
         """The rows of `layout` to compute: the selected video rows, every row of the others."""
         if layout.only_video:
-            return self.idx
+            return self.inputs.idx
         if layout not in self.indices:
-            with self.graph.inserting_after(self.idx):
-                self.indices[layout] = self.graph.call_function(segment_rows, (self.idx, layout.sizes, layout.video))
+            with self.graph.inserting_after(self.inputs.idx):
+                self.indices[layout] = self.graph.call_function(segment_rows, (self.inputs.idx, layout.sizes, layout.video))
         return self.indices[layout]
 
     def rows_index(self, src: fx.Node, index):

@@ -497,7 +497,7 @@ def attention(p, node):
     if mask is not None and p.td(mask) is not None:
         raise Mix("attention mask derived from the tokens")
     if tq is not None and tq < nq - 2 and tq == tk == tv and p.layout(q) == p.layout(k) == p.layout(v) \
-            and p.layout(q).video == 0 and len(p.layout(q).sizes) == 1 and mask is None:
+            and p.layout(q).unfold().only_video and mask is None:
         # Tokens in a batch dim of the attention (factorised attention across frames: each
         # token's frames attend to each other): every token's attention is its own.
         return tq

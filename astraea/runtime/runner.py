@@ -141,7 +141,7 @@ class SparseRunner:
         switch = announced is not None and not self._announced
         if announced is None or not (self._announced or a.generation_ended()):
             call = self.tracker.observe(timestep)
-            if switch and not call.new_generation and len(self.records) == 1:
+            if switch and not call.new_generation and self.tracker.calls == 2:
                 return self._join_announcements(announced, call)
             switch = switch and call.new_generation
             if not switch:
@@ -151,27 +151,30 @@ class SparseRunner:
             self._announced = True
             a.reset()
         call = a.observe(announced)
-        steps = getattr(announced, "num_inference_steps", None)
-        if call.new_generation and steps:
-            self.config.schedule.budget(steps - 1)  # a short schedule fails before the first step
+        if call.new_generation:
+            self._check_schedule_covers(announced)
         return call
+
+    def _check_schedule_covers(self, announced) -> None:
+        """A schedule shorter than the announced number of steps fails before the first step."""
+        steps = getattr(announced, "num_inference_steps", None)
+        if steps:
+            self.config.schedule.budget(steps - 1)
 
     def _join_announcements(self, announced, second):
         """Place the second call of the first generation by its announcement, and the first
         (compiled, unannounced, dense) call by it: another branch of the same step (the
         timesteps say which), or the same branch one step before."""
-        a, first = self.announcements, self.records[0]
+        a, first = self.announcements, self.records[-1]
         a.reset()
         if second.context > 0:
             step, name, branches = int(announced.step_index), None, {None: first.context, announced.name: second.context}
         else:
             step, name, branches = int(announced.step_index) - 1, announced.name, {announced.name: first.context}
         a.assume_first_call(step, name, branches)
-        self.records[0] = dataclasses.replace(first, step=step)
+        self.records[-1] = dataclasses.replace(first, step=step)
         self._announced = True
-        steps = getattr(announced, "num_inference_steps", None)
-        if steps:
-            self.config.schedule.budget(steps - 1)
+        self._check_schedule_covers(announced)
         return a.observe(announced)
 
     def _forward(self, ctx: ContextState, k: int, inputs: tuple) -> tuple[tuple, int]:

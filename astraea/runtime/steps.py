@@ -28,9 +28,11 @@ class StepTracker:
         self._timestep: float | None = None
         self._step = -1
         self._calls_in_step = 0
+        self.calls = 0  # calls placed since the tracker was made or reset
 
     def observe(self, timestep: float | None) -> Call:
         """Place one transformer call; `None` (no timestep input) makes every call a step."""
+        self.calls += 1
         new = self._timestep is None or (timestep is not None and timestep > self._timestep)
         if new:
             self._step, self._calls_in_step = 0, 0

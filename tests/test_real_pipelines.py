@@ -42,7 +42,7 @@ from tests.models import wan
 from tests.support_models import TEXT_LEN
 
 STEPS = 4
-CLOSE = 0.3  # sparse vs dense latents, relative: loose (random weights, steps at half the tokens or fewer)
+CLOSE = 0.2  # sparse vs dense latents, relative: measured 0.007-0.013, CogVideoX 0.117 (budget 0.25 at its last step); in tests/test_pipeline.py another seed lands 1.36 away
 
 
 def _mask(valid: int, left: bool = False) -> torch.Tensor:

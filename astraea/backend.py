@@ -39,7 +39,7 @@ def _progress_log() -> logging.Logger:
 _log = _progress_log()
 
 # Options the lowered graph depends on; the others are read per call.
-COMPILED_OPTIONS = ("lowering", "cache_dtype")
+COMPILED_OPTIONS = ("lowering", "cache_dtype", "regional")
 
 
 # Token counts each model (by structure hash) was compiled sparse at in this process, so that a
@@ -65,7 +65,7 @@ class Backend:
     def update(self, **options) -> None:
         """Use other options from the next generation on; nothing recompiles.
 
-        Everything but `lowering` and `cache_dtype` is read per call (schedule, token selection,
+        Everything but `lowering`, `cache_dtype` and `regional` is read per call (schedule, token selection,
         full steps, seed), so one compilation serves them all. Refused, before any change, for
         an option fixed in a compiled graph or a schedule made for another model.
         """

@@ -49,6 +49,9 @@ class AstraeaConfig:
         guidance branch), so that its thousands of small launches cost one; with the "token"
         group and the astraea or delta policy, in one process. Costs a memory pool of about one
         call's activations.
+    regional: lower each distinct region of the graph once (a block of a stack: every block
+        runs the same compiled code with its own weights, caches and selection), instead of
+        the whole graph at once. Lowering costs one block instead of all of them.
     """
 
     schedule: Schedule = field(default_factory=lambda: Schedule(constant=0.5))
@@ -63,6 +66,7 @@ class AstraeaConfig:
     cache_dtype: str = "auto"
     lowering: str = "auto"
     cuda_graphs: bool = True
+    regional: bool = True
     version: int = VERSION
 
     def __post_init__(self):
@@ -88,8 +92,9 @@ class AstraeaConfig:
             raise ConfigError(f"option 'cache_dtype' must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
         if self.lowering not in LOWERINGS:
             raise ConfigError(f"option 'lowering' must be one of {LOWERINGS}, got {self.lowering!r}")
-        if not isinstance(self.cuda_graphs, bool):
-            raise ConfigError(f"option 'cuda_graphs' must be True or False, got {self.cuda_graphs!r}")
+        for name in ("cuda_graphs", "regional"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"option {name!r} must be True or False, got {getattr(self, name)!r}")
         if self.version != VERSION:
             raise ConfigError(f"config version {self.version} is not supported; this astraea reads version {VERSION}")
 

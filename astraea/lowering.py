@@ -1,4 +1,5 @@
-"""How the rewritten graph runs: eagerly, or through Inductor with the selection size symbolic.
+"""How the rewritten graph runs: eagerly, or through Inductor with the selection size symbolic;
+region by region (each distinct block lowered once), or as one whole graph.
 
 Inductor generates fused Triton for everything token-wise and calls our two custom ops
 (`astraea::sparse_attention`, `astraea::merge_rows`) in between. The number of selected
@@ -6,6 +7,11 @@ tokens K is the only size that changes from step to step, so the graph is compil
 with K symbolic (the selection indices are fake tensors of a dynamic length): one compiled
 variant serves every budget. The compiled code is called from the runner, outside dynamo,
 so nothing re-checks guards; the runner keeps K >= 2, the range the symbol was compiled for.
+
+Regional lowering (the default) cuts the graph at the blocks' ends (`passes/regions.py`) and
+lowers each distinct region once: every block of a stack runs the same compiled code with its
+own weights, caches and selection, so lowering costs one block, not thirty. Every block's
+selection shares the one symbol K, which is what makes their regions equal.
 """
 
 from __future__ import annotations
@@ -19,9 +25,11 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .config import AstraeaConfig
 from .ops.signature import SparseBlockInputs
+from .passes.regions import Region, cut
 from .runtime.state import BlockState, cache_dtype
 
 log = logging.getLogger("astraea")  # its handler: astraea.backend
@@ -32,22 +40,120 @@ def lower(
 ) -> Callable:
     """`blocks`: the sparse blocks, whose runtime state the rewrite appended to the inputs."""
     use_inductor = config.lowering == "inductor" or (config.lowering == "auto" and device.type == "cuda")
-    if not use_inductor:
-        return gm
-    from torch._inductor.compile_fx import compile_fx
+    if not config.regional:
+        if not use_inductor:
+            return gm
+        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, shared_k=False)
+        return _inductor(gm, fakes, fake_mode, what=f"{len(gm.graph.nodes)} nodes")
+    if use_inductor:
+        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, shared_k=True)
+        started = time.perf_counter()
+        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fakes)
+        log.debug("shapes propagated in %.1f s", time.perf_counter() - started)
+    regions = cut(gm.graph)
+    distinct: dict[str, Callable] = {}
+    firsts = {}
+    for r in regions:
+        firsts.setdefault(r.key, r)
+    log.info("%d regions, %d distinct", len(regions), len(firsts))
+    for key, r in firsts.items():
+        module = r.module(gm)
+        if use_inductor:
+            distinct[key] = _inductor(module, [a.meta["val"] for a in r.inputs], fake_mode,
+                                      what=f"a region of {len(r.nodes)} nodes ({_count(regions, key)} alike)")
+        else:
+            distinct[key] = module
+    return RegionalGraph(gm, regions, distinct)
 
+
+def _count(regions: list[Region], key: str) -> int:
+    return sum(r.key == key for r in regions)
+
+
+def _fakes(config, example_inputs, blocks, device, shared_k: bool):
+    """Fake inputs of the rewritten graph: the model's, then each block's runtime inputs with
+    idx [S, K] of a symbolic K (hinted below N); one K for all blocks if `shared_k`."""
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-    # idx is [S, K]: S fixed per block, K a symbol (hinted below N).
     dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC], constraint_sizes=[None] * 2)
+    k = None
     for b in blocks:
-        hint = torch.arange(max(2, b.shape[1] // 2), device=device).expand(b.samples, -1).contiguous()
+        if k is None or not shared_k:
+            hint = torch.arange(max(2, b.shape[1] // 2), device=device).expand(b.samples, -1).contiguous()
+            idx = fake_mode.from_tensor(hint, symbolic_context=dynamic)
+            k = idx.shape[1]
+        else:
+            with fake_mode:
+                idx = torch.empty((b.samples, k), dtype=torch.int64, device=device)
         with fake_mode:
             state = BlockState.allocate(b.shape, cache_dtype(config, b.dtype), device, b.samples)
-        fakes += state.graph_inputs(fake_mode.from_tensor(hint, symbolic_context=dynamic))
+        fakes += state.graph_inputs(idx)
+    return fake_mode, fakes
+
+
+def _inductor(gm: fx.GraphModule, fakes: list, fake_mode: FakeTensorMode, what: str) -> Callable:
+    from torch._inductor.compile_fx import compile_fx
+
     started = time.perf_counter()
-    log.info("lowering %d nodes with Inductor (the long part of a compile)", len(gm.graph.nodes))
+    log.info("lowering %s with Inductor", what)
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         compiled = compile_fx(gm, fakes)
-    log.info("lowered in %.1f s; budgets change per step without compiling again", time.perf_counter() - started)
+    log.info("lowered in %.1f s", time.perf_counter() - started)
     return compiled
+
+
+class RegionalGraph:
+    """The rewritten graph run region by region: each region calls the lowered code of its key
+    with its own inputs. A value is dropped after the last region that reads it, so the peak
+    memory is that of the whole graph run at once."""
+
+    def __init__(self, gm: fx.GraphModule, regions: list[Region], lowered: dict[str, Callable]):
+        self.graph_module = gm  # the whole graph the regions were cut from
+        slot: dict[fx.Node, int] = {}
+        self.num_inputs = 0
+        self.constants: list[tuple[int, object]] = []
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                slot[n] = len(slot)
+                self.num_inputs += 1
+            elif n.op == "get_attr":
+                slot[n] = len(slot)
+                self.constants.append((slot[n], _fetch(gm, n.target)))
+        for r in regions:
+            for o in r.outputs:
+                slot[o] = len(slot)
+        self.num_slots = len(slot)
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        results = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+        self.results = [(slot[a], None) if isinstance(a, fx.Node) else (None, a) for a in results]
+        returned = {s for s, _ in self.results}
+        last_read = {}
+        for i, r in enumerate(regions):
+            for a in r.inputs:
+                last_read[slot[a]] = i
+        self.steps = []
+        for i, r in enumerate(regions):
+            drop = tuple(s for s in (slot[a] for a in r.inputs) if last_read[s] == i and s not in returned
+                         and s >= self.num_inputs)
+            self.steps.append((lowered[r.key], tuple(slot[a] for a in r.inputs), tuple(slot[o] for o in r.outputs), drop))
+        self.num_regions = len(regions)
+        self.num_lowered = len(lowered)  # distinct regions: each lowered once
+
+    def __call__(self, *args):
+        env = [*args, *([None] * (self.num_slots - len(args)))]
+        for at, value in self.constants:
+            env[at] = value
+        for fn, reads, writes, drop in self.steps:
+            values = fn(*[env[s] for s in reads])
+            for s, v in zip(writes, values):
+                env[s] = v
+            for s in drop:
+                env[s] = None
+        return tuple(env[s] if s is not None else value for s, value in self.results)
+
+
+def _fetch(gm: fx.GraphModule, target: str):
+    value = gm
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value

@@ -80,11 +80,12 @@ def cogvideox(seed=0) -> Family:
     return Family("cogvideox", model, (1, 3, 4, 16, 16), call, (cond, uncond), True)
 
 
-def hunyuan(seed=0) -> Family:
+def hunyuan(seed=0, double=1, single=1) -> Family:
+    """`double` dual-stream blocks, then `single` single-stream blocks."""
     torch.manual_seed(seed)
     model = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=double,
+        num_single_layers=single, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
         pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
     ).eval()
     cond, uncond = torch.randn(1, 8, 32), torch.zeros(1, 8, 32)

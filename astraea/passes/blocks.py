@@ -122,13 +122,13 @@ def _block_modules(position: dict, p: int, q: int, previous_region) -> set[tuple
     (whose attention follows chain[q]): the attention's path up to the part that numbers the
     block ('transformer_blocks.1'), and every module of the previous block's region numbered at
     that depth, renumbered (a Latte layer's temporal block beside its spatial one)."""
-    mine = next(_module_path(s) for s, at in position.items() if at == p)
-    other = next(_module_path(s) for s, at in position.items() if at == q)
+    mine = next(module_path(s) for s, at in position.items() if at == p)
+    other = next(module_path(s) for s, at in position.items() if at == q)
     i = next((i for i, (a, b) in enumerate(zip(mine, other)) if a != b), None)
     if i is None:
         return set()
     modules = {tuple(mine[: i + 1])}
-    for path in map(_module_path, previous_region):
+    for path in map(module_path, previous_region):
         if len(path) > i and path[i] == other[i]:
             modules.add(tuple(path[:i]) + (mine[i],))
     return modules
@@ -138,7 +138,7 @@ def _end_after_modules(chain, p: int, modules: set[tuple[str, ...]], nodes, orde
     """Index of the first stream node after chain[p] that comes after every op of `modules`
     (the block's last residual join, or the reshape back to the stream that follows its last
     module), if any."""
-    last = max((order[n] for n in nodes if any(tuple(_module_path(n)[: len(m)]) == m for m in modules)), default=None)
+    last = max((order[n] for n in nodes if any(tuple(module_path(n)[: len(m)]) == m for m in modules)), default=None)
     if last is None:
         return None
     return next((i for i in range(p + 1, len(chain)) if order[chain[i]] >= last), None)
@@ -245,7 +245,7 @@ def _unsupported_attention(node: fx.Node) -> str | None:
     return None
 
 
-def _module_path(node: fx.Node) -> list[str]:
+def module_path(node: fx.Node) -> list[str]:
     """The path of the module that computed `node` (['blocks', '3', 'attn1']), [] if unknown."""
     stack = node.meta.get("nn_module_stack")
     return _clean_path(list(stack.values())[-1][0]).split(".") if stack else []
@@ -253,7 +253,7 @@ def _module_path(node: fx.Node) -> list[str]:
 
 def _module_of(region) -> str:
     """Common module path of the block's nodes (e.g. 'blocks.3'), for reports."""
-    paths = [path for path in map(_module_path, region) if path]
+    paths = [path for path in map(module_path, region) if path]
     if not paths:
         return ""
     common = paths[0]

@@ -35,6 +35,7 @@ from ..ops.sparse import gather_folded_tokens, gather_tokens
 from .blocks import Block
 from . import rules
 from .layout import Layout
+from .regions import BLOCK_END
 from .rules import DTYPE_FROM_SECOND, sdpa_args, shape_of
 from .token_axis import TokenAxis
 
@@ -62,6 +63,7 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         # The next block's start: gathered like any stream node.
         axis.tdim[merged] = axis.tdim[block.end]
         merged.meta["example_value"] = block.end.meta.get("example_value")
+        merged.meta[BLOCK_END] = block.module
         for node in reversed(block.sparse):
             graph.erase_node(node)
         dtype = block.start.meta["example_value"].dtype

@@ -1,0 +1,163 @@
+"""The first generation, compile included: how long a user waits for the first video.
+
+Every variant runs in a process of its own, since a first generation is a process's first:
+dense eager; dense with diffusers' `compile_repeated_blocks()`; astraea lowering the whole
+graph; astraea lowering each distinct region once (the default). Each compiled variant runs
+cold (empty Inductor and Triton caches) and warm (a second process on the caches the cold one
+filled: what a user gets the next time they start). Each process runs one generation (the
+random Wan2.1-1.3B shape, bf16, 50 steps with classifier-free guidance, from the search's
+workload), then times steps at each budget: the difference between a 7-step and a 2-step
+generation, so that the dense first step of each and the compile fall out.
+
+It records the peak memory of the first generation and, for astraea, the caches' share of it,
+the compile stages as astraea logs them (seconds into the first call), and Inductor's cache
+hits.
+
+    python benchmarks/first_generation.py --frames 9 21          # 33 and 81 video frames
+    python benchmarks/first_generation.py --frames 9 --variants astraea-regional dense-regional
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = ("eager", "dense-regional", "astraea-whole", "astraea-regional")
+BUDGETS = (1.0, 0.5, 0.25)
+STEPS = 50
+LONG, SHORT = 7, 2  # per-step time: (LONG-step generation - SHORT-step generation) / (LONG - SHORT)
+
+
+class Stages(logging.Handler):
+    """astraea's compile messages with the seconds since `start`."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.start, self.lines = time.perf_counter(), []
+
+    def emit(self, record):
+        self.lines.append(f"{time.perf_counter() - self.start:7.1f} s  {record.getMessage()}")
+
+
+def child(args) -> dict:
+    """One variant in this process: the first generation, then the per-step times."""
+    import torch
+
+    import astraea
+    from astraea.search.models import random_wan
+
+    workload = random_wan("wan2.1-1.3b", frames=args.frames, height=args.height, width=args.width, num_steps=STEPS,
+                          dtype=torch.bfloat16, device="cuda")
+    model, backend = workload.model, None
+    if args.variant == "eager":
+        fn = model
+    elif args.variant == "dense-regional":
+        model.compile_repeated_blocks()
+        fn = model
+    else:
+        backend = astraea.backend(schedule=1.0, regional=args.variant == "astraea-regional")
+        fn = torch.compile(model, backend=backend)
+    stages = Stages()
+    logging.getLogger("astraea").addHandler(stages)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    stages.start = started = time.perf_counter()
+    workload.generate(fn, seed=0)
+    torch.cuda.synchronize()
+    result = {
+        "variant": args.variant, "cache": args.cache, "frames": args.frames, "tokens": args.frames * args.height * args.width // 4,
+        "first_generation_s": time.perf_counter() - started,
+        "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "stages": stages.lines,
+        "inductor_cache": {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cache" in k},
+    }
+    if backend is not None:
+        runner = backend.runners[0]
+        result["cache_gb"] = runner.cache_bytes() / 2**30
+        graph = runner.graph_fn
+        result["regions"] = [getattr(graph, "num_regions", 1), getattr(graph, "num_lowered", 1)]
+    _write(args.out, result)  # what a timeout would otherwise lose
+    per_step = {}
+    for budget in BUDGETS if backend is not None else (1.0,):
+        if backend is not None:
+            backend.update(schedule=budget)
+        times = {}
+        for steps in (LONG, SHORT, LONG, SHORT):  # the first of each warms up (a new selection size)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            workload.generate(fn, seed=0, num_steps=steps)
+            torch.cuda.synchronize()
+            times[steps] = time.perf_counter() - t
+        per_step[str(budget)] = (times[LONG] - times[SHORT]) / (LONG - SHORT)
+    result["step_s"] = per_step
+    return result
+
+
+def _write(path: str, result: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+def driver(args) -> None:
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    here = os.path.abspath(__file__)
+    for frames in args.frames:
+        for variant in args.variants:
+            caches = tempfile.mkdtemp(prefix=f"first_{variant}_{frames}_")
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+                       TRITON_CACHE_DIR=os.path.join(caches, "triton"))
+            for cache in ("cold", "warm") if variant != "eager" else ("cold",):
+                command = [sys.executable, here, "--child", "--variant", variant, "--cache", cache, "--frames", str(frames),
+                           "--height", str(args.height), "--width", str(args.width), "--out", args.out + ".part"]
+                started = time.perf_counter()
+                done = subprocess.run(command, env=env, capture_output=True, text=True)
+                print(f"{variant} {frames} {cache}: rc {done.returncode} in {time.perf_counter() - started:.0f} s", flush=True)
+                if done.returncode:
+                    print(done.stderr[-3000:], flush=True)
+                else:
+                    _write(args.out, json.loads(done.stdout.strip().splitlines()[-1]))
+    report(args.out)
+
+
+def report(path: str) -> None:
+    rows = [json.loads(line) for line in open(path)]
+    lines = ["| frames (tokens) | variant | caches | first generation s | peak GB | caches GB | "
+             + " | ".join(f"step s at {b}" for b in BUDGETS) + " | regions (lowered) |",
+             "|---" * (6 + len(BUDGETS) + 1) + "|"]
+    for r in rows:
+        steps = " | ".join(f"{r['step_s'][str(b)]:.3f}" if str(b) in r.get("step_s", {}) else "" for b in BUDGETS)
+        regions = f"{r['regions'][0]} ({r['regions'][1]})" if "regions" in r else ""
+        cache = f"{r['cache_gb']:.2f}" if "cache_gb" in r else ""
+        lines.append(f"| {4 * (r['frames'] - 1) + 1} ({r['tokens']}) | {r['variant']} | {r['cache']} | "
+                     f"{r['first_generation_s']:.1f} | {r['peak_gb']:.2f} | {cache} | {steps} | {regions} |")
+    table = "\n".join(lines)
+    with open(os.path.splitext(path)[0] + ".md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, nargs="+", default=[9], help="latent frames (9: 33 video frames)")
+    parser.add_argument("--height", type=int, default=60)
+    parser.add_argument("--width", type=int, default=104)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--out", default="benchmarks/results/first_generation.jsonl")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--cache", choices=("cold", "warm"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        args.frames = args.frames[0]
+        print(json.dumps(child(args)))
+    else:
+        driver(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,9 +9,12 @@ variant serves every budget. The compiled code is called from the runner, outsid
 so nothing re-checks guards; the runner keeps K >= 2, the range the symbol was compiled for.
 
 Regional lowering (the default) cuts the graph at the blocks' ends (`passes/regions.py`) and
-lowers each distinct region once: every block of a stack runs the same compiled code with its
+lowers each distinct block once: every block of a stack runs the same compiled code with its
 own weights, caches and selection, so lowering costs one block, not thirty. Every block's
-selection shares the one symbol K, which is what makes their regions equal.
+selection shares the one symbol K, which is what makes their regions equal. What is not a
+block (the embeddings, the glue between two stacks, the output head) runs as traced, as it
+does under diffusers' `compile_repeated_blocks()`: lowering it would cost seconds of compile
+for little (measured in benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -45,29 +48,32 @@ def lower(
             return gm
         fake_mode, fakes = _fakes(config, example_inputs, blocks, device, shared_k=False)
         return _inductor(gm, fakes, fake_mode, what=f"{len(gm.graph.nodes)} nodes")
-    if use_inductor:
-        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, shared_k=True)
-        started = time.perf_counter()
-        FakeTensorProp(gm, mode=fake_mode).propagate_dont_convert_inputs(*fakes)
-        log.debug("shapes propagated in %.1f s", time.perf_counter() - started)
     regions = cut(gm.graph)
-    distinct: dict[str, Callable] = {}
-    firsts = {}
+    firsts: dict[str, Region] = {}
     for r in regions:
         firsts.setdefault(r.key, r)
-    log.info("%d regions, %d distinct", len(regions), len(firsts))
-    for key, r in firsts.items():
-        module = r.module(gm)
-        if use_inductor:
-            distinct[key] = _inductor(module, [a.meta["val"] for a in r.inputs], fake_mode,
-                                      what=f"a region of {len(r.nodes)} nodes ({_count(regions, key)} alike)")
-        else:
-            distinct[key] = module
+    lowered = [r for r in firsts.values() if use_inductor and r.is_block]
+    log.info("%d regions, %d distinct, %d to lower", len(regions), len(firsts), len(lowered))
+    distinct: dict[str, Callable] = {key: r.module(gm) for key, r in firsts.items()}
+    if lowered:
+        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, shared_k=True)
+        _propagate(gm, fake_mode, fakes, until=lowered[-1].nodes[-1])
+        for r in lowered:
+            what = f"a block of {len(r.nodes)} nodes ({sum(x.key == r.key for x in regions)} alike)"
+            distinct[r.key] = _inductor(distinct[r.key], [a.meta["val"] for a in r.inputs], fake_mode, what)
     return RegionalGraph(gm, regions, distinct)
 
 
-def _count(regions: list[Region], key: str) -> int:
-    return sum(r.key == key for r in regions)
+def _propagate(gm: fx.GraphModule, fake_mode: FakeTensorMode, fakes: list, until: fx.Node) -> None:
+    """Fake values (`meta["val"]`, with K symbolic) of the graph's nodes up to `until`: what
+    the regions lowered take as inputs."""
+    prop = FakeTensorProp(gm, mode=fake_mode)
+    prop.env, prop.args_iter = {}, iter(fakes)
+    with fake_mode:
+        for n in gm.graph.nodes:
+            prop.env[n] = prop.run_node(n)
+            if n is until:
+                return
 
 
 def _fakes(config, example_inputs, blocks, device, shared_k: bool):

@@ -39,6 +39,10 @@ class Region:
     outputs: tuple[fx.Node, ...]  # its values read after it (or returned), in node order
     key: str  # equal keys: the same function
 
+    @property
+    def is_block(self) -> bool:
+        return any(BLOCK_END in n.meta for n in self.nodes)
+
     @classmethod
     def of(cls, nodes) -> "Region":
         nodes = tuple(nodes)
@@ -81,7 +85,7 @@ def cut(graph: fx.Graph) -> list[Region]:
         pieces.append(piece)
     regions = [Region.of(p) for p in pieces]
     repeated = {k for k, count in Counter(r.key for r in regions).items() if count > 1}
-    blocks = sorted({(len(r.nodes), r.key) for r in regions if any(BLOCK_END in n.meta for n in r.nodes)}, reverse=True)
+    blocks = sorted({(len(r.nodes), r.key) for r in regions if r.is_block}, reverse=True)
     return [part for r in regions for part in _split_glue(r, repeated, blocks)]
 
 
@@ -99,7 +103,9 @@ def _split_glue(region: Region, repeated: set[str], blocks) -> list[Region]:
 
 def _key(nodes, inputs, outputs) -> str:
     names = {n: f"%{i}" for i, n in enumerate(nodes)} | {a: f"input{i}" for i, a in enumerate(inputs)}
-    lines = [f"{names[a]}: {_describe(a.meta.get('val', a.meta.get('example_value')))}" for a in inputs]
+    # dynamo's values: the same for every region (a node the rewrite added has none; an input
+    # of another shape still cannot run code lowered for the first, whose inputs are checked)
+    lines = [f"{names[a]}: {_describe(a.meta.get('example_value'))}" for a in inputs]
     for n in nodes:
         args = fx.node.map_arg(n.args, lambda a: names[a])
         kwargs = fx.node.map_arg(n.kwargs, lambda a: names[a])

@@ -19,6 +19,8 @@ for little (measured in benchmarks/NOTES.md).
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 import time
 
@@ -32,6 +34,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .config import AstraeaConfig
 from .ops.signature import SparseBlockInputs
+from .ops.sparse import GRAPH_FUNCTIONS
 from .passes.regions import Region, cut
 from .runtime.state import BlockState, cache_dtype
 
@@ -54,13 +57,13 @@ def lower(
         firsts.setdefault(r.key, r)
     lowered = [r for r in firsts.values() if use_inductor and r.is_block]
     log.info("%d regions, %d distinct, %d to lower", len(regions), len(firsts), len(lowered))
-    distinct: dict[str, Callable] = {key: r.module(gm) for key, r in firsts.items()}
     if lowered:
         fake_mode, fakes = _fakes(config, example_inputs, blocks, device, shared_k=True)
         _propagate(gm, fake_mode, fakes, until=lowered[-1].nodes[-1])
-        for r in lowered:
-            what = f"a block of {len(r.nodes)} nodes ({sum(x.key == r.key for x in regions)} alike)"
-            distinct[r.key] = _inductor(distinct[r.key], [a.meta["val"] for a in r.inputs], fake_mode, what)
+    distinct: dict[str, Callable] = {key: r.module(gm) for key, r in firsts.items()}
+    for r in lowered:
+        what = f"a block of {len(r.nodes)} nodes ({sum(x.key == r.key for x in regions)} alike)"
+        distinct[r.key] = _inductor(distinct[r.key], [a.meta["val"] for a in r.inputs], fake_mode, what)
     return RegionalGraph(gm, regions, distinct)
 
 
@@ -100,12 +103,27 @@ def _fakes(config, example_inputs, blocks, device, shared_k: bool):
 def _inductor(gm: fx.GraphModule, fakes: list, fake_mode: FakeTensorMode, what: str) -> Callable:
     from torch._inductor.compile_fx import compile_fx
 
+    _cacheable(gm)
     started = time.perf_counter()
     log.info("lowering %s with Inductor", what)
     with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
         compiled = compile_fx(gm, fakes)
     log.info("lowered in %.1f s", time.perf_counter() - started)
     return compiled
+
+
+def _cacheable(gm: fx.GraphModule) -> None:
+    """Let torch's on-disk caches keep what Inductor makes of `gm` (a second process then
+    loads it instead of compiling): AOTAutograd's cache takes a graph whose functions it
+    knows, so ours are marked, keyed by their source (a change to them is a new key), and
+    reads a method's receiver as a tensor where the node has dynamo's value, which the
+    rewrite's new nodes get from the propagated one."""
+    marked = torch._inductor.config.unsafe_marked_cacheable_functions
+    for fn in GRAPH_FUNCTIONS:
+        marked[f"{fn.__module__}.{fn.__name__}"] = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+    for n in gm.graph.nodes:
+        if "example_value" not in n.meta and "val" in n.meta:
+            n.meta["example_value"] = n.meta["val"]
 
 
 class RegionalGraph:

@@ -111,7 +111,7 @@ def driver(args) -> None:
             caches = tempfile.mkdtemp(prefix=f"first_{variant}_{frames}_")
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                        TRITON_CACHE_DIR=os.path.join(caches, "triton"))
-            for cache in ("cold", "warm") if variant != "eager" else ("cold",):
+            for cache in args.caches if variant != "eager" else ("cold",):
                 command = [sys.executable, here, "--child", "--variant", variant, "--cache", cache, "--frames", str(frames),
                            "--height", str(args.height), "--width", str(args.width), "--out", args.out + ".part"]
                 started = time.perf_counter()
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=60)
     parser.add_argument("--width", type=int, default=104)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--caches", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
+                        help="cold: empty Inductor and Triton caches; warm: a second process on the cold one's")
     parser.add_argument("--out", default="benchmarks/results/first_generation.jsonl")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)

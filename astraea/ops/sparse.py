@@ -5,8 +5,9 @@ and values, and also returns each row's natural-log log-sum-exp (the selection s
 S_LSE). `astraea::merge_rows` assembles a block's output from its fresh rows and its cache,
 and updates the cache and the score state in the same pass. Both are opaque custom ops so
 that Inductor treats them as single nodes; the kernels in `kernels/` implement them on GPU.
-`gather_tokens` picks the selected rows of a tensor, per sample; it is plain PyTorch, which
-Inductor fuses into its consumers.
+`gather_tokens` picks the selected rows of a tensor, per sample; it and the other functions of
+`GRAPH_FUNCTIONS` (the rows of a joint token axis, its split) are plain PyTorch, which Inductor
+fuses into their consumers.
 """
 
 from __future__ import annotations
@@ -38,6 +39,29 @@ def gather_folded_tokens(x: torch.Tensor, dim: int, idx: torch.Tensor, n: int) -
     sample-major (a per-token table of factorised attention, [B * N, ...]); idx: [1, K]."""
     grouped = x.unflatten(dim, (x.shape[dim] // n, n)).index_select(dim + 1, idx[0])
     return grouped.flatten(dim, dim + 1)
+
+
+def split_rows(x: torch.Tensor, dim: int, bounds: list) -> tuple:
+    """A split of `x` along `dim` at the given slices (a split of a joint tensor's rows form)."""
+    lead = (slice(None),) * dim
+    return tuple(x[(*lead, b)] for b in bounds)
+
+
+def segment_rows(idx: torch.Tensor, sizes: tuple, video: int) -> torch.Tensor:
+    """[S, rows]: every row of each small segment and the selected rows of the video segment,
+    at their offsets in a joint token axis of segment `sizes`."""
+    parts, at = [], 0
+    for i, size in enumerate(sizes):
+        if i == video:
+            parts.append(idx + at)
+        else:
+            parts.append(torch.arange(at, at + size, device=idx.device).expand(idx.shape[0], -1))
+        at += size
+    return torch.cat(parts, dim=1)
+
+
+# The plain functions a rewritten graph calls (Inductor traces through them).
+GRAPH_FUNCTIONS = (gather_tokens, gather_folded_tokens, segment_rows, split_rows)
 
 
 @torch.library.custom_op("astraea::sparse_attention", mutates_args=())

@@ -31,7 +31,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
 from ..ops.signature import BlockInputs, SparseBlockInputs
-from ..ops.sparse import gather_folded_tokens, gather_tokens
+from ..ops.sparse import gather_folded_tokens, gather_tokens, segment_rows, split_rows
 from .blocks import Block
 from . import rules
 from .layout import Layout
@@ -241,25 +241,6 @@ def _splits_tokens(node, t) -> bool:
     dim_position = 1 if node.target in ("unbind", torch.unbind) else 2
     dim = node.kwargs.get("dim", node.args[dim_position] if len(node.args) > dim_position else 0)
     return dim % len(shape_of(node.args[0])) == t
-
-
-def split_rows(x: torch.Tensor, dim: int, bounds: list) -> tuple:
-    """A split of `x` along `dim` at the given slices (a split of a joint tensor's rows form)."""
-    lead = (slice(None),) * dim
-    return tuple(x[(*lead, b)] for b in bounds)
-
-
-def segment_rows(idx: torch.Tensor, sizes: tuple, video: int) -> torch.Tensor:
-    """[S, rows]: every row of each small segment and the selected rows of the video segment,
-    at their offsets in a joint token axis of segment `sizes`."""
-    parts, at = [], 0
-    for i, size in enumerate(sizes):
-        if i == video:
-            parts.append(idx + at)
-        else:
-            parts.append(torch.arange(at, at + size, device=idx.device).expand(idx.shape[0], -1))
-        at += size
-    return torch.cat(parts, dim=1)
 
 
 def _batch_leads(node: fx.Node, dim: int, consumer: fx.Node, batch: int) -> bool:

@@ -9,8 +9,9 @@ random Wan2.1-1.3B shape, bf16, 50 steps with classifier-free guidance, from the
 workload), then times steps at each budget: the difference between a 7-step and a 2-step
 generation, so that the dense first step of each and the compile fall out.
 
-It records the peak memory of the first generation and, for astraea, the caches' share of it,
-the compile stages as astraea logs them (seconds into the first call), and Inductor's cache
+It records the peak memory of the first generation and what holds it (the weights; for
+astraea the blocks' caches and the CUDA graphs' memory pool; the rest is a call's
+activations), the compile stages as astraea logs them (seconds into the first call), and Inductor's cache
 hits.
 
     python benchmarks/first_generation.py --frames 9 21          # 33 and 81 video frames
@@ -76,9 +77,12 @@ def child(args) -> dict:
         "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "stages": stages.lines,
         "inductor_cache": {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cache" in k},
     }
+    result["weights_gb"] = sum(t.numel() * t.element_size() for t in model.parameters()) / 2**30
     if backend is not None:
         runner = backend.runners[0]
         result["cache_gb"] = runner.cache_bytes() / 2**30
+        if runner.call_graphs is not None:
+            result["graph_pool_gb"] = _pool_bytes(runner.call_graphs.pool) / 2**30
         graph = runner.graph_fn
         result["regions"] = [getattr(graph, "num_regions", 1), getattr(graph, "num_lowered", 1)]
     _write(args.out, result)  # what a timeout would otherwise lose
@@ -96,6 +100,13 @@ def child(args) -> dict:
         per_step[str(budget)] = (times[LONG] - times[SHORT]) / (LONG - SHORT)
     result["step_s"] = per_step
     return result
+
+
+def _pool_bytes(pool) -> int:
+    """What the CUDA graphs' private memory pool holds (its segments)."""
+    import torch
+
+    return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s.get("segment_pool_id", ())) == tuple(pool))
 
 
 def _write(path: str, result: dict) -> None:
@@ -126,15 +137,15 @@ def driver(args) -> None:
 
 def report(path: str) -> None:
     rows = [json.loads(line) for line in open(path)]
-    lines = ["| frames (tokens) | variant | caches | first generation s | peak GB | caches GB | "
-             + " | ".join(f"step s at {b}" for b in BUDGETS) + " | regions (lowered) |",
-             "|---" * (6 + len(BUDGETS) + 1) + "|"]
+    lines = ["| frames (tokens) | variant | compile caches | first generation s | peak GB | weights GB | "
+             "block caches GB | CUDA graph pool GB | " + " | ".join(f"step s at {b}" for b in BUDGETS) + " | regions (lowered) |",
+             "|---" * (8 + len(BUDGETS) + 1) + "|"]
     for r in rows:
         steps = " | ".join(f"{r['step_s'][str(b)]:.3f}" if str(b) in r.get("step_s", {}) else "" for b in BUDGETS)
         regions = f"{r['regions'][0]} ({r['regions'][1]})" if "regions" in r else ""
-        cache = f"{r['cache_gb']:.2f}" if "cache_gb" in r else ""
+        gb = " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ("weights_gb", "cache_gb", "graph_pool_gb"))
         lines.append(f"| {4 * (r['frames'] - 1) + 1} ({r['tokens']}) | {r['variant']} | {r['cache']} | "
-                     f"{r['first_generation_s']:.1f} | {r['peak_gb']:.2f} | {cache} | {steps} | {regions} |")
+                     f"{r['first_generation_s']:.1f} | {r['peak_gb']:.2f} | {gb} | {steps} | {regions} |")
     table = "\n".join(lines)
     with open(os.path.splitext(path)[0] + ".md", "w") as f:
         f.write(table + "\n")

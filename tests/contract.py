@@ -21,6 +21,7 @@ import torch.fx as fx
 import astraea
 from astraea.flops import count_flops, counting
 from astraea.passes import AnalyseTokens
+from tests.models import sample
 
 
 class _RecordAll(fx.Interpreter):
@@ -125,3 +126,42 @@ def budget_flops(family, x, cond, budget: float):
         be.runners[0].graph_fn = counting(be.runners[0].graph_fn, counted)
         family.call(compiled, x, torch.tensor([800.0]), cond)
     return dense, counted[0], be
+
+
+REGIONS_SCHEDULE = [1.0, 0.5, 0.0, 0.3]  # dense, sparse, a skipped step (its own graph), sparse again
+
+
+class SameAsWhole:
+    """Stands in for a runner's regional graph: runs the whole graph it was cut from on copies
+    of each call's inputs first, then the regions, and checks that outputs and the updated
+    caches and scores are bit-identical."""
+
+    def __init__(self, regional):
+        from astraea.lowering import RegionalGraph
+
+        assert isinstance(regional, RegionalGraph)
+        self.regional, self.calls = regional, 0
+
+    def __call__(self, *args):
+        copies = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+        expected = self.regional.graph_module(*copies)
+        out = self.regional(*args)
+        torch.testing.assert_close(out, tuple(expected), rtol=0, atol=0)
+        torch.testing.assert_close(list(args), copies, rtol=0, atol=0)  # in-place state updates
+        self.calls += 1
+        return out
+
+
+def check_regions(be, family, compiled) -> None:
+    """Sample REGIONS_SCHEDULE on a compiled model with every call of its runners (the skipped
+    step's graph too) checked against the whole graph; the runners start a new generation."""
+    be.update(schedule=REGIONS_SCHEDULE)
+    for runner in be.runners:
+        runner.records.clear()
+        runner.graph_fn = SameAsWhole(runner.graph_fn)
+        runner.lower_skip = lambda lower=runner.lower_skip: SameAsWhole(lower())
+    sample(family, compiled, steps=len(REGIONS_SCHEDULE))
+    for runner in be.runners:
+        skipped = sum(r.tokens == 0 for r in runner.records)
+        assert runner.graph_fn.calls == len(runner.records) - skipped > 0
+        assert (runner._skip_fn.calls if runner._skip_fn else 0) == skipped  # MiniMax-H3 reads no sampler time

@@ -1,5 +1,6 @@
-"""The README's support table is what the analysis says today, and budget 1.0 is the dense model
-for every video transformer class diffusers exports (tests/support_models.py)."""
+"""The README's support table is what the analysis says today; for every video transformer class
+diffusers exports (tests/support_models.py), budget 1.0 is the dense model, and the lowered
+regions compute exactly what the whole rewritten graph computes."""
 
 import difflib
 import warnings
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 import astraea
+from tests.contract import check_regions
 from tests.models import sample
 from tests.support_models import CASES, video_transformer_classes
 from tests.support_table import BEGIN, END, README, generate, readme_table
@@ -42,7 +44,8 @@ def test_budget_one_equals_eager(case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "runs dense, because ..." for the classes the analysis leaves dense
         out = sample(family, compiled, steps=2)
-    torch._dynamo.reset()
     assert out.shape == reference.shape
     error = (torch.linalg.norm(out - reference) / torch.linalg.norm(reference)).item()
     assert error <= 1e-5, f"{case.label}: budget 1.0 differs from eager, relative error {error:.3g}"
+    check_regions(be, family, compiled)
+    torch._dynamo.reset()

@@ -53,6 +53,10 @@ def test_update_refuses_compiled_options_and_unknown_ones_without_change():
     before = be.config
     with pytest.raises(ConfigError, match="cache_dtype.*compiled into the graph"):
         be.update(cache_dtype="float16", policy="delta")
+    with pytest.raises(ConfigError, match="regional.*compiled into the graph"):
+        be.update(regional=False)
+    with pytest.raises(ConfigError, match="'regional' must be True or False"):
+        astraea.backend(regional="yes")
     with pytest.raises(ConfigError, match="unknown astraea option"):
         be.update(budget=0.5)
     with pytest.raises(ConfigError, match="budget"):

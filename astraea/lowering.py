@@ -11,7 +11,8 @@ so nothing re-checks guards; the runner keeps K >= 2, the range the symbol was c
 Regional lowering (the default) cuts the graph at the blocks' ends (`passes/regions.py`) and
 lowers each distinct block once: every block of a stack runs the same compiled code with its
 own weights, caches and selection, so lowering costs one block, not thirty. Every block's
-selection shares the one symbol K, which is what makes their regions equal. What is not a
+selection shares the one symbol K (as the runner selects the same number for every block),
+which is what makes their regions equal. What is not a
 block (the embeddings, the glue between two stacks, the output head) runs as traced, as it
 does under diffusers' `compile_repeated_blocks()`: lowering it would cost seconds of compile
 for little (measured in benchmarks/NOTES.md).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import operator
 import time
 
 from typing import Callable
@@ -49,7 +51,7 @@ def lower(
     if not config.regional:
         if not use_inductor:
             return gm
-        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, shared_k=False)
+        fake_mode, fakes = _fakes(config, example_inputs, blocks, device)
         return _inductor(gm, fakes, fake_mode, what=f"{len(gm.graph.nodes)} nodes")
     regions = cut(gm.graph)
     firsts: dict[str, Region] = {}
@@ -58,7 +60,7 @@ def lower(
     lowered = [r for r in firsts.values() if use_inductor and r.is_block]
     log.info("%d regions, %d distinct, %d to lower", len(regions), len(firsts), len(lowered))
     if lowered:
-        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, shared_k=True)
+        fake_mode, fakes = _fakes(config, example_inputs, blocks, device)
         _propagate(gm, fake_mode, fakes, until=lowered[-1].nodes[-1])
     distinct: dict[str, Callable] = {key: r.module(gm) for key, r in firsts.items()}
     for r in lowered:
@@ -79,22 +81,17 @@ def _propagate(gm: fx.GraphModule, fake_mode: FakeTensorMode, fakes: list, until
                 return
 
 
-def _fakes(config, example_inputs, blocks, device, shared_k: bool):
+def _fakes(config, example_inputs, blocks, device):
     """Fake inputs of the rewritten graph: the model's, then each block's runtime inputs with
-    idx [S, K] of a symbolic K (hinted below N); one K for all blocks if `shared_k`."""
+    idx [S, K] of one symbolic K for all blocks (hinted below N), as the runner selects."""
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC], constraint_sizes=[None] * 2)
-    k = None
+    hint = torch.arange(max(2, blocks[0].shape[1] // 2), device=device).expand(blocks[0].samples, -1).contiguous()
+    k = fake_mode.from_tensor(hint, symbolic_context=dynamic).shape[1]
     for b in blocks:
-        if k is None or not shared_k:
-            hint = torch.arange(max(2, b.shape[1] // 2), device=device).expand(b.samples, -1).contiguous()
-            idx = fake_mode.from_tensor(hint, symbolic_context=dynamic)
-            k = idx.shape[1]
-        else:
-            with fake_mode:
-                idx = torch.empty((b.samples, k), dtype=torch.int64, device=device)
         with fake_mode:
+            idx = torch.empty((b.samples, k), dtype=torch.int64, device=device)
             state = BlockState.allocate(b.shape, cache_dtype(config, b.dtype), device, b.samples)
         fakes += state.graph_inputs(idx)
     return fake_mode, fakes
@@ -142,7 +139,7 @@ class RegionalGraph:
                 self.num_inputs += 1
             elif n.op == "get_attr":
                 slot[n] = len(slot)
-                self.constants.append((slot[n], _fetch(gm, n.target)))
+                self.constants.append((slot[n], operator.attrgetter(n.target)(gm)))
         for r in regions:
             for o in r.outputs:
                 slot[o] = len(slot)
@@ -174,10 +171,3 @@ class RegionalGraph:
             for s in drop:
                 env[s] = None
         return tuple(env[s] if s is not None else value for s, value in self.results)
-
-
-def _fetch(gm: fx.GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value

@@ -20,7 +20,6 @@ def cache_dtype(config: AstraeaConfig, hidden_dtype: torch.dtype) -> torch.dtype
     return hidden_dtype if config.cache_dtype == "auto" else getattr(torch, config.cache_dtype)
 
 
-
 @dataclass
 class BlockState:
     """A block's cache, and its scores with one row per selection: S = B rows when each sample

@@ -1,15 +1,17 @@
 """astraea: token-sparse video diffusion transformers through `torch.compile`.
 
     model = torch.compile(model, backend="astraea", options={"schedule": 0.5})
+    astraea.compile_blocks(model, schedule=0.5)  # or each repeated block on its own: a faster start
 """
 
 from .backend import AstraeaWarning, Backend, backend
+from .blockwise import compile_blocks
 from .config import AstraeaConfig, ConfigError
 from .explain import explain
 from .schedule import Schedule, ScheduleError
 
 __all__ = [
     "AstraeaConfig", "AstraeaWarning", "Backend", "ConfigError", "Schedule", "ScheduleError",
-    "backend", "explain",
+    "backend", "compile_blocks", "explain",
 ]
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ from .config import AstraeaConfig, ConfigError
 from .lowering import lower
 from .passes import AnalyseTokens, SparsifyBlocks
 from .passes.skip import reuse_blocks
+from .passes.token_axis import is_module_state
 
 
 def _progress_log() -> logging.Logger:
@@ -56,6 +57,7 @@ class Backend:
 
     def __init__(self, config: AstraeaConfig):
         self.config = config
+        self.clock = None  # set by astraea.compile_blocks: the graphs are blocks, placed by the model's clock
         self.runners: list = []
         self.reports: list = []
 
@@ -78,8 +80,10 @@ class Backend:
                     "(torch._dynamo.reset(), then torch.compile with a new backend)"
                 )
         for runner in self.runners:
-            check_report(config, runner.report)
+            check_report(config, runner.report, whole_model=self.clock is None)
         self.config = config
+        if self.clock is not None:
+            self.clock.reset()
         for runner in self.runners:
             runner.config = config
             runner.reset()
@@ -108,9 +112,11 @@ def astraea_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict
     return compile_graph(gm, example_inputs, AstraeaConfig.from_options(options))
 
 
-def check_report(config: AstraeaConfig, report) -> None:
-    """Refuse options this analysed graph cannot honour (before compiling, or changing them)."""
-    config.schedule.check_model(report.structure_hash)
+def check_report(config: AstraeaConfig, report, whole_model: bool = True) -> None:
+    """Refuse options this analysed graph cannot honour (before compiling, or changing them).
+    A schedule's model is checked against a whole model's graph, not a block's."""
+    if whole_model:
+        config.schedule.check_model(report.structure_hash)
     searched = config.schedule.searched_option("skip")
     if searched is not None and searched != config.skip:
         warnings.warn(f"astraea: this schedule was searched with skip={searched!r} but runs with skip={config.skip!r}, "
@@ -122,20 +128,22 @@ def check_report(config: AstraeaConfig, report) -> None:
 
 def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, owner: Backend | None = None):
     from .runtime.announced import compiled_module, listen
+    from .runtime.clock import BlockInstances
     from .runtime.runner import SparseRunner
 
+    clock = owner.clock if owner is not None else None
     dense_gm = gm  # dynamo still reads this graph after we return: rewrite a copy
     gm = copy.deepcopy(gm)
     started = time.perf_counter()
     _log.info("analysing a graph of %d nodes", len(gm.graph.nodes))
-    analysis = AnalyseTokens()
+    analysis = AnalyseTokens(steps_placed_outside=clock is not None)
     analysis(gm)
     report = analysis.report
     _log.info("%d of %d blocks sparse over %s tokens (%.1f s)", report.num_sparse_blocks, report.num_blocks,
               report.num_tokens, time.perf_counter() - started)
     if owner is not None:
         owner.reports.append(report)
-    check_report(config, report)
+    check_report(config, report, whole_model=clock is None)
     if report.num_sparse_blocks == 0:
         why = report.reason or "; ".join(sorted({b.reason for b in report.blocks if b.reason}))
         before = _SPARSE_SHAPES.get(report.structure_hash)
@@ -157,11 +165,17 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     skip_gm = reuse_blocks(gm).graph_module  # before lowering, which may change gm
-    lower_skip = functools.partial(lower, skip_gm, config, example_inputs, sparsify.inputs, device)
+    lower_skip = functools.cache(functools.partial(lower, skip_gm, config, example_inputs, sparsify.inputs, device))
     graph_fn = lower(gm, config, example_inputs, sparsify.inputs, device)
-    announcements = listen(compiled_module())
-    runner = SparseRunner(graph_fn, dense_gm, report, sparsify.inputs, config, position, device, announcements,
-                          lower_skip)
+    if clock is not None:  # one runner per instance of the block, all placed by the model's clock
+        weight = next(i for i, n in enumerate(placeholders) if is_module_state(n))
+        shapes = tuple(tuple(b.shape) for b in sparsify.inputs)
+        runner = BlockInstances(clock, report, config, weight, shapes, lambda contexts, config: SparseRunner(
+            graph_fn, dense_gm, report, sparsify.inputs, config, None, device, None, lower_skip, cuda_graphs=False,
+            contexts=contexts))
+    else:
+        runner = SparseRunner(graph_fn, dense_gm, report, sparsify.inputs, config, position, device,
+                              listen(compiled_module()), lower_skip)
     if owner is not None:
         owner.runners.append(runner)
     return runner

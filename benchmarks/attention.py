@@ -18,7 +18,7 @@ import triton
 
 import astraea.ops  # noqa: F401  (registers torch.ops.astraea.*, which check_compiled calls)
 from kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
-from kernels.gathered_attention import _gathered_attention_tuned
+from kernels.gathered_attention import tiles
 
 
 def median_ms(fn, reps=10, warmup=3):
@@ -175,7 +175,7 @@ def main():
 
     attention = time_attention(N, H, d, args.ratios)
     merge = [time_merge(N, args.width, H, 0.5, dt) for dt in (torch.bfloat16, torch.float8_e4m3fn)]
-    best = _gathered_attention_tuned.best_config
+    best = tiles(torch.bfloat16, use_tma=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "python": platform.python_version(), "shape": {"B": 1, "N": N, "H": H, "d": d, "dtype": "bfloat16"},
               "attention_config": str(best), "checks": checks, "attention": attention, "merge_rows": merge}

@@ -2,7 +2,8 @@
 
 Every variant runs in a process of its own, since a first generation is a process's first:
 dense eager; dense with diffusers' `compile_repeated_blocks()`; astraea lowering the whole
-graph; astraea lowering each distinct region once (the default). Each compiled variant runs
+graph; astraea lowering each distinct region once (the default); astraea compiling each block
+on its own (`astraea.compile_blocks`: dynamo traces one block, not the model). Each compiled variant runs
 cold (empty Inductor and Triton caches) and warm (a second process on the caches the cold one
 filled: what a user gets the next time they start). Each process runs one generation (the
 random Wan2.1-1.3B shape, bf16, 50 steps with classifier-free guidance, from the search's
@@ -29,7 +30,7 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("eager", "dense-regional", "astraea-whole", "astraea-regional")
+VARIANTS = ("eager", "dense-regional", "astraea-whole", "astraea-regional", "astraea-blocks")
 BUDGETS = (1.0, 0.5, 0.25)
 STEPS = 50
 LONG, SHORT = 7, 2  # per-step time: (LONG-step generation - SHORT-step generation) / (LONG - SHORT)
@@ -61,6 +62,9 @@ def child(args) -> dict:
     elif args.variant == "dense-regional":
         model.compile_repeated_blocks()
         fn = model
+    elif args.variant == "astraea-blocks":
+        backend = astraea.compile_blocks(model, schedule=1.0)
+        fn = model
     else:
         backend = astraea.backend(schedule=1.0, regional=args.variant == "astraea-regional")
         fn = torch.compile(model, backend=backend)
@@ -78,7 +82,10 @@ def child(args) -> dict:
         "inductor_cache": {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cache" in k},
     }
     result["weights_gb"] = sum(t.numel() * t.element_size() for t in model.parameters()) / 2**30
-    if backend is not None:
+    if backend is not None and backend.clock is not None:
+        result["cache_gb"] = backend.clock.cache_bytes() / 2**30
+        result["regions"] = [sum(len(r.instances) for r in backend.runners), len(backend.runners)]
+    elif backend is not None:
         runner = backend.runners[0]
         result["cache_gb"] = runner.cache_bytes() / 2**30
         if runner.call_graphs is not None:
@@ -138,7 +145,8 @@ def driver(args) -> None:
 def report(path: str) -> None:
     rows = [json.loads(line) for line in open(path)]
     lines = ["| frames (tokens) | variant | compile caches | first generation s | peak GB | weights GB | "
-             "block caches GB | CUDA graph pool GB | " + " | ".join(f"step s at {b}" for b in BUDGETS) + " | regions (lowered) |",
+             "block caches GB | CUDA graph pool GB | " + " | ".join(f"step s at {b}" for b in BUDGETS)
+             + " | regions (lowered), or blocks (graphs) |",
              "|---" * (8 + len(BUDGETS) + 1) + "|"]
     for r in rows:
         steps = " | ".join(f"{r['step_s'][str(b)]:.3f}" if str(b) in r.get("step_s", {}) else "" for b in BUDGETS)

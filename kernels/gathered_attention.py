@@ -127,16 +127,15 @@ def _gathered_attention_kernel(
     tl.store(Lse + out_rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
 
-# Measured on H200 at N = 32760, d = 128, bf16: 128 x 128 tiles, 8 warps, 3 stages lead with
-# TMA, 128 x 64 with pointer loads; 64 x 64 is the one that fits shared memory for fp32 inputs.
-_gathered_attention_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    ],
-    key=["HEAD_DIM", "USE_TMA"],
-)(_gathered_attention_kernel)
+def tiles(dtype: torch.dtype, use_tma: bool) -> dict:
+    """The launch configuration: fixed, not autotuned, so the first call compiles one kernel
+    and times nothing. Chosen by a three-config autotune on an H200 at N = 32,760, d = 128,
+    bf16 (`benchmarks/attention.py` recorded the winners): 128 x 128 tiles, 8 warps, 3 stages
+    lead with TMA loads, 128 x 64 with pointer loads; 64 x 64 is the one that fits shared
+    memory for fp32 inputs."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128 if use_tma else 64, num_warps=8, num_stages=3)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -236,11 +235,10 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             # Descriptors made on the device live in a scratch buffer Triton asks the
             # allocator for (Inductor installs the same kind of allocator for its launches).
             triton.set_allocator(_scratch)
-        _gathered_attention_tuned[grid](*args, UPCAST=False, **consts)
+        _gathered_attention_kernel[grid](*args, UPCAST=False, **consts, **tiles(q.dtype, consts["USE_TMA"]))
     else:
         # CPU tensors only run under TRITON_INTERPRET=1: its bf16 arithmetic is wrong, so
-        # everything is upcast, and one small tile keeps it quick (autotuning would re-run
-        # every config).
+        # everything is upcast, and one small tile keeps it quick.
         _gathered_attention_kernel[grid](*args, UPCAST=True, BLOCK_M=16, BLOCK_N=32, **consts)
     return out, lse
 

@@ -159,8 +159,9 @@ def check_regions(be, family, compiled) -> None:
     skip_graphs = {}  # runner -> the checker of its skip graph, once a step is skipped
 
     def lower_checked(runner, lower):
-        checker = skip_graphs[runner] = SameAsWhole(lower())
-        return checker
+        if runner not in skip_graphs:
+            skip_graphs[runner] = SameAsWhole(lower())
+        return skip_graphs[runner]
 
     for runner in be.runners:
         runner.records.clear()

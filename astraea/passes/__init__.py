@@ -32,9 +32,13 @@ class AnalyseTokens(PassBase):
     Its one change to the graph is normalising: sequence-parallel (Ulysses) attention is
     collapsed into a single op first, so that it reads as self-attention on this rank's tokens,
     and attention written out by hand (softmax of q k^T, times v) into one SDPA.
+
+    `steps_placed_outside`: the graph is a block compiled on its own, whose calls the model's
+    clock places (`astraea.compile_blocks`), so it needs no timestep input.
     """
 
-    def __init__(self):
+    def __init__(self, steps_placed_outside: bool = False):
+        self.steps_placed_outside = steps_placed_outside
         self.report: Report | None = None
         self.axis: TokenAxis | None = None
         self.blocks: list[Block] = []
@@ -51,7 +55,7 @@ class AnalyseTokens(PassBase):
             reason = f"AnalyseTokens could not read this graph ({type(e).__name__}: {e})"
             self.axis, self.blocks = TokenAxis(reason=reason), []
         self.timestep = find_timestep(gm, self.axis.source)
-        if self.blocks and self.timestep is None:
+        if self.blocks and self.timestep is None and not self.steps_placed_outside:
             reason = "no timestep input found (a tensor input with one value per batch element)"
             for b in self.blocks:
                 b.reason = b.reason or "model has no timestep input to tell steps apart"

@@ -105,7 +105,7 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         if j + 1 < len(starts):
             end = starts[j + 1]
         elif len(starts) > 1 and (within := _end_after_modules(
-                chain, p, _block_modules(position, p, starts[-2], blocks[-1].region), gm.graph.nodes, order)):
+                chain, p, _block_modules(position, p, starts[-2], blocks[-1].region), video, order)):
             end = within
         elif len(starts) > 1 and p + starts[-1] - starts[-2] < len(chain):
             end = p + starts[-1] - starts[-2]
@@ -136,8 +136,9 @@ def _block_modules(position: dict, p: int, q: int, previous_region) -> set[tuple
 
 def _end_after_modules(chain, p: int, modules: set[tuple[str, ...]], nodes, order: dict) -> int | None:
     """Index of the first stream node after chain[p] that comes after every op of `modules`
-    (the block's last residual join, or the reshape back to the stream that follows its last
-    module), if any."""
+    among `nodes` (the video stream's: the block's last residual join, or the reshape back to
+    the stream that follows its last module), if any. A text stream updated after the video
+    (CogVideoX) does not push the end past the output head's first ops."""
     last = max((order[n] for n in nodes if any(tuple(module_path(n)[: len(m)]) == m for m in modules)), default=None)
     if last is None:
         return None

@@ -125,7 +125,10 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
         _Propagator(trial).run(nodes[order[source] + 1:])
         covered |= {(n, t) for n, t in trial.tdim.items() if isinstance(t, int)}
         explained = sum(isinstance(trial.tdim.get(a), int) for a in attentions)
-        score = (bool(trial.self_attention) and _output_carries_source(trial, nodes, order), len(trial.self_attention), explained)
+        # Ties go to the longer axis: a block compiled on its own returns its text stream too,
+        # so only the length tells the video (the many tokens) from the text (CogVideoX).
+        score = (bool(trial.self_attention) and _output_carries_source(trial, nodes, order), len(trial.self_attention),
+                 explained, trial.num_tokens if trial.self_attention else 0)
         if best_score is None or score > best_score:
             best, best_score = trial, score
     if not best.self_attention:
@@ -137,12 +140,16 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
 
 
 def _output_carries_source(trial: TokenAxis, nodes: list, order: dict) -> bool:
-    """Whether the model's output is made from the source's tokens: the last tensor with a
-    followed token axis before the output holds them. Text joined to the video for joint
-    attention explains every attention as well as the video does, but the output is the video's."""
+    """Whether an output of the graph is made from the source's tokens: for some returned
+    tensor, the last tensor with a followed token axis before it holds them. Text joined to the
+    video for joint attention explains every attention as well as the video does, but a model's
+    output is the video's (a block compiled on its own returns both streams)."""
     output = next(n for n in reversed(nodes) if n.op == "output")
-    last = max((n for n in _ancestors(output) if isinstance(trial.tdim.get(n), int)), key=order.get, default=None)
-    return last is not None and trial.carries_video(last)
+    for returned in output.all_input_nodes:
+        last = max((n for n in _ancestors(returned) if isinstance(trial.tdim.get(n), int)), key=order.get, default=None)
+        if last is not None and trial.carries_video(last):
+            return True
+    return False
 
 
 def is_module_state(node: fx.Node) -> bool:

@@ -10,7 +10,7 @@ What a graph reads must stay where it was captured. The context's state (caches,
 lives as long as the runner, reset in place between generations. The call's inputs are
 copied into buffers of the runner's, except the model's own parameters and buffers: an
 input at the same address on every call seen so far is taken as one, and a replay that
-finds it moved captures again. A key's first call runs uncaptured (Triton autotunes and
+finds it moved captures again. A key's first call runs uncaptured (Triton compiles and
 initialises lazily there), its second captures, and later ones replay.
 """
 

@@ -25,7 +25,8 @@ from ..passes import Report
 from .call_graphs import CallGraphs
 from .select import mark_selected, num_selected, scores, select
 from .state import BlockState, ContextState, cache_dtype
-from .steps import StepTracker
+from .placement import Placement
+from .steps import Call
 
 
 RECORDS_KEPT = 10_000  # call records a runner keeps: 50 generations of 100 calls
@@ -55,10 +56,11 @@ class SparseRunner:
         device: torch.device,
         announcements,
         lower_skip: Callable[[], Callable],
+        cuda_graphs: bool = True,
+        contexts: dict[int, ContextState] | None = None,
     ):
         self.graph_fn = graph_fn
-        self.lower_skip = lower_skip  # builds the whole-step-skip graph
-        self._skip_fn: Callable | None = None
+        self.lower_skip = lower_skip  # the whole-step-skip graph, lowered on the first call
         self.dense_gm = dense_gm  # the graph before the rewrite, kept for checks and explain
         self.report = report
         self.blocks = blocks
@@ -73,16 +75,15 @@ class SparseRunner:
         # The indices of a dense step, [S, N] for each block's S.
         every = torch.arange(self.num_tokens, device=device)
         self.all_tokens = [every.expand(b.samples, -1).contiguous() for b in blocks]
-        self.tracker = StepTracker()
-        self.announcements = announcements  # diffusers' cache_context, when the model has one
-        self._announced = False
-        self.contexts: dict[int, ContextState] = {}
+        self.placement = Placement(announcements, lambda steps: self.config.schedule.budget(steps - 1))
+        # Per guidance branch; given when another runner may run the same block (`clock.py`).
+        self.contexts: dict[int, ContextState] = {} if contexts is None else contexts
         self.records: list[CallRecord] = []
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
         # One process on a GPU: replay calls as CUDA graphs (collectives stay uncaptured).
         single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-        self.call_graphs = CallGraphs() if device.type == "cuda" and single else None
+        self.call_graphs = CallGraphs() if cuda_graphs and device.type == "cuda" and single else None
 
     # ---- state -----------------------------------------------------------------------------
     def _new_context(self) -> ContextState:
@@ -100,82 +101,28 @@ class SparseRunner:
 
     def reset(self) -> None:
         """Forget every context's history: the next call starts a new generation."""
-        self.tracker.reset()
-        self._announced = False
+        self.placement.reset()
         self._new_generation()
 
     def cache_bytes(self) -> int:
         return sum(s.nbytes() for c in self.contexts.values() for s in c.blocks)
 
     # ---- the call --------------------------------------------------------------------------
-    def plan(self, timestep: float | None):
-        """(placed call, context state, tokens to select per block: 0 for a skip) of the next
-        call; host work only."""
-        call = self._place(timestep)
+    def plan(self, call: Call):
+        """(context state, budget, tokens to select per block: 0 for a skip) of a placed call;
+        host work only."""
         if call.new_generation:
             self._new_generation()
         ctx = self.contexts.get(call.context)
         if ctx is None:
             ctx = self.contexts[call.context] = self._new_context()
         budget = self.config.step_budget(call.step)  # raises before any output if the schedule is short
-        if ctx.fresh:
+        if not ctx.filled:
             budget = 1.0  # nothing cached yet
         if budget == 0.0:
-            return call, ctx, budget, 0
+            return ctx, budget, 0
         shards = self.selection_shards
-        return call, ctx, budget, num_selected(budget, self.num_tokens // shards) * shards
-
-    def _place(self, timestep: float | None):
-        """Step and branch of this call: as the pipeline announces them, else from the timestep.
-
-        A generation uses one source throughout, with one exception: the hook that listens is
-        attached while the first call compiles, after the pipeline announced that call, so the
-        first announcement arrives with the second call. The generation then switches to the
-        announcements there, and the first call takes its place from the second's (a
-        transformer first called at step 2, Wan 2.2's low-noise expert, is at step 2, not 0).
-        Otherwise announced placement starts with a generation that begins announced (after
-        the pipeline closed the previous one, or when the timestep jumps back up).
-        """
-        a = self.announcements
-        announced = a.current() if a is not None else None
-        switch = announced is not None and not self._announced
-        if announced is None or not (self._announced or a.generation_ended()):
-            call = self.tracker.observe(timestep)
-            if switch and not call.new_generation and self.tracker.calls == 2:
-                return self._join_announcements(announced, call)
-            switch = switch and call.new_generation
-            if not switch:
-                self._announced = False
-                return call
-        if switch:
-            self._announced = True
-            a.reset()
-        call = a.observe(announced)
-        if call.new_generation:
-            self._check_schedule_covers(announced)
-        return call
-
-    def _check_schedule_covers(self, announced) -> None:
-        """A schedule shorter than the announced number of steps fails before the first step."""
-        steps = getattr(announced, "num_inference_steps", None)
-        if steps:
-            self.config.schedule.budget(steps - 1)
-
-    def _join_announcements(self, announced, second):
-        """Place the second call of the first generation by its announcement, and the first
-        (compiled, unannounced, dense) call by it: another branch of the same step (the
-        timesteps say which), or the same branch one step before."""
-        a, first = self.announcements, self.records[-1]
-        a.reset()
-        if second.context > 0:
-            step, name, branches = int(announced.step_index), None, {None: first.context, announced.name: second.context}
-        else:
-            step, name, branches = int(announced.step_index) - 1, announced.name, {announced.name: first.context}
-        a.assume_first_call(step, name, branches)
-        self.records[-1] = dataclasses.replace(first, step=step)
-        self._announced = True
-        self._check_schedule_covers(announced)
-        return a.observe(announced)
+        return ctx, budget, num_selected(budget, self.num_tokens // shards) * shards
 
     def _forward(self, ctx: ContextState, k: int, inputs: tuple) -> tuple[tuple, int]:
         """The device work of a call: select each block's tokens, run the rewritten graph.
@@ -193,9 +140,7 @@ class SparseRunner:
 
     def _reuse_blocks(self, ctx: ContextState, inputs: tuple) -> tuple[tuple, int]:
         """The device work of a skipped step: every block adds its cache to its input."""
-        if self._skip_fn is None:
-            self._skip_fn = self.lower_skip()
-        return _call(self._skip_fn, ctx, self.all_tokens, inputs), 0
+        return _call(self.lower_skip(), ctx, self.all_tokens, inputs), 0
 
     def _record(self, record: CallRecord) -> None:
         """Keep what the call did; the oldest records go past RECORDS_KEPT, so that a
@@ -217,7 +162,15 @@ class SparseRunner:
         timestep = None
         if self.timestep_position is not None:
             timestep = float(args[self.timestep_position].max())  # per-token times: the noisiest
-        call, ctx, budget, k = self.plan(timestep)
+        call = self.placement.place(timestep)
+        if self.placement.moved is not None and self.records:
+            moved = self.placement.moved
+            self.records[-1] = dataclasses.replace(self.records[-1], step=moved.step, context=moved.context)
+        return self.run(call, args)
+
+    def run(self, call: Call, args: tuple) -> tuple:
+        """Run a placed call (placed by this runner, or by the model's clock)."""
+        ctx, budget, k = self.plan(call)
         if k == 0:
             torch._foreach_add_([state.stale for state in ctx.blocks], 1)  # one launch, not one per block
             if self.config.skip == "output":
@@ -229,7 +182,8 @@ class SparseRunner:
         key = self._graph_key(call.context, k)
         out, tokens = run(args) if key is None else self.call_graphs(key, run, args)
         self._record(CallRecord(call.step, call.context, budget, tokens))
-        ctx.last_output = out
+        ctx.filled = True
+        ctx.last_output = out if self.config.skip == "output" else None
         return out
 
 

@@ -54,7 +54,8 @@ class BlockState:
 @dataclass
 class ContextState:
     blocks: list[BlockState]
-    last_output: tuple | None = None  # the last model output (a budget-0 step with skip="output" reuses it)
+    last_output: tuple | None = None  # the last output, kept for skip="output" (a budget-0 step reuses it)
+    filled: bool = False  # a call has filled the caches
 
     def reset(self) -> None:
         """As allocated, in place (captured call graphs read these tensors where they are)."""
@@ -62,8 +63,4 @@ class ContextState:
             for t in block.tensors():
                 t.zero_()
         self.last_output = None
-
-    @property
-    def fresh(self) -> bool:
-        """No call has filled the caches yet: the next call must be dense."""
-        return self.last_output is None
+        self.filled = False

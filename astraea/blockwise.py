@@ -1,0 +1,94 @@
+"""`astraea.compile_blocks(model)`: compile each repeated block on its own, as diffusers'
+`compile_repeated_blocks()` does, with astraea as the blocks' backend.
+
+`torch.compile(model, backend="astraea")` has dynamo trace the whole model first (6-10 s for a
+30-block Wan, on every start: no cache keeps a trace). Here dynamo traces one block per block
+class and reuses that trace for every instance (their weights are graph inputs), so a start
+costs what a regional compile costs; the embeddings and the output head run eagerly. The
+analysis, the rewrite and the lowering are those of a whole model, applied to the block's
+graph. What a block graph lacks, the step it runs at, comes from a forward pre-hook on the
+model that reads the call's timestep (or the pipeline's announcement) before any block runs.
+
+The repeated blocks are found without code per model: the children of every `ModuleList` or
+`Sequential` made of two or more modules of one class that hold modules themselves.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+import torch
+
+from .backend import Backend
+from .config import AstraeaConfig, ConfigError
+from .passes.timestep import TIME_NAMES
+from .runtime.announced import listen
+from .runtime.clock import StepClock
+
+
+def compile_blocks(model: torch.nn.Module, config: AstraeaConfig | None = None, **options) -> Backend:
+    """Compile `model`'s repeated blocks with astraea, in place; returns the backend
+    (`backend.update(...)`, `backend.set_schedule(...)` change options without recompiling).
+
+    Pass a config or options as keywords, as for `astraea.backend`. The model is called as
+    usual afterwards: `model(...)`, or through its pipeline.
+    """
+    if config is not None and options:
+        raise ConfigError("pass either a config or keyword options, not both")
+    config = config if config is not None else AstraeaConfig.from_options(options)
+    if config.skip == "output":
+        raise ConfigError("skip='output' returns the model's previous output, which needs the whole model in one "
+                          "graph: use torch.compile(model, backend='astraea') for it")
+    if any(isinstance(getattr(hook, "__self__", None), StepClock) for hook in model._forward_pre_hooks.values()):
+        raise ConfigError("astraea.compile_blocks was already applied to this model; to change options use the "
+                          "backend it returned (backend.update(...))")
+    blocks = repeated_blocks(model)
+    if not blocks:
+        raise ConfigError(f"no repeated blocks found in {type(model).__name__} (a ModuleList or Sequential of two or "
+                          "more modules of one class); use torch.compile(model, backend='astraea')")
+    announcements = listen(model)
+    read_timestep = timestep_reader(model)
+    if read_timestep is None and announcements is None:
+        raise ConfigError(f"{type(model).__name__}.forward has no timestep argument (named one of {TIME_NAMES}, or "
+                          "containing 'timestep'), so its calls cannot be placed at their steps")
+    backend = Backend(config)
+    backend.clock = StepClock(announcements, read_timestep or (lambda args, kwargs: None),
+                              lambda steps: backend.config.schedule.budget(steps - 1))
+    backend.clock.attach(model)
+    for block in blocks:
+        block.compile(backend=backend, dynamic=False)
+    return backend
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The children of every list of two or more modules of one class that hold modules,
+    outermost lists first (a block's own inner lists stay inside it)."""
+    found: list[torch.nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside or not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
+            continue
+        children = list(module.children())
+        if len(children) >= 2 and len({type(c) for c in children}) == 1 and any(True for _ in children[0].children()):
+            found.extend(children)
+            inside.update(id(m) for c in children for m in c.modules())
+    return found
+
+
+def timestep_reader(model: torch.nn.Module) -> Callable | None:
+    """A function of a forward call's (args, kwargs) giving its timestep as a float (the largest
+    value: per-token times run at the noisiest); None if the forward takes no timestep."""
+    signature = inspect.signature(model.forward)
+    names = [n for n in signature.parameters if n in TIME_NAMES] or [n for n in signature.parameters if "timestep" in n]
+    if not names:
+        return None
+    name = names[0]
+
+    def read(args, kwargs) -> float | None:
+        value = signature.bind_partial(*args, **kwargs).arguments.get(name)
+        if isinstance(value, torch.Tensor):
+            return float(value.max())
+        return None if value is None else float(value)
+
+    return read

@@ -1,0 +1,117 @@
+"""Step placement for blocks compiled on their own (`astraea.compile_blocks`).
+
+A block's graph has no timestep input, and dynamo compiles one graph for every instance of a
+block class (their weights are inputs). So the model's own call is placed once, by a forward
+pre-hook on the model (`StepClock`), and each compiled block graph hands its calls to one
+runner per instance (`BlockInstances`), told apart by the instance's own weight tensor.
+
+Dynamo guards a block's graph on its inputs' strides, even along dimensions of size 1. A
+sparse step's outputs can be slices whose strides follow the step's selection size, so a
+block's outputs are given dense strides: the next block then sees the same strides at every
+budget, and nothing recompiles. Where a block still runs through different graphs from call
+to call (a skipped step returns other strides than a computed one), its caches are the
+clock's, shared by every graph's runner for that block.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .announced import Announcements
+from .placement import Placement
+from .runner import CallRecord, SparseRunner
+from .steps import Call
+
+
+class StepClock:
+    """Places every call of one model; `read_timestep(args, kwargs)` finds the call's
+    timestep (None where the model has none, then only announcements place calls)."""
+
+    def __init__(self, announcements: Announcements | None, read_timestep: Callable, check_steps: Callable[[int], None]):
+        self.placement = Placement(announcements, check_steps)
+        self.read_timestep = read_timestep
+        self.call: Call | None = None
+        self.block_states: dict = {}  # per block (and cache shapes): its guidance branches' states
+
+    def attach(self, model: torch.nn.Module):
+        """Place each call of `model` before it runs; returns the hook's handle."""
+        return model.register_forward_pre_hook(self._before_call, with_kwargs=True)
+
+    def _before_call(self, model, args, kwargs):
+        self.call = self.placement.place(self.read_timestep(args, kwargs))
+
+    def reset(self) -> None:
+        self.placement.reset()
+        self.call = None
+
+    def cache_bytes(self) -> int:
+        """The caches and scores of every block, every guidance branch."""
+        return sum(s.nbytes() for contexts in self.block_states.values() for c in contexts.values() for s in c.blocks)
+
+
+class BlockInstances:
+    """Runs the compiled graph of a block class, dispatching each call to its instance's
+    runner (its own caches, scores and selection). `weight` is the position of an input that
+    is the instance's own parameter; `make_runner(contexts, config)` builds a runner on a
+    block's states."""
+
+    def __init__(self, clock: StepClock, report, config, weight: int, shapes: tuple,
+                 make_runner: Callable[[dict, object], SparseRunner]):
+        self.clock = clock
+        self.report = report
+        self._config = config
+        self.weight = weight
+        self.shapes = shapes  # the cache shapes: one block at another batch size has other caches
+        self.make_runner = make_runner
+        self.instances: dict[int, SparseRunner] = {}
+
+    def __call__(self, *args):
+        if self.clock.call is None:
+            raise RuntimeError(
+                "astraea: a block compiled by astraea.compile_blocks was called outside its model's call; "
+                "call the model (its forward places the denoising step), not the block"
+            )
+        block = id(args[self.weight])
+        runner = self.instances.get(block)
+        if runner is None:
+            runner = self.instances[block] = self.make_runner(self.clock.block_states.setdefault((block, self.shapes), {}), self.config)
+        return tuple(_dense_strides(t) for t in runner.run(self.clock.call, args))
+
+    # What a whole-graph runner offers, over all instances.
+    @property
+    def records(self) -> list[CallRecord]:
+        """What each model call did, as the first instance this graph ran did it."""
+        return next(iter(self.instances.values())).records if self.instances else []
+
+    @property
+    def config(self):
+        return self._config
+
+    @config.setter
+    def config(self, config) -> None:
+        self._config = config
+        for runner in self.instances.values():
+            runner.config = config
+
+    def reset(self) -> None:
+        for runner in self.instances.values():
+            runner.reset()
+
+    def cache_bytes(self) -> int:
+        """The caches of the blocks this graph ran (a block run by two graphs counts in both)."""
+        return sum(runner.cache_bytes() for runner in self.instances.values())
+
+
+def _dense_strides(t):
+    """`t` with the strides of a new tensor of its shape (copied only where they differ)."""
+    if not isinstance(t, torch.Tensor):
+        return t
+    strides, step = [], 1
+    for size in reversed(t.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    if t.stride() == tuple(reversed(strides)):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)

@@ -1,0 +1,130 @@
+"""`astraea.compile_blocks`: each repeated block traced and compiled on its own, its calls
+placed by the model's clock. It must compute what the whole-model compile computes, call by
+call, with one compiled graph per block class and one runner per block."""
+
+import pytest
+import torch
+
+import astraea
+from astraea.blockwise import repeated_blocks
+from tests.contract import REGIONS_SCHEDULE
+from tests.generated import GeneratedDiT, Knobs
+from tests.models import cogvideox, hunyuan, ltx, sample, wan
+
+FAMILIES = {
+    "wan": lambda: wan(layers=3),
+    "ltx": lambda: ltx(layers=3),
+    "cogvideox": cogvideox,
+    "hunyuan": lambda: hunyuan(double=2, single=3),
+}
+STEPS = len(REGIONS_SCHEDULE)
+
+
+def _whole(make, schedule):
+    torch._dynamo.reset()
+    family = make()
+    be = astraea.backend(schedule=schedule)
+    return sample(family, torch.compile(family.model, backend=be), steps=STEPS), be.runners[0].records
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_blocks_compute_what_the_whole_model_computes(name):
+    """Budget 1.0 equals eager; a schedule with sparse and skipped steps gives the whole-model
+    compile's output and records (the same selection from the same caches, block by block)."""
+    make = FAMILIES[name]
+    family = make()
+    eager = sample(family, family.model, steps=STEPS)
+    whole, whole_records = _whole(make, REGIONS_SCHEDULE)
+    torch._dynamo.reset()
+    family = make()
+    be = astraea.compile_blocks(family.model, schedule=1.0)
+    torch.testing.assert_close(sample(family, family.model, steps=STEPS), eager, rtol=1e-5, atol=1e-5)
+    be.update(schedule=REGIONS_SCHEDULE)
+    torch.testing.assert_close(sample(family, family.model, steps=STEPS), whole, rtol=1e-4, atol=1e-5)
+    assert be.runners[0].records[-2 * STEPS:] == whole_records[-2 * STEPS:]
+
+
+def test_one_graph_serves_every_block_of_a_class():
+    """Wan: one compiled graph (one runner) for every block, with one instance per block,
+    each with its own caches; deeper models add instances, not graphs."""
+    for layers in (2, 5):
+        torch._dynamo.reset()
+        family = wan(layers=layers)
+        be = astraea.compile_blocks(family.model, schedule=REGIONS_SCHEDULE)
+        sample(family, family.model, steps=STEPS)
+        assert [len(r.instances) for r in be.runners] == [layers]
+        caches = {id(ctx.blocks[0].cache) for r in be.runners[0].instances.values() for ctx in r.contexts.values()}
+        assert len(caches) == 2 * layers  # per block, per guidance branch
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+def test_budgets_change_without_recompiling(name):
+    """Budgets change the selection size, so the strides of a block's slices: the outputs a
+    block hands the next one keep dense strides, and nothing recompiles."""
+    torch._dynamo.reset()
+    family = FAMILIES[name]()
+    be = astraea.compile_blocks(family.model, schedule=[1.0, 0.5, 0.0])
+    sample(family, family.model, steps=3)
+    graphs = len(be.reports)
+    for schedule in ([0.5, 0.25], [1.0, 0.0], REGIONS_SCHEDULE):
+        be.update(schedule=schedule)
+        sample(family, family.model, steps=len(schedule))
+    assert len(be.reports) == graphs
+
+
+def test_timestep_read_from_a_positional_argument():
+    """Research code called positionally, `model(latent, timestep, context)`: the clock binds
+    the call to the forward's signature; steps and branches follow the timesteps."""
+    torch.manual_seed(0)
+    model = GeneratedDiT(Knobs(depth=3)).eval()
+    x, text = torch.randn(1, 24, 4), torch.randn(1, 5, 16)
+    be = astraea.compile_blocks(model, schedule=[1.0, 0.5, 0.5])
+    with torch.no_grad():
+        for t in (900.0, 600.0, 300.0):
+            for context in (text, torch.zeros_like(text)):
+                model(x, torch.tensor([t]), context)
+    assert [(r.step, r.context, r.tokens) for r in be.runners[0].records] == [
+        (0, 0, 24), (0, 1, 24), (1, 0, 12), (1, 1, 12), (2, 0, 12), (2, 1, 12)
+    ]
+
+
+def test_repeated_blocks_are_found_by_structure():
+    family = hunyuan(double=2, single=3)
+    found = repeated_blocks(family.model)
+    assert found == [*family.model.transformer_blocks, *family.model.single_transformer_blocks]
+    assert repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))) == []
+
+
+def test_refusals():
+    family = wan(layers=2)
+    with pytest.raises(astraea.ConfigError, match="skip='output'"):
+        astraea.compile_blocks(family.model, skip="output")
+    astraea.compile_blocks(family.model)
+    with pytest.raises(astraea.ConfigError, match="already applied"):
+        astraea.compile_blocks(family.model)
+    with pytest.raises(astraea.ConfigError, match="no repeated blocks"):
+        astraea.compile_blocks(torch.nn.Linear(2, 2))
+
+    class NoTime(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(2, 2)) for _ in range(2))
+
+        def forward(self, x):
+            return self.blocks[1](self.blocks[0](x))
+
+    with pytest.raises(astraea.ConfigError, match="no timestep argument"):
+        astraea.compile_blocks(NoTime())
+
+
+def test_a_block_called_outside_its_model_is_refused():
+    torch._dynamo.reset()
+    family = wan(layers=2)
+    seen = {}
+    hook = family.model.blocks[0].register_forward_pre_hook(lambda m, a, k: seen.update(args=a, kwargs=k),
+                                                            with_kwargs=True)
+    sample(family, family.model, steps=1)
+    hook.remove()
+    astraea.compile_blocks(family.model)
+    with pytest.raises(RuntimeError, match="outside its model's call"), torch.no_grad():
+        family.model.blocks[0](*seen["args"], **seen["kwargs"])

@@ -9,8 +9,10 @@ analysis, the rewrite and the lowering are those of a whole model, applied to th
 graph. What a block graph lacks, the step it runs at, comes from a forward pre-hook on the
 model that reads the call's timestep (or the pipeline's announcement) before any block runs.
 
-The repeated blocks are found without code per model: the children of every `ModuleList` or
-`Sequential` made of two or more modules of one class that hold modules themselves.
+The blocks are found without code per model: the children of every `ModuleList` or
+`Sequential` made of modules of one class that hold modules themselves (a stack of blocks; a
+module list that mixes classes is a block's parts). Graphs in which the analysis finds no
+block (no attention) run as dynamo traced them.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def compile_blocks(model: torch.nn.Module, config: AstraeaConfig | None = None, 
                           "backend it returned (backend.update(...))")
     blocks = repeated_blocks(model)
     if not blocks:
-        raise ConfigError(f"no repeated blocks found in {type(model).__name__} (a ModuleList or Sequential of two or "
-                          "more modules of one class); use torch.compile(model, backend='astraea')")
+        raise ConfigError(f"no blocks found in {type(model).__name__} (a ModuleList or Sequential of modules of one "
+                          "class); use torch.compile(model, backend='astraea')")
     announcements = listen(model)
     read_timestep = timestep_reader(model)
     if read_timestep is None and announcements is None:
@@ -62,15 +64,15 @@ def compile_blocks(model: torch.nn.Module, config: AstraeaConfig | None = None, 
 
 
 def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The children of every list of two or more modules of one class that hold modules,
-    outermost lists first (a block's own inner lists stay inside it)."""
+    """The children of every list of modules of one class that hold modules, outermost lists
+    first (a block's own inner lists stay inside it)."""
     found: list[torch.nn.Module] = []
     inside: set[int] = set()
     for module in model.modules():
         if id(module) in inside or not isinstance(module, (torch.nn.ModuleList, torch.nn.Sequential)):
             continue
         children = list(module.children())
-        if len(children) >= 2 and len({type(c) for c in children}) == 1 and any(True for _ in children[0].children()):
+        if len({type(c) for c in children}) == 1 and any(True for _ in children[0].children()):
             found.extend(children)
             inside.update(id(m) for c in children for m in c.modules())
     return found

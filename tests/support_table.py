@@ -1,4 +1,5 @@
-"""The README's support table: what `astraea.explain` says of every video transformer class.
+"""The README's support table: what `astraea.explain` says of every video transformer class, and
+how many of its blocks go sparse under `astraea.compile_blocks`.
 
     python -m tests.support_table           # print the table
     python -m tests.support_table --write   # and put it in README.md, between the markers
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 import astraea
+from astraea.blockwise import repeated_blocks
 from tests.support_models import CASES, Case, video_transformer_classes
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -34,6 +36,7 @@ class Row:
     label: str
     blocks: str  # "sparse / all", or "-" where there is no report
     notes: str  # why blocks stay dense, the error, or that there is no factory
+    each_block: str = "-"  # "sparse / all" blocks under astraea.compile_blocks
 
 
 def _clean(text: str) -> str:
@@ -66,7 +69,32 @@ def explain_row(case: Case) -> Row:
         sparse, blocks = sum(g.sparse_blocks for g in report.graphs), sum(g.blocks for g in report.graphs)
     reasons += [b.reason for b in report.blocks if not b.sparse and b.reason]
     notes = "; ".join(dict.fromkeys(_clean(r) for r in reasons))
-    return Row(case.label, f"{sparse} / {blocks}", notes)
+    return Row(case.label, f"{sparse} / {blocks}", notes, compile_blocks_cell(case))
+
+
+def compile_blocks_cell(case: Case) -> str:
+    """"sparse / all" blocks of the case's model under `astraea.compile_blocks`, after one call
+    at its example inputs: those that select among the video's tokens, of all it compiled (a
+    text refiner computes every token). That call runs at budget 1.0 and must give the eager
+    output; where it does not, the cell says so (MISMATCH), as it names an error ("-")."""
+    torch._dynamo.reset()
+    try:
+        family = case.build()
+        x = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(0))
+        args = (x, torch.tensor([500.0]), family.contexts[0])
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            eager = family.call(family.model, *args)
+            be = astraea.compile_blocks(family.model, schedule=1.0)
+            out = family.call(family.model, *args)
+    except Exception as e:
+        return f"- ({type(e).__name__})"
+    finally:
+        torch._dynamo.reset()
+    sparse = sum(len(r.instances) for r in be.runners if r.report.num_tokens == be.clock.tokens)
+    cell = f"{sparse} / {len(repeated_blocks(family.model))}"
+    error = (torch.linalg.norm(out - eager) / torch.linalg.norm(eager)).item()
+    return cell if error <= 1e-5 else f"{cell}, MISMATCH: {error:.2g} from eager at budget 1.0"
 
 
 def rows() -> list[Row]:
@@ -79,11 +107,11 @@ def rows() -> list[Row]:
 
 
 def render(table_rows: list[Row]) -> str:
-    lines = ["| diffusers class | sparse blocks | why blocks stay dense |", "|---|---|---|"]
+    lines = ["| diffusers class | sparse blocks | with `compile_blocks` | why blocks stay dense |", "|---|---|---|---|"]
     for r in table_rows:
         cls, _, variant = r.label.partition(" ")
         label = f"`{cls}`" + (f" {variant}" if variant else "")
-        lines.append(f"| {label} | {r.blocks} | {r.notes} |")
+        lines.append(f"| {label} | {r.blocks} | {r.each_block} | {r.notes} |")
     return "\n".join(lines)
 
 

@@ -86,3 +86,19 @@ def test_announced_steps_and_branches_are_used():
     with pytest.raises(astraea.ScheduleError, match="schedule has 4 steps but the run reached step 6"):
         _announced_generation(compiled, family, 6)
     assert len(runner.records) == first + 8  # refused before its first call ran
+
+
+def test_compile_blocks_places_announced_steps_from_the_first_call():
+    """Under compile_blocks the listener is attached before any call, so even the first
+    generation follows the announcements (a constant timestep could not tell its steps apart),
+    and a schedule shorter than the announced step count is refused before any block runs."""
+    torch._dynamo.reset()
+    family = wan()
+    be = astraea.compile_blocks(family.model, schedule=[1.0, 0.5, 0.0, 0.25])
+    _announced_generation(family.model, family, 4)
+    placed = [(r.step, r.context, r.budget) for r in be.runners[0].records]
+    assert placed == [(0, 0, 1.0), (0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.0), (2, 1, 0.0),
+                      (3, 0, 0.25), (3, 1, 0.25)]
+    with pytest.raises(astraea.ScheduleError, match="schedule has 4 steps but the run reached step 6"):
+        _announced_generation(family.model, family, 6)
+    assert len(be.runners[0].records) == 8

@@ -4,6 +4,9 @@ A block's graph has no timestep input, and dynamo compiles one graph for every i
 block class (their weights are inputs). So the model's own call is placed once, by a forward
 pre-hook on the model (`StepClock`), and each compiled block graph hands its calls to one
 runner per instance (`BlockInstances`), told apart by the instance's own weight tensor.
+Only the blocks over the most tokens, the video's, select; a stack over fewer (a text
+refiner, text-only blocks) computes every token, as it does in a whole-model compile where
+the token axis is the video's.
 
 Dynamo guards a block's graph on its inputs' strides, even along dimensions of size 1. A
 sparse step's outputs can be slices whose strides follow the step's selection size, so a
@@ -34,6 +37,7 @@ class StepClock:
         self.read_timestep = read_timestep
         self.call: Call | None = None
         self.block_states: dict = {}  # per block (and cache shapes): its guidance branches' states
+        self.tokens = 0  # the most tokens a block graph of this model runs on: the video's
 
     def attach(self, model: torch.nn.Module):
         """Place each call of `model` before it runs; returns the hook's handle."""
@@ -66,6 +70,7 @@ class BlockInstances:
         self.shapes = shapes  # the cache shapes: one block at another batch size has other caches
         self.make_runner = make_runner
         self.instances: dict[int, SparseRunner] = {}
+        clock.tokens = max(clock.tokens, report.num_tokens)
 
     def __call__(self, *args):
         if self.clock.call is None:
@@ -77,7 +82,8 @@ class BlockInstances:
         runner = self.instances.get(block)
         if runner is None:
             runner = self.instances[block] = self.make_runner(self.clock.block_states.setdefault((block, self.shapes), {}), self.config)
-        return tuple(_dense_strides(t) for t in runner.run(self.clock.call, args))
+        full = self.report.num_tokens < self.clock.tokens  # not the video's tokens
+        return tuple(_dense_strides(t) for t in runner.run(self.clock.call, args, full))
 
     # What a whole-graph runner offers, over all instances.
     @property

@@ -108,16 +108,16 @@ class SparseRunner:
         return sum(s.nbytes() for c in self.contexts.values() for s in c.blocks)
 
     # ---- the call --------------------------------------------------------------------------
-    def plan(self, call: Call):
-        """(context state, budget, tokens to select per block: 0 for a skip) of a placed call;
-        host work only."""
+    def plan(self, call: Call, full: bool = False):
+        """(context state, budget, tokens to select per block: 0 for a skip) of a placed call,
+        at budget 1.0 where `full`; host work only."""
         if call.new_generation:
             self._new_generation()
         ctx = self.contexts.get(call.context)
         if ctx is None:
             ctx = self.contexts[call.context] = self._new_context()
         budget = self.config.step_budget(call.step)  # raises before any output if the schedule is short
-        if not ctx.filled:
+        if full or not ctx.filled:
             budget = 1.0  # nothing cached yet
         if budget == 0.0:
             return ctx, budget, 0
@@ -168,9 +168,10 @@ class SparseRunner:
             self.records[-1] = dataclasses.replace(self.records[-1], step=moved.step, context=moved.context)
         return self.run(call, args)
 
-    def run(self, call: Call, args: tuple) -> tuple:
-        """Run a placed call (placed by this runner, or by the model's clock)."""
-        ctx, budget, k = self.plan(call)
+    def run(self, call: Call, args: tuple, full: bool = False) -> tuple:
+        """Run a placed call (placed by this runner, or by the model's clock); every token where
+        `full`."""
+        ctx, budget, k = self.plan(call, full)
         if k == 0:
             torch._foreach_add_([state.stale for state in ctx.blocks], 1)  # one launch, not one per block
             if self.config.skip == "output":

@@ -1,0 +1,96 @@
+"""Step placement, table-driven: each case is a sequence of calls, each call what the caller
+shows (the timestep; the pipeline's announcement, if any; whether the pipeline closed a
+generation before it), and the (step, branch, new generation) placement expects for it.
+
+Announcements go through a real diffusers model's `cache_context` and its stateful-hook reset,
+as pipelines make them; nothing is compiled."""
+
+import pytest
+import torch
+
+from astraea.runtime.announced import listen
+from astraea.runtime.placement import Placement
+from tests.models import wan
+
+N = None  # no announcement
+
+
+def call(t, announced=N, ended=False):
+    """One call: timestep t (None: the model has none), announced as (step, name) or not,
+    after the pipeline closed a generation or not."""
+    return t, announced, ended
+
+
+CASES = {
+    "timesteps, two branches": (
+        [call(900), call(900), call(800), call(800), call(700), call(700)],
+        [(0, 0, True), (0, 1, False), (1, 0, False), (1, 1, False), (2, 0, False), (2, 1, False)],
+    ),
+    "a timestep that jumps back up starts a generation": (
+        [call(900), call(800), call(900), call(800)],
+        [(0, 0, True), (1, 0, False), (0, 0, True), (1, 0, False)],
+    ),
+    "no timestep: every call is a step": (
+        [call(None), call(None), call(None)],
+        [(0, 0, True), (1, 0, False), (2, 0, False)],
+    ),
+    "announced: steps and branches by name, whatever the timestep": (
+        [call(500, (0, "cond")), call(500, (0, "uncond")), call(500, (1, "cond")), call(500, (1, "uncond"))],
+        [(0, 0, True), (0, 1, False), (1, 0, False), (1, 1, False)],
+    ),
+    "announced, uncond first: branches numbered in order of appearance": (
+        [call(500, (0, "uncond")), call(500, (0, "cond")), call(500, (1, "uncond"))],
+        [(0, 0, True), (0, 1, False), (1, 0, False)],
+    ),
+    "announced: a pipeline that closed its generation starts the next at its step 0": (
+        [call(500, (0, "cond")), call(500, (1, "cond")), call(500, (0, "cond"), ended=True), call(500, (1, "cond"))],
+        [(0, 0, True), (1, 0, False), (0, 0, True), (1, 0, False)],
+    ),
+    "a listener attached after the first call: it joins the second's branch of the same step": (
+        [call(900), call(900, (0, "uncond")), call(800, (1, "cond")), call(800, (1, "uncond"))],
+        [(0, 0, True), (0, 1, False), (1, 0, False), (1, 1, False)],
+    ),
+    "a listener attached after the first call, a model first called at step 2 (Wan 2.2's second expert)": (
+        [call(900), call(800, (3, "cond"))],
+        [(2, 0, True), (3, 0, False)],
+    ),
+    "announcements that stop: the timestep places the rest": (
+        [call(900, (0, "cond")), call(800), call(700)],
+        [(0, 0, True), (1, 0, False), (2, 0, False)],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_placement(name):
+    calls, expected = CASES[name]
+    model = wan().model
+    placement = Placement(listen(model), lambda steps: None)
+    placed, moved = [], []
+    for t, announced, ended in calls:
+        if ended:
+            model._reset_stateful_cache()
+        timestep = None if t is None else float(t)
+        if announced is None:
+            result = placement.place(timestep)
+        else:
+            with model.cache_context(announced[1], step_index=announced[0], num_inference_steps=4):
+                result = placement.place(timestep)
+        placed.append((result.step, result.context, result.new_generation))
+        if placement.moved is not None:
+            moved.append(placement.moved)
+    # A late listener places the first call anew, once, from the second's announcement.
+    assert len(moved) <= 1
+    first = [(moved[0].step, moved[0].context, moved[0].new_generation)] if moved else placed[:1]
+    assert first + placed[1:] == expected
+
+
+def test_a_new_announced_generation_checks_the_step_count():
+    model = wan().model
+    told = []
+    placement = Placement(listen(model), told.append)
+    with model.cache_context("cond", step_index=0, num_inference_steps=30):
+        placement.place(500.0)
+    with model.cache_context("cond", step_index=1, num_inference_steps=30):
+        placement.place(500.0)
+    assert told == [30]

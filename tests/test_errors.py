@@ -87,16 +87,6 @@ def test_model_without_blocks_runs_dense_with_warning():
     assert report.num_blocks == 0 and "no self-attention" in str(report)
 
 
-def test_selection_shards_must_split_evenly():
-    from astraea.runtime.select import select
-
-    config = astraea.AstraeaConfig()
-    score = torch.arange(12.0)[None]
-    assert select(score, 4, config, None, shards=2).tolist() == [[4, 5, 10, 11]]  # top 2 of each half
-    with pytest.raises(ValueError, match="do not split into 5 equal shards"):
-        select(score, 5, config, None, shards=5)
-
-
 def test_compile_says_what_it_is_doing():
     """A compile reports its stages on the "astraea" logger (printed to stderr by default)."""
     import logging

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ import astraea
 import astraea.parallel
 from astraea.flops import counting
 from astraea.passes.ulysses import collapse_ulysses_attention
+from astraea.runtime import runner as runner_module
+from astraea.runtime.select import select as select_tokens
 from tests.models import sample, wan
 
 # 32 tokens, 16 per rank: as many as the head width and half the timestep frequencies, so the
@@ -96,7 +99,20 @@ def ranks(tmp_path_factory):
     return [torch.load(f"{path}.{r}") for r in range(2)]
 
 
+def _by_shards(shards: int):
+    """The runner's selection made as `shards` ranks make it: k / shards tokens from each
+    contiguous shard of the tokens, each rank's own."""
+
+    def select(score, k, config, grid):
+        width = score.shape[-1] // shards
+        parts = score.chunk(shards, -1)
+        return torch.cat([select_tokens(p, k // shards, config, None) + i * width for i, p in enumerate(parts)], -1)
+
+    return select
+
+
 def _single(schedule, shards=1, flops=None):
+    """A single process's sample, selecting as a run over `shards` ranks does."""
     torch._dynamo.reset()
     family = wan(**SHAPE)
     be = astraea.backend(schedule=schedule)
@@ -104,11 +120,11 @@ def _single(schedule, shards=1, flops=None):
     with torch.no_grad():
         family.call(compiled, torch.randn(family.latent_shape), torch.tensor([1.0]), family.contexts[0])
     runner = be.runners[0]
-    runner.selection_shards = shards
     if flops is not None:
         runner.graph_fn = counting(runner.graph_fn, flops)
     runner.reset()
-    return sample(family, compiled), be.reports[0]
+    with mock.patch.object(runner_module, "select", _by_shards(shards)):
+        return sample(family, compiled), be.reports[0]
 
 
 @pytest.fixture(scope="module")

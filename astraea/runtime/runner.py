@@ -68,10 +68,6 @@ class SparseRunner:
         self.timestep_position = timestep_position
         self.device = device
         self.num_tokens = report.num_tokens
-        # Select equally from this many contiguous shards of the tokens. A sequence-parallel
-        # rank sees one shard (its own), so 1 there too; a single process sets it to the
-        # rank count to make the selection that run makes.
-        self.selection_shards = 1
         # The indices of a dense step, [S, N] for each block's S.
         every = torch.arange(self.num_tokens, device=device)
         self.all_tokens = [every.expand(b.samples, -1).contiguous() for b in blocks]
@@ -121,8 +117,7 @@ class SparseRunner:
             budget = 1.0  # nothing cached yet
         if budget == 0.0:
             return ctx, budget, 0
-        shards = self.selection_shards
-        return ctx, budget, num_selected(budget, self.num_tokens // shards) * shards
+        return ctx, budget, num_selected(budget, self.num_tokens)
 
     def _forward(self, ctx: ContextState, k: int, inputs: tuple) -> tuple[tuple, int]:
         """The device work of a call: select each block's tokens, run the rewritten graph.
@@ -131,7 +126,7 @@ class SparseRunner:
         for state, every in zip(ctx.blocks, self.all_tokens):
             if k < self.num_tokens:  # a dense step needs no scores
                 score = scores(state, self.config, self.generator)
-                idx = select(score, k, self.config, self.report.token_grid, self.selection_shards)
+                idx = select(score, k, self.config, self.report.token_grid)
             else:
                 idx = every
             mark_selected(state, idx)
@@ -156,7 +151,7 @@ class SparseRunner:
         c = self.config
         if self.call_graphs is None or not c.cuda_graphs or c.policy == "random" or c.group != "token":
             return None
-        return context, k, c.policy, c.weight_signal, c.weight_penalty, self.selection_shards
+        return context, k, c.policy, c.weight_signal, c.weight_penalty
 
     def __call__(self, *args):
         timestep = None

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..config import AstraeaConfig, ConfigError
+from ..config import AstraeaConfig
 from .state import BlockState
 
 MAX_STALE = 60  # exp(60) is still finite in fp32
@@ -40,24 +40,12 @@ def scores(state: BlockState, config: AstraeaConfig, generator: torch.Generator)
     return config.weight_signal * signal + config.weight_penalty * penalty
 
 
-def select(
-    score: torch.Tensor, k: int, config: AstraeaConfig, grid: tuple[int, ...] | None, shards: int = 1
-) -> torch.Tensor:
+def select(score: torch.Tensor, k: int, config: AstraeaConfig, grid: tuple[int, ...] | None) -> torch.Tensor:
     """Sorted int64 indices [S, K] of about k < N tokens per row of `score` [S, N], grouped as
     the config asks. Every row gets the same count: grouped selections fill a partial group's
     place with the row's best other tokens.
-
-    With `shards` > 1, k / shards tokens from each of that many equal contiguous shards: the
-    selection each rank of a sequence-parallel run makes from its own shard.
     """
     n = score.shape[-1]
-    if shards > 1:
-        if config.group == "spatial":
-            raise ConfigError("group='spatial' needs whole frames; it cannot select from token shards")
-        if n % shards or k % shards:
-            raise ValueError(f"{n} tokens and {k} selected do not split into {shards} equal shards")
-        width = n // shards
-        return torch.cat([select(p, k // shards, config, None) + i * width for i, p in enumerate(score.chunk(shards, -1))], -1)
     if config.group == "token":
         return score.topk(k, -1).indices.sort(-1).values
     if config.group == "spatial":

@@ -86,7 +86,7 @@ class ContractChecker:
         # Users after a block of what it computed, other than its output: the small segments
         # it hands on (the text stream), which must be exact.
         self.handed_on = {
-            u.name for b in sparse for n in b.sparse if n is not b.end for u in n.users if u.name not in inside
+            u.name for b in sparse for n in b.row_nodes if n is not b.end for u in n.users if u.name not in inside
         }
         self.compute = inside | self.handed_on
         assert not (self.handed_on & ends)

@@ -7,7 +7,7 @@ consecutive stream nodes; the stream node just before it starts a block, and the
 block's start ends it (the last block ends one period later, or at its last residual join).
 
 Inside a block, the nodes that feed a self-attention's keys or values must see every token
-("dense" nodes); every other token node may run on the selected rows only ("sparse" nodes).
+("all-token" nodes); every other token node may run on the selected rows only ("row" nodes).
 A block with a node whose token axis cannot be followed, or whose intermediate values are
 used outside it, stays dense and says why.
 """
@@ -31,8 +31,8 @@ class Block:
     start: fx.Node
     end: fx.Node
     region: list = field(default_factory=list)
-    dense: set = field(default_factory=set)
-    sparse: list = field(default_factory=list)
+    all_token_nodes: set = field(default_factory=set)  # run on every token (they feed keys/values)
+    row_nodes: list = field(default_factory=list)  # may run on the selected rows only
     self_attention: list = field(default_factory=list)
     cross_attention: list = field(default_factory=list)
     module: str = ""
@@ -203,13 +203,13 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
         n for n in region
         if n.op == "call_function" and n.target is operator.getitem and n.args[0] in feeds_kv
     }
-    block.dense = feeds_kv
-    block.sparse = [n for n in region if n not in feeds_kv]
+    block.all_token_nodes = feeds_kv
+    block.row_nodes = [n for n in region if n not in feeds_kv]
     if block.end in feeds_kv:
         block.reason = "the block output itself feeds keys/values"
         return
     escaping = sorted({
-        n.name for n in block.sparse if n is not block.end
+        n.name for n in block.row_nodes if n is not block.end
         for u in deps.successors(n) if u not in inside and not _may_leave(n, u, axis)
     })
     if escaping:

@@ -94,7 +94,7 @@ def make_report(
         blocks=tuple(
             BlockReport(
                 index=b.index, module=b.module, start=b.start.name, end=b.end.name, sparse=b.reason is None, reason=b.reason,
-                rows_nodes=len(b.sparse), all_tokens_nodes=len(b.dense),
+                rows_nodes=len(b.row_nodes), all_tokens_nodes=len(b.all_token_nodes),
                 self_attention=len(b.self_attention), cross_attention=len(b.cross_attention),
                 signature=b.signature,
             )

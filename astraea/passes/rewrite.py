@@ -64,7 +64,7 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         axis.tdim[merged] = axis.tdim[block.end]
         merged.meta["example_value"] = block.end.meta.get("example_value")
         merged.meta[BLOCK_END] = block.module
-        for node in reversed(block.sparse):
+        for node in reversed(block.row_nodes):
             graph.erase_node(node)
         dtype = block.start.meta["example_value"].dtype
         inputs.append(SparseBlockInputs(block.index, block.module, shape_of(block.start), dtype, shared_because))
@@ -101,7 +101,7 @@ class _SparseCopy:
         kv = {x for s in block.self_attention for x in sdpa_args(s)[1:3]}
         lse_rows = None
         region = set(block.region)
-        for node in block.sparse:
+        for node in block.row_nodes:
             tables = {a: (dim, layout) for a, dim, layout in axis.tables.get(node, ())}
             keep = set(kv) if node in block.self_attention else set()
             if node.op == "call_method" and node.target in DTYPE_FROM_SECOND:

@@ -133,3 +133,14 @@ def test_a_block_called_outside_its_model_is_refused():
     astraea.compile_blocks(family.model)
     with pytest.raises(RuntimeError, match="outside its model's call"), torch.no_grad():
         family.model.blocks[0](*seen["args"], **seen["kwargs"])
+
+
+def test_a_block_run_twice_in_one_call_is_refused():
+    """Weights shared by two places in the stack (one block called twice) would share one cache."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GeneratedDiT(Knobs(depth=2)).eval()
+    model.blocks[1] = model.blocks[0]
+    astraea.compile_blocks(model)
+    with pytest.raises(RuntimeError, match="ran twice in one call"), torch.no_grad():
+        model(torch.randn(1, 24, 4), torch.tensor([900.0]), torch.randn(1, 5, 16))

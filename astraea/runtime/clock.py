@@ -36,6 +36,7 @@ class StepClock:
         self.placement = Placement(announcements, check_steps)
         self.read_timestep = read_timestep
         self.call: Call | None = None
+        self.calls = 0  # model calls placed
         self.block_states: dict = {}  # per block (and cache shapes): its guidance branches' states
         self.tokens = 0  # the most tokens a block graph of this model runs on: the video's
 
@@ -45,6 +46,7 @@ class StepClock:
 
     def _before_call(self, model, args, kwargs):
         self.call = self.placement.place(self.read_timestep(args, kwargs))
+        self.calls += 1
 
     def reset(self) -> None:
         self.placement.reset()
@@ -70,6 +72,7 @@ class BlockInstances:
         self.shapes = shapes  # the cache shapes: one block at another batch size has other caches
         self.make_runner = make_runner
         self.instances: dict[int, SparseRunner] = {}
+        self.last_call: dict[int, int] = {}  # per block, the model call it last ran in
         clock.tokens = max(clock.tokens, report.num_tokens)
 
     def __call__(self, *args):
@@ -79,6 +82,13 @@ class BlockInstances:
                 "call the model (its forward places the denoising step), not the block"
             )
         block = id(args[self.weight])
+        if self.last_call.get(block) == self.clock.calls:
+            raise RuntimeError(
+                "astraea: a block compiled by astraea.compile_blocks ran twice in one call of its model (its weights "
+                "are shared), so one cache cannot hold what it adds each time; compile the model whole instead: "
+                "torch.compile(model, backend='astraea')"
+            )
+        self.last_call[block] = self.clock.calls
         runner = self.instances.get(block)
         if runner is None:
             runner = self.instances[block] = self.make_runner(self.clock.block_states.setdefault((block, self.shapes), {}), self.config)

@@ -53,6 +53,15 @@ def _run_astraea(schedule, flops=None, **parallel):
     return out, [(r.step, r.context, r.tokens) for r in be.runners[0].records], be.reports[0]
 
 
+def _run_compile_blocks(schedule, **parallel):
+    torch._dynamo.reset()
+    family = wan(**SHAPE)
+    mesh = astraea.parallel.enable(family.model, **parallel)
+    be = astraea.compile_blocks(family.model, schedule=schedule)
+    out = sample(family, family.model, mesh=mesh)
+    return out, [(r.step, r.context, r.tokens) for r in be.runners[0].records]
+
+
 def _rank_main(rank: int, port: int, results: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -62,6 +71,7 @@ def _rank_main(rank: int, port: int, results: str) -> None:
     found["flops"] = []
     found["sparse"], found["records"], report = _run_astraea(SPARSE, found["flops"], ulysses=2)
     found["sparse_blocks"], found["hash"], found["report"] = report.num_sparse_blocks, report.structure_hash, str(report)
+    found["blocks"], found["blocks_records"] = _run_compile_blocks(SPARSE, ulysses=2)
     found["collapsed"] = _collapsed_against_engine()
     family = wan(**SHAPE)
     found["cfg"] = sample(family, family.model, mesh=astraea.parallel.enable(family.model, cfg=2))
@@ -172,3 +182,11 @@ def test_collapsed_ulysses_attention_equals_the_engines_exchange(ranks):
 
 def test_heads_that_do_not_split_are_refused(ranks):
     assert "3 attention heads do not split over a Ulysses degree of 2" in ranks[0]["heads_error"]
+
+
+def test_compile_blocks_under_ulysses_equals_the_whole_model_compile(ranks):
+    """Each block compiled on its own runs inside diffusers' context parallelism as the whole
+    model's compile does: the same selection on each rank's shard, the same latents."""
+    for r in ranks:
+        assert r["blocks_records"] == r["records"][-len(r["blocks_records"]):]  # after the compiling call
+        torch.testing.assert_close(r["blocks"], r["sparse"], rtol=0, atol=0)

@@ -152,6 +152,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         before = _SPARSE_SHAPES.get(report.structure_hash)
         if before is not None:
             why = f"this model ran sparse at {before} tokens, but at this shape it runs dense: {why}"
+        if report.num_blocks and report.timestep_input is None:
+            why += ("; where dynamo compiles the blocks apart from the model's call, astraea.compile_blocks(model) "
+                    "places each block's calls from the model's")
         warnings.warn(f"astraea: running this graph dense: {why}", AstraeaWarning, stacklevel=2)
         return dense_gm.forward
     _SPARSE_SHAPES[report.structure_hash] = report.num_tokens

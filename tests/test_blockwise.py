@@ -144,3 +144,12 @@ def test_a_block_run_twice_in_one_call_is_refused():
     astraea.compile_blocks(model)
     with pytest.raises(RuntimeError, match="ran twice in one call"), torch.no_grad():
         model(torch.randn(1, 24, 4), torch.tensor([900.0]), torch.randn(1, 5, 16))
+
+
+def test_a_block_compiled_alone_by_torch_compile_points_to_compile_blocks():
+    """What a user of a model that dynamo splits between blocks meets: the warning names the way out."""
+    torch._dynamo.reset()
+    family = wan(layers=2)
+    family.model.blocks[0].compile(backend="astraea")
+    with pytest.warns(astraea.AstraeaWarning, match=r"astraea.compile_blocks\(model\)"):
+        sample(family, family.model, steps=1)

@@ -176,9 +176,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     if clock is not None:  # one runner per instance of the block, all placed by the model's clock
         weight = next(i for i, n in enumerate(placeholders) if is_module_state(n))
         shapes = tuple(tuple(b.shape) for b in sparsify.inputs)
-        runner = BlockInstances(clock, report, config, weight, shapes, lambda contexts, config: SparseRunner(
+        runner = BlockInstances(clock, report, config, weight, shapes, lambda branches, config: SparseRunner(
             graph_fn, dense_gm, report, sparsify.inputs, config, None, device, None, lower_skip, cuda_graphs=False,
-            contexts=contexts))
+            branches=branches))
     else:
         runner = SparseRunner(graph_fn, dense_gm, report, sparsify.inputs, config, position, device,
                               listen(compiled_module()), lower_skip)

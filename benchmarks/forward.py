@@ -282,7 +282,7 @@ def main() -> None:
                     times.append(ms)
             result["budgets"][str(budget)] = {"ms": statistics.median(times)}
         result["astraea_peak_gb"] = peak_gb(device)
-        result["cache_gb_per_context"] = runner.cache_bytes() / 2**30
+        result["cache_gb_per_branch"] = runner.cache_bytes() / 2**30
         assert [r.budget for r in runner.records] == schedule
         save(result, path)
         print("astraea:", {b: round(r["ms"], 1) for b, r in result["budgets"].items()}, flush=True)
@@ -366,7 +366,7 @@ def report(result: dict, path: str) -> None:
         lines.append(f"| {b} | {row['ms']:.1f} | {row['ratio_to_dense_inductor']:.3f} | "
                      f"{'not run' if regional is None else f'{regional:.3f}'} | {row['target']:.2f} | {row['flop_ratio']:.3f} |")
     lines += ["", f"peak memory: dense {gb(result['dense_peak_gb'])}, astraea {gb(result['astraea_peak_gb'])}; "
-              f"cache {result['cache_gb_per_context']:.2f} GB per context"]
+              f"cache {result['cache_gb_per_branch']:.2f} GB per guidance branch"]
     for dtype, row in result["cache_dtype_fidelity"].items():
         lines.append(f"cache {dtype}: {row['cache_gb']:.2f} GB, rel. L2 vs dense after 5 steps at 0.5: {row['rel_l2_vs_dense']:.4f}")
     with open(path + ".md", "w") as f:

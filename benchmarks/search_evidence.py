@@ -28,16 +28,16 @@ HELD_OUT = (100, 101, 102, 103, 104, 105)
 FULL_FIRST = 3
 
 
-def cheapest_at_least(table, steps, contexts, prefix, target_ms):
+def cheapest_at_least(table, steps, calls_per_step, prefix, target_ms):
     """(budgets, predicted ms) of prefix + one uniform level for the other steps, the cheapest
     whose predicted latency is at least `target_ms`."""
     for level in sorted(table.levels):
         budgets = list(prefix) + [level] * (steps - len(prefix))
-        ms = table.predict(budgets, contexts)
+        ms = table.predict(budgets, calls_per_step)
         if ms >= target_ms:
             return budgets, ms
     budgets = [1.0] * steps
-    return budgets, table.predict(budgets, contexts)
+    return budgets, table.predict(budgets, calls_per_step)
 
 
 def main() -> None:
@@ -79,15 +79,15 @@ def main() -> None:
 
 def evidence(args, workload, table, result, evaluator, held_out, speedup, name) -> None:
     """Score the searched schedule and both baselines on the held-out seeds; write JSON and markdown."""
-    steps, contexts = workload.num_steps, workload.contexts
+    steps, calls_per_step = workload.num_steps, workload.calls_per_step
     searched = list(result.schedule.budgets)
-    searched_ms = table.predict(searched, contexts)
+    searched_ms = table.predict(searched, calls_per_step)
     schedules = {
         "searched": (searched, searched_ms),
-        "uniform": cheapest_at_least(table, steps, contexts, [1.0], searched_ms),
-        f"first {FULL_FIRST} dense, then uniform": cheapest_at_least(table, steps, contexts, [1.0] * FULL_FIRST, searched_ms),
+        "uniform": cheapest_at_least(table, steps, calls_per_step, [1.0], searched_ms),
+        f"first {FULL_FIRST} dense, then uniform": cheapest_at_least(table, steps, calls_per_step, [1.0] * FULL_FIRST, searched_ms),
     }
-    dense_ms = table.predict([1.0] * steps, contexts)
+    dense_ms = table.predict([1.0] * steps, calls_per_step)
     rows = {}
     for label, (budgets, ms) in schedules.items():
         report = evaluator(budgets, held_out)

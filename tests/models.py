@@ -28,7 +28,7 @@ class Family:
     model: torch.nn.Module
     latent_shape: tuple[int, ...]
     call: Callable
-    contexts: tuple  # (cond, uncond) conditioning tensors
+    conditions: tuple  # (cond, uncond) conditioning tensors
     sparse: bool  # whether astraea makes its blocks sparse today
 
 
@@ -109,7 +109,7 @@ def sample(family: Family, model, steps=4, guidance=3.0, seed=0, mesh=None) -> t
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(family.latent_shape, generator=g)
     timesteps = torch.linspace(1000, 1000 / steps, steps)
-    cond, uncond = family.contexts
+    cond, uncond = family.conditions
     with torch.no_grad():
         for i, t in enumerate(timesteps):
             t = t.reshape(1)

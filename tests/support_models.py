@@ -36,9 +36,9 @@ class SupportFamily(Family):
     inputs: Callable = None  # inputs(latent, t, context) -> forward kwargs (return_dict=False)
 
     def example(self, t: float = 500.0, branch: int = 0) -> dict:
-        """The forward's kwargs for a random latent at timestep `t` and context `branch` (0 = cond)."""
+        """The forward's kwargs for a random latent at timestep `t` and conditioning `branch` (0 = cond)."""
         g = torch.Generator().manual_seed(0)
-        return self.inputs(torch.randn(self.latent_shape, generator=g), torch.tensor([float(t)]), self.contexts[branch])
+        return self.inputs(torch.randn(self.latent_shape, generator=g), torch.tensor([float(t)]), self.conditions[branch])
 
 
 @dataclass(frozen=True)
@@ -48,20 +48,20 @@ class Case:
     build: Callable[[], SupportFamily]
 
 
-def _family(name, model, latent_shape, contexts, inputs, pick=lambda out: out[0]) -> SupportFamily:
+def _family(name, model, latent_shape, conditions, inputs, pick=lambda out: out[0]) -> SupportFamily:
     def call(m, x, t, e):
         return pick(m(**inputs(x, t, e)))
 
     # sparse=None: whether astraea makes it sparse is what the support table reports, not an input
-    return SupportFamily(name, model.eval(), tuple(latent_shape), call, contexts, None, inputs)
+    return SupportFamily(name, model.eval(), tuple(latent_shape), call, conditions, None, inputs)
 
 
-def _contexts(dim, length=TEXT_LEN, seed=1):
+def _conditions(dim, length=TEXT_LEN, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(1, length, dim, generator=g), torch.zeros(1, length, dim)
 
 
-def _dict_contexts(**dims):
+def _dict_conditions(**dims):
     """(cond, uncond) as dicts of keyword arguments: random embeddings and zeros."""
     g = torch.Generator().manual_seed(1)
     cond = {k: torch.randn(1, *shape, generator=g) for k, shape in dims.items()}
@@ -126,7 +126,7 @@ def _wan_like(name: str, cls, **extra) -> SupportFamily:
     def inputs(x, t, e):
         return dict(hidden_states=x, timestep=_bt(t, x), encoder_hidden_states=e, return_dict=False)
 
-    return _family(name, model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _family(name, model, (1, 4, 3, 8, 8), _conditions(32), inputs)
 
 
 def wan() -> SupportFamily:
@@ -148,7 +148,7 @@ def wan22_ti2v() -> SupportFamily:
             hidden_states=x, timestep=(mask * t).expand(x.shape[0], -1), encoder_hidden_states=e, return_dict=False
         )
 
-    return _family("wan22_ti2v", model, (1, 4, frames, size, size), _contexts(32), inputs)
+    return _family("wan22_ti2v", model, (1, 4, frames, size, size), _conditions(32), inputs)
 
 
 def chronoedit() -> SupportFamily:
@@ -171,7 +171,7 @@ def skyreels_v2_df() -> SupportFamily:
             enable_diffusion_forcing=True, return_dict=False,
         )
 
-    return _family("skyreels_v2_df", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _family("skyreels_v2_df", model, (1, 4, 3, 8, 8), _conditions(32), inputs)
 
 
 def wan_vace() -> SupportFamily:
@@ -185,7 +185,7 @@ def wan_vace() -> SupportFamily:
             return_dict=False,
         )
 
-    return _family("wan_vace", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _family("wan_vace", model, (1, 4, 3, 8, 8), _conditions(32), inputs)
 
 
 def anyflow() -> SupportFamily:
@@ -200,7 +200,7 @@ def anyflow() -> SupportFamily:
         ts = t.reshape(1, 1).expand(x.shape[0], x.shape[1])
         return dict(hidden_states=x, timestep=ts, r_timestep=ts, encoder_hidden_states=e, return_dict=False)
 
-    return _family("anyflow", model, (1, 3, 4, 8, 8), _contexts(32), inputs)
+    return _family("anyflow", model, (1, 3, 4, 8, 8), _conditions(32), inputs)
 
 
 def helios() -> SupportFamily:
@@ -223,7 +223,7 @@ def helios() -> SupportFamily:
             latents_history_long=long, return_dict=False,
         )
 
-    return _family("helios", model, (1, 4, frames, size, size), _contexts(32), inputs)
+    return _family("helios", model, (1, 4, frames, size, size), _conditions(32), inputs)
 
 
 # --- CogVideoX and ConsisID (frames before channels) ---------------------------------------------
@@ -242,7 +242,7 @@ def cogvideox() -> SupportFamily:
     def inputs(x, t, e):
         return dict(hidden_states=x, encoder_hidden_states=e, timestep=_bt(t, x), return_dict=False)
 
-    return _family("cogvideox", model, (1, 3, 4, 8, 8), _contexts(32), inputs)
+    return _family("cogvideox", model, (1, 3, 4, 8, 8), _conditions(32), inputs)
 
 
 def consisid() -> SupportFamily:
@@ -262,7 +262,7 @@ def consisid() -> SupportFamily:
             return_dict=False,
         )
 
-    return _family("consisid", model, (1, 3, 4, 8, 8), _contexts(32), inputs)
+    return _family("consisid", model, (1, 3, 4, 8, 8), _conditions(32), inputs)
 
 
 # --- Other single-stream and cross-attention DiTs -------------------------------------------------
@@ -278,7 +278,7 @@ def allegro() -> SupportFamily:
     def inputs(x, t, e):
         return dict(hidden_states=x, encoder_hidden_states=e, timestep=_bt(t, x), return_dict=False)
 
-    return _family("allegro", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _family("allegro", model, (1, 4, 3, 8, 8), _conditions(32), inputs)
 
 
 def latte(batch: int = 1) -> SupportFamily:
@@ -297,7 +297,7 @@ def latte(batch: int = 1) -> SupportFamily:
         return dict(hidden_states=x, encoder_hidden_states=e.expand(x.shape[0], -1, -1), timestep=_bt(t, x),
                     return_dict=False)
 
-    return _family("latte", model, (batch, 4, 3, 8, 8), _contexts(32), inputs, pick=lambda out: out[0][:, :4])
+    return _family("latte", model, (batch, 4, 3, 8, 8), _conditions(32), inputs, pick=lambda out: out[0][:, :4])
 
 
 def sana_video() -> SupportFamily:
@@ -311,7 +311,7 @@ def sana_video() -> SupportFamily:
     def inputs(x, t, e):
         return dict(hidden_states=x, encoder_hidden_states=e, timestep=_bt(t, x), return_dict=False)
 
-    return _family("sana_video", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _family("sana_video", model, (1, 4, 3, 8, 8), _conditions(32), inputs)
 
 
 def cosmos() -> SupportFamily:
@@ -331,7 +331,7 @@ def cosmos() -> SupportFamily:
             return_dict=False,
         )
 
-    return _family("cosmos", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _family("cosmos", model, (1, 4, 3, 8, 8), _conditions(32), inputs)
 
 
 def ltx() -> SupportFamily:
@@ -348,7 +348,7 @@ def ltx() -> SupportFamily:
             height=4, width=4, return_dict=False,
         )
 
-    return _family("ltx", model, (1, 48, 8), _contexts(32), inputs)
+    return _family("ltx", model, (1, 48, 8), _conditions(32), inputs)
 
 
 def ltx2() -> SupportFamily:
@@ -371,7 +371,7 @@ def ltx2() -> SupportFamily:
             height=4, width=4, audio_num_frames=5, fps=24.0, return_dict=False,
         )
 
-    return _family("ltx2", model, (1, 48, 8), _contexts(32), inputs)
+    return _family("ltx2", model, (1, 48, 8), _conditions(32), inputs)
 
 
 def mochi() -> SupportFamily:
@@ -389,7 +389,7 @@ def mochi() -> SupportFamily:
             return_dict=False,
         )
 
-    return _family("mochi", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _family("mochi", model, (1, 4, 3, 8, 8), _conditions(32), inputs)
 
 
 def easyanimate() -> SupportFamily:
@@ -404,7 +404,7 @@ def easyanimate() -> SupportFamily:
     def inputs(x, t, e):
         return dict(hidden_states=x, timestep=_bt(t, x), encoder_hidden_states=e, return_dict=False)
 
-    return _family("easyanimate", model, (1, 4, 3, 8, 8), _contexts(32), inputs)
+    return _family("easyanimate", model, (1, 4, 3, 8, 8), _conditions(32), inputs)
 
 
 # --- HunyuanVideo and its descendants (double-stream then single-stream blocks) ---------------------
@@ -424,8 +424,8 @@ def hunyuan_video() -> SupportFamily:
             hidden_states=x, timestep=_bt(t, x), encoder_attention_mask=mask, guidance=guidance, return_dict=False, **e,
         )
 
-    contexts = _dict_contexts(encoder_hidden_states=(TEXT_LEN, 32), pooled_projections=(16,))
-    return _family("hunyuan_video", model, (1, 4, 3, 8, 8), contexts, inputs)
+    conditions = _dict_conditions(encoder_hidden_states=(TEXT_LEN, 32), pooled_projections=(16,))
+    return _family("hunyuan_video", model, (1, 4, 3, 8, 8), conditions, inputs)
 
 
 def hunyuan_framepack() -> SupportFamily:
@@ -454,8 +454,8 @@ def hunyuan_framepack() -> SupportFamily:
             **e,
         )
 
-    contexts = _dict_contexts(encoder_hidden_states=(TEXT_LEN, 32), pooled_projections=(16,))
-    return _family("hunyuan_framepack", model, (1, 4, frames, size, size), contexts, inputs)
+    conditions = _dict_conditions(encoder_hidden_states=(TEXT_LEN, 32), pooled_projections=(16,))
+    return _family("hunyuan_framepack", model, (1, 4, frames, size, size), conditions, inputs)
 
 
 def hunyuan_video15() -> SupportFamily:
@@ -476,8 +476,8 @@ def hunyuan_video15() -> SupportFamily:
             image_embeds=image, return_dict=False, **e,
         )
 
-    contexts = _dict_contexts(encoder_hidden_states=(TEXT_LEN, 32), encoder_hidden_states_2=(4, 16))
-    return _family("hunyuan_video15", model, (1, 4, 3, 4, 4), contexts, inputs)
+    conditions = _dict_conditions(encoder_hidden_states=(TEXT_LEN, 32), encoder_hidden_states_2=(4, 16))
+    return _family("hunyuan_video15", model, (1, 4, 3, 4, 4), conditions, inputs)
 
 
 def motif_video() -> SupportFamily:
@@ -498,7 +498,7 @@ def motif_video() -> SupportFamily:
             encoder_hidden_states=e, encoder_attention_mask=mask, return_dict=False,
         )
 
-    return _family("motif_video", model, (1, 4, 3, 4, 4), _contexts(32), inputs)
+    return _family("motif_video", model, (1, 4, 3, 4, 4), _conditions(32), inputs)
 
 
 # --- Channels-last and packed-sequence models ---------------------------------------------------
@@ -521,8 +521,8 @@ def kandinsky5() -> SupportFamily:
             hidden_states=x, timestep=_bt(t, x), visual_rope_pos=rope, text_rope_pos=text_pos, return_dict=False, **e,
         )
 
-    contexts = _dict_contexts(encoder_hidden_states=(TEXT_LEN, 32), pooled_projections=(16,))
-    return _family("kandinsky5", model, (1, frames, size, size, 4), contexts, inputs, pick=lambda out: out)
+    conditions = _dict_conditions(encoder_hidden_states=(TEXT_LEN, 32), pooled_projections=(16,))
+    return _family("kandinsky5", model, (1, frames, size, size, 4), conditions, inputs, pick=lambda out: out)
 
 
 def kandinsky6() -> SupportFamily:
@@ -545,8 +545,8 @@ def kandinsky6() -> SupportFamily:
             audio_hidden_states=audio, encoder_attention_mask=mask, return_dict=False, **e,
         )
 
-    contexts = _dict_contexts(encoder_hidden_states=(TEXT_LEN, 32), pooled_projections=(16,))
-    return _family("kandinsky6", model, (1, frames, size, size, 4), contexts, inputs)
+    conditions = _dict_conditions(encoder_hidden_states=(TEXT_LEN, 32), pooled_projections=(16,))
+    return _family("kandinsky6", model, (1, frames, size, size, 4), conditions, inputs)
 
 
 def kandinsky6_sr() -> SupportFamily:
@@ -582,7 +582,7 @@ def joyimage_edit() -> SupportFamily:
         items = torch.cat([reference.expand(x.shape[0], -1, -1, -1, -1, -1), x[:, None]], dim=1)
         return dict(hidden_states=items, timestep=_bt(t, x), encoder_hidden_states=e, return_dict=False)
 
-    return _family("joyimage_edit", model, (1, 4, 1, 8, 8), _contexts(32), inputs, pick=lambda out: out[0][:, -1])
+    return _family("joyimage_edit", model, (1, 4, 1, 8, 8), _conditions(32), inputs, pick=lambda out: out[0][:, -1])
 
 
 def joyimage_edit_plus() -> SupportFamily:
@@ -605,7 +605,7 @@ def joyimage_edit_plus() -> SupportFamily:
         )
 
     return _family(
-        "joyimage_edit_plus", model, (1, 16, 4, 1, 2, 2), _contexts(32), inputs, pick=lambda out: out[0][:, :16]
+        "joyimage_edit_plus", model, (1, 16, 4, 1, 2, 2), _conditions(32), inputs, pick=lambda out: out[0][:, :16]
     )
 
 
@@ -643,7 +643,7 @@ def minimax_h3() -> SupportFamily:
             return_dict=False,
         )
 
-    return _family("minimax_h3", model, (1, n_video, 16), _contexts(32), inputs)
+    return _family("minimax_h3", model, (1, n_video, 16), _conditions(32), inputs)
 
 
 def wan_animate() -> SupportFamily:
@@ -668,7 +668,7 @@ def wan_animate() -> SupportFamily:
             encoder_hidden_states_image=image, pose_hidden_states=pose, face_pixel_values=face, return_dict=False,
         )
 
-    return _family("wan_animate", model, (1, 4, frames, size, size), _contexts(32), inputs)
+    return _family("wan_animate", model, (1, 4, frames, size, size), _conditions(32), inputs)
 
 
 def wan_animate_2() -> SupportFamily:
@@ -690,7 +690,7 @@ def wan_animate_2() -> SupportFamily:
     with torch.no_grad():
         model(
             hidden_states=[_fixed(4, ref_frames, size, size, seed=4)], timestep=torch.tensor([1.0]),
-            encoder_hidden_states=[_contexts(32)[0][0]], condition_latents=[_fixed(8, ref_frames, size, size, seed=5)],
+            encoder_hidden_states=[_conditions(32)[0][0]], condition_latents=[_fixed(8, ref_frames, size, size, seed=5)],
             encoder_hidden_states_image=image, kv_cache=cache, kv_cache_mode="extract",
             seq_len=ref_frames * (size // 2) ** 2, offset_grid_sizes=grid,
         )
@@ -704,7 +704,7 @@ def wan_animate_2() -> SupportFamily:
             origin_area=[16 * size // 2, 16 * size // 2], return_dict=False,
         )
 
-    return _family("wan_animate_2", model, (1, 4, frames, size, size), _contexts(32), inputs,
+    return _family("wan_animate_2", model, (1, 4, frames, size, size), _conditions(32), inputs,
                    pick=lambda out: torch.stack(out[0]))
 
 
@@ -745,8 +745,8 @@ def anyflow_far() -> SupportFamily:
             )
         return cache
 
-    cond, uncond = _contexts(32)
-    contexts = (
+    cond, uncond = _conditions(32)
+    conditions = (
         dict(encoder_hidden_states=cond, kv_cache=fill(cond)), dict(encoder_hidden_states=uncond, kv_cache=fill(uncond))
     )
 
@@ -757,7 +757,7 @@ def anyflow_far() -> SupportFamily:
             kv_cache_flag={"num_cached_chunks": 1, "is_cache_step": False}, return_dict=False, **e,
         )
 
-    return _family("anyflow_far", model, (1, 2, 4, size, size), contexts, inputs)
+    return _family("anyflow_far", model, (1, 2, 4, size, size), conditions, inputs)
 
 
 def cosmos3_omni() -> SupportFamily:
@@ -822,7 +822,7 @@ def sana_wm() -> SupportFamily:
     anchor = torch.ones(frames)
     anchor[0] = 0
     mask = torch.ones(1, TEXT_LEN, dtype=torch.long)
-    cond, uncond = _contexts(32)
+    cond, uncond = _conditions(32)
 
     def inputs(x, t, e):
         b = x.shape[0]
@@ -872,8 +872,8 @@ def sana_wm_refiner() -> SupportFamily:
         cache.sink_pe = rope([0])
         return cache
 
-    cond, uncond = _contexts(32)
-    contexts = (
+    cond, uncond = _conditions(32)
+    conditions = (
         dict(encoder_hidden_states=cond, kv_cache=fill(cond)), dict(encoder_hidden_states=uncond, kv_cache=fill(uncond))
     )
     active = rope([1, 2])
@@ -885,7 +885,7 @@ def sana_wm_refiner() -> SupportFamily:
             encoder_attention_mask=mask, kv_cache_mode="inject", return_dict=False, **e,
         )
 
-    return _family("sana_wm_refiner", model, (1, n, 8), contexts, inputs)
+    return _family("sana_wm_refiner", model, (1, n, 8), conditions, inputs)
 
 CASES: list[Case] = [
     Case("WanTransformer3DModel", "WanTransformer3DModel", wan),

@@ -81,7 +81,7 @@ def compile_blocks_cell(case: Case) -> str:
     try:
         family = case.build()
         x = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(0))
-        args = (x, torch.tensor([500.0]), family.contexts[0])
+        args = (x, torch.tensor([500.0]), family.conditions[0])
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             eager = family.call(family.model, *args)

@@ -56,7 +56,7 @@ def test_one_graph_serves_every_block_of_a_class():
         be = astraea.compile_blocks(family.model, schedule=REGIONS_SCHEDULE)
         sample(family, family.model, steps=STEPS)
         assert [len(r.instances) for r in be.runners] == [layers]
-        caches = {id(ctx.blocks[0].cache) for r in be.runners[0].instances.values() for ctx in r.contexts.values()}
+        caches = {id(ctx.blocks[0].cache) for r in be.runners[0].instances.values() for ctx in r.branches.values()}
         assert len(caches) == 2 * layers  # per block, per guidance branch
 
 
@@ -86,7 +86,7 @@ def test_timestep_read_from_a_positional_argument():
         for t in (900.0, 600.0, 300.0):
             for context in (text, torch.zeros_like(text)):
                 model(x, torch.tensor([t]), context)
-    assert [(r.step, r.context, r.tokens) for r in be.runners[0].records] == [
+    assert [(r.step, r.branch, r.tokens) for r in be.runners[0].records] == [
         (0, 0, 24), (0, 1, 24), (1, 0, 12), (1, 1, 12), (2, 0, 12), (2, 1, 12)
     ]
 

@@ -17,7 +17,7 @@ SCHEDULE = [1.0, 0.5, 0.5, 0.25, 0.5, 0.0, 0.25, 1.0, 0.5, 0.5]
 def generate(family, model, seed: int, steps: int = len(SCHEDULE), guidance: float = 3.0) -> torch.Tensor:
     """Euler steps with guidance, cond then uncond, on the GPU; a fresh latent tensor per call."""
     x = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(seed)).cuda()
-    cond, uncond = (c.cuda() for c in family.contexts)
+    cond, uncond = (c.cuda() for c in family.conditions)
     with torch.no_grad():
         for i, t in enumerate(torch.linspace(1000, 1000 / steps, steps)):
             t = t.reshape(1).cuda()

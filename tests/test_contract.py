@@ -80,7 +80,7 @@ def test_grouped_selection_keeps_contract(group, group_size):
 def test_flops_follow_budget(budget):
     heads, dim_head, layers = 2, 32, 2
     family = wan(frames=4, size=32, layers=layers, heads=heads, dim_head=dim_head)  # 4x16x16 = 1,024 tokens
-    dense, sparse, be = budget_flops(family, torch.randn(family.latent_shape), family.contexts[0], budget)
+    dense, sparse, be = budget_flops(family, torch.randn(family.latent_shape), family.conditions[0], budget)
     n, width = be.reports[0].num_tokens, heads * dim_head
     assert n >= 1024
     keys_values = layers * 2 * (2 * n * width * width)  # K and V projections of every token
@@ -94,4 +94,4 @@ def test_flops_follow_budget(budget):
 def test_low_precision_caches_keep_contract(cache_dtype):
     be, checker = checked_run(wan(), 3, schedule=0.5, cache_dtype=cache_dtype)
     assert checker.checked == 6 * be.reports[0].num_sparse_blocks
-    assert be.runners[0].contexts[0].blocks[0].cache.dtype == getattr(torch, cache_dtype)
+    assert be.runners[0].branches[0].blocks[0].cache.dtype == getattr(torch, cache_dtype)

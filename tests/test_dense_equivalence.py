@@ -20,7 +20,7 @@ def test_budget_one_equals_eager(name, recwarn):
     if family.sparse:
         assert report.num_sparse_blocks == report.num_blocks >= 2
         runner = be.runners[0]
-        assert [r.context for r in runner.records[:4]] == [0, 1, 0, 1]
+        assert [r.branch for r in runner.records[:4]] == [0, 1, 0, 1]
         assert [r.step for r in runner.records] == [0, 0, 1, 1, 2, 2, 3, 3]
     else:
         assert report.num_sparse_blocks == 0

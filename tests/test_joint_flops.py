@@ -34,7 +34,7 @@ def joint_costs(config, video: int, text: int) -> tuple[int, int]:
 def test_joint_flops_follow_budget(name):
     make, shape = CASES[name]
     family = make()
-    dense, sparse, be = budget_flops(family, torch.randn(shape), family.contexts[0], BUDGET)
+    dense, sparse, be = budget_flops(family, torch.randn(shape), family.conditions[0], BUDGET)
     runner = be.runners[0]
     n = be.reports[0].num_tokens
     assert n == 4 * 16 * 16

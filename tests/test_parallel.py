@@ -45,12 +45,12 @@ def _run_astraea(schedule, flops=None, **parallel):
     compiled = torch.compile(family.model, backend=be)
     if flops is not None:  # count every call after the first (which builds the runner)
         with torch.no_grad():
-            family.call(compiled, torch.randn(family.latent_shape), torch.tensor([1.0]), family.contexts[0])
+            family.call(compiled, torch.randn(family.latent_shape), torch.tensor([1.0]), family.conditions[0])
         be.runners[0].graph_fn = counting(be.runners[0].graph_fn, flops)
         be.runners[0].reset()
     out = sample(family, compiled, mesh=mesh)
     assert len(be.reports) == 1, "the model was traced as one graph"
-    return out, [(r.step, r.context, r.tokens) for r in be.runners[0].records], be.reports[0]
+    return out, [(r.step, r.branch, r.tokens) for r in be.runners[0].records], be.reports[0]
 
 
 def _run_compile_blocks(schedule, **parallel):
@@ -59,7 +59,7 @@ def _run_compile_blocks(schedule, **parallel):
     mesh = astraea.parallel.enable(family.model, **parallel)
     be = astraea.compile_blocks(family.model, schedule=schedule)
     out = sample(family, family.model, mesh=mesh)
-    return out, [(r.step, r.context, r.tokens) for r in be.runners[0].records]
+    return out, [(r.step, r.branch, r.tokens) for r in be.runners[0].records]
 
 
 def _rank_main(rank: int, port: int, results: str) -> None:
@@ -97,8 +97,8 @@ def _collapsed_against_engine():
 
     x, t = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(1)), torch.tensor([500.0])
     with torch.no_grad():
-        engine = family.call(family.model, x, t, family.contexts[0])
-        collapsed = family.call(torch.compile(family.model, backend=collapse_and_run), x, t, family.contexts[0])
+        engine = family.call(family.model, x, t, family.conditions[0])
+        collapsed = family.call(torch.compile(family.model, backend=collapse_and_run), x, t, family.conditions[0])
     return found["ranks"], float((collapsed - engine).abs().max())
 
 
@@ -128,7 +128,7 @@ def _single(schedule, shards=1, flops=None):
     be = astraea.backend(schedule=schedule)
     compiled = torch.compile(family.model, backend=be)
     with torch.no_grad():
-        family.call(compiled, torch.randn(family.latent_shape), torch.tensor([1.0]), family.contexts[0])
+        family.call(compiled, torch.randn(family.latent_shape), torch.tensor([1.0]), family.conditions[0])
     runner = be.runners[0]
     if flops is not None:
         runner.graph_fn = counting(runner.graph_fn, flops)

@@ -24,7 +24,7 @@ def _generated(**knobs):
 def _wan():
     family = wan(batch=2)
     latent = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(1))
-    return family.model, latent, family.contexts[0], family.call
+    return family.model, latent, family.conditions[0], family.call
 
 
 def _generate(model, call, latent, context, checked=False):
@@ -51,7 +51,7 @@ def test_a_batch_selects_as_each_sample_alone(make):
     batched, runner = _generate(model, call, latent, context)
     assert [b.samples for b in runner.blocks] == [2] * len(runner.blocks)
     assert [r.tokens for r in runner.records] == [runner.num_tokens] + [round(b * runner.num_tokens) for b in BUDGETS[1:]]
-    state = runner.contexts[0].blocks[0]
+    state = runner.branches[0].blocks[0]
     assert not torch.equal(state.stale[0], state.stale[1]), "the two samples chose the same tokens"
     for i in range(2):
         alone, _ = _generate(model, call, latent[i : i + 1], context[i : i + 1])
@@ -65,5 +65,5 @@ def test_tables_without_a_batch_dim_share_one_selection():
     with pytest.warns(astraea.AstraeaWarning, match=r"one set of tokens for the whole batch of 2: .* \[32, 16\] has no batch"):
         _, runner = _generate(model, call, latent, context, checked=True)
     assert [b.samples for b in runner.blocks] == [1] * len(runner.blocks)
-    assert runner.contexts[0].blocks[0].stale.shape == (1, runner.num_tokens)
+    assert runner.branches[0].blocks[0].stale.shape == (1, runner.num_tokens)
     assert runner.graph_fn.checked == len(BUDGETS) * len(runner.blocks)

@@ -39,7 +39,7 @@ def test_pipeline_dense_and_sparse(pipe):
         pipe.transformer = torch.compile(eager, backend=be)
         torch.testing.assert_close(_generate(pipe), reference, rtol=1e-5, atol=1e-5)
         records = be.runners[0].records
-        assert [(r.step, r.context) for r in records[:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        assert [(r.step, r.branch) for r in records[:4]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
 
         torch._dynamo.reset()
         be = astraea.backend(schedule=[1.0, 1.0, 0.5, 0.0, 0.5, 0.25])
@@ -60,7 +60,7 @@ def _announced_generation(model, family, steps, order=("uncond", "cond")):
     changes (so only the announcements can tell the steps apart)."""
     x = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500.0])
-    embeds = dict(zip(("cond", "uncond"), family.contexts))
+    embeds = dict(zip(("cond", "uncond"), family.conditions))
     with torch.no_grad():
         for i in range(steps):
             for name in order:
@@ -80,7 +80,7 @@ def test_announced_steps_and_branches_are_used():
     first = len(runner.records)
     with torch.compiler.set_stance("fail_on_recompile"):
         _announced_generation(compiled, family, 4)
-    placed = [(r.step, r.context, r.budget) for r in runner.records[first:]]
+    placed = [(r.step, r.branch, r.budget) for r in runner.records[first:]]
     assert placed == [(0, 0, 1.0), (0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.0), (2, 1, 0.0),
                       (3, 0, 0.25), (3, 1, 0.25)]
     with pytest.raises(astraea.ScheduleError, match="schedule has 4 steps but the run reached step 6"):
@@ -96,7 +96,7 @@ def test_compile_blocks_places_announced_steps_from_the_first_call():
     family = wan()
     be = astraea.compile_blocks(family.model, schedule=[1.0, 0.5, 0.0, 0.25])
     _announced_generation(family.model, family, 4)
-    placed = [(r.step, r.context, r.budget) for r in be.runners[0].records]
+    placed = [(r.step, r.branch, r.budget) for r in be.runners[0].records]
     assert placed == [(0, 0, 1.0), (0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.0), (2, 1, 0.0),
                       (3, 0, 0.25), (3, 1, 0.25)]
     with pytest.raises(astraea.ScheduleError, match="schedule has 4 steps but the run reached step 6"):

@@ -76,12 +76,12 @@ def test_placement(name):
         else:
             with model.cache_context(announced[1], step_index=announced[0], num_inference_steps=4):
                 result = placement.place(timestep)
-        placed.append((result.step, result.context, result.new_generation))
+        placed.append((result.step, result.branch, result.new_generation))
         if placement.moved is not None:
             moved.append(placement.moved)
     # A late listener places the first call anew, once, from the second's announcement.
     assert len(moved) <= 1
-    first = [(moved[0].step, moved[0].context, moved[0].new_generation)] if moved else placed[:1]
+    first = [(moved[0].step, moved[0].branch, moved[0].new_generation)] if moved else placed[:1]
     assert first + placed[1:] == expected
 
 

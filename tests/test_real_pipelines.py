@@ -70,7 +70,7 @@ def hunyuan_video():
         text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, vae=vae, transformer=family.model,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
     )
-    cond, uncond = family.contexts
+    cond, uncond = family.conditions
     return pipe, dict(
         prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
         prompt_attention_mask=_mask(6), negative_prompt_embeds=uncond["encoder_hidden_states"],
@@ -88,7 +88,7 @@ def cogvideox():
         prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
     )
     pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=family.model, scheduler=scheduler)
-    cond, uncond = family.contexts
+    cond, uncond = family.conditions
     return pipe, dict(
         prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=6.0, height=64, width=64, num_frames=9
     )
@@ -107,7 +107,7 @@ def wan22_a14b():
         tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         transformer=high.model, transformer_2=low.model, boundary_ratio=0.7,
     )
-    cond, uncond = high.contexts
+    cond, uncond = high.conditions
     return pipe, dict(
         prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=4.0, guidance_scale_2=3.0, height=64,
         width=64, num_frames=9,
@@ -209,7 +209,7 @@ def _generate(pipe, inputs, on_step=None) -> torch.Tensor:
 
 def _calls(be) -> list:
     """Every call the backend's runners made so far (none where it left the graph dense: no runner)."""
-    return [(r.step, r.context, r.budget, r.tokens) for runner in be.runners for r in runner.records]
+    return [(r.step, r.branch, r.budget, r.tokens) for runner in be.runners for r in runner.records]
 
 
 def _relative(a, b) -> float:

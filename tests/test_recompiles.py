@@ -19,7 +19,7 @@ def test_changing_budgets_do_not_recompile():
     with torch.compiler.set_stance("fail_on_recompile"):
         second = sample(family, compiled, steps=len(schedule))
     torch.testing.assert_close(first, second, rtol=0, atol=0)  # a new generation starts afresh
-    budgets = [r.budget for r in be.runners[0].records if r.context == 0]
+    budgets = [r.budget for r in be.runners[0].records if r.branch == 0]
     assert budgets == [1.0] + schedule[1:] + [1.0] + schedule[1:]
     assert [r.tokens for r in be.runners[0].records if r.budget == 0.0] == [0] * 8
 
@@ -77,4 +77,4 @@ def test_call_records_are_bounded(monkeypatch):
     sample(family, compiled, steps=3)
     records = be.runners[0].records
     assert len(records) == 5
-    assert [(r.step, r.context, r.budget) for r in records] == [(0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.0), (2, 1, 0.0)]
+    assert [(r.step, r.branch, r.budget) for r in records] == [(0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.0), (2, 1, 0.0)]

@@ -27,17 +27,17 @@ def test_default_levels_are_exact_tenths():
     assert DEFAULT_LEVELS == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
-def test_prediction_sums_steps_times_contexts():
+def test_prediction_sums_steps_times_calls_per_step():
     t = table()
     assert t.predict([1.0, 0.5, 0.0, 0.3]) == pytest.approx(525.0 + 265.0 + 0.05 + 160.0)
-    assert t.predict([1.0, 0.5, 0.0, 0.3], contexts=2) == pytest.approx(2 * (525.0 + 265.0 + 0.05 + 160.0))
+    assert t.predict([1.0, 0.5, 0.0, 0.3], calls_per_step=2) == pytest.approx(2 * (525.0 + 265.0 + 0.05 + 160.0))
     with pytest.raises(CostTableError, match="budget 0.55 was not measured"):
         t.predict([1.0, 0.55])
 
 
 def test_each_call_pays_the_overhead_around_it_skipped_ones_too():
     t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, call_overhead_ms=1.5)
-    assert t.predict([1.0, 0.0], contexts=2) == pytest.approx(2 * (525.0 + 1.5) + 2 * (0.05 + 1.5))
+    assert t.predict([1.0, 0.0], calls_per_step=2) == pytest.approx(2 * (525.0 + 1.5) + 2 * (0.05 + 1.5))
     assert t.step_ms(2)[5] == pytest.approx(2 * (265.0 + 1.5))
     assert t.call_ms(0.5) == 265.0  # the call's own time
 
@@ -58,7 +58,7 @@ def test_tables_from_before_the_skip_option_measured_output_reuse():
 
 
 def test_prediction_error_against_a_measured_run():
-    p = table().prediction([1.0, 0.5], measured_ms=1000.0, contexts=1)
+    p = table().prediction([1.0, 0.5], measured_ms=1000.0, calls_per_step=1)
     assert p.predicted_ms == pytest.approx(790.0)
     assert p.error == pytest.approx(0.21)
     assert "+21.0%" in str(p)

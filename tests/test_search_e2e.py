@@ -53,10 +53,10 @@ def reachable(table, workload, share):
     """The speedup `share` of the way from dense to the fastest schedule `table` allows. The
     table is measured here, and on a loaded two-core machine a skipped step may cost two thirds
     of a dense one: a fixed target can be out of any schedule's reach."""
-    steps, contexts = workload.num_steps, workload.contexts
-    space = Space(table.levels, table.step_ms(contexts), steps, 1, math.inf)
+    steps, calls_per_step = workload.num_steps, workload.calls_per_step
+    space = Space(table.levels, table.step_ms(calls_per_step), steps, 1, math.inf)
     fastest = space.latency(space.cheapest())
-    return 1 + share * (table.predict([1.0] * steps, contexts) / fastest - 1)
+    return 1 + share * (table.predict([1.0] * steps, calls_per_step) / fastest - 1)
 
 
 def test_profile_measures_every_level_for_this_setting(workload, sparse, table):
@@ -72,7 +72,7 @@ def test_profile_measures_every_level_for_this_setting(workload, sparse, table):
     run = table.meta["profiling_generation"]
     assert table.call_overhead_ms >= 0 and len(run["wall_ms"]) == 2
     expected = max(statistics.median(run["wall_ms"]), run["calls_ms"])
-    assert table.predict(run["budgets"], workload.contexts) == pytest.approx(expected)
+    assert table.predict(run["budgets"], workload.calls_per_step) == pytest.approx(expected)
 
 
 def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, sparse, table, tmp_path):
@@ -80,7 +80,7 @@ def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, sparse,
     settings, target = SearchSettings(population=4, offspring=4, generations=2), reachable(table, workload, 0.8)
     result = search(workload, table, speedup=target, seeds=(0,), confirm=2, settings=settings, sparse=sparse,
                     output=output, plot=plot, progress=False)
-    limit = table.predict([1.0] * 6, workload.contexts) / target
+    limit = table.predict([1.0] * 6, workload.calls_per_step) / target
     assert result.chosen.latency_ms <= limit
     assert all(c.latency_ms <= limit and c.budgets[0] == 1.0 for c in result.candidates)
     assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -40,7 +40,7 @@ def test_a_generation_resumed_from_its_own_latent_ends_where_it_would():
 
 def test_random_wan_settings():
     workload = random_wan("tiny", frames=3, height=8, width=8, num_steps=4, guidance=1.0)
-    assert workload.contexts == 1
+    assert workload.calls_per_step == 1
     assert workload.shapes() == {"hidden_states": (1, 4, 3, 8, 8), "encoder_hidden_states": (1, 16, 32)}
     noise, cond, uncond = workload.inputs(0)
     assert not torch.equal(cond, uncond) and not torch.equal(noise.flatten()[:32], cond.flatten()[:32])

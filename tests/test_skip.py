@@ -43,7 +43,7 @@ def two_steps(family, model, t=(900.0, 800.0)):
     """A dense step, then a second on a moved input: (input of step 2, outputs of both)."""
     x0 = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(1))
     x1 = x0 + 0.1 * torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(2))
-    cond = family.contexts[0]
+    cond = family.conditions[0]
     with torch.no_grad():
         y0 = family.call(model, x0, torch.tensor([t[0]]), cond)
         y1 = family.call(model, x1, torch.tensor([t[1]]), cond)
@@ -74,7 +74,7 @@ def test_blocks_skip_adds_each_cache_to_the_fresh_input(make):
     family = make()
     be, model = compiled(family, schedule=[1.0, 0.0], skip="blocks")
     with torch.no_grad():
-        family.call(model, torch.randn(family.latent_shape), torch.tensor([900.0]), family.contexts[0])  # compiles
+        family.call(model, torch.randn(family.latent_shape), torch.tensor([900.0]), family.conditions[0])  # compiles
     runner, seen = be.runners[0], {}
     runner.reset()
     recording(runner, seen)
@@ -114,11 +114,11 @@ def test_skip_mode_changes_without_recompiling_and_costs_little():
         runner, counted = be.runners[0], []
         x = torch.randn(family.latent_shape)
         with torch.no_grad():
-            dense, _ = count_flops(family.call, family.model, x, torch.tensor([900.0]), family.contexts[0])
-            family.call(model, x, torch.tensor([900.0]), family.contexts[0])
+            dense, _ = count_flops(family.call, family.model, x, torch.tensor([900.0]), family.conditions[0])
+            family.call(model, x, torch.tensor([900.0]), family.conditions[0])
             lower = runner.lower_skip
             runner.lower_skip = lambda: counting(lower(), counted)
-            family.call(model, x, torch.tensor([800.0]), family.contexts[0])
+            family.call(model, x, torch.tensor([800.0]), family.conditions[0])
     assert len(counted) == 1 and 0 < counted[0] < 0.2 * dense
 
 

@@ -106,13 +106,13 @@ def write_gif(dense: torch.Tensor, sparse: torch.Tensor, path: Path) -> None:
 def plot_budgets(backend, num_steps: int, path: Path) -> None:
     """Budget and recomputed share of tokens per step, per guidance branch, of the last generation."""
     runner = backend.runners[-1]
-    last = runner.records[-num_steps * len({r.context for r in runner.records}):]
+    last = runner.records[-num_steps * len({r.branch for r in runner.records}):]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     steps = range(num_steps)
     ax.step(steps, [backend.config.step_budget(s) for s in steps], "k:", where="mid", label="schedule")
-    for context, marker in zip(sorted({r.context for r in last}), "ox+*"):
-        records = [r for r in last if r.context == context]
-        label = ("cond", "uncond")[context] if context < 2 else f"branch {context}"
+    for branch, marker in zip(sorted({r.branch for r in last}), "ox+*"):
+        records = [r for r in last if r.branch == branch]
+        label = ("cond", "uncond")[branch] if branch < 2 else f"branch {branch}"
         ax.plot([r.step for r in records], [r.tokens / runner.num_tokens for r in records], marker, fillstyle="none",
                 label=f"{label}: tokens recomputed")
     ax.set(xlabel="step", ylabel="share of tokens per sparse block", ylim=(-0.05, 1.05),

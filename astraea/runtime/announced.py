@@ -63,7 +63,7 @@ class Announcements:
         if name not in self._branches and None in self._branches:
             self._branches[name] = self._branches.pop(None)  # the unannounced first call's name
         branch = self._branches.setdefault(name, len(self._branches))
-        return Call(step=step, context=branch, new_generation=new)
+        return Call(step=step, branch=branch, new_generation=new)
 
 
 def compiled_module() -> torch.nn.Module | None:

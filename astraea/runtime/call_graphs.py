@@ -4,9 +4,9 @@ A sparse call launches a few thousand kernels: per block the scoring, top-k and 
 update, then the rewritten graph's gathers, fused ops, attention and merge. On a short clip
 the GPU runs them faster than Python launches them: on the Wan2.1-1.3B shape at 7,800 tokens
 a call at budget 0.1 measured 74 ms against 81 ms for a dense one (benchmarks/NOTES.md).
-Captured once per (context, selection size, selection options), a call is one launch.
+Captured once per (guidance branch, selection size, selection options), a call is one launch.
 
-What a graph reads must stay where it was captured. The context's state (caches, scores)
+What a graph reads must stay where it was captured. The branch's state (caches, scores)
 lives as long as the runner, reset in place between generations. The call's inputs are
 copied into buffers of the runner's, except the model's own parameters and buffers: an
 input at the same address on every call seen so far is taken as one, and a replay that

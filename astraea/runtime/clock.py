@@ -54,13 +54,13 @@ class StepClock:
 
     def cache_bytes(self) -> int:
         """The caches and scores of every block, every guidance branch."""
-        return sum(s.nbytes() for contexts in self.block_states.values() for c in contexts.values() for s in c.blocks)
+        return sum(s.nbytes() for branches in self.block_states.values() for b in branches.values() for s in b.blocks)
 
 
 class BlockInstances:
     """Runs the compiled graph of a block class, dispatching each call to its instance's
     runner (its own caches, scores and selection). `weight` is the position of an input that
-    is the instance's own parameter; `make_runner(contexts, config)` builds a runner on a
+    is the instance's own parameter; `make_runner(branches, config)` builds a runner on a
     block's states."""
 
     def __init__(self, clock: StepClock, report, config, weight: int, shapes: tuple,

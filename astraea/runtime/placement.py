@@ -79,12 +79,12 @@ class Placement:
         or the same branch one step before."""
         a = self.announcements
         a.reset()
-        if second.context > 0:
-            step, name, branches = int(announced.step_index), None, {None: first.context, announced.name: second.context}
+        if second.branch > 0:
+            step, name, branches = int(announced.step_index), None, {None: first.branch, announced.name: second.branch}
         else:
-            step, name, branches = int(announced.step_index) - 1, announced.name, {announced.name: first.context}
+            step, name, branches = int(announced.step_index) - 1, announced.name, {announced.name: first.branch}
         a.assume_first_call(step, name, branches)
-        self.moved = Call(step=step, context=first.context, new_generation=first.new_generation)
+        self.moved = Call(step=step, branch=first.branch, new_generation=first.new_generation)
         self._announced = True
         self._check_covers(announced)
         return a.observe(announced)

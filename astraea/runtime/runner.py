@@ -1,11 +1,11 @@
 """The compiled callable dynamo runs in place of the model's graph.
 
-Per call it places the call (step, context), looks up the step's budget, selects each
-sparse block's tokens from the context's scores, and runs the rewritten graph with the
-indices and the context's caches as extra inputs; on a GPU the selection and the graph are
+Per call it places the call (step, guidance branch), looks up the step's budget, selects each
+sparse block's tokens from the branch's scores, and runs the rewritten graph with the
+indices and the branch's caches as extra inputs; on a GPU the selection and the graph are
 replayed as one CUDA graph per selection size (`call_graphs.py`). A budget-0 step runs the
 graph's whole-step-skip form (`passes/skip.py`, lowered on first use), or with the option
-skip="output" returns the context's previous output without running anything. Budgets and
+skip="output" returns the branch's previous output without running anything. Budgets and
 indices are tensors and host ints here, outside dynamo, so they never cause a recompile.
 """
 
@@ -24,7 +24,7 @@ from ..ops.signature import SparseBlockInputs
 from ..passes import Report
 from .call_graphs import CallGraphs
 from .select import mark_selected, num_selected, scores, select
-from .state import BlockState, ContextState, cache_dtype
+from .state import BlockState, BranchState, cache_dtype
 from .placement import Placement
 from .steps import Call
 
@@ -37,7 +37,7 @@ class CallRecord:
     """What one call did: for tests, benchmarks and the demo's budget plot."""
 
     step: int
-    context: int
+    branch: int  # the guidance branch (0: the first call of a step, e.g. cond)
     budget: float
     tokens: int  # tokens recomputed per sparse block (0 for a skipped step)
 
@@ -57,7 +57,7 @@ class SparseRunner:
         announcements,
         lower_skip: Callable[[], Callable],
         cuda_graphs: bool = True,
-        contexts: dict[int, ContextState] | None = None,
+        branches: dict[int, BranchState] | None = None,
     ):
         self.graph_fn = graph_fn
         self.lower_skip = lower_skip  # the whole-step-skip graph, lowered on the first call
@@ -73,7 +73,7 @@ class SparseRunner:
         self.all_tokens = [every.expand(b.samples, -1).contiguous() for b in blocks]
         self.placement = Placement(announcements, lambda steps: self.config.schedule.budget(steps - 1))
         # Per guidance branch; given when another runner may run the same block (`clock.py`).
-        self.contexts: dict[int, ContextState] = {} if contexts is None else contexts
+        self.branches: dict[int, BranchState] = {} if branches is None else branches
         self.records: list[CallRecord] = []
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(config.seed)
@@ -82,8 +82,8 @@ class SparseRunner:
         self.call_graphs = CallGraphs() if cuda_graphs and device.type == "cuda" and single else None
 
     # ---- state -----------------------------------------------------------------------------
-    def _new_context(self) -> ContextState:
-        return ContextState(
+    def _new_branch(self) -> BranchState:
+        return BranchState(
             blocks=[
                 BlockState.allocate(b.shape, cache_dtype(self.config, b.dtype), self.device, b.samples) for b in self.blocks
             ]
@@ -91,27 +91,27 @@ class SparseRunner:
 
     def _new_generation(self) -> None:
         # In place: captured call graphs read the states where they are.
-        for ctx in self.contexts.values():
+        for ctx in self.branches.values():
             ctx.reset()
         self.generator.manual_seed(self.config.seed)
 
     def reset(self) -> None:
-        """Forget every context's history: the next call starts a new generation."""
+        """Forget every branch's history: the next call starts a new generation."""
         self.placement.reset()
         self._new_generation()
 
     def cache_bytes(self) -> int:
-        return sum(s.nbytes() for c in self.contexts.values() for s in c.blocks)
+        return sum(s.nbytes() for c in self.branches.values() for s in c.blocks)
 
     # ---- the call --------------------------------------------------------------------------
     def plan(self, call: Call, full: bool = False):
-        """(context state, budget, tokens to select per block: 0 for a skip) of a placed call,
+        """(branch state, budget, tokens to select per block: 0 for a skip) of a placed call,
         at budget 1.0 where `full`; host work only."""
         if call.new_generation:
             self._new_generation()
-        ctx = self.contexts.get(call.context)
+        ctx = self.branches.get(call.branch)
         if ctx is None:
-            ctx = self.contexts[call.context] = self._new_context()
+            ctx = self.branches[call.branch] = self._new_branch()
         budget = self.config.step_budget(call.step)  # raises before any output if the schedule is short
         if full or not ctx.filled:
             budget = 1.0  # nothing cached yet
@@ -119,7 +119,7 @@ class SparseRunner:
             return ctx, budget, 0
         return ctx, budget, num_selected(budget, self.num_tokens)
 
-    def _forward(self, ctx: ContextState, k: int, inputs: tuple) -> tuple[tuple, int]:
+    def _forward(self, ctx: BranchState, k: int, inputs: tuple) -> tuple[tuple, int]:
         """The device work of a call: select each block's tokens, run the rewritten graph.
         Returns the outputs and the tokens each block recomputed."""
         indices = []
@@ -133,7 +133,7 @@ class SparseRunner:
             indices.append(idx)
         return _call(self.graph_fn, ctx, indices, inputs), int(indices[0].shape[-1])
 
-    def _reuse_blocks(self, ctx: ContextState, inputs: tuple) -> tuple[tuple, int]:
+    def _reuse_blocks(self, ctx: BranchState, inputs: tuple) -> tuple[tuple, int]:
         """The device work of a skipped step: every block adds its cache to its input."""
         return _call(self.lower_skip(), ctx, self.all_tokens, inputs), 0
 
@@ -144,14 +144,14 @@ class SparseRunner:
         if len(self.records) > RECORDS_KEPT:
             del self.records[: len(self.records) - RECORDS_KEPT]
 
-    def _graph_key(self, context: int, k: int):
+    def _graph_key(self, branch: int, k: int):
         """The key of a call's captured graph, or None where a call runs uncaptured: the random
         policy draws from a generator, and only single-token selection has been checked
         captured on a GPU ("run" and "spatial" groups are untested there)."""
         c = self.config
         if self.call_graphs is None or not c.cuda_graphs or c.policy == "random" or c.group != "token":
             return None
-        return context, k, c.policy, c.weight_signal, c.weight_penalty
+        return branch, k, c.policy, c.weight_signal, c.weight_penalty
 
     def __call__(self, *args):
         timestep = None
@@ -160,7 +160,7 @@ class SparseRunner:
         call = self.placement.place(timestep)
         if self.placement.moved is not None and self.records:
             moved = self.placement.moved
-            self.records[-1] = dataclasses.replace(self.records[-1], step=moved.step, context=moved.context)
+            self.records[-1] = dataclasses.replace(self.records[-1], step=moved.step, branch=moved.branch)
         return self.run(call, args)
 
     def run(self, call: Call, args: tuple, full: bool = False) -> tuple:
@@ -170,20 +170,20 @@ class SparseRunner:
         if k == 0:
             torch._foreach_add_([state.stale for state in ctx.blocks], 1)  # one launch, not one per block
             if self.config.skip == "output":
-                self._record(CallRecord(call.step, call.context, 0.0, 0))
+                self._record(CallRecord(call.step, call.branch, 0.0, 0))
                 return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
             run = lambda inputs: self._reuse_blocks(ctx, inputs)  # noqa: E731
         else:
             run = lambda inputs: self._forward(ctx, k, inputs)  # noqa: E731
-        key = self._graph_key(call.context, k)
+        key = self._graph_key(call.branch, k)
         out, tokens = run(args) if key is None else self.call_graphs(key, run, args)
-        self._record(CallRecord(call.step, call.context, budget, tokens))
+        self._record(CallRecord(call.step, call.branch, budget, tokens))
         ctx.filled = True
         ctx.last_output = out if self.config.skip == "output" else None
         return out
 
 
-def _call(graph: Callable, ctx: ContextState, indices: list, inputs: tuple) -> tuple:
+def _call(graph: Callable, ctx: BranchState, indices: list, inputs: tuple) -> tuple:
     """Run a form of the rewritten graph: the model's inputs, then each block's runtime inputs."""
     extra = [t for state, idx in zip(ctx.blocks, indices) for t in state.graph_inputs(idx)]
     out = graph(*inputs, *extra)

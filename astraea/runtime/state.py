@@ -1,6 +1,6 @@
-"""Per-context runtime state: each sparse block's cache and selection scores.
+"""Per-branch runtime state: each sparse block's cache and selection scores.
 
-One `ContextState` per branch of classifier-free guidance, so the conditional and the
+One `BranchState` per branch of classifier-free guidance, so the conditional and the
 unconditional calls never read each other's caches. Tensors are allocated once and updated
 in place by the graph (`astraea::merge_rows`), never reassigned.
 """
@@ -52,7 +52,7 @@ class BlockState:
 
 
 @dataclass
-class ContextState:
+class BranchState:
     blocks: list[BlockState]
     last_output: tuple | None = None  # the last output, kept for skip="output" (a budget-0 step reuses it)
     filled: bool = False  # a call has filled the caches

@@ -1,9 +1,9 @@
-"""Which denoising step and which context (cond / uncond branch) a call belongs to.
+"""Which denoising step and which guidance branch (cond / uncond) a call belongs to.
 
 Within a generation the timestep falls from call to call. Calls that share a timestep belong
-to the same step, and the j-th of them is context j: diffusers pipelines call the
+to the same step, and the j-th of them is branch j: diffusers pipelines call the
 transformer for the conditional branch first and the unconditional one second (Wan and
-others), or once with both in the batch (context 0 only). A timestep higher than the
+others), or once with both in the batch (branch 0 only). A timestep higher than the
 current step's starts a new generation, as does a change of input shapes (which also gives
 a new compiled graph, and so a new tracker).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Call:
     step: int
-    context: int
+    branch: int
     new_generation: bool
 
 
@@ -41,4 +41,4 @@ class StepTracker:
         else:
             self._step, self._calls_in_step = self._step + 1, 0
         self._timestep = timestep if timestep is not None else float("-inf")
-        return Call(step=self._step, context=self._calls_in_step, new_generation=new)
+        return Call(step=self._step, branch=self._calls_in_step, new_generation=new)

@@ -159,18 +159,18 @@ class CostTable:
     def call_ms(self, budget: float) -> float:
         return self.latency_ms[self._level(budget)]
 
-    def step_ms(self, contexts: int = 1) -> tuple[float, ...]:
+    def step_ms(self, calls_per_step: int = 1) -> tuple[float, ...]:
         """Milliseconds of one step at each level: its calls, and what each costs around it."""
-        return tuple(contexts * (ms + self.call_overhead_ms) for ms in self.latency_ms)
+        return tuple(calls_per_step * (ms + self.call_overhead_ms) for ms in self.latency_ms)
 
-    def predict(self, budgets: Sequence[float], contexts: int = 1) -> float:
+    def predict(self, budgets: Sequence[float], calls_per_step: int = 1) -> float:
         """Predicted milliseconds of a generation with these budgets."""
-        steps = self.step_ms(contexts)
+        steps = self.step_ms(calls_per_step)
         return sum(steps[self._level(b)] for b in budgets)
 
-    def prediction(self, budgets: Sequence[float], measured_ms: float, contexts: int = 1) -> Prediction:
+    def prediction(self, budgets: Sequence[float], measured_ms: float, calls_per_step: int = 1) -> Prediction:
         """How far the prediction for `budgets` is from a measured end-to-end generation."""
-        return Prediction(self.predict(budgets, contexts), measured_ms)
+        return Prediction(self.predict(budgets, calls_per_step), measured_ms)
 
     def check(self, key: CostKey) -> None:
         """Refuse to predict latencies for a setting the table was not measured in."""
@@ -247,7 +247,7 @@ def profile(
     """Measure the compiled transformer's call latency at each budget level on this device.
 
     A first generation compiles and warms up; `repeats` more are timed call by call and each
-    level's latency is the median of its `steps_per_level * repeats * contexts` calls.
+    level's latency is the median of its `steps_per_level * repeats * calls_per_step` calls.
     Recompiling during the timed runs is an error: it would time the compiler, or eager code.
     """
     levels = tuple(sorted({float(x) for x in levels}))
@@ -265,7 +265,7 @@ def profile(
             walls.append(wall_ms(lambda: workload.generate(timer, seed=1 + repeat, num_steps=len(budgets)),
                                  workload.device, repeats=1, warmup=0))
             for call, ms in enumerate(timer.take()):
-                level = measured[call // workload.contexts]
+                level = measured[call // workload.calls_per_step]
                 if level is not None:
                     samples[level].append(ms)
     calls = CostTable(
@@ -274,10 +274,10 @@ def profile(
         latency_ms=tuple(statistics.median(samples[level]) for level in levels),
     )
     # What the calls' own timings leave out of the profiling generations' wall time, per call.
-    wall, calls_ms = statistics.median(walls), calls.predict(budgets, workload.contexts)
+    wall, calls_ms = statistics.median(walls), calls.predict(budgets, workload.calls_per_step)
     return dataclasses.replace(
         calls,
-        call_overhead_ms=max(0.0, (wall - calls_ms) / (len(budgets) * workload.contexts)),
-        meta={"steps_per_level": steps_per_level, "repeats": repeats, "contexts": workload.contexts,
+        call_overhead_ms=max(0.0, (wall - calls_ms) / (len(budgets) * workload.calls_per_step)),
+        meta={"steps_per_level": steps_per_level, "repeats": repeats, "calls_per_step": workload.calls_per_step,
               "profiling_generation": {"budgets": list(budgets), "wall_ms": walls, "calls_ms": calls_ms}},
     )

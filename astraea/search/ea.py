@@ -25,7 +25,7 @@ class Space:
     """The genomes a search may visit.
 
     levels: the budgets a step may take, ascending, with 0 (skip) and 1 (dense) among them.
-    costs: predicted milliseconds of one whole step (all contexts) at each level.
+    costs: predicted milliseconds of one whole step (every call of it) at each level.
     limit_ms: the latency target every genome must meet.
     """
 

@@ -244,10 +244,10 @@ def search(
         raise SearchError("pass the evaluator's own sparse model with it")
     sparse = sparse or SparseModel(workload, config)
     table.check(CostKey.here(sparse, workload))
-    steps, contexts = workload.num_steps, workload.contexts
-    dense_ms = table.predict([1.0] * steps, contexts)
+    steps, calls_per_step = workload.num_steps, workload.calls_per_step
+    dense_ms = table.predict([1.0] * steps, calls_per_step)
     limit = dense_ms / speedup if speedup is not None else latency_ms
-    space = Space(table.levels, table.step_ms(contexts), steps, full_steps, limit)
+    space = Space(table.levels, table.step_ms(calls_per_step), steps, full_steps, limit)
     if share_prefixes is None:
         share_prefixes = sparse.config.policy != "random"
     evaluator = evaluator or Evaluator(workload, sparse, share_prefixes=share_prefixes)
@@ -311,4 +311,4 @@ def _measure(workload: Workload, sparse: SparseModel, table: CostTable, budgets:
     """A whole generation with `budgets`, timed end to end, next to its prediction."""
     sparse.set_schedule(budgets)
     measured = wall_ms(lambda: workload.generate(sparse.module, 0), workload.device)
-    return table.prediction(budgets, measured, workload.contexts)
+    return table.prediction(budgets, measured, workload.calls_per_step)

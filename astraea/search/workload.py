@@ -57,7 +57,7 @@ class Workload:
     latent_shape: (channels, frames, height, width) of one latent video.
     conditioning: seed -> (cond, uncond) prompt embeddings [1, tokens, width].
     prediction: what the model outputs, "velocity" (noise - data) or the clean "sample".
-    guidance: classifier-free guidance scale; other than 1, every step runs two contexts.
+    guidance: classifier-free guidance scale; other than 1, every step calls the transformer twice.
     shift: the flow-matching timestep shift (Wan uses 3 to 5; 1 keeps the steps even).
     decoder: optional callable from latents to frames, for fidelity on what a person sees.
     """
@@ -92,7 +92,7 @@ class Workload:
         self.decoder = decoder
 
     @property
-    def contexts(self) -> int:
+    def calls_per_step(self) -> int:
         """Transformer calls per step: two with classifier-free guidance (cond and uncond)."""
         return 2 if self.guidance != 1.0 else 1
 
@@ -152,7 +152,7 @@ class Workload:
             sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
             timestep = torch.full((1,), sigma * 1000.0, device=self.device)
             out = self._call(transformer, "cond", latent, timestep, cond)
-            if self.contexts == 2:
+            if self.calls_per_step == 2:
                 unconditional = self._call(transformer, "uncond", latent, timestep, uncond)
                 out = unconditional + self.guidance * (out - unconditional)
             velocity = out if self.prediction == "velocity" else (latent - out) / sigma
@@ -160,8 +160,8 @@ class Workload:
         return Trajectory(noise, latent)
 
     def _call(self, transformer, context, latent, timestep, text):
-        # Pipelines name each guidance branch so per-context caches stay apart; a plain
-        # module without diffusers' cache mixin has no such contexts to keep apart.
+        # Pipelines name each guidance branch so per-branch caches stay apart; a plain
+        # module without diffusers' cache mixin has no such branches to keep apart.
         scope = getattr(transformer, "cache_context", None)
         with scope(context) if scope is not None else contextlib.nullcontext():
             out = transformer(

@@ -174,7 +174,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     lower_skip = functools.cache(functools.partial(lower, skip_gm, config, example_inputs, sparsify.inputs, device))
     graph_fn = lower(gm, config, example_inputs, sparsify.inputs, device)
     if clock is not None:  # one runner per instance of the block, all placed by the model's clock
-        weight = next(i for i, n in enumerate(placeholders) if is_module_state(n))
+        # the instance's own weight input; none where dynamo specialised the graph to one instance
+        weight = next((i for i, n in enumerate(placeholders) if is_module_state(n)), None)
         shapes = tuple(tuple(b.shape) for b in sparsify.inputs)
         runner = BlockInstances(clock, report, config, weight, shapes, lambda branches, config: SparseRunner(
             graph_fn, dense_gm, report, sparsify.inputs, config, None, device, None, lower_skip, cuda_graphs=False,

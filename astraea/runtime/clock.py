@@ -3,7 +3,8 @@
 A block's graph has no timestep input, and dynamo compiles one graph for every instance of a
 block class (their weights are inputs). So the model's own call is placed once, by a forward
 pre-hook on the model (`StepClock`), and each compiled block graph hands its calls to one
-runner per instance (`BlockInstances`), told apart by the instance's own weight tensor.
+runner per instance (`BlockInstances`), told apart by the instance's own weight tensor (a
+graph dynamo specialised to one instance, holding its weights as constants, serves only it).
 Only the blocks over the most tokens, the video's, select; a stack over fewer (a text
 refiner, text-only blocks) computes every token, as it does in a whole-model compile where
 the token axis is the video's.
@@ -60,7 +61,7 @@ class StepClock:
 class BlockInstances:
     """Runs the compiled graph of a block class, dispatching each call to its instance's
     runner (its own caches, scores and selection). `weight` is the position of an input that
-    is the instance's own parameter; `make_runner(branches, config)` builds a runner on a
+    is the instance's own parameter (None: the graph holds its weights, so serves one instance); `make_runner(branches, config)` builds a runner on a
     block's states."""
 
     def __init__(self, clock: StepClock, report, config, weight: int, shapes: tuple,
@@ -81,7 +82,7 @@ class BlockInstances:
                 "astraea: a block compiled by astraea.compile_blocks was called outside its model's call; "
                 "call the model (its forward places the denoising step), not the block"
             )
-        block = id(args[self.weight])
+        block = 0 if self.weight is None else id(args[self.weight])
         if self.last_call.get(block) == self.clock.calls:
             raise RuntimeError(
                 "astraea: a block compiled by astraea.compile_blocks ran twice in one call of its model (its weights "

@@ -49,11 +49,11 @@ def compile_blocks(model: torch.nn.Module, config: AstraeaConfig | None = None, 
     if not blocks:
         raise ConfigError(f"no blocks found in {type(model).__name__} (a ModuleList or Sequential of modules of one "
                           "class); use torch.compile(model, backend='astraea')")
-    announcements = listen(model)
     read_timestep = timestep_reader(model)
-    if read_timestep is None and announcements is None:
+    if read_timestep is None and not hasattr(model, "cache_context"):
         raise ConfigError(f"{type(model).__name__}.forward has no timestep argument (named one of {TIME_NAMES}, or "
                           "containing 'timestep'), so its calls cannot be placed at their steps")
+    announcements = listen(model)  # the first change to the model: every refusal comes before it
     backend = Backend(config)
     backend.clock = StepClock(announcements, read_timestep or (lambda args, kwargs: None),
                               lambda steps: backend.config.schedule.budget(steps - 1))

@@ -118,8 +118,10 @@ def test_refusals():
         def forward(self, x):
             return self.blocks[1](self.blocks[0](x))
 
+    model = NoTime()
     with pytest.raises(astraea.ConfigError, match="no timestep argument"):
-        astraea.compile_blocks(NoTime())
+        astraea.compile_blocks(model)
+    assert not model._forward_pre_hooks and all(b._compiled_call_impl is None for b in model.blocks)  # untouched
 
 
 def test_a_block_called_outside_its_model_is_refused():

@@ -61,10 +61,10 @@ class StepClock:
 class BlockInstances:
     """Runs the compiled graph of a block class, dispatching each call to its instance's
     runner (its own caches, scores and selection). `weight` is the position of an input that
-    is the instance's own parameter (None: the graph holds its weights, so serves one instance); `make_runner(branches, config)` builds a runner on a
-    block's states."""
+    is the instance's own parameter (None: the graph holds its weights, so it serves one
+    instance); `make_runner(branches, config)` builds a runner on a block's states."""
 
-    def __init__(self, clock: StepClock, report, config, weight: int, shapes: tuple,
+    def __init__(self, clock: StepClock, report, config, weight: int | None, shapes: tuple,
                  make_runner: Callable[[dict, object], SparseRunner]):
         self.clock = clock
         self.report = report
@@ -92,7 +92,8 @@ class BlockInstances:
         self.last_call[block] = self.clock.calls
         runner = self.instances.get(block)
         if runner is None:
-            runner = self.instances[block] = self.make_runner(self.clock.block_states.setdefault((block, self.shapes), {}), self.config)
+            branches = self.clock.block_states.setdefault((block, self.shapes), {})
+            runner = self.instances[block] = self.make_runner(branches, self.config)
         full = self.report.num_tokens < self.clock.tokens  # not the video's tokens
         return tuple(_dense_strides(t) for t in runner.run(self.clock.call, args, full))
 

@@ -2,14 +2,15 @@
 shows (the timestep; the pipeline's announcement, if any; whether the pipeline closed a
 generation before it), and the (step, branch, new generation) placement expects for it.
 
-Announcements go through a real diffusers model's `cache_context` and its stateful-hook reset,
-as pipelines make them; nothing is compiled."""
+The table runs through the pure function `place`, and through `Placement` with announcements
+made by a real diffusers model's `cache_context` and its stateful-hook reset, as pipelines make
+them; nothing is compiled."""
 
 import pytest
 import torch
 
 from astraea.runtime.announced import listen
-from astraea.runtime.placement import Placement
+from astraea.runtime.placement import Announced, Placement, Seen, State, place
 from tests.models import wan
 
 N = None  # no announcement
@@ -61,8 +62,31 @@ CASES = {
 }
 
 
+def _as_expected(placed: list, moved: list) -> list:
+    """The places as the table writes them: a late listener places the first call anew, once,
+    from the second's announcement."""
+    assert len(moved) <= 1
+    first = [(moved[0].step, moved[0].branch, moved[0].new_generation)] if moved else placed[:1]
+    return first + placed[1:]
+
+
 @pytest.mark.parametrize("name", CASES)
-def test_placement(name):
+def test_place(name):
+    """The pure function, threading its state; the pipeline's "ended" flag stays up until read."""
+    calls, expected = CASES[name]
+    state, ended, placed, moved = State(), False, [], []
+    for t, announced, closed in calls:
+        ended = ended or closed
+        seen = Seen(None if t is None else float(t), None if announced is None else Announced(*announced, 4), ended)
+        result = place(state, seen)
+        state, ended = result.state, ended and not result.read_ended
+        placed.append((result.call.step, result.call.branch, result.call.new_generation))
+        moved += [result.moved] if result.moved is not None else []
+    assert _as_expected(placed, moved) == expected
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_placement_hears_a_real_pipeline(name):
     calls, expected = CASES[name]
     model = wan().model
     placement = Placement(listen(model), lambda steps: None)
@@ -79,10 +103,7 @@ def test_placement(name):
         placed.append((result.step, result.branch, result.new_generation))
         if placement.moved is not None:
             moved.append(placement.moved)
-    # A late listener places the first call anew, once, from the second's announcement.
-    assert len(moved) <= 1
-    first = [(moved[0].step, moved[0].branch, moved[0].new_generation)] if moved else placed[:1]
-    assert first + placed[1:] == expected
+    assert _as_expected(placed, moved) == expected
 
 
 def test_a_new_announced_generation_checks_the_step_count():

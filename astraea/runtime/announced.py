@@ -17,53 +17,33 @@ import sys
 
 import torch
 
-from .steps import Call
+from .placement import Announced
 
 HOOK_NAME = "astraea_context_listener"
 
 
 class Announcements:
-    """Reads the current context, and places calls by announced step and branch name."""
+    """Reads what the pipeline announced for the current call, and whether it closed a
+    generation since the flag was last cleared."""
 
     def __init__(self, hook):
         self._hook = hook
-        self.reset()
 
-    def reset(self) -> None:
-        self._step: int | None = None
-        self._names_this_step: set[str] = set()
-        self._branches: dict[str, int] = {}
-
-    def current(self):
-        """The announced CacheContext (name, step_index, num_inference_steps...) or None."""
+    def current(self) -> Announced | None:
+        """The announced step, branch name and step count of the current call, or None."""
         context = getattr(self._hook.manager, "_context", None)
-        return context if context is not None and context.step_index is not None else None
+        if context is None or context.step_index is None:
+            return None
+        return Announced(int(context.step_index), context.name, getattr(context, "num_inference_steps", None))
 
-    def assume_first_call(self, step: int, name: str | None, branches: dict) -> None:
-        """Take an unannounced first call as announced at `step` under `name`, with the branch
-        numbers known so far by name; the name None stands for a first call's name not yet
-        known (the next name not seen before gets its branch)."""
-        self._step, self._names_this_step = step, {name}
-        self._branches = dict(branches)
+    @property
+    def ended(self) -> bool:
+        """Whether the pipeline closed a generation (reset its hooks) since this was cleared."""
+        return self._hook.ended
 
-    def generation_ended(self) -> bool:
-        """Whether the pipeline closed a generation (reset its hooks) since the last look."""
-        ended, self._hook.ended = self._hook.ended, False
-        return ended
-
-    def observe(self, context) -> Call:
-        step, name = int(context.step_index), context.name
-        new = self._step is None or step < self._step or (step == self._step and name in self._names_this_step)
-        if new:
-            self._branches.clear()
-        if new or step != self._step:
-            self._names_this_step = set()
-        self._step = step
-        self._names_this_step.add(name)
-        if name not in self._branches and None in self._branches:
-            self._branches[name] = self._branches.pop(None)  # the unannounced first call's name
-        branch = self._branches.setdefault(name, len(self._branches))
-        return Call(step=step, branch=branch, new_generation=new)
+    @ended.setter
+    def ended(self, value: bool) -> None:
+        self._hook.ended = value
 
 
 def compiled_module() -> torch.nn.Module | None:

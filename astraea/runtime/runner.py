@@ -23,9 +23,9 @@ from ..config import AstraeaConfig
 from ..ops.signature import SparseBlockInputs
 from ..passes import Report
 from .call_graphs import CallGraphs
+from .placement import Placement
 from .select import mark_selected, num_selected, scores, select
 from .state import BlockState, BranchState, cache_dtype
-from .placement import Placement
 from .steps import Call
 
 

@@ -3,7 +3,9 @@ of one block traced on its own: the measurements behind tracing one block, not t
 
 - the whole model (what `torch.compile(model, backend="astraea")` traces today);
 - one block, as diffusers' `compile_repeated_blocks()` traces it (every block reuses the trace);
-- the whole model with the block class's forward marked `torch.compiler.nested_compile_region`.
+- the whole model with the block class's forward marked `torch.compiler.nested_compile_region`;
+- then astraea's two ways in, trace and analysis and rewrite included (lowered "eager", as on a
+  CPU): `torch.compile(model, backend="astraea")` and `astraea.compile_blocks(model)`.
 
 Each is traced with the "eager" backend (no lowering), on 30 blocks of small width: the trace's
 cost depends on the code traced, not on the tensors' sizes. Runs on a CPU.
@@ -57,6 +59,17 @@ def main() -> None:
         WanTransformerBlock.forward = forward
     print(f"dynamo, {LAYERS} Wan blocks: whole model {whole:.2f} s, one block (compile_repeated_blocks) "
           f"{regional:.2f} s, nested_compile_region {nested:.2f} s")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch._dynamo.reset()
+        astraea_whole = first_call(torch.compile(build(), backend="astraea", options={"schedule": 1.0}))
+        torch._dynamo.reset()
+        model = build()
+        astraea.compile_blocks(model, schedule=1.0)
+        astraea_blocks = first_call(model)
+    print(f"astraea's first call, {LAYERS} Wan blocks: torch.compile {astraea_whole:.2f} s, "
+          f"compile_blocks {astraea_blocks:.2f} s")
 
     torch._dynamo.reset()
     model, seen = build(), {}

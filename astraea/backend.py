@@ -144,7 +144,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     if owner is not None:
         owner.reports.append(report)
     check_report(config, report, whole_model=clock is None)
-    if report.num_sparse_blocks == 0 and clock is not None and report.num_blocks == 0:
+    if clock is not None and report.num_blocks == 0:
         _log.info("no block in this graph (%s): it runs as traced", report.reason)
         return dense_gm.forward
     if report.num_sparse_blocks == 0:

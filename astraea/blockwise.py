@@ -24,7 +24,7 @@ import torch
 
 from .backend import Backend
 from .config import AstraeaConfig, ConfigError
-from .passes.timestep import TIME_NAMES
+from .passes.timestep import TIME_NAMES, time_argument
 from .runtime.announced import listen
 from .runtime.clock import StepClock
 
@@ -82,10 +82,9 @@ def timestep_reader(model: torch.nn.Module) -> Callable | None:
     """A function of a forward call's (args, kwargs) giving its timestep as a float (the largest
     value: per-token times run at the noisiest); None if the forward takes no timestep."""
     signature = inspect.signature(model.forward)
-    names = [n for n in signature.parameters if n in TIME_NAMES] or [n for n in signature.parameters if "timestep" in n]
-    if not names:
+    name = time_argument(signature.parameters)
+    if name is None:
         return None
-    name = names[0]
 
     def read(args, kwargs) -> float | None:
         value = signature.bind_partial(*args, **kwargs).arguments.get(name)

@@ -96,10 +96,10 @@ def test_placement_hears_a_real_pipeline(name):
             model._reset_stateful_cache()
         timestep = None if t is None else float(t)
         if announced is None:
-            result = placement.place(timestep)
+            result = placement.place(lambda: timestep)
         else:
             with model.cache_context(announced[1], step_index=announced[0], num_inference_steps=4):
-                result = placement.place(timestep)
+                result = placement.place(lambda: timestep)
         placed.append((result.step, result.branch, result.new_generation))
         if placement.moved is not None:
             moved.append(placement.moved)
@@ -111,7 +111,26 @@ def test_a_new_announced_generation_checks_the_step_count():
     told = []
     placement = Placement(listen(model), told.append)
     with model.cache_context("cond", step_index=0, num_inference_steps=30):
-        placement.place(500.0)
+        placement.place(lambda: 500.0)
     with model.cache_context("cond", step_index=1, num_inference_steps=30):
-        placement.place(500.0)
+        placement.place(lambda: 500.0)
     assert told == [30]
+
+
+def test_an_announced_generation_does_not_read_the_timestep():
+    """Reading a timestep on the GPU waits for it: once the announcements place a generation,
+    the timestep is left unread (the first announced call still reads it, to tell a
+    generation that begins announced from a listener that joined late)."""
+    model = wan().model
+    placement = Placement(listen(model), lambda steps: None)
+    reads = []
+
+    def timestep():
+        reads.append(1)
+        return 500.0
+
+    for step in range(3):
+        for name in ("cond", "uncond"):
+            with model.cache_context(name, step_index=step, num_inference_steps=3):
+                placement.place(timestep)
+    assert len(reads) == 1

@@ -32,13 +32,20 @@ def find_timestep(gm: fx.GraphModule, token_source: fx.Node | None) -> fx.Node |
         shape = shape_of(node)
         if not isinstance(value, torch.Tensor) or shape is None or value.is_complex() or value.dtype == torch.bool:
             continue
-        if "timestep" in node.name.lower() or _argument_name(node) in TIME_NAMES:
+        if time_argument([_argument_name(node)]):
             named.append(node)
         elif len(shape) <= 1 and math.prod(shape) <= MAX_TIMESTEP_NUMEL:
             candidates.append(node)
-    # `timestep` itself before inputs that only mention it (MiniMax-H3's `timestep_indices`)
-    named.sort(key=lambda n: _argument_name(n) not in TIME_NAMES)
-    return (named or candidates or [None])[0]
+    chosen = time_argument([_argument_name(n) for n in named])
+    return next((n for n in named if _argument_name(n) == chosen), None) or (candidates or [None])[0]
+
+
+def time_argument(names) -> str | None:
+    """Which of a forward's argument names holds the diffusion time: one named `timestep` (or
+    `timesteps`, `t`, `sigma`) before one whose name only contains "timestep" (MiniMax-H3's
+    `timestep_indices`); None if none does."""
+    names = list(names)
+    return next((n for n in names if n in TIME_NAMES), None) or next((n for n in names if "timestep" in n), None)
 
 
 def _argument_name(node: fx.Node) -> str:

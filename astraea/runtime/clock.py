@@ -46,7 +46,7 @@ class StepClock:
         return model.register_forward_pre_hook(self._before_call, with_kwargs=True)
 
     def _before_call(self, model, args, kwargs):
-        self.call = self.placement.place(self.read_timestep(args, kwargs))
+        self.call = self.placement.place(lambda: self.read_timestep(args, kwargs))
         self.calls += 1
 
     def reset(self) -> None:
@@ -123,13 +123,18 @@ class BlockInstances:
 
 
 def _dense_strides(t):
-    """`t` with the strides of a new tensor of its shape (copied only where they differ)."""
+    """`t` with the strides of a new tensor of its shape: a view where only dims of size 1
+    differ (a batch-1 slice of a joint tensor), a copy only where the memory is laid out
+    otherwise."""
     if not isinstance(t, torch.Tensor):
         return t
     strides, step = [], 1
     for size in reversed(t.shape):
         strides.append(step)
         step *= max(size, 1)
-    if t.stride() == tuple(reversed(strides)):
+    strides = tuple(reversed(strides))
+    if t.stride() == strides:
         return t
+    if t.is_contiguous():
+        return t.as_strided(t.shape, strides, t.storage_offset())
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)

@@ -152,9 +152,12 @@ class Placement:
         """The next call starts a new generation."""
         self.state, self.moved = State(), None
 
-    def place(self, timestep: float | None) -> Call:
+    def place(self, read_timestep: Callable[[], float | None]) -> Call:
+        """Place the next call. The timestep is read (a host sync for a tensor on the GPU) only
+        where the announcements do not place it alone."""
         a = self.announcements
         announced = a.current() if a is not None else None
+        timestep = None if announced is not None and self.state.announced else read_timestep()
         seen = Seen(timestep, announced, a is not None and a.ended)
         placed = place(self.state, seen)
         if placed.read_ended and a is not None:

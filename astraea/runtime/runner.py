@@ -154,9 +154,9 @@ class SparseRunner:
         return branch, k, c.policy, c.weight_signal, c.weight_penalty
 
     def __call__(self, *args):
-        timestep = None
-        if self.timestep_position is not None:
-            timestep = float(args[self.timestep_position].max())  # per-token times: the noisiest
+        def timestep() -> float | None:  # per-token times: the noisiest
+            return None if self.timestep_position is None else float(args[self.timestep_position].max())
+
         call = self.placement.place(timestep)
         if self.placement.moved is not None and self.records:
             moved = self.placement.moved

@@ -6,7 +6,8 @@ HunyuanVideo keep them), fused or separate q/k/v, joint text-video attention (`j
 "dual" keeps separate text weights and one attention over the concatenation, as CogVideoX and
 HunyuanVideo's double blocks; "single" runs one block over the concatenated tokens, as
 HunyuanVideo's single blocks), text before or after the video, attention through SDPA or
-written out by hand (matmul, softmax, matmul); and `mixing` puts an
+written out by hand (matmul, softmax, matmul), or linear (a key/value summary over every
+token); and `mixing` puts an
 op that is not token-wise into one block (a reduction over tokens, a roll along tokens, a
 linear map over the token axis, a cumulative sum), which astraea must leave dense.
 """
@@ -39,6 +40,7 @@ class Knobs:
     joint: str | None = None  # None, "dual" or "single"
     text_first: bool = False
     written_attention: bool = False  # softmax(q k^T * scale) v written out, as research code does
+    linear_attention: bool = False  # self-attention as relu(q) (relu(k)^T v), normalised (Sana-Video)
 
 
 class Block(nn.Module):
@@ -65,6 +67,14 @@ class Block(nn.Module):
             return F.scaled_dot_product_attention(q, k, v)
         return (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1) @ v
 
+    def self_attend(self, q, k, v):
+        if not self.k.linear_attention:
+            return self.attend(q, k, v)
+        q, k = F.relu(q), F.relu(k)
+        summary = k.transpose(-2, -1) @ v  # [B, H, d, d]: every token's keys with its values
+        norm = q @ k.sum(dim=-2, keepdim=True).transpose(-2, -1)  # [B, H, N, 1]
+        return (q @ summary) / (norm + 1e-6)
+
     def heads(self, x):
         b, n, _ = x.shape
         return x.view(b, n, self.k.heads, -1).transpose(1, 2)
@@ -84,7 +94,7 @@ class Block(nn.Module):
         if k.rope:
             q = q * cos + q.flip(-1) * sin
             key = key * cos + key.flip(-1) * sin
-        a = self.attend(q, key, v).transpose(1, 2).flatten(2)
+        a = self.self_attend(q, key, v).transpose(1, 2).flatten(2)
         a = self.out(a)
         x = x + (a * gate if k.gated else a)
         if k.mixing and self.index == k.mixing_block:
@@ -128,7 +138,7 @@ class Block(nn.Module):
         q, key, v = self.qkv_heads(h)
         q, key = self.rope(q, cos, sin), self.rope(key, cos, sin)
         tq, tk, tv = (self.heads(t) for t in self.txt_qkv(self.txt_norm(txt)).chunk(3, dim=-1))
-        a = self.attend(self.joined(q, tq, 2), self.joined(key, tk, 2), self.joined(v, tv, 2))
+        a = self.self_attend(self.joined(q, tq, 2), self.joined(key, tk, 2), self.joined(v, tv, 2))
         a, ta = self.parted(a.transpose(1, 2).flatten(2), x.shape[1], 1)
         x = x + (self.out(a) * gate if self.k.gated else self.out(a))
         if self.k.mixing and self.index == self.k.mixing_block:
@@ -151,7 +161,7 @@ class Block(nn.Module):
         q, key, v = self.qkv_heads(h)
         (qv, qt), (kv, kt) = self.parted(q, n, 2), self.parted(key, n, 2)
         q, key = self.joined(self.rope(qv, cos, sin), qt, 2), self.joined(self.rope(kv, cos, sin), kt, 2)
-        a = self.out(self.attend(q, key, v).transpose(1, 2).flatten(2))
+        a = self.out(self.self_attend(q, key, v).transpose(1, 2).flatten(2))
         joint = joint + (a * gate if self.k.gated else a)
         h = self.norm3(joint)
         if self.k.modulation:
@@ -170,7 +180,7 @@ class Block(nn.Module):
         if kind == "roll":
             return torch.roll(x, 1, dims=1)
         if kind == "token_linear":
-            return x + (x.transpose(1, 2) @ self.token_mix).transpose(1, 2)
+            return x + torch.matmul(x.transpose(1, 2), self.token_mix).transpose(1, 2)  # `@` is linear attention's
         return x.cumsum(dim=1) / x.shape[1]
 
 

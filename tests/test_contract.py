@@ -36,11 +36,14 @@ def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
     assert sizes == [n, n] + [round(b * n) for b in (0.5, 0.5, 0.25, 0.25, 0.75, 0.75, 0.5, 0.5)]
 
 
-@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel", "LatteTransformer3DModel"])
+@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel", "LatteTransformer3DModel", "SanaVideoTransformer3DModel"])
 def test_contract_on_support_models(label):
     """Mechanisms met first in a diffusers class: EasyAnimate writes RoPE into the video part of
     its joint queries/keys in place; Cosmos repeats keys over heads (grouped-query attention)
-    and adds a positional embedding at the start of every block."""
+    and adds a positional embedding at the start of every block; Sana-Video's self-attention is
+    linear (a values^T keys summary over every token, written as matmuls), and its feed-forward
+    convolves the token grid, so its blocks end before it and the convolutions run on every
+    token between them."""
     case = next(c for c in CASES if c.label == label)
     be, checker = checked_run(case.build(), 3, schedule=0.5)
     assert be.reports[0].num_sparse_blocks == be.reports[0].num_blocks > 0
@@ -88,6 +91,26 @@ def test_flops_follow_budget(budget):
     assert sparse <= budget * dense + keys_values + 0.02 * dense
     assert sparse >= budget * dense * 0.9  # the count saw the sparse work at all
     print(f"budget {budget}: sparse/dense FLOPs {sparse / dense:.3f}, bound {(budget * dense + keys_values) / dense + 0.02:.3f}")
+
+
+def test_linear_attention_flops_follow_budget():
+    """Sana-Video at r = 0.5 on 1,024 tokens: what sees every token (keys, values and their
+    summary, and the feed-forward, whose convolutions over the token grid run on every token
+    between blocks), plus r of the rest; this model saves far less than r."""
+    from tests.support_models import sana_video
+
+    family, budget = sana_video(), 0.5
+    dense, sparse, be = budget_flops(family, torch.randn(1, 4, 4, 32, 32), family.conditions[0], budget)
+    config, n = family.model.config, be.reports[0].num_tokens
+    width = config.num_attention_heads * config.attention_head_dim
+    hidden = int(config.mlp_ratio * width)
+    per_block = 2 * (2 * n * width * width) + 2 * n * width * config.attention_head_dim  # k, v, values^T keys
+    per_block += 2 * n * (width * 2 * hidden + 9 * 2 * hidden + hidden * width + 3 * width * width)  # the convolutions
+    every_token = config.num_layers * per_block
+    bound = budget * (dense - every_token) + every_token + 0.02 * dense
+    assert n == 1024 and be.reports[0].num_sparse_blocks == config.num_layers
+    assert budget * dense * 0.9 <= sparse <= bound
+    print(f"Sana-Video at {budget}: sparse/dense FLOPs {sparse / dense:.3f}, bound {bound / dense:.3f}")
 
 
 @pytest.mark.parametrize("cache_dtype", ["bfloat16", "float8_e4m3fn"])

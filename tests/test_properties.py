@@ -2,7 +2,6 @@
 and batch size, and blocks that mix tokens in ways the rewrite does not understand stay dense."""
 
 import dataclasses
-import operator
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,11 +21,11 @@ def knobs(draw):
         cross=draw(st.booleans()), modulation=draw(st.booleans()), gated=draw(st.booleans()),
         rope=draw(st.booleans()), rope_rows=draw(st.booleans()), fused_qkv=draw(st.booleans()), mixing=draw(st.sampled_from(MIXING)),
         mixing_block=draw(st.integers(0, depth - 1)), joint=draw(st.sampled_from([None, "dual", "single"])),
-        text_first=draw(st.booleans()), written_attention=draw(st.booleans()),
+        text_first=draw(st.booleans()), written_attention=draw(st.booleans()), linear_attention=draw(st.booleans()),
     )
 
 
-MIXING_OPS = {"mean", torch.roll, "cumsum", operator.matmul}  # what `mixing` adds to a block
+MIXING_OPS = {"mean", torch.roll, "cumsum", torch.matmul}  # what `mixing` adds to a block
 
 
 def _run(model, compiled, k, budgets, seed, batch=1):

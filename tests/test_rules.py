@@ -242,12 +242,69 @@ W_T = Input((4, 5))
     (Call(operator.matmul, X, W_T), (1, JOINT)),
     (Call("matmul", X, W_T), (1, JOINT)),
     (Call(torch.matmul, token(9, 4, dim=0), Input((2, 4, 5))), (1, JOINT)),  # batched by the weight: the dim shifts
+    (Call(torch.bmm, X, Input((2, 4, 5))), (1, JOINT)),
+    (Call("bmm", X, Input((2, 4, 5))), (1, JOINT)),
+    (Call(torch.matmul, Input((2, 3, 4)), Call("transpose", X, 1, 2)), (2, JOINT)),  # tokens as columns
+    (Call(torch.matmul, token(2, 9, 3, 4), token(2, 9, 4, 5)), (1, JOINT)),  # a product per token
     (Call(torch.matmul, X, Call("transpose", X, 1, 2)), "product of two token tensors (token mixing)"),
     (Call(torch.matmul, token(2, 4, 9, dim=2), Input((9, 5))), "contraction over the token axis"),
+    (Call(torch.matmul, Input((2, 5, 9)), X), "contraction over the token axis"),
+    (Call(F.linear, X, token(5, 4, dim=0, layout=None)), "linear layer whose weights derive from the tokens"),
+    (Call(torch.matmul, X, Input((4,))), "matrix-vector product with token data"),
 ))
 def test_linear(call, expected):
     """A product over the channels is token-wise; one over the tokens mixes them."""
     assert verdict(follow(call)) == expected
+
+
+def test_per_token_weights_of_a_product_are_gathered_with_the_tokens():
+    weights = Input((2, 9, 4, 5))
+    traced = follow(Call(torch.matmul, token(2, 9, 1, 4), weights))
+    assert verdict(traced) == (1, JOINT)
+    assert [(a, dim) for a, dim, _ in traced.axis.tables[traced.node]] == [(traced.nodes[weights], 1)]
+
+
+@pytest.mark.parametrize("call, pairs", cases(
+    (Call(torch.matmul, Call("transpose", X, 1, 2), X), True),  # values^T keys: linear attention
+    (Call(torch.einsum, "bnc,bnd->bcd", X, X), True),
+    (Call(torch.einsum, "...nc,...nd->...cd", [X, X]), True),
+    (Call("sum", X, 1), False),
+    (Call(torch.amax, X, dim=(-2, -1)), False),
+    (Call(torch.norm, X, dim=-2), False),
+))
+def test_a_reduction_over_the_tokens_is_a_summary(call, pairs):
+    """A reduction over the token axis has no token axis out and reads every token: the
+    analysis lists it among the summaries (whose inputs run on every token); one that pairs
+    tokens with tokens is a linear attention (a block's self-attention)."""
+    traced = follow(call)
+    assert verdict(traced) is None
+    assert traced.node in traced.axis.summaries
+    assert (traced.node in traced.axis.linear_attention) == pairs
+
+
+@pytest.mark.parametrize("call, expected", cases(
+    (Call(torch.einsum, "bnc,cd->bnd", X, W_T), (1, JOINT)),
+    (Call(torch.einsum, "...c,cd->...d", X, W_T), (1, JOINT)),
+    (Call(torch.einsum, "bnc,bnc->bn", X, C9), (1, JOINT)),  # C9 has a row per token: a table
+    (Call(torch.einsum, "bnc,bmc->bnm", X, X), "einsum whose operands carry the token axis under different letters or segments"),
+    (Call(torch.einsum, "bnc,cd", X, W_T), "einsum without an explicit output"),
+))
+def test_einsum(call, expected):
+    """einsum follows the token axis by its letter."""
+    assert verdict(follow(call)) == expected
+
+
+def test_mixed_values_joined_back_to_the_stream_are_gathered_like_a_table():
+    """An op that mixes tokens (here a roll along them) loses the axis, but adding its output,
+    of the token tensor's own shape, back to the stream keeps the stream: the mixed values are
+    computed on every token and gathered with the rows. Any other use of them stays lost."""
+    mixed = Call(torch.roll, X, 1, 1)
+    traced = follow(Call(operator.add, X, Call(operator.mul, mixed, C)))
+    assert verdict(traced) == (1, JOINT)
+    assert traced.node in traced.axis.joins
+    assert [a.target for a, _, _ in traced.axis.tables[traced.node]] == [operator.mul]
+    lost = follow(Call("sum", Call(operator.add, X, Call("sum", mixed, 1, keepdim=True)), -1))
+    assert verdict(lost) == "call_function roll (roll): call_function roll (roll) works along the token axis"
 
 
 TOKEN_WEIGHT = token(4, dim=0, layout=None)  # a weight derived from the token stream
@@ -279,9 +336,6 @@ def test_norm(call, expected):
     (Call(torch.var, X, 0, True, True), (1, JOINT)),  # var(x, dim, unbiased, keepdim)
     (Call(torch.norm, X, 2, 0, True), (1, JOINT)),
     (Call("mean", X, (0, 2)), (0, JOINT)),
-    (Call("sum", X, 1), "reduction over the token axis"),
-    (Call(torch.amax, X, dim=(-2, -1)), "reduction over the token axis"),
-    (Call(torch.norm, X, dim=-2), "reduction over the token axis"),
     (Call("mean", X), "reduction over every dim, tokens included"),
     (Call("norm", X), "reduction over every dim, tokens included"),
 ))
@@ -543,20 +597,25 @@ def raising_rule(p, node):
 
 
 class Block(torch.nn.Module):
-    def __init__(self):
+    """Attention, then a feed-forward; `sin_on` says where torch.sin applies: to the attention's
+    output, in the feed-forward, or nowhere."""
+
+    def __init__(self, sin_on: str):
         super().__init__()
-        self.qkv, self.out = torch.nn.Linear(8, 24), torch.nn.Linear(8, 8)
+        self.qkv, self.out, self.sin_on = torch.nn.Linear(8, 24), torch.nn.Linear(8, 8), sin_on
 
     def forward(self, x, t):
         q, k, v = self.qkv(x).unflatten(-1, (3, 2, 4)).transpose(1, 3).unbind(2)
-        x = x + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
-        return x + torch.sin(self.out(x)) * t
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + (torch.sin(a) if self.sin_on == "attention" else a)
+        h = self.out(x)
+        return x + (torch.sin(h) if self.sin_on == "feed-forward" else h) * t
 
 
 class TwoBlocks(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, *sin_on: str):
         super().__init__()
-        self.blocks = torch.nn.ModuleList([Block(), Block()])
+        self.blocks = torch.nn.ModuleList([Block(s) for s in sin_on])
 
     def forward(self, x, t):
         for block in self.blocks:
@@ -564,19 +623,41 @@ class TwoBlocks(torch.nn.Module):
         return x
 
 
-@pytest.mark.parametrize("rule, reason", [
-    (RULES[SIN], None),
-    (None, "call_function sin (sin) is not known to be token-wise"),
-    (raising_rule, "call_function sin (sin): the analysis failed on it (RuntimeError: boom)"),
-], ids=["its rule", "no rule", "a raising rule"])
-def test_an_op_the_rules_cannot_follow_makes_the_rest_dense_with_a_reason(monkeypatch, rule, reason):
-    """The token axis is lost after an op without a rule, or whose rule fails: the attention
-    after it runs dense and the report says why, instead of the compile failing."""
+def unfollowed(monkeypatch, rule):
     if rule is None:
         monkeypatch.delitem(RULES, SIN)
     else:
         monkeypatch.setitem(RULES, SIN, rule)
     torch._dynamo.reset()
-    report = astraea.explain(TwoBlocks(), torch.randn(1, 6, 8), torch.tensor([0.5]))
+
+
+@pytest.mark.parametrize("rule, reason", [
+    (RULES[SIN], None),
+    (None, "call_function sin (sin) is not known to be token-wise"),
+    (raising_rule, "call_function sin (sin): the analysis failed on it (RuntimeError: boom)"),
+], ids=["its rule", "no rule", "a raising rule"])
+def test_an_op_the_rules_cannot_follow_makes_its_block_dense_with_a_reason(monkeypatch, rule, reason):
+    """The token axis is lost after an op without a rule, or whose rule fails: the block that
+    holds it runs dense and the report says why, instead of the compile failing."""
+    unfollowed(monkeypatch, rule)
+    report = astraea.explain(TwoBlocks("attention", "nowhere"), torch.randn(1, 6, 8), torch.tensor([0.5]))
     assert report.num_sparse_blocks == (2 if reason is None else 1)
-    assert (reason is None and report.reason is None) or reason in report.reason
+    assert reason is None or (not report.blocks[0].sparse and reason in report.blocks[0].reason)
+
+
+@pytest.mark.parametrize("rule", [None, raising_rule], ids=["no rule", "a raising rule"])
+def test_an_op_the_rules_cannot_follow_after_attention_runs_on_every_token_between_blocks(monkeypatch, rule):
+    """Unfollowed ops in a feed-forward whose output is added back to the stream: each block
+    ends before them, they run on every token, and the report names them; budget 1.0 is still
+    the eager model, and a sparse step runs."""
+    unfollowed(monkeypatch, rule)
+    model, x, t = TwoBlocks("feed-forward", "feed-forward"), torch.randn(1, 6, 8), torch.tensor([0.5])
+    report = astraea.explain(model, x, t)
+    assert report.num_sparse_blocks == 2 and report.reason is None
+    why = "is not known to be token-wise" if rule is None else ": the analysis failed on it (RuntimeError: boom)"
+    assert report.every_token == (f"call_function sin {why} (in 2 places)".replace(" :", ":"),)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=astraea.backend(schedule=[1.0, 0.5], full_steps=0))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t), model(x, t), rtol=1e-5, atol=1e-6)
+        assert compiled(x, torch.tensor([0.4])).shape == x.shape

@@ -6,8 +6,10 @@ the residual stream: block inputs and residual joins. Each self-attention lies b
 consecutive stream nodes; the stream node just before it starts a block, and the next
 block's start ends it (the last block ends one period later, or at its last residual join).
 
-Inside a block, the nodes that feed a self-attention's keys or values must see every token
-("all-token" nodes); every other token node may run on the selected rows only ("row" nodes).
+Inside a block, the nodes that feed a self-attention's keys or values, or a reduction over the
+tokens (linear attention's summary), must see every token ("all-token" nodes); every other
+token node may run on the selected rows only ("row" nodes). Token mixing the analysis does not
+follow, added back to the stream (a convolution over the token grid), runs between blocks.
 A block with a node whose token axis cannot be followed, or whose intermediate values are
 used outside it, stays dense and says why.
 """
@@ -35,6 +37,8 @@ class Block:
     row_nodes: list = field(default_factory=list)  # may run on the selected rows only
     self_attention: list = field(default_factory=list)
     cross_attention: list = field(default_factory=list)
+    summaries: list = field(default_factory=list)  # reductions over the tokens: their inputs see every token
+    linear_attention: list = field(default_factory=list)  # the summaries pairing values with keys
     module: str = ""
     signature: str = ""
     reason: str | None = None
@@ -86,9 +90,10 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
     # to text, not regrouped into the batch by factorised attention).
     chain = [c for c in chain if axis.tdim.get(c) == 1 and len(shape_of(c) or ()) == 3 and axis.layout_of(c).only_video]
     attentions = [s for s in axis.self_attention if s in reachable]
+    attentions += [s for s in axis.linear_attention if any(a in reachable for a in s.all_input_nodes)]
     if not attentions:
         lost = next((f"token axis lost: {r}" for r in map(axis.opaque, gm.graph.nodes) if r), None)
-        return [], lost or axis.reason or "no self-attention along the token stream"
+        return [], "; ".join(r for r in (axis.reason, lost) if r) or "no self-attention along the token stream"
 
     lost_attention = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA and axis.opaque(n)]
     note = None
@@ -111,6 +116,7 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
             end = p + starts[-1] - starts[-2]
         else:
             end = _last_join(full_chain, chain, stream, p)
+        end = _end_before_mixing(chain, p, end, attentions, axis, order)
         block = Block(index=j, start=chain[p], end=chain[end])
         _fill(block, deps, tokens, axis, order)
         blocks.append(block)
@@ -145,6 +151,38 @@ def _end_after_modules(chain, p: int, modules: set[tuple[str, ...]], nodes, orde
     return next((i for i in range(p + 1, len(chain)) if order[chain[i]] >= last), None)
 
 
+def _end_before_mixing(chain, p: int, end: int, anchors, axis: TokenAxis, order: dict) -> int:
+    """`end`, or earlier when the stream between chain[p] and chain[end] takes in values of a
+    token mixing the analysis does not follow (the convolutions over the token grid of a
+    feed-forward, joined back by `TokenAxis.joins`): those values need the whole stream, so the
+    block ends at the last stream node before the mixing reads it (past the block's
+    attention), and the mixing and its join run on every token between blocks."""
+    joins = [j for j in axis.joins if order[chain[p]] < order[j] <= order[chain[end]]]
+    if not joins:
+        return end
+    reads = [a for j in joins for m, _, _ in axis.tables.get(j, ()) for a in _token_inputs_of_mixing(m, axis)]
+    first_read = min((order[a] for a in reads), default=order[joins[0]])
+    after_anchors = max(order[a] for a in anchors if order[chain[p]] < order[a] <= order[chain[end]])
+    cut = [i for i in range(p + 1, end + 1) if after_anchors < order[chain[i]] < first_read]
+    return cut[-1] if cut else end
+
+
+def _token_inputs_of_mixing(mixed: fx.Node, axis: TokenAxis) -> list:
+    """The token tensors read by the unfollowed ops that `mixed` comes from."""
+    seen, stack, reads = set(), [mixed], []
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if axis.is_token(a):
+                reads.append(a)
+            elif axis.opaque(a):
+                stack.append(a)
+    return reads
+
+
 def _last_join(full_chain, chain, stream, p) -> int:
     """Index in `chain` of the last block's end: the last residual join (a stream node with
     several token inputs) after chain[p], or the first tensor of the video tokens alone after
@@ -163,20 +201,35 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
     inside = (after_start & nx.ancestors(tokens, block.end)) | {block.end}
     # Keys/values another stream reads in this block (video-to-audio attention) lead to no
     # token output, so the path above misses them; they belong to the block that computes them.
+    # So do the token inputs of reductions of a linear attention (its key/value summary).
     for reader in axis.kv_readers:
         if order[reader] < order[block.end]:
             for x in sdpa_args(reader)[1:3]:
+                if x in after_start:
+                    inside |= (nx.ancestors(tokens, x) & after_start) | {x}
+    for summary in axis.summaries:
+        if order[summary] < order[block.end]:
+            for x in summary.all_input_nodes:
                 if x in after_start:
                     inside |= (nx.ancestors(tokens, x) & after_start) | {x}
     region = sorted(inside, key=order.get)
     block.region = region
     block.self_attention = [n for n in axis.self_attention if n in inside]
     block.cross_attention = [n for n in axis.cross_attention if n in inside]
+    block.summaries = [n for n in axis.summaries if any(a in inside for a in n.all_input_nodes)]
+    block.linear_attention = [n for n in axis.linear_attention if n in block.summaries]
     block.module = _module_of(region)
     block.signature = hashlib.sha1(
         "|".join(f"{n.op}:{getattr(n.target, '__name__', n.target)}" for n in region).encode()
     ).hexdigest()[:12]
 
+    if not block.self_attention and not block.linear_attention:
+        # Its attention reaches the stream only through ops the analysis does not follow.
+        why = next((axis.opaque(m) for j in region if j in axis.joins for m, _, _ in axis.tables.get(j, ())
+                    if axis.opaque(m)), None)
+        block.reason = f"its attention runs on every token, its output going through: {why}" if why else \
+            "no self-attention inside the block"
+        return
     stream_shape = shape_of(block.start)
     if axis.tdim[block.start] != 1 or axis.tdim.get(block.end) != 1 or len(stream_shape or ()) != 3 \
             or shape_of(block.end) != stream_shape:
@@ -192,6 +245,8 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
         _, k, v, _ = sdpa_args(s)
         for x in (k, v):
             feeds_kv |= (nx.ancestors(deps, x) & inside) | ({x} & inside)
+    for x in {a for s in block.summaries for a in s.all_input_nodes if a in inside}:
+        feeds_kv |= (nx.ancestors(deps, x) & inside) | {x}
     # An in-place write into a key/value tensor (RoPE on the video part of a joint key) is part
     # of it: it and what it writes must see every token.
     writes = [(w, target) for w, target in axis.mutations if w in inside]
@@ -212,7 +267,11 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
         n.name for n in block.row_nodes if n is not block.end
         for u in deps.successors(n) if u not in inside and not _may_leave(n, u, axis)
     })
-    if escaping:
+    lost = next((axis.opaque(u) for n in block.row_nodes if n is not block.end
+                 for u in deps.successors(n) if axis.opaque(u)), None)
+    if lost:
+        block.reason = f"token axis lost inside the block: {lost}"
+    elif escaping:
         block.reason = f"intermediate value(s) {escaping[:3]} are used after the block"
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import re
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -46,6 +48,7 @@ class Report:
     ulysses_ranks: int = 1  # ranks the tokens are sharded over; num_tokens is one rank's shard
     graphs: tuple[GraphOutcome, ...] = ()  # when dynamo split the call: every graph, this one included
     graph_breaks: tuple[str, ...] = ()  # where dynamo split it, and why
+    every_token: tuple[str, ...] = ()  # token mixing outside attention, run on every token between blocks
 
     @property
     def num_blocks(self) -> int:
@@ -72,6 +75,7 @@ class Report:
             lines += [f"    graph break at {b}" for b in self.graph_breaks]
         if self.reason:
             lines.append(f"  dense: {self.reason}")
+        lines += [f"  on every token, between blocks: {why}" for why in self.every_token]
         for b in self.blocks:
             where = b.module or f"block {b.index}"
             if b.sparse:
@@ -95,7 +99,7 @@ def make_report(
             BlockReport(
                 index=b.index, module=b.module, start=b.start.name, end=b.end.name, sparse=b.reason is None, reason=b.reason,
                 rows_nodes=len(b.row_nodes), all_tokens_nodes=len(b.all_token_nodes),
-                self_attention=len(b.self_attention), cross_attention=len(b.cross_attention),
+                self_attention=len(b.self_attention) + len(b.linear_attention), cross_attention=len(b.cross_attention),
                 signature=b.signature,
             )
             for b in blocks
@@ -103,7 +107,18 @@ def make_report(
         reason=reason,
         structure_hash=structure_hash(gm),
         ulysses_ranks=ulysses_ranks,
+        every_token=_mixing_outside_attention(axis),
     )
+
+
+def _mixing_outside_attention(axis: TokenAxis) -> tuple[str, ...]:
+    """Why values joined back to the stream were computed on every token, once per kind of op
+    ("call_method unflatten: reshape that splits ... (in 30 places)")."""
+    reasons = collections.Counter(
+        re.sub(r"^(\S+ \S+) \([^)]*\)", r"\1", str(axis.opaque(mixed)))
+        for j in axis.joins for mixed, _, _ in axis.tables.get(j, ()) if axis.opaque(mixed)
+    )
+    return tuple(f"{why} (in {n} places)" if n > 1 else why for why, n in reasons.items())
 
 
 def structure_hash(gm: fx.GraphModule) -> str:

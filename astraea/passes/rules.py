@@ -170,15 +170,91 @@ def attribute(p, node):
 
 
 # ---- ops over channels ---------------------------------------------------------------------
-@register(F.linear, torch._C._nn.linear, torch.matmul, operator.matmul, methods=("matmul",))
+@register(F.linear, torch._C._nn.linear)
 def linear(p, node):
     x, w = node.args[0], node.args[1]
     t = p.td(x)
     if p.td(w) is not None or t is None:
-        raise Mix("product of two token tensors (token mixing)")
+        raise Mix("linear layer whose weights derive from the tokens")
     if t == len(shape_of(x)) - 1:
         raise Mix("contraction over the token axis")
     return t + len(shape_of(node)) - len(shape_of(x))
+
+
+@register(torch.matmul, operator.matmul, torch.bmm, methods=("matmul", "bmm"))
+def matmul(p, node):
+    """x @ w with the token axis among x's rows, w's columns or the batch dims: token-wise. Both
+    operands' token axes contracted together (values^T keys of linear attention): a summary of
+    every token, with no token axis; `summary` records it. Any other contraction of the token
+    axis mixes tokens."""
+    x, w = node.args[0], node.args[1]
+    tx, tw = p.td(x), p.td(w)
+    nx_, nw, nout = len(shape_of(x)), len(shape_of(w)), len(shape_of(node))
+    if min(nx_, nw) < 2:
+        raise Mix("matrix-vector product with token data")
+    if tx is not None and tw is not None:
+        if tx == nx_ - 1 and tw == nw - 2:
+            return summary(p, node, (x, w))
+        if tx < nx_ - 2 and tw < nw - 2 and tx + nout - nx_ == tw + nout - nw and p.layout(x) == p.layout(w):
+            return tx + nout - nx_  # a product per token (batch dims)
+        raise Mix("product of two token tensors (token mixing)")
+    token, t, n, other = (x, tx, nx_, w) if tx is not None else (w, tw, nw, x)
+    if t == (nx_ - 1 if token is x else nw - 2):
+        raise Mix("contraction over the token axis")
+    out = t + nout - n
+    if t < n - 2:  # tokens in a batch dim: a weight with a batch dim of its own there is a table
+        p.table(node, other, out - (nout - len(shape_of(other))), p.layout(token))
+    return out
+
+
+def summary(p, node, tokens) -> None:
+    """A reduction over the token axis of token tensors (linear attention's key/value summary,
+    a token-pooled gate): shared by every token, it is computed from all of them, so whatever
+    feeds it runs on every token, like the keys and values of softmax attention."""
+    layouts = {p.layout(a) for a in tokens}
+    if len(layouts) != 1 or layouts.pop().folded:
+        raise Mix("reduction over a token axis regrouped with the frames or across different segments")
+    p.r.summaries.append(node)
+    if len(tokens) > 1:  # tokens paired with tokens: attention, not a pooling (nor a norm, when
+        p.r.linear_attention.append(node)  # a try takes the channels for the tokens)
+    return None
+
+
+@register(torch.einsum)
+def einsum(p, node):
+    """einsum over token tensors: token-wise where the token letter reaches the output, a
+    summary where every operand's token letter is summed away (linear attention written as
+    einsum)."""
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if "->" not in equation:
+        raise Mix("einsum without an explicit output")
+    inputs, output = equation.replace(" ", "").split("->")
+    subscripts = [_expand_ellipsis(s, len(shape_of(a))) for s, a in zip(inputs.split(","), operands)]
+    output = _expand_ellipsis(output, len(shape_of(node)))
+    tokens = [(a, s[p.td(a)]) for a, s in zip(operands, subscripts) if p.td(a) is not None]
+    letters = {letter for _, letter in tokens}
+    if len(letters) != 1 or len({p.layout(a) for a, _ in tokens}) != 1:
+        raise Mix("einsum whose operands carry the token axis under different letters or segments")
+    letter, layout = letters.pop(), p.layout(tokens[0][0])
+    if letter not in output:
+        return summary(p, node, [a for a, _ in tokens])
+    out = output.index(letter)
+    for a, s in zip(operands, subscripts):
+        if p.td(a) is None and letter in s:
+            p.table(node, a, s.index(letter), layout)
+    return out
+
+
+def _expand_ellipsis(subscript: str, ndim: int) -> str:
+    """The subscript with its '...' spelt out as upper-case letters (einsum's own letters are
+    lower case in practice): the last ones of the alphabet, since broadcast dims line up from
+    the right."""
+    if "..." not in subscript:
+        return subscript
+    count = ndim - (len(subscript) - 3)
+    return subscript.replace("...", "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[26 - count:])
 
 
 @register(F.layer_norm, torch.layer_norm, torch.rms_norm, *([F.rms_norm] if hasattr(F, "rms_norm") else []))
@@ -199,7 +275,7 @@ REDUCTIONS = ("mean", "sum", "amax", "amin", "var", "std", "logsumexp", "prod", 
 
 @register(*(getattr(torch, r) for r in REDUCTIONS), torch.linalg.vector_norm, methods=REDUCTIONS)
 def reduction(p, node):
-    """A reduction over channel dims is token-wise; over the token axis it mixes tokens."""
+    """A reduction over channel dims is token-wise; over the token axis it is a summary."""
     x = node.args[0]
     t, nd = p.td(x), len(shape_of(x))
     is_norm = node.target in ("norm", torch.norm, torch.linalg.vector_norm)
@@ -209,7 +285,7 @@ def reduction(p, node):
         raise Mix("reduction over every dim, tokens included")
     dims = {d % nd for d in (dim if isinstance(dim, (list, tuple)) else (dim,))}
     if t in dims:
-        raise Mix("reduction over the token axis")
+        return summary(p, node, (x,))
     if node.target in ("std", "var", torch.std, torch.var):
         position += 1  # std(x, dim, unbiased, keepdim)
     keepdim = node.kwargs.get("keepdim", node.args[position + 1] if len(node.args) > position + 1 else False)

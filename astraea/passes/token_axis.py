@@ -9,11 +9,13 @@ whose token count equals the channel count, the text length or the head dim is f
 other.
 
 Each op either keeps every token's row independent of the other rows (token-wise: the rewrite
-may run it on any subset of rows), or mixes rows. The only mixing the rewrite understands is
-attention through its keys and values; any other mixing, or an op without a rule, makes the
-axis "opaque" from there on, and every block containing such a node stays dense with that
-reason. A rule that fails with an unexpected exception counts as such an op, with the error as
-the reason.
+may run it on any subset of rows), or mixes rows. The mixing the rewrite understands is
+attention through its keys and values, and reductions over the token axis (summaries, such as
+linear attention's values^T keys), whose inputs run on every token; any other mixing, or an op
+without a rule, makes the axis "opaque" from there on. Opaque values added back to the stream
+in their own shape are computed on every token and gathered with the rows (joins); any other
+block containing an opaque node stays dense with that reason. A rule that fails with an
+unexpected exception counts as such an op, with the error as the reason.
 
 Tensors that do not derive from the token stream but carry one row per token along the axis
 they are combined on (RoPE tables, per-token timesteps, masks) are "tables": the rewrite gathers
@@ -30,9 +32,11 @@ import torch
 import torch.fx as fx
 
 from .layout import Layout
-from .rules import SDPA, Mix, describe, rule_for, sdpa_args, shape_of
+from .rules import SDPA, Mix, broadcast, describe, rule_for, sdpa_args, shape_of
 
 MAX_SOURCE_TRIES = 32  # (tensor, dim) candidates propagated before giving up
+NO_ATTENTION = ("no self-attention: no attention op (scaled_dot_product_attention or Ulysses attention) "
+                "and no key/value summary (linear attention) found")
 
 
 class Opaque(str):
@@ -49,7 +53,13 @@ class TokenAxis:
     with the tokens. self_attention lists attention nodes whose keys/values carry the video
     tokens. kv_readers lists attention nodes whose queries are another stream (audio reading
     the video) over keys/values of the video tokens: their output has no token axis, and their
-    keys/values, like self-attention's, must see every token. mutations lists in-place writes
+    keys/values, like self-attention's, must see every token. summaries lists reductions over
+    the token axis (linear attention's key/value summary): no token axis out, every token in;
+    like keys and values, what feeds them runs on every token; linear_attention lists those
+    that pair two token tensors (values^T keys), the self-attention of a linear-attention block.
+    joins lists element-wise ops
+    that add values of an unfollowed token mixing (a convolution over the token grid) back to
+    the stream; those values are tables of the join. mutations lists in-place writes
     (setitem, x.add_(...)) as (node, mutated input).
     """
 
@@ -62,6 +72,9 @@ class TokenAxis:
     self_attention: list = field(default_factory=list)
     cross_attention: list = field(default_factory=list)
     kv_readers: list = field(default_factory=list)
+    summaries: list = field(default_factory=list)
+    linear_attention: list = field(default_factory=list)
+    joins: list = field(default_factory=list)
     mutations: list = field(default_factory=list)
     reason: str | None = None
 
@@ -92,27 +105,56 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     attentions = [n for n in nodes if n.op == "call_function" and n.target in SDPA]
-    if not attentions:
-        return TokenAxis(reason="no self-attention: no attention op (scaled_dot_product_attention or Ulysses attention) found")
-    # The token stream feeds the model's output, attention queries, and the values of
-    # self-attention (tables such as RoPE reach queries and keys only).
     output = next(n for n in reversed(nodes) if n.op == "output")
+    made_output = _ancestors(output)
+    # The token stream feeds the model's output, attention queries, and the values of
+    # self-attention (tables such as RoPE reach queries and keys only). A model whose
+    # self-attention is linear (a key/value summary written as plain ops) has only its
+    # cross-attention's queries to go by: those tensors are tried when no other explains a
+    # token mixing.
     queries, values = set(), set()
     for a in attentions:
         q, _, v, _ = sdpa_args(a)
         queries |= _ancestors(q) if isinstance(q, fx.Node) else set()
         values |= _ancestors(v) if isinstance(v, fx.Node) else set()
-    # [batch, tokens, channels] tensors first (the shape of a transformer's residual stream;
-    # a latent grid or a positional table before it only reaches the tokens through a reshape),
-    # earliest first among them.
-    tries = [
+    first = _candidates(queries & values & made_output, order)
+    rest = [c for c in _candidates((queries if attentions else set(nodes)) & made_output, order) if c not in set(first)]
+    if not first and not rest:
+        return TokenAxis(reason="no tensor with a token axis feeds every attention's queries" if attentions else
+                         NO_ATTENTION)
+    best = _best_try(first, attentions, nodes, order)
+    if not _mixes(best[0]):
+        best = max(best, _best_try(rest, attentions, nodes, order), key=lambda b: b[1] or ())
+    best = best[0]
+    if not _mixes(best):
+        best.reason = (
+            f"no self-attention: none of the {len(attentions)} attention op(s) takes keys and values from "
+            "its queries' tokens, and no reduction over the token axis summarises them (linear attention)"
+        ) if attentions else NO_ATTENTION
+    return best
+
+
+def _candidates(tensors, order: dict) -> list[tuple[fx.Node, int]]:
+    """(tensor, dim) to try as the token source: [batch, tokens, channels] tensors first (the
+    shape of a transformer's residual stream; a latent grid or a positional table before it
+    only reaches the tokens through a reshape), earliest first among them."""
+    return [
         (source, dim)
-        for source in sorted(queries & values & _ancestors(output), key=lambda n: (len(shape_of(n) or ()) != 3, order[n]))
+        for source in sorted(tensors, key=lambda n: (len(shape_of(n) or ()) != 3, order[n]))
         if not is_module_state(source) and len(shape_of(source) or ()) >= 3
         for dim, size in enumerate(shape_of(source)) if dim > 0 and size > 1
     ]
-    if not tries:
-        return TokenAxis(reason="no tensor with a token axis feeds every attention's queries")
+
+
+def _mixes(trial: TokenAxis | None) -> bool:
+    return trial is not None and bool(trial.self_attention or trial.linear_attention)
+
+
+def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple | None]:
+    """The try that explains the most: a token mixing that reaches the output, then the most
+    self-attentions, then the most attentions with a token axis; ties go to the longer axis
+    (a block compiled on its own returns its text stream too, so only the length tells the
+    video, the many tokens, from the text: CogVideoX)."""
     best, best_score, covered, tried = None, None, set(), 0
     for source, dim in tries:
         if (source, dim) in covered:
@@ -125,18 +167,11 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
         _Propagator(trial).run(nodes[order[source] + 1:])
         covered |= {(n, t) for n, t in trial.tdim.items() if isinstance(t, int)}
         explained = sum(isinstance(trial.tdim.get(a), int) for a in attentions)
-        # Ties go to the longer axis: a block compiled on its own returns its text stream too,
-        # so only the length tells the video (the many tokens) from the text (CogVideoX).
-        score = (bool(trial.self_attention) and _output_carries_source(trial, nodes, order), len(trial.self_attention),
-                 explained, trial.num_tokens if trial.self_attention else 0)
+        score = (_mixes(trial) and _output_carries_source(trial, nodes, order), len(trial.self_attention),
+                 explained, trial.num_tokens if _mixes(trial) else 0)
         if best_score is None or score > best_score:
             best, best_score = trial, score
-    if not best.self_attention:
-        best.reason = (
-            f"no self-attention: none of the {len(attentions)} attention op(s) takes keys and values from "
-            "its queries' tokens (linear attention or convolutions written as plain ops are not followed)"
-        )
-    return best
+    return best, best_score
 
 
 def _output_carries_source(trial: TokenAxis, nodes: list, order: dict) -> bool:
@@ -214,11 +249,8 @@ class _Propagator:
             inputs = node.all_input_nodes
             if all(self.r.tdim.get(a) is None for a in inputs):
                 continue  # no token data in: shared by all tokens (a dtype read off a token tensor)
-            bad = next((self.r.tdim[a] for a in inputs if isinstance(self.r.tdim.get(a), Opaque)), None)
-            if bad is not None:
-                self.r.tdim[node] = Opaque(bad)
-                continue
-            self.r.tdim[node] = self.apply(node)
+            mixed = [a for a in inputs if isinstance(self.r.tdim.get(a), Opaque)]
+            self.r.tdim[node] = self.join(node, mixed) if mixed else self.apply(node)
             if isinstance(self.r.tdim[node], int) and node not in self.r.layout:
                 first = next((a for a in inputs if isinstance(self.r.tdim.get(a), int)), None)
                 if isinstance(self.r.layout.get(first), Layout):
@@ -234,6 +266,25 @@ class _Propagator:
             return Opaque(f"{describe(node)}: {e}")
         except Exception as e:  # a rule that cannot read this node: dense, with the reason
             return Opaque(f"{describe(node)}: the analysis failed on it ({type(e).__name__}: {e})")
+
+    def join(self, node, mixed):
+        """The token axis of an element-wise op joining values of a token mixing the analysis
+        does not follow (a convolution over the token grid) back to a token tensor of their own
+        shape: the mixed values are computed on every token and gathered with the rows, like a
+        table. Any other use of them loses the axis."""
+        tokens = [a for a in node.all_input_nodes if isinstance(self.r.tdim.get(a), int)]
+        shape = shape_of(node)
+        if rule_for(node) is not broadcast or not tokens or shape is None \
+                or any(shape_of(a) != shape for a in mixed + tokens) or len(shape) < 2:
+            return Opaque(self.r.tdim[mixed[0]])
+        try:
+            out = broadcast(self, node, [a for a in node.all_input_nodes if a not in mixed and shape_of(a) is not None])
+            for a in mixed:
+                self.table(node, a, out, self.layout(tokens[0]))
+        except Mix:
+            return Opaque(self.r.tdim[mixed[0]])
+        self.r.joins.append(node)
+        return out
 
     # ---- what rules ask ------------------------------------------------------------------
     def td(self, a):

@@ -68,22 +68,8 @@ class CheckResult:
 
 def find_objects(clip: torch.Tensor) -> tuple[tuple[Found, ...], float]:
     """The objects in a clip [3, F, H, W] and the largest step of any centroid, in pixels."""
-    clip = clip.detach().float().cpu()
-    palette = torch.tensor(list(PALETTE.values()))
-    near = (clip[None] - palette[:, :, None, None, None]).square().sum(1) < COLOUR_RADIUS**2  # [P, F, H, W]
-    core = _grow(_grow(near, 3, full=True), 3)  # opening: scattered pixels go
-    mask = near & _grow(core, 5)  # and thin tips, such as a triangle's apex, come back
-    height, width = mask.shape[-2:]
-    ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
-    xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
-    area = mask.sum((-2, -1)).float()  # [P, F]
-    centroid = torch.stack([(xs * mask).sum((-2, -1)), (ys * mask).sum((-2, -1))], -1) / area.clamp(min=1)[..., None]
-    extent = [
-        (torch.where(mask, c, -1.0).amax((-2, -1)) - torch.where(mask, c, float(size)).amin((-2, -1)) + 1).clamp(min=1)
-        for c, size in ((xs, width), (ys, height))
-    ]
-    fill = area / (extent[0] * extent[1])
-    visible = (area >= MIN_AREA) & (fill >= MIN_FILL)
+    mask = palette_masks(clip.detach().float().cpu(), COLOUR_RADIUS)
+    area, centroid, fill, visible = blobs(mask, MIN_AREA, MIN_FILL)
 
     found, max_step = [], 0.0
     for p, colour in enumerate(COLOURS):
@@ -98,7 +84,34 @@ def find_objects(clip: torch.Tensor) -> tuple[tuple[Found, ...], float]:
     return tuple(found), max_step
 
 
-def _grow(mask: torch.Tensor, size: int, full: bool = False) -> torch.Tensor:
+def palette_masks(clip: torch.Tensor, radius: float) -> torch.Tensor:
+    """[P, F, H, W]: the pixels of a clip [3, F, H, W] within `radius` of each palette colour,
+    cleaned by an opening (scattered pixels go), with the pixels next to what survives it put
+    back (thin tips, such as a triangle's apex)."""
+    palette = torch.tensor(list(PALETTE.values()))
+    near = (clip[None] - palette[:, :, None, None, None]).square().sum(1) < radius**2
+    core = grow(grow(near, 3, full=True), 3)
+    return near & grow(core, 5)
+
+
+def blobs(mask: torch.Tensor, min_area: int, min_fill: float):
+    """Per colour and frame of `mask` [P, F, H, W]: the area, the centroid (x, y), the fill of
+    the bounding box, and whether a compact blob is visible (`min_area` pixels, filling at least
+    `min_fill` of its box)."""
+    height, width = mask.shape[-2:]
+    ys = torch.arange(height, dtype=torch.float32)[:, None].expand(height, width)
+    xs = torch.arange(width, dtype=torch.float32)[None, :].expand(height, width)
+    area = mask.sum((-2, -1)).float()  # [P, F]
+    centroid = torch.stack([(xs * mask).sum((-2, -1)), (ys * mask).sum((-2, -1))], -1) / area.clamp(min=1)[..., None]
+    extent = [
+        (torch.where(mask, c, -1.0).amax((-2, -1)) - torch.where(mask, c, float(size)).amin((-2, -1)) + 1).clamp(min=1)
+        for c, size in ((xs, width), (ys, height))
+    ]
+    fill = area / (extent[0] * extent[1])
+    return area, centroid, fill, (area >= min_area) & (fill >= min_fill)
+
+
+def grow(mask: torch.Tensor, size: int, full: bool = False) -> torch.Tensor:
     """Dilate a boolean mask [..., H, W] by a size x size square; `full`: erode instead."""
     counts = F.conv2d(mask.flatten(0, -3)[:, None].float(), torch.ones(1, 1, size, size), padding=size // 2)
     return (counts[:, 0] >= (size * size if full else 1)).view(mask.shape)
@@ -148,15 +161,16 @@ def check_clip(clip: torch.Tensor, prompt: Prompt) -> CheckResult:
     )
 
 
-def check_clips(clips: torch.Tensor, prompts: list[Prompt]) -> list[CheckResult]:
-    """Judge a batch of clips [B, 3, F, H, W] against their prompts."""
+def check_clips(clips: torch.Tensor, prompts: list, check=None) -> list:
+    """Judge a batch of clips [B, 3, F, H, W] against their prompts, with `check` (a clip and
+    its prompt -> a result with `passed` and `accuracy`; this module's `check_clip` by default)."""
     if len(clips) != len(prompts):
         raise ValueError(f"{len(clips)} clips but {len(prompts)} prompts")
-    return [check_clip(clip, prompt) for clip, prompt in zip(clips, prompts)]
+    return [(check or check_clip)(clip, prompt) for clip, prompt in zip(clips, prompts)]
 
 
-def summarize(results: list[CheckResult]) -> dict[str, float]:
+def summarize(results: list) -> dict[str, float]:
     """Fraction of clips passing each check, and `accuracy`: the fraction of all checks passed."""
-    summary = {name: sum(r.passed[name] for r in results) / len(results) for name in CHECKS}
+    summary = {name: sum(r.passed[name] for r in results) / len(results) for name in results[0].passed}
     summary["accuracy"] = sum(r.accuracy for r in results) / len(results)
     return summary

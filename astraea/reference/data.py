@@ -51,6 +51,21 @@ GAP = 2.0  # pixels between the boxes of two objects
 MAX_REDRAWS = 100
 
 
+def require_known(obj, **allowed) -> None:
+    """Raise ValueError naming the first field of `obj` outside its allowed values."""
+    for name, values in allowed.items():
+        if getattr(obj, name) not in values:
+            raise ValueError(f"unknown {name} {getattr(obj, name)!r}; known: {', '.join(values)}")
+
+
+def require_objects(objects, max_objects: int) -> None:
+    """A prompt's objects: 1 to `max_objects` of them, of distinct colours."""
+    if not 1 <= len(objects) <= max_objects:
+        raise ValueError(f"a prompt has 1 to {max_objects} objects, got {len(objects)}")
+    if len({o.colour for o in objects}) != len(objects):
+        raise ValueError("the objects of a prompt must have distinct colours")
+
+
 @dataclass(frozen=True)
 class ObjectPrompt:
     shape: str
@@ -58,9 +73,7 @@ class ObjectPrompt:
     direction: str
 
     def __post_init__(self):
-        for name, allowed in (("shape", SHAPES), ("colour", COLOURS), ("direction", DIRECTIONS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; known: {', '.join(allowed)}")
+        require_known(self, shape=SHAPES, colour=COLOURS, direction=DIRECTIONS)
 
     @property
     def text(self) -> str:
@@ -75,12 +88,8 @@ class Prompt:
     background: str = "plain"
 
     def __post_init__(self):
-        if not 1 <= len(self.objects) <= MAX_OBJECTS:
-            raise ValueError(f"a prompt has 1 to {MAX_OBJECTS} objects, got {len(self.objects)}")
-        if len({o.colour for o in self.objects}) != len(self.objects):
-            raise ValueError("the objects of a prompt must have distinct colours")
-        if self.background not in BACKGROUNDS:
-            raise ValueError(f"unknown background {self.background!r}; known: {', '.join(BACKGROUNDS)}")
+        require_objects(self.objects, MAX_OBJECTS)
+        require_known(self, background=BACKGROUNDS)
 
     @property
     def text(self) -> str:

@@ -113,6 +113,34 @@ GUIDANCE = 2.0  # the sampler's classifier-free guidance scale unless told other
 
 
 @torch.no_grad()
+def sample(transformer, x, prompt_embeds, negative_embeds, times: list[float], guidance: float, step,
+           progress: bool = False, mesh=None) -> torch.Tensor:
+    """The sampling loop of both reference models: from x at times[0] through each later time,
+    `step(x, prediction, t, t_next)` giving the next x. Each step calls the transformer on the
+    prompt (cond), then on `negative_embeds` (uncond) unless `guidance` is 1, with one timestep
+    tensor, each inside `transformer.cache_context(...)` when it has one, as diffusers'
+    WanPipeline does; with a device `mesh` whose "cfg" dimension is 2, each half of the ranks
+    runs one branch (`astraea.parallel.guidance`)."""
+    batch, device, dtype = prompt_embeds.shape[0], prompt_embeds.device, prompt_embeds.dtype
+    negative_embeds = negative_embeds.expand_as(prompt_embeds).contiguous()  # same strides: one compiled graph
+    context = getattr(transformer, "cache_context", lambda name: contextlib.nullcontext())
+
+    def predict(embeds):
+        with context("cond" if embeds is prompt_embeds else "uncond"):
+            out = transformer(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds, return_dict=False)
+        return out[0].float()
+
+    for t, t_next in tqdm(list(zip(times, times[1:])), desc="steps", disable=not progress, leave=False):
+        timestep = torch.full((batch,), t * 1000.0, device=device)
+        if guidance == 1.0:
+            prediction = predict(prompt_embeds)
+        else:
+            prediction = astraea.parallel.guidance(predict, prompt_embeds, negative_embeds, guidance, mesh)
+        x = step(x, prediction, t, t_next)
+    return x
+
+
+@torch.no_grad()
 def generate(
     transformer,
     prompt_embeds: torch.Tensor,
@@ -133,23 +161,9 @@ def generate(
     With a device `mesh` whose "cfg" dimension is 2, each half of the ranks runs one branch
     (`astraea.parallel.guidance`).
     """
-    batch, device, dtype = prompt_embeds.shape[0], prompt_embeds.device, prompt_embeds.dtype
-    negative_embeds = negative_embeds.expand_as(prompt_embeds).contiguous()  # same strides: one compiled graph
-    noise = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 3, FRAMES, SIZE, SIZE, generator=noise).to(device)
+    batch, device = prompt_embeds.shape[0], prompt_embeds.device
+    x = torch.randn(batch, 3, FRAMES, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)).to(device)
     times = torch.linspace(1.0, 0.0, num_steps + 1).tolist()
-    context = getattr(transformer, "cache_context", lambda name: contextlib.nullcontext())
-
-    def predict(embeds):
-        with context("cond" if embeds is prompt_embeds else "uncond"):
-            out = transformer(hidden_states=x.to(dtype), timestep=timestep, encoder_hidden_states=embeds, return_dict=False)
-        return out[0].float()
-
-    for t, t_next in tqdm(list(zip(times, times[1:])), desc="steps", disable=not progress, leave=False):
-        timestep = torch.full((batch,), t * 1000.0, device=device)
-        if guidance == 1.0:
-            clean = predict(prompt_embeds)
-        else:
-            clean = astraea.parallel.guidance(predict, prompt_embeds, negative_embeds, guidance, mesh)
-        x = torch.lerp(clean, x, t_next / t)  # x + (t_next - t) * velocity
+    step = lambda x, clean, t, t_next: torch.lerp(clean, x, t_next / t)  # x + (t_next - t) * velocity
+    x = sample(transformer, x, prompt_embeds, negative_embeds, times, guidance, step, progress, mesh)
     return x.clamp(-1.0, 1.0)

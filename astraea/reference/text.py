@@ -22,29 +22,36 @@ TEXT_DIM = 128
 _INDEX = {word: i for i, word in enumerate(VOCAB)}
 
 
-def tokenize(texts: list[str]) -> torch.Tensor:
-    """Word ids [B, MAX_TOKENS], padded with 0; an error names any word outside VOCAB."""
-    ids = torch.zeros(len(texts), MAX_TOKENS, dtype=torch.long)
+def tokenize(texts: list[str], vocabulary: tuple[str, ...] = VOCAB, max_tokens: int = MAX_TOKENS,
+             split=str.split) -> torch.Tensor:
+    """Word ids [B, max_tokens], padded with 0; an error names any word outside the vocabulary."""
+    index = _INDEX if vocabulary is VOCAB else {word: i for i, word in enumerate(vocabulary)}
+    ids = torch.zeros(len(texts), max_tokens, dtype=torch.long)
     for b, text in enumerate(texts):
-        words = text.split()
-        if len(words) > MAX_TOKENS:
-            raise ValueError(f"prompt {text!r} has {len(words)} words; the encoder reads at most {MAX_TOKENS}")
-        unknown = [w for w in words if w not in _INDEX]
+        words = split(text)
+        if len(words) > max_tokens:
+            raise ValueError(f"prompt {text!r} has {len(words)} words; the encoder reads at most {max_tokens}")
+        unknown = [w for w in words if w not in index]
         if unknown:
-            raise ValueError(f"prompt {text!r} uses words outside the vocabulary: {unknown}; known: {' '.join(VOCAB[1:])}")
-        ids[b, : len(words)] = torch.tensor([_INDEX[w] for w in words], dtype=torch.long)
+            raise ValueError(f"prompt {text!r} uses words outside the vocabulary: {unknown}; known: {' '.join(vocabulary[1:])}")
+        ids[b, : len(words)] = torch.tensor([index[w] for w in words], dtype=torch.long)
     return ids
 
 
 class PromptEncoder(nn.Module):
-    def __init__(self, dim: int = TEXT_DIM):
+    """Word and position embeddings of a fixed vocabulary; v2 (`latent/text.py`) passes its own
+    vocabulary and tokenizer."""
+
+    def __init__(self, dim: int = TEXT_DIM, vocabulary: tuple[str, ...] = VOCAB, max_tokens: int = MAX_TOKENS,
+                 tokenizer=tokenize):
         super().__init__()
-        self.words = nn.Embedding(len(VOCAB), dim)
-        self.positions = nn.Parameter(torch.randn(MAX_TOKENS, dim))
+        self.words = nn.Embedding(len(vocabulary), dim)
+        self.positions = nn.Parameter(torch.randn(max_tokens, dim))
+        self.tokenize = tokenizer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return (self.words(ids) + self.positions) * (ids != 0).unsqueeze(-1)
 
     def encode(self, texts: list[str]) -> torch.Tensor:
-        """Prompt embeddings [B, MAX_TOKENS, dim] on the encoder's device and dtype."""
-        return self(tokenize(texts).to(self.positions.device))
+        """Prompt embeddings [B, max_tokens, dim] on the encoder's device and dtype; "" gives zeros."""
+        return self(self.tokenize(texts).to(self.positions.device)).to(self.positions.dtype)

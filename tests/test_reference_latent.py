@@ -1,0 +1,178 @@
+"""Reference model v2: scenes, prompts, checks, autoencoder, resumable training and weights loading."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from astraea.reference.latent import scenes
+from astraea.reference.latent.autoencoder import CONFIG as AUTOENCODER, build_autoencoder, decode, encode, latent_shape
+from astraea.reference.latent.checkpoint import CheckpointError, load_checkpoint
+from astraea.reference.latent.checks import CHECKS, check_clips, summarize
+from astraea.reference.latent.model import CONFIG as TRANSFORMER, WeightsError, load_latent_reference
+from astraea.reference.model import sha256
+from astraea.reference.latent.scenes import FRAMES, SIZE, ObjectPrompt, Prompt, make_clips, render, scenes_for
+from astraea.reference.latent.text import MAX_TOKENS, PromptEncoder, detokenize, tokenize
+from astraea.reference.latent.train import DECAY, learning_rate, train
+
+TINY_AUTOENCODER = dict(AUTOENCODER, base_dim=4, z_dim=4, num_res_blocks=1)
+TINY = {
+    "autoencoder": dict(autoencoder=TINY_AUTOENCODER, batch_size=1, frames=5, size=32, validation_clips=1, log_every=1),
+    "transformer": dict(transformer=dict(TRANSFORMER, num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                         out_channels=4, ffn_dim=32, num_layers=1, text_dim=16),
+                        batch_size=2, frames=5, size=32, pool=2, refresh=1, validation_clips=1, log_every=1),
+}
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return make_clips(seed=11, n=12)
+
+
+def test_same_seed_gives_same_scenes_and_prompts():
+    a = scenes.sample_scenes(np.random.default_rng(3), 2)
+    b = scenes.sample_scenes(np.random.default_rng(3), 2)
+    c = scenes.sample_scenes(np.random.default_rng(4), 2)
+    assert all(np.array_equal(x, y) for x, y in zip(vars(a).values(), vars(b).values()))
+    assert a.prompts() == b.prompts() != c.prompts()
+    assert torch.equal(render(a), render(b))
+
+
+def test_clips_are_video_tensors_in_range(clips):
+    video, prompts = clips
+    assert video.shape == (12, 3, FRAMES, SIZE, SIZE) and video.dtype == torch.float32
+    assert video.min() >= -1 and video.max() <= 1
+    assert {len(p.objects) for p in prompts} == {1, 2, 3}
+
+
+def test_static_camera_keeps_the_background_and_a_pan_moves_it():
+    obj = (ObjectPrompt("circle", "red", "left", "slow"),)
+    still, pan = (render(scenes_for([Prompt(obj, "wavy", camera)], np.random.default_rng(0)))[0]
+                  for camera in ("static", "panning right"))
+    covered = torch.nn.functional.max_pool2d((still > -0.3).any(0).any(0)[None].float(), 9, 1, 4)[0]
+    background = covered == 0  # pixels no object, nor its antialiased edge, ever comes near
+    assert background.float().mean() > 0.5
+    assert torch.allclose(still[:, 0][:, background], still[:, -1][:, background], atol=1e-6)
+    assert (pan[:, 0][:, background] - pan[:, -1][:, background]).abs().mean() > 0.05
+
+
+def test_prompt_text_reads_back_through_the_tokenizer(clips):
+    texts = [p.text for p in clips[1]]
+    assert detokenize(tokenize(texts)) == texts
+    assert [Prompt.parse(t) for t in texts] == clips[1]
+    assert texts[0].startswith("a ") and ", camera " in texts[0]
+
+
+@pytest.mark.parametrize("text", [
+    "a fast red circle moving left on a wavy background",
+    "a red circle moving left on a wavy background, camera static",
+    "a fast red circle moving left on a plain background, camera static",
+    "a fast red circle moving left on a wavy background, camera spinning",
+    "a fast red circle moving left and a slow red square moving up on a wavy background, camera static",
+])
+def test_malformed_prompts_are_refused(text):
+    with pytest.raises(ValueError):
+        Prompt.parse(text)
+
+
+def test_empty_prompt_encodes_to_zeros_and_unknown_words_are_named():
+    embeds = PromptEncoder(16).encode(["", "a slow red circle moving up on a wavy background, camera static"])
+    assert embeds.shape == (2, MAX_TOKENS, 16) and not embeds[0].any() and embeds[1, 0].any()
+    with pytest.raises(ValueError, match="purple"):
+        tokenize(["a slow purple circle moving up on a wavy background, camera static"])
+
+
+def test_checks_pass_on_the_clips_of_their_prompts(clips):
+    summary = summarize(check_clips(*clips))
+    assert all(summary[name] >= 0.9 for name in CHECKS), summary
+
+
+def test_checks_fail_on_other_prompts_and_on_noise(clips):
+    video, prompts = clips
+    shuffled = summarize(check_clips(video[:8], prompts[1:9]))
+    assert all(shuffled[name] <= 0.5 for name in CHECKS), shuffled
+    noise = summarize(check_clips(torch.rand(2, 3, FRAMES, SIZE, SIZE) * 2 - 1, prompts[:2]))
+    assert noise["count"] == noise["colour"] == noise["direction"] == 0, noise
+
+
+def test_autoencoder_compresses_8x_in_space_and_4x_in_time():
+    assert latent_shape() == (16, 9, 32, 32)
+    assert latent_shape()[0] == TRANSFORMER["in_channels"] == TRANSFORMER["out_channels"]
+    vae = build_autoencoder(TINY_AUTOENCODER)
+    clip = torch.rand(1, 3, 9, 32, 32) * 2 - 1
+    latents = encode(vae, clip)
+    assert latents.shape == (1, *latent_shape(TINY_AUTOENCODER, frames=9, size=32)) == (1, 4, 3, 4, 4)
+    assert decode(vae, latents).shape == clip.shape
+
+
+def test_learning_rate_warms_up_holds_and_anneals_to_zero():
+    assert learning_rate(1.0, 0, 10, 0.0) == pytest.approx(0.1)
+    assert learning_rate(1.0, 50, 10, 0.5) == 1.0
+    assert learning_rate(1.0, 50, 10, 1 - DECAY) == pytest.approx(1.0)
+    assert learning_rate(1.0, 50, 10, 1 - DECAY / 2) == pytest.approx(0.5)
+    assert learning_rate(1.0, 50, 10, 1.0) == 0.0
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    train("autoencoder", root / "ae", 1, max_steps=1, config=TINY["autoencoder"])
+    train("transformer", root / "t1", 1, resume=root / "ae", max_steps=1, config=TINY["transformer"])
+    return root
+
+
+def test_training_calls_write_checkpoints_weights_and_summaries(trained):
+    for stage in ("ae", "t1"):
+        assert {"training.json", "loss.png"} <= {p.name for p in (trained / stage).iterdir()}
+        assert all(p.stat().st_size <= 16 * 2**20 for p in (trained / stage).iterdir())
+    tensors, state = load_checkpoint(trained / "t1")
+    assert state["stage"] == "transformer" and state["step"] == 1
+    assert state["autoencoder_config"]["latents_std"] != [1.0] * 4  # measured on the pool
+    assert any(k.startswith("adam.") for k in tensors) and any(k.startswith("ema.text.") for k in tensors)
+    vae, transformer, encoder = load_latent_reference(path=trained / "t1" / "reference_latent.safetensors", expected_sha256=None)
+    assert vae.config.latents_std == state["autoencoder_config"]["latents_std"]
+    weight = next(vae.parameters())
+    assert torch.equal(weight.half().float(), weight)  # the VAE the transformer learned on is the one shipped
+
+
+def test_resuming_restores_the_state_exactly_and_continues_deterministically(trained):
+    train("transformer", trained / "t2", 1, resume=trained / "t1", max_steps=0)
+    before, after = load_checkpoint(trained / "t1"), load_checkpoint(trained / "t2")
+    assert before[0].keys() == after[0].keys()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert {k: v for k, v in before[1].items() if k != "seconds"} == {k: v for k, v in after[1].items() if k != "seconds"}
+    for name in ("a", "b"):
+        train("transformer", trained / name, 1, resume=trained / "t1", max_steps=1)
+    a, b = load_checkpoint(trained / "a"), load_checkpoint(trained / "b")
+    assert a[1]["step"] == 2 and a[1]["rng"] == b[1]["rng"]
+    assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+    assert not torch.equal(a[0]["model.text.positions"], before[0]["model.text.positions"])
+
+
+def test_stages_refuse_the_wrong_checkpoint(trained, tmp_path):
+    with pytest.raises(CheckpointError, match="needs --resume"):
+        train("transformer", tmp_path, 1, max_steps=1)
+    with pytest.raises(CheckpointError, match="transformer checkpoint"):
+        train("autoencoder", tmp_path, 1, resume=trained / "t1", max_steps=1)
+    (tmp_path / "part").mkdir()
+    (trained / "t1" / "checkpoint-1-of-1.safetensors").rename(tmp_path / "part" / "checkpoint-1-of-2.safetensors")
+    with pytest.raises(CheckpointError, match="incomplete"):
+        load_checkpoint(tmp_path / "part")
+    (tmp_path / "part" / "checkpoint-1-of-2.safetensors").rename(trained / "t1" / "checkpoint-1-of-1.safetensors")
+
+
+def test_loading_refuses_missing_corrupt_and_foreign_weights(trained, tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        load_latent_reference(path=tmp_path / "absent.safetensors")
+    corrupt = tmp_path / "corrupt.safetensors"
+    data = bytearray((trained / "t1" / "reference_latent.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256"):
+        load_latent_reference(path=corrupt, expected_sha256=sha256(trained / "t1" / "reference_latent.safetensors"))
+    with pytest.raises(WeightsError, match="no reference v2 weights ship"):
+        load_latent_reference()  # none ship yet: the default load says so
+    foreign = trained / "ae" / "checkpoint-1-of-1.safetensors"
+    assert load_file(str(foreign))
+    with pytest.raises(WeightsError, match="no model configurations"):
+        load_latent_reference(path=foreign, expected_sha256=None)

@@ -129,7 +129,7 @@ def check_report(config: AstraeaConfig, report, whole_model: bool = True) -> Non
 def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, owner: Backend | None = None):
     from .runtime.announced import compiled_module, listen
     from .runtime.clock import BlockInstances
-    from .runtime.runner import SparseRunner
+    from .runtime.runner import PlacedRunner, SparseRunner
 
     clock = owner.clock if owner is not None else None
     dense_gm = gm  # dynamo still reads this graph after we return: rewrite a copy
@@ -178,11 +178,11 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         weight = next((i for i, n in enumerate(placeholders) if is_module_state(n)), None)
         shapes = tuple(tuple(b.shape) for b in sparsify.inputs)
         runner = BlockInstances(clock, report, config, weight, shapes, lambda branches, config: SparseRunner(
-            graph_fn, dense_gm, report, sparsify.inputs, config, None, device, None, lower_skip, cuda_graphs=False,
+            graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip, cuda_graphs=False,
             branches=branches))
     else:
-        runner = SparseRunner(graph_fn, dense_gm, report, sparsify.inputs, config, position, device,
-                              listen(compiled_module()), lower_skip)
+        runner = PlacedRunner(graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip,
+                              timestep_position=position, announcements=listen(compiled_module()))
     if owner is not None:
         owner.runners.append(runner)
     return runner

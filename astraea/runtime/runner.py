@@ -43,7 +43,9 @@ class CallRecord:
 
 
 class SparseRunner:
-    """Runs a rewritten graph (`graph_fn`, e.g. the GraphModule or its Inductor compilation)."""
+    """Runs a rewritten graph (`graph_fn`, e.g. the GraphModule or its Inductor compilation)
+    for calls placed elsewhere (`run`): by `PlacedRunner` below, or by the model's clock under
+    `compile_blocks` (`clock.py`)."""
 
     def __init__(
         self,
@@ -52,9 +54,7 @@ class SparseRunner:
         report: Report,
         blocks: list[SparseBlockInputs],
         config: AstraeaConfig,
-        timestep_position: int | None,
         device: torch.device,
-        announcements,
         lower_skip: Callable[[], Callable],
         cuda_graphs: bool = True,
         branches: dict[int, BranchState] | None = None,
@@ -65,13 +65,11 @@ class SparseRunner:
         self.report = report
         self.blocks = blocks
         self.config = config
-        self.timestep_position = timestep_position
         self.device = device
         self.num_tokens = report.num_tokens
         # The indices of a dense step, [S, N] for each block's S.
         every = torch.arange(self.num_tokens, device=device)
         self.all_tokens = [every.expand(b.samples, -1).contiguous() for b in blocks]
-        self.placement = Placement(announcements, lambda steps: self.config.schedule.budget(steps - 1))
         # Per guidance branch; given when another runner may run the same block (`clock.py`).
         self.branches: dict[int, BranchState] = {} if branches is None else branches
         self.records: list[CallRecord] = []
@@ -97,7 +95,6 @@ class SparseRunner:
 
     def reset(self) -> None:
         """Forget every branch's history: the next call starts a new generation."""
-        self.placement.reset()
         self._new_generation()
 
     def cache_bytes(self) -> int:
@@ -153,16 +150,6 @@ class SparseRunner:
             return None
         return branch, k, c.policy, c.weight_signal, c.weight_penalty
 
-    def __call__(self, *args):
-        def timestep() -> float | None:  # per-token times: the noisiest
-            return None if self.timestep_position is None else float(args[self.timestep_position].max())
-
-        call = self.placement.place(timestep)
-        if self.placement.moved is not None and self.records:
-            moved = self.placement.moved
-            self.records[-1] = dataclasses.replace(self.records[-1], step=moved.step, branch=moved.branch)
-        return self.run(call, args)
-
     def run(self, call: Call, args: tuple, full: bool = False) -> tuple:
         """Run a placed call (placed by this runner, or by the model's clock); every token where
         `full`."""
@@ -188,3 +175,27 @@ def _call(graph: Callable, ctx: BranchState, indices: list, inputs: tuple) -> tu
     extra = [t for state, idx in zip(ctx.blocks, indices) for t in state.graph_inputs(idx)]
     out = graph(*inputs, *extra)
     return tuple(out) if isinstance(out, (list, tuple)) else (out,)
+
+
+class PlacedRunner(SparseRunner):
+    """A runner that places its own calls (the graph of a whole model under `torch.compile`):
+    from the timestep input at `timestep_position` and what `announcements` hear."""
+
+    def __init__(self, *args, timestep_position: int | None, announcements, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.timestep_position = timestep_position
+        self.placement = Placement(announcements, lambda steps: self.config.schedule.budget(steps - 1))
+
+    def reset(self) -> None:
+        self.placement.reset()
+        super().reset()
+
+    def __call__(self, *args):
+        def timestep() -> float | None:  # per-token times: the noisiest
+            return None if self.timestep_position is None else float(args[self.timestep_position].max())
+
+        call = self.placement.place(timestep)
+        if self.placement.moved is not None and self.records:
+            moved = self.placement.moved
+            self.records[-1] = dataclasses.replace(self.records[-1], step=moved.step, branch=moved.branch)
+        return self.run(call, args)

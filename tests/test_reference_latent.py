@@ -13,11 +13,12 @@ from astraea.reference.latent.model import CONFIG as TRANSFORMER, WeightsError, 
 from astraea.reference.model import sha256
 from astraea.reference.latent.scenes import FRAMES, SIZE, ObjectPrompt, Prompt, make_clips, render, scenes_for
 from astraea.reference.latent.text import MAX_TOKENS, PromptEncoder, detokenize, tokenize
-from astraea.reference.latent.train import DECAY, learning_rate, train
+from astraea.reference.latent.train import DECAY, learning_rate, object_weighted_l1, train
 
 TINY_AUTOENCODER = dict(AUTOENCODER, base_dim=4, z_dim=4, num_res_blocks=1)
 TINY = {
-    "autoencoder": dict(autoencoder=TINY_AUTOENCODER, batch_size=1, frames=5, size=32, validation_clips=1, log_every=1),
+    "autoencoder": dict(autoencoder=TINY_AUTOENCODER, batch_size=1, frames=5, size=32, validation_clips=1, checked_clips=0,
+                        log_every=1),
     "transformer": dict(transformer=dict(TRANSFORMER, num_attention_heads=2, attention_head_dim=16, in_channels=4,
                                          out_channels=4, ffn_dim=32, num_layers=1, text_dim=16),
                         batch_size=2, frames=5, size=32, pool=2, refresh=1, validation_clips=1, log_every=1),
@@ -176,3 +177,27 @@ def test_loading_refuses_missing_corrupt_and_foreign_weights(trained, tmp_path):
     assert load_file(str(foreign))
     with pytest.raises(WeightsError, match="no model configurations"):
         load_latent_reference(path=foreign, expected_sha256=None)
+
+
+def test_the_autoencoder_loss_weighs_object_pixels_more():
+    """An error on an object's pixels costs `object_weight` times the same error on the dark
+    background; with weight 1 it is the plain mean absolute error."""
+    clips, _ = make_clips(0, 1)
+    objects = clips.amax(1, keepdim=True) > 0
+    assert 0 < objects.float().mean() < 0.2
+    on_objects, on_background = clips + 0.1 * objects, clips + 0.1 * ~objects
+    ratio = object_weighted_l1(on_objects, clips, 10.0) / object_weighted_l1(on_background, clips, 10.0)
+    n_obj, n_bg = objects.sum(), (~objects).sum()
+    assert torch.isclose(ratio, 10 * n_obj / n_bg, rtol=1e-4)
+    torch.testing.assert_close(object_weighted_l1(on_background, clips, 1.0), (on_background - clips).abs().mean())
+
+
+def test_a_call_that_ends_its_stage_keeps_no_optimizer_state_and_can_be_extended(trained, tmp_path):
+    """The last call of a stage writes weights and averages without AdamW's moments (so that a
+    device call returns them); a larger total budget resumes it with a fresh optimizer."""
+    train("transformer", tmp_path / "end", 0.0001, total_minutes=0.0001, resume=trained / "t1", max_steps=1)
+    tensors, ended = load_checkpoint(tmp_path / "end")
+    assert ended["optimizer"] is None and not any(k.startswith("adam.") for k in tensors)
+    train("transformer", tmp_path / "more", 1, total_minutes=10, resume=tmp_path / "end", max_steps=1)
+    tensors, state = load_checkpoint(tmp_path / "more")
+    assert state["step"] == ended["step"] + 1 and any(k.startswith("adam.") for k in tensors)

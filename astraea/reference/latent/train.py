@@ -5,9 +5,11 @@
     python -m astraea.reference.latent.train --stage transformer --minutes 7 --resume DIR --out DIR2
 
 Stage `autoencoder` trains the Wan VAE on random 17x128x128 windows of freshly rendered clips
-(it is convolutional, so windows teach it the full clip at an eighth of the cost): L1 plus an
-L1 on spatial gradients (edges are what blur first) plus a small KL, which keeps the latents
-smooth enough to be generated. Stage `transformer` freezes the VAE at its float16 (shipped)
+(it is convolutional, so windows teach it the full clip at an eighth of the cost): an L1 in
+which the objects' pixels weigh more (they are a few percent of the frame, and a plain L1 is
+met by the background alone), plus an L1 on spatial gradients (edges are what blur first), plus
+a small KL, which keeps the latents smooth enough to be generated. The call ends by checking
+whole reconstructed clips with the semantic checks: the ceiling of what generation can pass. Stage `transformer` freezes the VAE at its float16 (shipped)
 weights, measures the latent statistics on a pool of encoded clips, and trains the transformer
 and prompt encoder with rectified flow: x_t = (1 - t) x0 + t noise, the velocity noise - x0 as
 target, t logit-normal then shifted as in sampling, one prompt in ten empty for guidance. The
@@ -40,7 +42,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from . import scenes
+from . import checks, scenes
+from ..evaluate import score
 from .autoencoder import CONFIG as AUTOENCODER, build_autoencoder, encode, fit_stats
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model import CONFIG as TRANSFORMER, SHIFT, build_transformer, save_weights, shifted
@@ -48,7 +51,7 @@ from .text import tokenize
 
 DEFAULTS = {
     "autoencoder": dict(autoencoder=AUTOENCODER, batch_size=16, frames=17, size=128, lr=5e-4, warmup=100, ema=0.999,
-                        edge=0.5, kl=1e-4, validation_clips=32, log_every=50),
+                        edge=0.5, kl=1e-4, object_weight=10.0, validation_clips=32, checked_clips=8, log_every=50),
     "transformer": dict(transformer=TRANSFORMER, batch_size=32, frames=scenes.FRAMES, size=scenes.SIZE, pool=2048,
                         refresh=8, lr=3e-4, warmup=200, ema=0.999, text_dropout=0.1, shift=SHIFT,
                         validation_clips=64, log_every=50),
@@ -75,6 +78,15 @@ def clips_and_ids(rng, n, config, device):
     return clips, tokenize([p.text for p in clip_scenes.prompts()]).to(device)
 
 
+def object_weighted_l1(recon: torch.Tensor, clips: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """Mean absolute error over clips [B, 3, F, H, W] in which object pixels (the only ones with
+    a channel above 0: palette colours) weigh `object_weight` times a background pixel. Objects
+    are a few percent of a frame, and a plain L1 is met by the background alone: the first
+    training's reconstructions kept no palette colour."""
+    weight = 1 + (object_weight - 1) * (clips.amax(1, keepdim=True) > 0)
+    return ((recon - clips).abs() * weight).sum() / (weight.sum() * clips.shape[1])
+
+
 class AutoencoderStage:
     """Reconstruction of clip windows through the VAE's encode and decode."""
 
@@ -90,7 +102,8 @@ class AutoencoderStage:
             recon = vae.decode(posterior.sample(generator)).sample.float()
         edge = sum((torch.diff(recon, dim=d) - torch.diff(clips, dim=d)).abs().mean() for d in (-1, -2))
         kl = 0.5 * (posterior.mean.float().square() + posterior.var.float() - 1 - posterior.logvar.float()).mean()
-        return (recon - clips).abs().mean() + self.config["edge"] * edge + self.config["kl"] * kl
+        l1 = object_weighted_l1(recon, clips, self.config.get("object_weight", 1.0))
+        return l1 + self.config["edge"] * edge + self.config["kl"] * kl
 
     def frozen(self):
         return {}, {}
@@ -103,7 +116,13 @@ class AutoencoderStage:
         with autocast:
             recon = torch.cat([vae(c[None]).sample.float() for c in clips])
         mse = (recon - clips).square().mean().item()
-        return {"validation_l1": (recon - clips).abs().mean().item(), "validation_psnr": 10 * np.log10(4 / mse)}
+        record = {"validation_l1": (recon - clips).abs().mean().item(), "validation_psnr": 10 * np.log10(4 / mse)}
+        if self.config.get("checked_clips", 0):  # whole clips: do the checks still pass on what it decodes?
+            clips, prompts = scenes.make_clips(VALIDATION_SEED, self.config["checked_clips"], self.device)
+            with autocast:
+                recon = torch.cat([vae(c[None]).sample.float() for c in clips])
+            record["reconstruction_checks"] = score(recon.cpu(), prompts, checks)
+        return record
 
 
 class TransformerStage:
@@ -205,7 +224,8 @@ def train(stage: str, out: str | Path, minutes: float, total_minutes: float | No
         for name, module in runner.models.items():
             module.load_state_dict({k[len(f"model.{name}."):]: v for k, v in tensors.items() if k.startswith(f"model.{name}.")})
             averages[name].load_state_dict({k[len(f"ema.{name}."):]: v for k, v in tensors.items() if k.startswith(f"ema.{name}.")})
-        optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
+        if state["optimizer"] is not None:  # else a finished stage, extended: AdamW starts afresh
+            optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
         rng.bit_generator.state = state["rng"]
         step, seconds, curve = state["step"], state["seconds"], state["curve"]
     total = 60 * (total_minutes if total_minutes is not None else state["total_minutes"] if continuing else minutes)
@@ -249,7 +269,11 @@ def train(stage: str, out: str | Path, minutes: float, total_minutes: float | No
     frozen, extra = runner.frozen()
     checkpoint = {f"model.{name}.{k}": v for name, m in runner.models.items() for k, v in m.state_dict().items()}
     checkpoint |= {f"ema.{name}.{k}": v for name, m in averages.items() for k, v in m.state_dict().items()}
-    optimizer_tensors, optimizer_state = _flatten_optimizer(optimizer.state_dict())
+    # A call that ends the stage's budget keeps no optimizer state: its learning rate has fallen
+    # to zero, and without AdamW's moments the checkpoint and the weights file fit what a device
+    # call returns (64 MiB). Extending the stage (a larger --total-minutes) starts AdamW afresh.
+    finished = seconds >= total
+    optimizer_tensors, optimizer_state = ({}, None) if finished else _flatten_optimizer(optimizer.state_dict())
     shards = save_checkpoint(out, checkpoint | optimizer_tensors | frozen, {
         "stage": stage, "config": config, "step": step, "seconds": seconds, "total_minutes": total / 60,
         "curve": curve, "rng": rng.bit_generator.state, "optimizer": optimizer_state, **extra})

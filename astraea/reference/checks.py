@@ -48,22 +48,30 @@ class Found:
     direction: str | None  # None: not moving
 
 
+class Checked:
+    """What a check result of either reference model reports: each check of its `CHECKS`
+    passed or not, and the fraction passed."""
+
+    CHECKS: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> dict[str, bool]:
+        return {name: getattr(self, name) for name in self.CHECKS}
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.passed.values()) / len(self.CHECKS)
+
+
 @dataclass(frozen=True)
-class CheckResult:
+class CheckResult(Checked):
+    CHECKS = CHECKS
     count: bool
     colour: bool
     shape: bool
     direction: bool
     smooth: bool
     found: tuple[Found, ...]
-
-    @property
-    def passed(self) -> dict[str, bool]:
-        return {name: getattr(self, name) for name in CHECKS}
-
-    @property
-    def accuracy(self) -> float:
-        return sum(self.passed.values()) / len(CHECKS)
 
 
 def find_objects(clip: torch.Tensor) -> tuple[tuple[Found, ...], float]:

@@ -58,7 +58,8 @@ class Found:
 
 
 @dataclass(frozen=True)
-class CheckResult:
+class CheckResult(v1.Checked):
+    CHECKS = CHECKS
     count: bool
     colour: bool
     shape: bool
@@ -67,14 +68,6 @@ class CheckResult:
     camera: bool
     found: tuple[Found, ...]
     found_camera: str
-
-    @property
-    def passed(self) -> dict[str, bool]:
-        return {name: getattr(self, name) for name in CHECKS}
-
-    @property
-    def accuracy(self) -> float:
-        return sum(self.passed.values()) / len(CHECKS)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import os
 from astraea.search import models
 from astraea.search.costs import CostKey, CostTable, profile
 from astraea.search.evaluator import Evaluator
-from astraea.search.search import SearchSettings, search
+from astraea.search.search import Calibration, SearchSettings, Target, search
 from astraea.search import sparse as backend_options
 
 HELD_OUT = (100, 101, 102, 103, 104, 105)
@@ -71,9 +71,10 @@ def main() -> None:
     searching, scoring = Evaluator(workload, sparse), Evaluator(workload, sparse, share_prefixes=False)
     for speedup in args.speedup:
         name = f"{stem}_{speedup:g}x"
-        result = search(workload, table, speedup=speedup, sparse=sparse, evaluator=searching, settings=settings,
-                        proxy_seeds=args.proxy_seeds,
-                        output=f"{name}.json", plot=f"{name}.png", progress=False)
+        result = search(workload, table, Target(speedup=speedup), calibration=Calibration(proxy_seeds=args.proxy_seeds),
+                        sparse=sparse, evaluator=searching, settings=settings, progress=False)
+        result.save(f"{name}.json")
+        result.plot(f"{name}.png")
         evidence(args, workload, table, result, scoring, held_out, speedup, name)
 
 

@@ -11,8 +11,8 @@ import astraea
 from astraea.cli import main
 from astraea.schedule import Schedule
 from astraea.search import (
-    CostKey, CostTable, CostTableError, Evaluator, SearchError, SearchSettings, SparseModel, fidelity, profile,
-    Space, random_wan, search,
+    Calibration, CostKey, CostTable, CostTableError, Evaluator, SearchError, SearchSettings, SparseModel, Target,
+    fidelity, profile, Space, random_wan, search,
 )
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -78,8 +78,10 @@ def test_profile_measures_every_level_for_this_setting(workload, sparse, table):
 def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, sparse, table, tmp_path):
     output, plot = tmp_path / "schedule.json", tmp_path / "search.png"
     settings, target = SearchSettings(population=4, offspring=4, generations=2), reachable(table, workload, 0.8)
-    result = search(workload, table, speedup=target, seeds=(0,), confirm=2, settings=settings, sparse=sparse,
-                    output=output, plot=plot, progress=False)
+    result = search(workload, table, Target(speedup=target), calibration=Calibration(seeds=(0,), confirm=2),
+                    settings=settings, sparse=sparse, progress=False)
+    result.save(output)
+    result.plot(plot)
     limit = table.predict([1.0] * 6, workload.calls_per_step) / target
     assert result.chosen.latency_ms <= limit
     assert all(c.latency_ms <= limit and c.budgets[0] == 1.0 for c in result.candidates)
@@ -116,7 +118,8 @@ def test_searches_for_several_targets_share_one_evaluator(workload, sparse, tabl
     """The second search reuses the first's dense references and scores, and reports only its
     own work."""
     evaluator, settings = Evaluator(workload, sparse), SearchSettings(population=3, offspring=2, generations=1)
-    run = lambda speedup: search(workload, table, speedup=speedup, seeds=(0,), confirm=1, settings=settings,  # noqa: E731
+    run = lambda speedup: search(workload, table, Target(speedup=speedup),  # noqa: E731
+                                 calibration=Calibration(seeds=(0,), confirm=1), settings=settings,
                                  sparse=sparse, evaluator=evaluator, measure=False, progress=False)
     first = run(reachable(table, workload, 0.5))
     reference = evaluator.reference(0)
@@ -127,7 +130,7 @@ def test_searches_for_several_targets_share_one_evaluator(workload, sparse, tabl
     assert first.stats["generations_run"] > 0
     assert first.stats["generations_run"] + second.stats["generations_run"] == evaluator.stats()["generations_run"]
     with pytest.raises(SearchError, match="evaluator's own sparse model"):
-        search(workload, table, speedup=1.3, evaluator=evaluator, progress=False)
+        search(workload, table, Target(speedup=1.3), sparse=SparseModel(workload), evaluator=evaluator, progress=False)
 
 
 def test_cli_profile_then_search(workload, table, tmp_path, capsys):

@@ -11,7 +11,8 @@ from astraea.search.ea import SearchError, Space
 from astraea.search.fidelity import Fidelity, FidelityReport
 from astraea.search.plot import plot_search
 from astraea.search.search import (
-    SearchSettings, cached_step_genomes, evolve, front_loaded_genomes, initial_population, uniform_genomes,
+    Calibration, SearchSettings, Target, cached_step_genomes, evolve, front_loaded_genomes, initial_population,
+    uniform_genomes,
 )
 
 LEVELS = tuple(i / 10 for i in range(11))
@@ -133,3 +134,19 @@ def test_pareto_front_and_plot(tmp_path):
     path = tmp_path / "search.png"
     plot_search(candidates, ranked(candidates)[0], candidates[-1], 12 * COSTS[-1], path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_targets_and_calibrations_refuse_what_cannot_be_searched():
+    """A search's target, seeds and settings are checked when they are made, with the reason."""
+    for bad, reason in ((dict(), "exactly one target"), (dict(speedup=2.0, latency_ms=3.0), "exactly one target"),
+                        (dict(speedup=-1.0), "positive")):
+        with pytest.raises(SearchError, match=reason):
+            Target(**bad)
+    with pytest.raises(SearchError, match="proxy_seeds must be between 1 and the 1"):
+        Calibration(seeds=(0,), proxy_seeds=2)
+    with pytest.raises(SearchError, match="confirm at least one"):
+        Calibration(confirm=0)
+    with pytest.raises(SearchError, match="full_steps >= 0"):
+        SearchSettings(full_steps=-1)
+    assert Target(speedup=2.0).limit_ms(10.0) == 5.0 and Target(latency_ms=3.0).limit_ms(10.0) == 3.0
+    assert Calibration(seeds=[1, 2, 3], proxy_seeds=2).proxy == (1, 2)

@@ -2,7 +2,8 @@
 evolutionary search that writes a schedule file.
 
     table = profile(workload)                              # once per model, shape and device
-    result = search(workload, table, speedup=2.0, output="schedule.json")
+    result = search(workload, table, Target(speedup=2.0))
+    result.save("schedule.json")
     model = torch.compile(model, backend="astraea", options={"schedule": "schedule.json"})
 """
 
@@ -12,13 +13,13 @@ from .ea import SearchError, Space
 from .evaluator import Evaluator
 from .fidelity import Fidelity, FidelityReport, fidelity
 from .models import random_wan, reference
-from .search import SearchResult, SearchSettings, evolve, search
+from .search import Calibration, SearchResult, SearchSettings, Target, evolve, search
 from .sparse import SparseModel
 from .workload import Trajectory, Workload, random_text
 
 __all__ = [
-    "Candidate", "CostKey", "CostTable", "CostTableError", "DEFAULT_LEVELS", "Evaluator", "Fidelity",
+    "Calibration", "Candidate", "CostKey", "CostTable", "CostTableError", "DEFAULT_LEVELS", "Evaluator", "Fidelity",
     "FidelityReport", "Prediction", "SearchError", "SearchResult", "SearchSettings", "Space", "SparseModel",
     "Trajectory", "Workload", "evolve", "fidelity", "pareto_front", "profile", "random_text", "random_wan",
-    "reference", "search",
+    "reference", "search", "Target",
 ]

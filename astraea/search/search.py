@@ -53,13 +53,54 @@ class SearchSettings:
     mutation_decay: float = 0.8  # ... multiplied by this every generation ...
     mutation_floor: float = 0.03  # ... down to this
     seed: int = 0
+    full_steps: int = 1  # the first steps of every candidate run dense
 
     def __post_init__(self):
-        if self.population < 2 or self.offspring < 1 or self.generations < 0:
+        if self.population < 2 or self.offspring < 1 or self.generations < 0 or self.full_steps < 0:
             raise SearchError(
-                f"need population >= 2, offspring >= 1, generations >= 0; got "
-                f"{self.population}, {self.offspring}, {self.generations}"
+                f"need population >= 2, offspring >= 1, generations >= 0, full_steps >= 0; got "
+                f"{self.population}, {self.offspring}, {self.generations}, {self.full_steps}"
             )
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the chosen schedule must reach, as the cost table predicts it: a `speedup` over the
+    all-dense schedule or a `latency_ms` for the transformer calls of one generation."""
+
+    speedup: float | None = None
+    latency_ms: float | None = None
+
+    def __post_init__(self):
+        if (self.speedup is None) == (self.latency_ms is None):
+            raise SearchError("give exactly one target: speedup or latency_ms")
+        if (self.speedup or self.latency_ms) <= 0:
+            raise SearchError(f"a target must be positive, got {self}")
+
+    def limit_ms(self, dense_ms: float) -> float:
+        return dense_ms / self.speedup if self.speedup is not None else self.latency_ms
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The seeds fidelity is scored on: every candidate on the first `proxy_seeds`, the
+    `confirm` best again on all of them, and the best of those is chosen."""
+
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    proxy_seeds: int = 1
+    confirm: int = 4
+
+    def __post_init__(self):
+        object.__setattr__(self, "seeds", tuple(self.seeds))
+        if not 1 <= self.proxy_seeds <= len(self.seeds):
+            raise SearchError(f"proxy_seeds must be between 1 and the {len(self.seeds)} calibration seeds, "
+                              f"got {self.proxy_seeds}")
+        if self.confirm < 1:
+            raise SearchError(f"confirm at least one candidate, got {self.confirm}")
+
+    @property
+    def proxy(self) -> tuple[int, ...]:
+        return self.seeds[: self.proxy_seeds]
 
 
 def evolve(
@@ -196,78 +237,65 @@ class SearchResult:
     dense: Prediction | None  # ... and of the all-dense one
     wall_s: float
     stats: dict
+    dense_predicted_ms: float
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The schedule file, for `torch.compile(..., options={"schedule": path})`."""
+        self.schedule.save(path)
+
+    def plot(self, path: str | os.PathLike) -> None:
+        """Every candidate's predicted latency against its fidelity, the chosen and the uniform one."""
+        plot_search(self.candidates, self.chosen, self.uniform, self.dense_predicted_ms, path)
 
 
 def search(
     workload: Workload,
     table: CostTable,
+    target: Target,
     *,
-    speedup: float | None = None,
-    latency_ms: float | None = None,
-    seeds: Sequence[int] = (0, 1, 2, 3),
-    proxy_seeds: int = 1,
-    confirm: int = 4,
-    full_steps: int = 1,
+    calibration: Calibration = Calibration(),
     settings: SearchSettings = SearchSettings(),
-    config: AstraeaConfig | None = None,
     sparse: SparseModel | None = None,
     evaluator: Evaluator | None = None,
-    share_prefixes: bool | None = None,
     measure: bool = True,
     checkpoint: str | os.PathLike | None = None,
-    output: str | os.PathLike | None = None,
-    plot: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> SearchResult:
-    """Search per-step budgets for `workload` under a latency target.
+    """Search per-step budgets for `workload` that meet `target`, as `table` predicts latency.
 
-    The target is a `speedup` over the all-dense schedule or a `latency_ms` for the
-    transformer calls of one generation, both as predicted by `table`. Candidates are scored
-    on the first `proxy_seeds` of `seeds`; the `confirm` best are rescored on all of them
-    and the best of those is chosen. `config` sets the token selection the schedule is
-    searched for (its schedule is ignored); or pass `sparse`, the workload already compiled
-    (by `profile`, say): dynamo keeps at most 8 compilations of one forward per process, and
-    every compile of every instance of a model class counts. `evaluator` (on `sparse`) carries
-    dense references and scores from one search to the next: searches for several targets.
-    `share_prefixes` defaults to on except for the random policy, whose random stream a resumed
-    generation would not continue.
-    Writes the schedule to `output` and a plot to `plot` when given.
+    Phases: the evolutionary search on the calibration's proxy seeds (`evolve`, resumable
+    from `checkpoint`); the best candidates confirmed on every seed; the best uniform schedule
+    within the target scored beside them; the chosen schedule and the dense one timed end to
+    end (`measure`), so the prediction is checked, not trusted.
+
+    `sparse` is the workload compiled for a token selection (`SparseModel(workload, config)`;
+    default: astraea's defaults); dynamo keeps at most 8 compilations of one forward per
+    process, so pass the one `profile` used. `evaluator` (on `sparse`) carries dense
+    references and scores from one search to the next (searches for several targets), and
+    sets whether candidates share trajectory prefixes.
     """
     started = time.perf_counter()
-    if (speedup is None) == (latency_ms is None):
-        raise SearchError("give exactly one target: speedup or latency_ms")
-    if not 1 <= proxy_seeds <= len(seeds):
-        raise SearchError(f"proxy_seeds must be between 1 and the {len(seeds)} calibration seeds, got {proxy_seeds}")
-    if sparse is not None and config is not None:
-        raise SearchError("pass either config or sparse (which has its own config), not both")
-    if evaluator is not None and sparse is not evaluator.sparse:
+    if evaluator is not None and sparse is not None and sparse is not evaluator.sparse:
         raise SearchError("pass the evaluator's own sparse model with it")
-    sparse = sparse or SparseModel(workload, config)
+    sparse = sparse or (evaluator.sparse if evaluator is not None else SparseModel(workload))
     table.check(CostKey.here(sparse, workload))
     steps, calls_per_step = workload.num_steps, workload.calls_per_step
     dense_ms = table.predict([1.0] * steps, calls_per_step)
-    limit = dense_ms / speedup if speedup is not None else latency_ms
-    space = Space(table.levels, table.step_ms(calls_per_step), steps, full_steps, limit)
-    if share_prefixes is None:
-        share_prefixes = sparse.config.policy != "random"
-    evaluator = evaluator or Evaluator(workload, sparse, share_prefixes=share_prefixes)
+    limit = target.limit_ms(dense_ms)
+    space = Space(table.levels, table.step_ms(calls_per_step), steps, settings.full_steps, limit)
+    # The random policy's stream would not continue where a shared prefix resumes.
+    evaluator = evaluator or Evaluator(workload, sparse, share_prefixes=sparse.config.policy != "random")
     work_before = evaluator.stats()
-    proxy, seeds = tuple(seeds[:proxy_seeds]), tuple(seeds)
+    proxy, seeds = calibration.proxy, calibration.seeds
 
     candidates = evolve(
         space, lambda budgets: evaluator(budgets, proxy), settings, checkpoint=checkpoint,
         problem={"seeds": list(proxy), "options": sparse.options}, progress=progress,
     )
-    confirmed = ranked(
-        Candidate(c.budgets, c.latency_ms, evaluator(c.budgets, seeds)) for c in candidates[:confirm]
-    )
-    chosen = confirmed[0]
-    best_uniform = uniform_genomes(space)[-1:]
-    uniform = None
-    if best_uniform:
-        budgets = space.budgets(best_uniform[0])
-        uniform = Candidate(budgets, space.latency(best_uniform[0]), evaluator(budgets, seeds))
-
+    chosen = ranked(
+        Candidate(c.budgets, c.latency_ms, evaluator(c.budgets, seeds)) for c in candidates[: calibration.confirm]
+    )[0]
+    uniform = _best_uniform(space, evaluator, seeds)
     prediction = dense = None
     if measure:
         prediction, dense = (_measure(workload, sparse, table, b) for b in (chosen.budgets, (1.0,) * steps))
@@ -278,7 +306,7 @@ def search(
         model=sparse.structure_hash,
         meta={
             "search": {
-                "target": {"speedup": speedup, "latency_ms": latency_ms, "limit_ms": limit},
+                "target": {"speedup": target.speedup, "latency_ms": target.latency_ms, "limit_ms": limit},
                 "predicted_ms": chosen.latency_ms,
                 "dense_predicted_ms": dense_ms,
                 "predicted_speedup": dense_ms / chosen.latency_ms,
@@ -300,11 +328,16 @@ def search(
             }
         },
     )
-    if output is not None:
-        schedule.save(output)
-    if plot is not None:
-        plot_search(candidates, chosen, uniform, dense_ms, plot)
-    return SearchResult(schedule, chosen, candidates, uniform, prediction, dense, wall_s, stats)
+    return SearchResult(schedule, chosen, candidates, uniform, prediction, dense, wall_s, stats, dense_ms)
+
+
+def _best_uniform(space: Space, evaluator: Evaluator, seeds: tuple[int, ...]) -> Candidate | None:
+    """The uniform schedule with the largest budget within the target, on every seed."""
+    best = uniform_genomes(space)[-1:]
+    if not best:
+        return None
+    budgets = space.budgets(best[0])
+    return Candidate(budgets, space.latency(best[0]), evaluator(budgets, seeds))
 
 
 def _measure(workload: Workload, sparse: SparseModel, table: CostTable, budgets: tuple[float, ...]) -> Prediction:

@@ -14,7 +14,7 @@ import os
 
 from . import models, sparse
 from .costs import CostTable, profile
-from .search import SearchSettings, search
+from .search import Calibration, SearchSettings, Target, search
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,14 +57,15 @@ def run(args: argparse.Namespace) -> int:
         table = profile(workload, sparse=compiled)
         table.save(args.costs)
     settings = SearchSettings(population=args.population, offspring=args.offspring,
-                              generations=args.generations, seed=args.seed)
+                              generations=args.generations, seed=args.seed, full_steps=args.full_steps)
     plot = args.plot or os.path.splitext(args.output)[0] + ".png"
     result = search(
-        workload, table, speedup=args.speedup, latency_ms=args.latency_ms, seeds=args.seeds,
-        proxy_seeds=args.proxy_seeds, confirm=args.confirm, full_steps=args.full_steps, settings=settings,
-        sparse=compiled, checkpoint=args.checkpoint,
-        output=args.output, plot=plot, progress=not args.no_progress,
+        workload, table, Target(args.speedup, args.latency_ms),
+        calibration=Calibration(args.seeds, args.proxy_seeds, args.confirm), settings=settings,
+        sparse=compiled, checkpoint=args.checkpoint, progress=not args.no_progress,
     )
+    result.save(args.output)
+    result.plot(plot)
     meta = result.schedule.meta["search"]
     print(f"schedule: {' '.join(f'{b:g}' for b in result.chosen.budgets)}")
     print(f"predicted {meta['predicted_ms']:.2f} ms, {meta['predicted_speedup']:.2f}x the dense schedule "

@@ -1,14 +1,20 @@
 """Reference model v2: scenes, prompts, checks, autoencoder, resumable training and weights loading."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from astraea.reference.latent import scenes
 from astraea.reference.latent.autoencoder import CONFIG as AUTOENCODER, build_autoencoder, decode, encode, latent_shape
 from astraea.reference.latent.checkpoint import CheckpointError, load_checkpoint
-from astraea.reference.latent.checks import CHECKS, check_clips, summarize
+from astraea.reference.checks import summarize
+from astraea.reference.latent import checkpoint
+from astraea.reference.latent.checks import CHECKS, check_clips
 from astraea.reference.latent.model import CONFIG as TRANSFORMER, WeightsError, load_latent_reference
 from astraea.reference.model import sha256
 from astraea.reference.latent.scenes import FRAMES, SIZE, ObjectPrompt, Prompt, make_clips, render, scenes_for
@@ -91,9 +97,9 @@ def test_checks_pass_on_the_clips_of_their_prompts(clips):
 def test_checks_fail_on_other_prompts_and_on_noise(clips):
     video, prompts = clips
     shuffled = summarize(check_clips(video[:8], prompts[1:9]))
-    assert all(shuffled[name] <= 0.5 for name in CHECKS), shuffled
+    assert shuffled["accuracy"] <= 0.35, shuffled
     noise = summarize(check_clips(torch.rand(2, 3, FRAMES, SIZE, SIZE) * 2 - 1, prompts[:2]))
-    assert noise["count"] == noise["colour"] == noise["direction"] == 0, noise
+    assert noise["accuracy"] == 0, noise
 
 
 def test_autoencoder_compresses_8x_in_space_and_4x_in_time():
@@ -125,15 +131,21 @@ def trained(tmp_path_factory):
 def test_training_calls_write_checkpoints_weights_and_summaries(trained):
     for stage in ("ae", "t1"):
         assert {"training.json", "loss.png"} <= {p.name for p in (trained / stage).iterdir()}
-        assert all(p.stat().st_size <= 16 * 2**20 for p in (trained / stage).iterdir())
     tensors, state = load_checkpoint(trained / "t1")
     assert state["stage"] == "transformer" and state["step"] == 1
     assert state["autoencoder_config"]["latents_std"] != [1.0] * 4  # measured on the pool
     assert any(k.startswith("adam.") for k in tensors) and any(k.startswith("ema.text.") for k in tensors)
-    vae, transformer, encoder = load_latent_reference(path=trained / "t1" / "reference_latent.safetensors", expected_sha256=None)
+    weights = trained / "t1" / "reference_latent.safetensors"
+    with safe_open(str(weights), "pt") as f:  # one key, no private config keys: the same sha256 in every process
+        assert list(f.metadata()) == ["reference"]
+        configs = json.loads(f.metadata()["reference"])["configs"]
+    assert configs.keys() == {"autoencoder", "transformer"} and not any(k.startswith("_") for c in configs.values() for k in c)
+    vae, transformer, encoder = load_latent_reference(path=weights, expected_sha256=None)
     assert vae.config.latents_std == state["autoencoder_config"]["latents_std"]
-    weight = next(vae.parameters())
-    assert torch.equal(weight.half().float(), weight)  # the VAE the transformer learned on is the one shipped
+    # The VAE the transformer learned on is the autoencoder stage's averaged one, rounded as the file holds it.
+    averaged = {k[len("ema.autoencoder."):]: v for k, v in load_checkpoint(trained / "ae")[0].items()
+                if k.startswith("ema.autoencoder.")}
+    assert averaged and all(torch.equal(v.half().float(), averaged[k].half().float()) for k, v in vae.state_dict().items())
 
 
 def test_resuming_restores_the_state_exactly_and_continues_deterministically(trained):
@@ -156,10 +168,22 @@ def test_stages_refuse_the_wrong_checkpoint(trained, tmp_path):
     with pytest.raises(CheckpointError, match="transformer checkpoint"):
         train("autoencoder", tmp_path, 1, resume=trained / "t1", max_steps=1)
     (tmp_path / "part").mkdir()
-    (trained / "t1" / "checkpoint-1-of-1.safetensors").rename(tmp_path / "part" / "checkpoint-1-of-2.safetensors")
+    shutil.copy(trained / "t1" / "checkpoint-1-of-1.safetensors", tmp_path / "part" / "checkpoint-1-of-2.safetensors")
     with pytest.raises(CheckpointError, match="incomplete"):
         load_checkpoint(tmp_path / "part")
-    (tmp_path / "part" / "checkpoint-1-of-2.safetensors").rename(trained / "t1" / "checkpoint-1-of-1.safetensors")
+
+
+def test_a_checkpoint_larger_than_a_shard_is_split_and_read_back_exactly(monkeypatch, tmp_path):
+    """What a device call returns is files of at most 16 MiB: the state is packed into shards."""
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 4096)
+    tensors = {f"w{i}": torch.randn(300) for i in range(10)}  # 1,200 bytes each: three to a shard
+    paths = checkpoint.save_checkpoint(tmp_path, tensors, {"step": 3})
+    assert [p.name for p in paths] == [f"checkpoint-{k}-of-4.safetensors" for k in (1, 2, 3, 4)]
+    loaded, state = checkpoint.load_checkpoint(tmp_path)
+    assert state == {"step": 3} and loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with pytest.raises(checkpoint.CheckpointError, match="more than a shard holds"):
+        checkpoint.save_checkpoint(tmp_path, {"big": torch.zeros(2000)}, {})
 
 
 def test_loading_refuses_missing_corrupt_and_foreign_weights(trained, tmp_path):
@@ -201,3 +225,4 @@ def test_a_call_that_ends_its_stage_keeps_no_optimizer_state_and_can_be_extended
     train("transformer", tmp_path / "more", 1, total_minutes=10, resume=tmp_path / "end", max_steps=1)
     tensors, state = load_checkpoint(tmp_path / "more")
     assert state["step"] == ended["step"] + 1 and any(k.startswith("adam.") for k in tensors)
+    assert state["warm_start"] == ended["step"]  # the fresh optimizer warms up again

@@ -118,7 +118,8 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
         queries |= _ancestors(q) if isinstance(q, fx.Node) else set()
         values |= _ancestors(v) if isinstance(v, fx.Node) else set()
     first = _candidates(queries & values & made_output, order)
-    rest = [c for c in _candidates((queries if attentions else set(nodes)) & made_output, order) if c not in set(first)]
+    tried_first = set(first)
+    rest = [c for c in _candidates((queries if attentions else set(nodes)) & made_output, order) if c not in tried_first]
     if not first and not rest:
         return TokenAxis(reason="no tensor with a token axis feeds every attention's queries" if attentions else
                          NO_ATTENTION)

@@ -169,12 +169,12 @@ def check_clip(clip: torch.Tensor, prompt: Prompt) -> CheckResult:
     )
 
 
-def check_clips(clips: torch.Tensor, prompts: list, check=None) -> list:
+def check_clips(clips: torch.Tensor, prompts: list, check=check_clip) -> list:
     """Judge a batch of clips [B, 3, F, H, W] against their prompts, with `check` (a clip and
     its prompt -> a result with `passed` and `accuracy`; this module's `check_clip` by default)."""
     if len(clips) != len(prompts):
         raise ValueError(f"{len(clips)} clips but {len(prompts)} prompts")
-    return [(check or check_clip)(clip, prompt) for clip, prompt in zip(clips, prompts)]
+    return [check(clip, prompt) for clip, prompt in zip(clips, prompts)]
 
 
 def summarize(results: list) -> dict[str, float]:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checks import check_clips, summarize
+from .checks import check_clip, check_clips, summarize
 from .data import Prompt, sample_scenes
 from .model import GUIDANCE, WEIGHTS, WEIGHTS_SHA256, generate, load_reference
 
@@ -37,12 +37,11 @@ def generate_clips(transformer, encoder, prompts: list[Prompt], num_steps: int, 
     return torch.cat(clips)
 
 
-def score(clips: torch.Tensor, prompts: list, checks=None) -> dict[str, float]:
+def score(clips: torch.Tensor, prompts: list, check=check_clip) -> dict[str, float]:
     """Check pass rates against the clips' own prompts, and the mismatched (chance) accuracy;
-    `checks` is the module judging them (`check_clips`, `summarize`), v1's by default."""
-    check, summarise = (check_clips, summarize) if checks is None else (checks.check_clips, checks.summarize)
-    summary = summarise(check(clips, prompts))
-    summary["mismatched"] = summarise(check(clips, prompts[1:] + prompts[:1]))["accuracy"]
+    `check` judges one clip against one prompt (v1's by default)."""
+    summary = summarize(check_clips(clips, prompts, check))
+    summary["mismatched"] = summarize(check_clips(clips, prompts[1:] + prompts[:1], check))["accuracy"]
     return summary
 
 

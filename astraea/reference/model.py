@@ -63,11 +63,51 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def half_weights(models: dict[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """Every model's weights in float16, named "<model>.<weight>", as a reference weights file
+    holds them (v1's and v2's)."""
+    return {f"{name}.{k}": v.detach().to("cpu", torch.float16).contiguous()
+            for name, m in models.items() for k, v in m.state_dict().items()}
+
+
+def read_weights(path: Path, expected_sha256: str | None, what: str, train: str) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, refused when it is missing or has another sha256."""
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} not found; train them with `python -m {train}`")
+    if expected_sha256 is not None and (found := sha256(path)) != expected_sha256:
+        raise WeightsError(
+            f"{what} {path} have sha256 {found}, expected {expected_sha256}: "
+            "the file is corrupt or not the one this astraea was released with; reinstall astraea"
+        )
+    return load_file(str(path))
+
+
+def load_weights(tensors: dict, models: dict[str, torch.nn.Module], what: str) -> None:
+    """Load each model from the tensors named "<model>.<weight>"; a mismatch is a WeightsError."""
+    for name, module in models.items():
+        state = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
+        try:
+            module.load_state_dict(state)
+        except RuntimeError as e:
+            raise WeightsError(f"{what} do not fit their configuration: {e}") from e
+
+
+def ready(transformer, others, device, dtype) -> None:
+    """Move the models to `device` and `dtype` (the transformer's float32 modules kept, as
+    diffusers' from_pretrained does), in eval mode without gradients."""
+    for module in others:
+        module.to(device, dtype)
+    transformer.to(device)
+    keep = set(transformer._keep_in_fp32_modules or ())
+    for name, param in transformer.named_parameters():
+        param.data = param.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
+    for module in (transformer, *others):
+        module.eval().requires_grad_(False)
+
+
 def save_reference(path: str | Path, transformer, encoder, metadata: dict) -> str:
     """Write both models' weights in float16 to one safetensors file; returns its sha256."""
-    tensors = {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
-    tensors |= {f"text.{k}": v for k, v in encoder.state_dict().items()}
-    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}
+    tensors = half_weights({"transformer": transformer, "text": encoder})
     save_file(tensors, str(path), metadata={"config": json.dumps(CONFIG), **{k: json.dumps(v) for k, v in metadata.items()}})
     return sha256(path)
 
@@ -84,28 +124,10 @@ def load_reference(
     one; `expected_sha256=None` loads another file (a fresh training run's) unchecked.
     """
     path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"reference weights {path} not found; train them with `python -m astraea.reference.train`")
-    if expected_sha256 is not None and (found := sha256(path)) != expected_sha256:
-        raise WeightsError(
-            f"reference weights {path} have sha256 {found}, expected {expected_sha256}: "
-            "the file is corrupt or not the one this astraea was released with; reinstall astraea"
-        )
-    tensors = load_file(str(path))
+    tensors = read_weights(path, expected_sha256, "reference weights", "astraea.reference.train")
     transformer, encoder = build_model()
-    for prefix, module in (("transformer.", transformer), ("text.", encoder)):
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as e:
-            raise WeightsError(f"reference weights {path} do not fit the reference configuration: {e}") from e
-    encoder.to(device, dtype)
-    transformer.to(device)
-    keep = set(transformer._keep_in_fp32_modules or ())  # as diffusers' from_pretrained does
-    for name, param in transformer.named_parameters():
-        param.data = param.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
-    for module in (transformer, encoder):
-        module.eval().requires_grad_(False)
+    load_weights(tensors, {"transformer": transformer, "text": encoder}, f"reference weights {path}")
+    ready(transformer, (encoder,), device, dtype)
     return transformer, encoder
 
 

@@ -22,10 +22,10 @@ TEXT_DIM = 128
 _INDEX = {word: i for i, word in enumerate(VOCAB)}
 
 
-def tokenize(texts: list[str], vocabulary: tuple[str, ...] = VOCAB, max_tokens: int = MAX_TOKENS,
+def tokenize(texts: list[str], index: dict[str, int] = _INDEX, max_tokens: int = MAX_TOKENS,
              split=str.split) -> torch.Tensor:
-    """Word ids [B, max_tokens], padded with 0; an error names any word outside the vocabulary."""
-    index = _INDEX if vocabulary is VOCAB else {word: i for i, word in enumerate(vocabulary)}
+    """Word ids [B, max_tokens], padded with 0, from the vocabulary's `index` (word -> id); an
+    error names any word outside it."""
     ids = torch.zeros(len(texts), max_tokens, dtype=torch.long)
     for b, text in enumerate(texts):
         words = split(text)
@@ -33,7 +33,7 @@ def tokenize(texts: list[str], vocabulary: tuple[str, ...] = VOCAB, max_tokens: 
             raise ValueError(f"prompt {text!r} has {len(words)} words; the encoder reads at most {max_tokens}")
         unknown = [w for w in words if w not in index]
         if unknown:
-            raise ValueError(f"prompt {text!r} uses words outside the vocabulary: {unknown}; known: {' '.join(vocabulary[1:])}")
+            raise ValueError(f"prompt {text!r} uses words outside the vocabulary: {unknown}; known: {' '.join(list(index)[1:])}")
         ids[b, : len(words)] = torch.tensor([index[w] for w in words], dtype=torch.long)
     return ids
 
@@ -54,4 +54,4 @@ class PromptEncoder(nn.Module):
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Prompt embeddings [B, max_tokens, dim] on the encoder's device and dtype; "" gives zeros."""
-        return self(self.tokenize(texts).to(self.positions.device)).to(self.positions.dtype)
+        return self(self.tokenize(texts).to(self.positions.device))

@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for average, model in zip(averages, (transformer, encoder)):
-                torch._foreach_lerp_(list(average.parameters()), list(model.parameters()), 1 - decay)
+        update_averages(zip(averages, (transformer, encoder)), min(args.ema, (1 + step) / (10 + step)))
         window += loss.detach()
         step += 1
         if step % args.log_every == 0:
@@ -154,12 +151,20 @@ def validation_loss(transformer, encoder, device, autocast, count: int = 256, si
     return total / count
 
 
-def plot(curve, path: Path) -> None:
+def update_averages(pairs, decay: float) -> None:
+    """Move each (average, model) pair's averaged weights towards the model's, by 1 - decay."""
+    with torch.no_grad():
+        for average, model in pairs:
+            torch._foreach_lerp_(list(average.parameters()), list(model.parameters()), 1 - decay)
+
+
+def plot(curve, path: Path, loss: str = "velocity loss", title: str = "reference model") -> None:
+    """The loss curve [(step, seconds, loss)] of a training run, on a log scale."""
     steps, seconds, losses = zip(*curve) if curve else ((), (), ())
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses)
-    ax.set(xlabel="step", ylabel="velocity loss (mean over the logging window)", yscale="log",
-           title=f"reference model: {steps[-1] if steps else 0} steps, {seconds[-1] / 60 if seconds else 0:.1f} min")
+    ax.set(xlabel="step", ylabel=f"{loss} (mean over the logging window)", yscale="log",
+           title=f"{title}: {steps[-1] if steps else 0} steps, {seconds[-1] / 60 if seconds else 0:.1f} min")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -16,12 +16,13 @@ from diffusers import AutoencoderKLWan
 from .scenes import FRAMES, SIZE
 
 CONFIG = dict(base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
-SPATIAL, TEMPORAL = 8, 4  # compression of this dim_mult and temperal_downsample
 
 
 def latent_shape(config: dict = CONFIG, frames: int = FRAMES, size: int = SIZE) -> tuple[int, int, int, int]:
-    """(channels, frames, height, width) of the latents of a clip."""
-    return config["z_dim"], (frames - 1) // TEMPORAL + 1, size // SPATIAL, size // SPATIAL
+    """(channels, frames, height, width) of the latents of a clip: each stage after the first
+    halves the space, and each temporal downsampling halves the frames after the first."""
+    spatial, temporal = 2 ** (len(config["dim_mult"]) - 1), 2 ** sum(config["temperal_downsample"])
+    return config["z_dim"], (frames - 1) // temporal + 1, size // spatial, size // spatial
 
 
 def build_autoencoder(config: dict = CONFIG) -> AutoencoderKLWan:

@@ -3,8 +3,10 @@
 As in Wan, the transformer reads normalised latents [B, 16, 9, 32, 32] in patches of 1x2x2
 (2,304 tokens of 64 values through a 192-wide residual stream: unlike v1's 384-value pixel
 patches, a latent patch fits, so the model predicts the flow-matching velocity noise - x0
-directly, as Wan does). The autoencoder, the transformer and the prompt encoder ship in one
-float16 safetensors file of under 16 MB, refused unless its sha256 is the recorded one.
+directly, as Wan does). The autoencoder, the transformer and the prompt encoder are saved in
+one float16 safetensors file of under 16 MB (14.3 MB). None ships yet: the first training's
+autoencoder lost the objects (benchmarks/NOTES.md, "Reference v2"); a shipped file would be
+refused unless its sha256 is the one recorded here.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..model import WeightsError, sample, sha256
+from ..model import ASSETS, WeightsError, half_weights, load_weights, read_weights, ready, sample, sha256
 from .autoencoder import decode, latent_shape
 from .text import TEXT_DIM, PromptEncoder
 
@@ -35,9 +37,8 @@ CONFIG = dict(
 SHIFT = 3.0  # of the noise schedule, for training and sampling alike (Wan uses 3 to 5)
 GUIDANCE = 4.0  # the sampler's classifier-free guidance scale unless told otherwise
 
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 WEIGHTS = ASSETS / "reference_latent.safetensors"
-WEIGHTS_SHA256: str | None = None  # the shipped file's; none ships yet (benchmarks/NOTES.md, "Reference v2")
+WEIGHTS_SHA256: str | None = None  # the shipped file's, once one ships
 
 
 def build_transformer(config: dict = CONFIG) -> tuple[WanTransformer3DModel, PromptEncoder]:
@@ -51,14 +52,14 @@ def shifted(t: torch.Tensor, shift: float = SHIFT) -> torch.Tensor:
 
 
 def save_weights(path: str | Path, vae: AutoencoderKLWan, transformer, encoder, metadata: dict) -> str:
-    """Write all three models in float16 to one safetensors file; returns its sha256."""
-    tensors = {f"autoencoder.{k}": v for k, v in vae.state_dict().items()}
-    tensors |= {f"transformer.{k}": v for k, v in transformer.state_dict().items()}
-    tensors |= {f"text.{k}": v for k, v in encoder.state_dict().items()}
-    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}
-    configs = {"autoencoder": dict(vae.config), "transformer": dict(transformer.config)}
+    """Write all three models in float16 to one safetensors file; returns its sha256. The same
+    weights and metadata give the same file in any process: one metadata key (safetensors
+    writes several in no fixed order), and no private diffusers config keys
+    ("_use_default_values", a list in no fixed order)."""
+    tensors = half_weights({"autoencoder": vae, "transformer": transformer, "text": encoder})
+    configs = {name: {k: v for k, v in m.config.items() if not k.startswith("_")}
+               for name, m in (("autoencoder", vae), ("transformer", transformer))}
     configs = json.loads(json.dumps(configs, default=list))  # frozen dicts and tuples to JSON
-    # One metadata key: safetensors writes several in no fixed order, and the file's sha256 is its identity.
     save_file(tensors, str(path), metadata={"reference": json.dumps({"configs": configs, **metadata}, sort_keys=True)})
     return sha256(path)
 
@@ -69,44 +70,25 @@ def load_latent_reference(
     path: str | Path = WEIGHTS,
     expected_sha256: str | None = WEIGHTS_SHA256,
 ) -> tuple[AutoencoderKLWan, WanTransformer3DModel, PromptEncoder]:
-    """The trained autoencoder, transformer and prompt encoder, in eval mode.
+    """The trained autoencoder, transformer and prompt encoder of a weights file, in eval mode.
 
-    By default the weights shipped with astraea, refused unless their sha256 is the recorded
-    one; `expected_sha256=None` loads another file (a fresh training run's) unchecked.
+    A shipped file is refused unless its sha256 is the recorded one (none ships yet, so the
+    default path says so); `expected_sha256=None` loads another file (a training run's) unchecked.
     """
     path = Path(path)
     if path == WEIGHTS and expected_sha256 is None and WEIGHTS_SHA256 is None:
         raise WeightsError("no reference v2 weights ship with this astraea yet; train them with "
                            "`python -m astraea.reference.latent.train` and load them with path=")
-    if not path.is_file():
-        raise WeightsError(f"reference v2 weights {path} not found; train them with "
-                           "`python -m astraea.reference.latent.train`")
-    if expected_sha256 is not None and (found := sha256(path)) != expected_sha256:
-        raise WeightsError(
-            f"reference v2 weights {path} have sha256 {found}, expected {expected_sha256}: "
-            "the file is corrupt or not the one this astraea was released with; reinstall astraea"
-        )
+    tensors = read_weights(path, expected_sha256, "reference v2 weights", "astraea.reference.latent.train")
     with safe_open(str(path), "pt") as f:
         configs = json.loads((f.metadata() or {}).get("reference", "{}")).get("configs")
     if configs is None:
         raise WeightsError(f"{path} holds no model configurations: it is not a reference v2 weights file")
-    tensors = load_file(str(path))
     vae = AutoencoderKLWan.from_config(configs["autoencoder"])
     transformer, encoder = build_transformer(configs["transformer"])
-    for prefix, module in (("autoencoder.", vae), ("transformer.", transformer), ("text.", encoder)):
-        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        try:
-            module.load_state_dict(state)
-        except RuntimeError as e:
-            raise WeightsError(f"reference v2 weights {path} do not fit their configuration: {e}") from e
-    vae.to(device, dtype)
-    encoder.to(device, dtype)
-    transformer.to(device)
-    keep = set(transformer._keep_in_fp32_modules or ())  # as diffusers' from_pretrained does
-    for name, param in transformer.named_parameters():
-        param.data = param.data.to(torch.float32 if keep & set(name.split(".")) else dtype)
-    for module in (vae, transformer, encoder):
-        module.eval().requires_grad_(False)
+    load_weights(tensors, {"autoencoder": vae, "transformer": transformer, "text": encoder},
+                 f"reference v2 weights {path}")
+    ready(transformer, (vae, encoder), device, dtype)
     return vae, transformer, encoder
 
 

@@ -2,7 +2,7 @@
 
 The prompts of `scenes.py` use three dozen words, so a word table plus a table of positions
 (word order binds each speed, colour, shape and direction to its object) is all the text
-model needed; it is trained with the transformer and shipped in the same weights file. Its
+model needed; it is trained with the transformer and saved in the same weights file. Its
 output is a diffusers video DiT's `encoder_hidden_states`, [B, MAX_TOKENS, TEXT_DIM], zero at
 padding, so the empty prompt (the unconditional branch of guidance) is all zeros.
 """
@@ -20,7 +20,7 @@ VOCAB = (PAD, "a", "and", "moving", "on", "background", ",", "camera", *_CAMERA_
          *BACKGROUNDS, *COLOURS, *SHAPES, *DIRECTIONS, *SPEEDS)
 MAX_TOKENS = 32  # three objects of six words, two "and", "on a ... background , camera" and a motion
 TEXT_DIM = 128
-
+_INDEX = {word: i for i, word in enumerate(VOCAB)}
 
 
 def words(text: str) -> list[str]:
@@ -30,7 +30,7 @@ def words(text: str) -> list[str]:
 
 def tokenize(texts: list[str]) -> torch.Tensor:
     """Word ids [B, MAX_TOKENS], padded with 0; an error names any word outside VOCAB."""
-    return text.tokenize(texts, VOCAB, MAX_TOKENS, words)
+    return text.tokenize(texts, _INDEX, MAX_TOKENS, words)
 
 
 def detokenize(ids: torch.Tensor) -> list[str]:

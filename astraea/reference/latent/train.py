@@ -9,8 +9,9 @@ Stage `autoencoder` trains the Wan VAE on random 17x128x128 windows of freshly r
 which the objects' pixels weigh more (they are a few percent of the frame, and a plain L1 is
 met by the background alone), plus an L1 on spatial gradients (edges are what blur first), plus
 a small KL, which keeps the latents smooth enough to be generated. The call ends by checking
-whole reconstructed clips with the semantic checks: the ceiling of what generation can pass. Stage `transformer` freezes the VAE at its float16 (shipped)
-weights, measures the latent statistics on a pool of encoded clips, and trains the transformer
+whole reconstructed clips with the semantic checks: the ceiling of what generation can pass.
+Stage `transformer` freezes the VAE at its float16 weights (those a weights file holds),
+measures the latent statistics on a pool of encoded clips, and trains the transformer
 and prompt encoder with rectified flow: x_t = (1 - t) x0 + t noise, the velocity noise - x0 as
 target, t logit-normal then shifted as in sampling, one prompt in ten empty for guidance. The
 pool is partly re-encoded from fresh clips at every step, so encoding costs a fraction of a step.
@@ -23,7 +24,8 @@ cosine over the total needs the total fixed in advance; with a constant phase, e
 `--total-minutes` on resume changes nothing already done, and any call can be made the last
 by ending the total with it. Every call writes its checkpoint shards, training.json and
 loss.png to DIR; a transformer call also writes reference_latent.safetensors (the averaged
-weights of all three models in float16, the file astraea ships).
+weights of all three models in float16, what `load_latent_reference` reads). A call that ends
+its stage keeps no optimizer state; extending the stage starts AdamW afresh, warmed up again.
 """
 
 from __future__ import annotations
@@ -35,15 +37,12 @@ import json
 import time
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
 from . import checks, scenes
 from ..evaluate import score
+from ..train import plot, update_averages
 from .autoencoder import CONFIG as AUTOENCODER, build_autoencoder, encode, fit_stats
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model import CONFIG as TRANSFORMER, SHIFT, build_transformer, save_weights, shifted
@@ -121,7 +120,7 @@ class AutoencoderStage:
             clips, prompts = scenes.make_clips(VALIDATION_SEED, self.config["checked_clips"], self.device)
             with autocast:
                 recon = torch.cat([vae(c[None]).sample.float() for c in clips])
-            record["reconstruction_checks"] = score(recon.cpu(), prompts, checks)
+            record["reconstruction_checks"] = score(recon.cpu(), prompts, checks.check_clip)
         return record
 
 
@@ -133,7 +132,7 @@ class TransformerStage:
         transformer, encoder = build_transformer(config["transformer"])
         self.models = {"transformer": transformer.to(device), "text": encoder.to(device)}
         self.vae = build_autoencoder(state["autoencoder_config"])
-        if state["stage"] == "autoencoder":  # the averaged weights, rounded as shipped
+        if state["stage"] == "autoencoder":  # the averaged weights, rounded as a weights file holds them
             weights = {k[len("ema.autoencoder."):]: v.half() for k, v in tensors.items() if k.startswith("ema.autoencoder.")}
         else:
             weights = {k[len("autoencoder."):]: v for k, v in tensors.items() if k.startswith("autoencoder.")}
@@ -219,15 +218,18 @@ def train(stage: str, out: str | Path, minutes: float, total_minutes: float | No
     params = [p for m in runner.models.values() for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=config["lr"], betas=(0.9, 0.99), weight_decay=0.01)
     rng = np.random.default_rng(seed)
-    step, seconds, curve = 0, 0.0, []
+    step, seconds, curve, warm_start = 0, 0.0, [], 0  # warm_start: the optimizer's first step
     if continuing:
         for name, module in runner.models.items():
             module.load_state_dict({k[len(f"model.{name}."):]: v for k, v in tensors.items() if k.startswith(f"model.{name}.")})
             averages[name].load_state_dict({k[len(f"ema.{name}."):]: v for k, v in tensors.items() if k.startswith(f"ema.{name}.")})
-        if state["optimizer"] is not None:  # else a finished stage, extended: AdamW starts afresh
-            optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
         rng.bit_generator.state = state["rng"]
         step, seconds, curve = state["step"], state["seconds"], state["curve"]
+        if state["optimizer"] is not None:
+            optimizer.load_state_dict(_optimizer_state(tensors, state["optimizer"]))
+            warm_start = state["warm_start"]
+        else:  # a finished stage, extended: AdamW starts afresh, so it warms up again
+            warm_start = step
     total = 60 * (total_minutes if total_minutes is not None else state["total_minutes"] if continuing else minutes)
     for model in runner.models.values():
         model.train()
@@ -240,17 +242,14 @@ def train(stage: str, out: str | Path, minutes: float, total_minutes: float | No
     start = time.perf_counter()
     while (call := time.perf_counter() - start) < 60 * minutes and seconds + call < total and step - first != max_steps:
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config["lr"], step, config["warmup"], (seconds + call) / total)
+            group["lr"] = learning_rate(config["lr"], step - warm_start, config["warmup"], (seconds + call) / total)
         generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
         loss = runner.loss(rng, generator, autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
-        decay = min(config["ema"], (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, model in runner.models.items():
-                torch._foreach_lerp_(list(averages[name].parameters()), list(model.parameters()), 1 - decay)
+        update_averages(((averages[name], m) for name, m in runner.models.items()), min(config["ema"], (1 + step) / (10 + step)))
         window_loss += loss.detach()
         logged += 1
         step += 1
@@ -276,10 +275,10 @@ def train(stage: str, out: str | Path, minutes: float, total_minutes: float | No
     optimizer_tensors, optimizer_state = ({}, None) if finished else _flatten_optimizer(optimizer.state_dict())
     shards = save_checkpoint(out, checkpoint | optimizer_tensors | frozen, {
         "stage": stage, "config": config, "step": step, "seconds": seconds, "total_minutes": total / 60,
-        "curve": curve, "rng": rng.bit_generator.state, "optimizer": optimizer_state, **extra})
+        "curve": curve, "rng": rng.bit_generator.state, "optimizer": optimizer_state, "warm_start": warm_start, **extra})
     record["checkpoint_shards"] = [(p.name, p.stat().st_size) for p in shards]
     (out / "training.json").write_text(json.dumps(record | {"curve": curve}, indent=1))
-    plot(curve, out / "loss.png", stage)
+    plot(curve, out / "loss.png", "reconstruction loss" if stage == "autoencoder" else "velocity loss", f"reference v2 {stage}")
     print(json.dumps(record, indent=1))
     return record
 
@@ -293,19 +292,6 @@ def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
 def _optimizer_state(tensors: dict[str, torch.Tensor], saved: dict) -> dict:
     state = {i: {k.split(".")[-1]: v for k, v in tensors.items() if k.startswith(f"adam.{i}.")} for i in saved["params"]}
     return {"state": state, "param_groups": saved["param_groups"]}
-
-
-def plot(curve, path: Path, stage: str) -> None:
-    steps, seconds, losses = zip(*curve) if curve else ((), (), ())
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses)
-    label = "reconstruction loss" if stage == "autoencoder" else "velocity loss"
-    ax.set(xlabel="step", ylabel=f"{label} (logging window mean)", yscale="log",
-           title=f"reference v2 {stage}: {steps[-1] if steps else 0} steps, {seconds[-1] / 60 if seconds else 0:.1f} min")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

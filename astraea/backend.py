@@ -79,6 +79,8 @@ class Backend:
                     f"option(s) {fixed} are compiled into the graph; compile again to change them "
                     "(torch._dynamo.reset(), then torch.compile with a new backend)"
                 )
+        if self.clock is not None:
+            check_blockwise(config)
         for runner in self.runners:
             check_report(config, runner.report, whole_model=self.clock is None)
         self.config = config
@@ -110,6 +112,13 @@ def backend(config: AstraeaConfig | None = None, **options) -> Backend:
 def astraea_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
     """Entry point of `backend="astraea"`; `options` come from torch.compile(options=...)."""
     return compile_graph(gm, example_inputs, AstraeaConfig.from_options(options))
+
+
+def check_blockwise(config: AstraeaConfig) -> None:
+    """Refuse options blocks compiled on their own cannot honour (`astraea.compile_blocks`)."""
+    if config.skip == "output":
+        raise ConfigError("skip='output' returns the model's previous output, which needs the whole model in one "
+                          "graph: use torch.compile(model, backend='astraea') for it")
 
 
 def check_report(config: AstraeaConfig, report, whole_model: bool = True) -> None:
@@ -152,7 +161,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         before = _SPARSE_SHAPES.get(report.structure_hash)
         if before is not None:
             why = f"this model ran sparse at {before} tokens, but at this shape it runs dense: {why}"
-        if report.num_blocks and report.timestep_input is None:
+        if clock is None and report.num_blocks and report.timestep_input is None:
             why += ("; where dynamo compiles the blocks apart from the model's call, astraea.compile_blocks(model) "
                     "places each block's calls from the model's")
         warnings.warn(f"astraea: running this graph dense: {why}", AstraeaWarning, stacklevel=2)
@@ -177,9 +186,9 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         # the instance's own weight input; none where dynamo specialised the graph to one instance
         weight = next((i for i, n in enumerate(placeholders) if is_module_state(n)), None)
         shapes = tuple(tuple(b.shape) for b in sparsify.inputs)
-        runner = BlockInstances(clock, report, config, weight, shapes, lambda branches, config: SparseRunner(
+        runner = BlockInstances(clock, report, config, weight, shapes, lambda branches, config, instance: SparseRunner(
             graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip, cuda_graphs=False,
-            branches=branches))
+            branches=branches, stream=instance))
     else:
         runner = PlacedRunner(graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip,
                               timestep_position=position, announcements=listen(compiled_module()))

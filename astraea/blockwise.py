@@ -4,7 +4,10 @@
 `torch.compile(model, backend="astraea")` has dynamo trace the whole model first (6-10 s for a
 30-block Wan, on every start: no cache keeps a trace). Here dynamo traces one block per block
 class and reuses that trace for every instance (their weights are graph inputs), so a start
-costs what a regional compile costs; the embeddings and the output head run eagerly. The
+costs what a regional compile costs; the embeddings and the output head run eagerly. Where the
+first block's input has other strides than the later blocks' (CogVideoX and HunyuanVideo hand
+it a slice), dynamo traces that block class twice, and a block may run through two graphs; the
+clock's per-block states serve both. The
 analysis, the rewrite and the lowering are those of a whole model, applied to the block's
 graph. What a block graph lacks, the step it runs at, comes from a forward pre-hook on the
 model that reads the call's timestep (or the pipeline's announcement) before any block runs.
@@ -22,7 +25,7 @@ from typing import Callable
 
 import torch
 
-from .backend import Backend
+from .backend import Backend, check_blockwise
 from .config import AstraeaConfig, ConfigError
 from .passes.timestep import TIME_NAMES, time_argument
 from .runtime.announced import listen
@@ -39,9 +42,7 @@ def compile_blocks(model: torch.nn.Module, config: AstraeaConfig | None = None, 
     if config is not None and options:
         raise ConfigError("pass either a config or keyword options, not both")
     config = config if config is not None else AstraeaConfig.from_options(options)
-    if config.skip == "output":
-        raise ConfigError("skip='output' returns the model's previous output, which needs the whole model in one "
-                          "graph: use torch.compile(model, backend='astraea') for it")
+    check_blockwise(config)
     if any(isinstance(getattr(hook, "__self__", None), StepClock) for hook in model._forward_pre_hooks.values()):
         raise ConfigError("astraea.compile_blocks was already applied to this model; to change options use the "
                           "backend it returned (backend.update(...))")

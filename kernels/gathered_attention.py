@@ -129,8 +129,9 @@ def _gathered_attention_kernel(
 
 def tiles(dtype: torch.dtype, use_tma: bool) -> dict:
     """The launch configuration: fixed, not autotuned, so the first call compiles one kernel
-    and times nothing. Chosen by a three-config autotune on an H200 at N = 32,760, d = 128,
-    bf16 (`benchmarks/attention.py` recorded the winners): 128 x 128 tiles, 8 warps, 3 stages
+    and times nothing. Chosen by the three-config autotune this kernel ran before, on an H200
+    at N = 32,760, d = 128, bf16 (its winners are in benchmarks/results/attention.json from
+    then; the benchmark now records the configuration it ran): 128 x 128 tiles, 8 warps, 3 stages
     lead with TMA loads, 128 x 64 with pointer loads; 64 x 64 is the one that fits shared
     memory for fp32 inputs."""
     if dtype == torch.float32:

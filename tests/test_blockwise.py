@@ -2,6 +2,8 @@
 placed by the model's clock. It must compute what the whole-model compile computes, call by
 call, with one compiled graph per block class and one runner per block."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -104,7 +106,9 @@ def test_refusals():
     family = wan(layers=2)
     with pytest.raises(astraea.ConfigError, match="skip='output'"):
         astraea.compile_blocks(family.model, skip="output")
-    astraea.compile_blocks(family.model)
+    be = astraea.compile_blocks(family.model)
+    with pytest.raises(astraea.ConfigError, match="skip='output'"):
+        be.update(skip="output")  # refused where the option is checked, not only when compiling
     with pytest.raises(astraea.ConfigError, match="already applied"):
         astraea.compile_blocks(family.model)
     with pytest.raises(astraea.ConfigError, match="no blocks found"):
@@ -155,3 +159,27 @@ def test_a_block_compiled_alone_by_torch_compile_points_to_compile_blocks():
     family.model.blocks[0].compile(backend="astraea")
     with pytest.warns(astraea.AstraeaWarning, match=r"astraea.compile_blocks\(model\)"):
         sample(family, family.model, steps=1)
+
+
+def test_a_smaller_clip_after_a_larger_one_still_selects():
+    """Which blocks hold the video's tokens is decided among calls of the same input shapes: a
+    model run on a larger clip, then on a smaller one, still selects in the smaller one."""
+    torch._dynamo.reset()
+    family = wan(layers=2, size=8)
+    be = astraea.compile_blocks(family.model, schedule=[1.0, 0.5, 0.5])
+    sample(family, family.model, steps=3)
+    small = dataclasses.replace(family, latent_shape=(1, 4, 3, 4, 4))
+    sample(small, family.model, steps=3)
+    runner = min(be.runners, key=lambda r: r.report.num_tokens)
+    assert runner.report.num_tokens == 12 and {r.budget for r in runner.records} == {1.0, 0.5}
+
+
+def test_the_random_policy_draws_a_stream_per_block():
+    """As in the whole-model compile, where one stream serves the blocks in turn, no two blocks
+    draw the same random selection."""
+    torch._dynamo.reset()
+    family = wan(layers=3)
+    be = astraea.compile_blocks(family.model, schedule=[1.0, 0.5], policy="random")
+    sample(family, family.model, steps=2)
+    draws = {tuple(torch.rand(4, generator=r.generator).tolist()) for r in be.runners[0].instances.values()}
+    assert len(draws) == 3

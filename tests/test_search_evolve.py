@@ -139,7 +139,7 @@ def test_pareto_front_and_plot(tmp_path):
 def test_targets_and_calibrations_refuse_what_cannot_be_searched():
     """A search's target, seeds and settings are checked when they are made, with the reason."""
     for bad, reason in ((dict(), "exactly one target"), (dict(speedup=2.0, latency_ms=3.0), "exactly one target"),
-                        (dict(speedup=-1.0), "positive")):
+                        (dict(speedup=-1.0), "positive"), (dict(speedup=0.0), "positive")):
         with pytest.raises(SearchError, match=reason):
             Target(**bad)
     with pytest.raises(SearchError, match="proxy_seeds must be between 1 and the 1"):

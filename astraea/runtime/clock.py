@@ -39,7 +39,9 @@ class StepClock:
         self.call: Call | None = None
         self.calls = 0  # model calls placed
         self.block_states: dict = {}  # per block (and cache shapes): its guidance branches' states
-        self.tokens = 0  # the most tokens a block graph of this model runs on: the video's
+        self.instances = 0  # block instances given a runner, each with a random stream of its own
+        self._shapes: tuple = ()  # the current call's input shapes
+        self._most: dict[tuple, int] = {}  # per input shapes, the most tokens a block ran on: the video's
 
     def attach(self, model: torch.nn.Module):
         """Place each call of `model` before it runs; returns the hook's handle."""
@@ -48,6 +50,19 @@ class StepClock:
     def _before_call(self, model, args, kwargs):
         self.call = self.placement.place(lambda: self.read_timestep(args, kwargs))
         self.calls += 1
+        self._shapes = tuple(tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+
+    def video_tokens(self, tokens: int) -> int:
+        """The most tokens a block has run on in calls with this call's input shapes (the
+        video's), counting a block over `tokens` now: a later call at a smaller resolution is
+        not measured against a larger one."""
+        most = self._most[self._shapes] = max(self._most.get(self._shapes, 0), tokens)
+        return most
+
+    @property
+    def tokens(self) -> int:
+        """The video's tokens in the current call's input shapes (0 before any block ran)."""
+        return self._most.get(self._shapes, 0)
 
     def reset(self) -> None:
         self.placement.reset()
@@ -62,10 +77,11 @@ class BlockInstances:
     """Runs the compiled graph of a block class, dispatching each call to its instance's
     runner (its own caches, scores and selection). `weight` is the position of an input that
     is the instance's own parameter (None: the graph holds its weights, so it serves one
-    instance); `make_runner(branches, config)` builds a runner on a block's states."""
+    instance); `make_runner(branches, config, instance)` builds a runner on a block's states,
+    its random stream the instance's own."""
 
     def __init__(self, clock: StepClock, report, config, weight: int | None, shapes: tuple,
-                 make_runner: Callable[[dict, object], SparseRunner]):
+                 make_runner: Callable[[dict, object, int], SparseRunner]):
         self.clock = clock
         self.report = report
         self._config = config
@@ -74,7 +90,6 @@ class BlockInstances:
         self.make_runner = make_runner
         self.instances: dict[int, SparseRunner] = {}
         self.last_call: dict[int, int] = {}  # per block, the model call it last ran in
-        clock.tokens = max(clock.tokens, report.num_tokens)
 
     def __call__(self, *args):
         if self.clock.call is None:
@@ -82,7 +97,7 @@ class BlockInstances:
                 "astraea: a block compiled by astraea.compile_blocks was called outside its model's call; "
                 "call the model (its forward places the denoising step), not the block"
             )
-        block = 0 if self.weight is None else id(args[self.weight])
+        block = id(self) if self.weight is None else id(args[self.weight])  # a graph holding its weights serves one block
         if self.last_call.get(block) == self.clock.calls:
             raise RuntimeError(
                 "astraea: a block compiled by astraea.compile_blocks ran twice in one call of its model (its weights "
@@ -93,8 +108,9 @@ class BlockInstances:
         runner = self.instances.get(block)
         if runner is None:
             branches = self.clock.block_states.setdefault((block, self.shapes), {})
-            runner = self.instances[block] = self.make_runner(branches, self.config)
-        full = self.report.num_tokens < self.clock.tokens  # not the video's tokens
+            runner = self.instances[block] = self.make_runner(branches, self.config, self.clock.instances)
+            self.clock.instances += 1
+        full = self.report.num_tokens < self.clock.video_tokens(self.report.num_tokens)  # not the video's tokens
         return tuple(_dense_strides(t) for t in runner.run(self.clock.call, args, full))
 
     # What a whole-graph runner offers, over all instances.
@@ -117,10 +133,6 @@ class BlockInstances:
         for runner in self.instances.values():
             runner.reset()
 
-    def cache_bytes(self) -> int:
-        """The caches of the blocks this graph ran (a block run by two graphs counts in both)."""
-        return sum(runner.cache_bytes() for runner in self.instances.values())
-
 
 def _dense_strides(t):
     """`t` with the strides of a new tensor of its shape: a view where only dims of size 1
@@ -137,4 +149,4 @@ def _dense_strides(t):
         return t
     if t.is_contiguous():
         return t.as_strided(t.shape, strides, t.storage_offset())
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+    return t.contiguous()

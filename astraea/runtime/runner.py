@@ -58,6 +58,7 @@ class SparseRunner:
         lower_skip: Callable[[], Callable],
         cuda_graphs: bool = True,
         branches: dict[int, BranchState] | None = None,
+        stream: int = 0,
     ):
         self.graph_fn = graph_fn
         self.lower_skip = lower_skip  # the whole-step-skip graph, lowered on the first call
@@ -73,8 +74,10 @@ class SparseRunner:
         # Per guidance branch; given when another runner may run the same block (`clock.py`).
         self.branches: dict[int, BranchState] = {} if branches is None else branches
         self.records: list[CallRecord] = []
+        # The random policy's stream: `stream` tells apart runners of one model (block instances).
+        self.stream = stream
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(config.seed)
+        self.generator.manual_seed(config.seed + stream)
         # One process on a GPU: replay calls as CUDA graphs (collectives stay uncaptured).
         single = not (torch.distributed.is_available() and torch.distributed.is_initialized())
         self.call_graphs = CallGraphs() if cuda_graphs and device.type == "cuda" and single else None
@@ -91,7 +94,7 @@ class SparseRunner:
         # In place: captured call graphs read the states where they are.
         for ctx in self.branches.values():
             ctx.reset()
-        self.generator.manual_seed(self.config.seed)
+        self.generator.manual_seed(self.config.seed + self.stream)
 
     def reset(self) -> None:
         """Forget every branch's history: the next call starts a new generation."""

@@ -74,7 +74,7 @@ class Target:
     def __post_init__(self):
         if (self.speedup is None) == (self.latency_ms is None):
             raise SearchError("give exactly one target: speedup or latency_ms")
-        if (self.speedup or self.latency_ms) <= 0:
+        if any(v is not None and v <= 0 for v in (self.speedup, self.latency_ms)):
             raise SearchError(f"a target must be positive, got {self}")
 
     def limit_ms(self, dense_ms: float) -> float:
@@ -237,7 +237,6 @@ class SearchResult:
     dense: Prediction | None  # ... and of the all-dense one
     wall_s: float
     stats: dict
-    dense_predicted_ms: float
 
     def save(self, path: str | os.PathLike) -> None:
         """The schedule file, for `torch.compile(..., options={"schedule": path})`."""
@@ -245,7 +244,8 @@ class SearchResult:
 
     def plot(self, path: str | os.PathLike) -> None:
         """Every candidate's predicted latency against its fidelity, the chosen and the uniform one."""
-        plot_search(self.candidates, self.chosen, self.uniform, self.dense_predicted_ms, path)
+        dense_ms = self.schedule.meta["search"]["dense_predicted_ms"]
+        plot_search(self.candidates, self.chosen, self.uniform, dense_ms, path)
 
 
 def search(
@@ -328,7 +328,7 @@ def search(
             }
         },
     )
-    return SearchResult(schedule, chosen, candidates, uniform, prediction, dense, wall_s, stats, dense_ms)
+    return SearchResult(schedule, chosen, candidates, uniform, prediction, dense, wall_s, stats)
 
 
 def _best_uniform(space: Space, evaluator: Evaluator, seeds: tuple[int, ...]) -> Candidate | None:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 
 import astraea.ops  # noqa: F401  (registers torch.ops.astraea.*, which check_compiled calls)
-from kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
-from kernels.gathered_attention import tiles
+from astraea.kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
+from astraea.kernels.gathered_attention import tiles
 
 
 def median_ms(fn, reps=10, warmup=3):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
+from astraea.kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
 
 # The package exports the function under the module's name; reach the module itself.
-ga_module = importlib.import_module("kernels.gathered_attention")
+ga_module = importlib.import_module("astraea.kernels.gathered_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Output tolerances: fp32 is exact up to summation order; half types carry one rounding of

@@ -4,7 +4,7 @@
 and values, and also returns each row's natural-log log-sum-exp (the selection score's
 S_LSE). `astraea::merge_rows` assembles a block's output from its fresh rows and its cache,
 and updates the cache and the score state in the same pass. Both are opaque custom ops so
-that Inductor treats them as single nodes; the kernels in `kernels/` implement them on GPU.
+that Inductor treats them as single nodes; the kernels in `astraea/kernels/` implement them on GPU.
 `gather_tokens` picks the selected rows of a tensor, per sample; it and the other functions of
 `GRAPH_FUNCTIONS` (the rows of a joint token axis, its split) are plain PyTorch, which Inductor
 fuses into their consumers.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.merge_reference import merge_rows_reference
+from astraea.kernels.merge_reference import merge_rows_reference
 
 
 
@@ -72,7 +72,7 @@ def sparse_attention(
     broadcasts to [B, H, K, N]. Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
     key_bias = _key_bias(attn_mask, k.shape[2])
     if q.is_cuda and (attn_mask is None or key_bias is not None):
-        from kernels.gathered_attention import gathered_attention
+        from astraea.kernels.gathered_attention import gathered_attention
 
         out, lse = gathered_attention(q, k, v, scale=scale, key_bias=key_bias)
         return out.contiguous(), lse.contiguous()
@@ -126,7 +126,7 @@ def merge_rows(
     x, rows = x.contiguous(), rows.contiguous()
     lse_rows = lse_rows.contiguous() if lse_rows is not None else None
     if x.is_cuda:
-        from kernels.merge import merge_rows as merge_rows_kernel
+        from astraea.kernels.merge import merge_rows as merge_rows_kernel
 
         return merge_rows_kernel(x, rows, idx, cache, change, lse_rows, lse_state)
     return merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state)

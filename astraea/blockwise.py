@@ -57,7 +57,7 @@ def compile_blocks(model: torch.nn.Module, config: AstraeaConfig | None = None, 
     announcements = listen(model)  # the first change to the model: every refusal comes before it
     backend = Backend(config)
     backend.clock = StepClock(announcements, read_timestep or (lambda args, kwargs: None),
-                              lambda steps: backend.config.schedule.budget(steps - 1))
+                              lambda: backend.config.schedule)
     backend.clock.attach(model)
     for block in blocks:
         block.compile(backend=backend, dynamic=False)

@@ -109,9 +109,10 @@ class AstraeaConfig:
         _refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
 
-    def step_budget(self, step: int) -> float:
-        """The budget the run uses at `step`: dense during the first `full_steps` steps."""
-        budget = self.schedule.budget(step)
+    def step_budget(self, step: int, time: float | None = None) -> float:
+        """The budget the run uses at `step` (at `time`, for a schedule on the time axis):
+        dense during the first `full_steps` steps."""
+        budget = self.schedule.budget(step, time)
         return 1.0 if step < self.full_steps else check_budget(budget)
 
     def to_json(self) -> dict:

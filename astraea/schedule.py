@@ -2,9 +2,15 @@
 
 A schedule says, for each denoising step, which fraction of the tokens every sparse block
 recomputes: 1.0 is the dense step, 0.0 a whole-step skip (what it reuses is the backend's
-`skip` option). A schedule is either one budget for every step or one budget per step;
-a file may also name the model structure it was searched for, so that it is refused on
-another model instead of silently running with budgets that were never measured there.
+`skip` option). A schedule is one budget for every step, one budget per step, or budgets on
+the sampler's time axis: the budget of each searched step together with the time it ran at
+(the transformer's timestep input), so that one schedule serves any step count, and a
+transformer that runs only some of a pipeline's steps (Wan 2.2's low-noise expert). A step
+at time t takes the budget of the searched step whose time span holds t (sample and hold:
+the searched steps' times, from the first down to the last, each start a span). A file may
+also name the model structure it was searched for, so that it is refused on another model
+instead of silently running with budgets that were never measured there; a file may hold the
+schedules of several transformers of one pipeline, by name.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from .jsonfile import load_json, save_json
 OPTIONS_BEFORE_THEY_EXISTED = {"skip": "output"}
 
 FORMAT = "astraea-schedule"
-VERSION = 1
+VERSION = 2  # 2 added the time axis (`times`) and files of several named schedules; 1 still loads
+SET_FORMAT = "astraea-schedules"
 
 
 class ScheduleError(ValueError):
@@ -50,14 +57,16 @@ class Schedule:
     """Budgets per step.
 
     `budgets` holds one budget per step; when `constant` is set instead, every step uses
-    it. `model` is the structure hash of the model the schedule was made for (None: any).
-    `meta` carries free-form provenance (search target, predicted latency, ...).
+    it. `times`, when given, puts `budgets` on the time axis: the timestep each of them ran
+    at, strictly decreasing. `model` is the structure hash of the model the schedule was made
+    for (None: any). `meta` carries free-form provenance (search target, predicted latency, ...).
     """
 
     budgets: tuple[float, ...] | None = None
     constant: float | None = None
     model: str | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    times: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if (self.budgets is None) == (self.constant is None):
@@ -71,29 +80,34 @@ class Schedule:
                 check_budget(b, f"schedule budget of step {i}") for i, b in enumerate(self.budgets)
             )
             object.__setattr__(self, "budgets", budgets)
+        if self.times is not None:
+            object.__setattr__(self, "times", _check_times(self.times, self.budgets))
 
     @property
-    def num_steps(self) -> int | None:
-        """Number of steps the schedule covers; None when one budget serves every step."""
-        return None if self.budgets is None else len(self.budgets)
+    def on_time_axis(self) -> bool:
+        """Whether a step's budget follows its time (then any step count runs) rather than its index."""
+        return self.times is not None
 
-    def budget(self, step: int) -> float:
-        """Budget of `step` (0-based); a ScheduleError when the run is longer than the schedule."""
+    def budget(self, step: int, time: float | None = None) -> float:
+        """Budget of `step` (0-based), at `time` for a schedule on the time axis; a
+        ScheduleError when the run is longer than a step-indexed schedule."""
         if self.constant is not None:
             return self.constant
-        if step >= len(self.budgets):
-            raise ScheduleError(
-                f"schedule has {len(self.budgets)} steps but the run reached step {step + 1}; "
-                "search or write a schedule for this number of inference steps"
-            )
+        if self.times is not None:
+            if time is None:
+                raise ScheduleError("this schedule is on the sampler's time axis, but the model's calls show no "
+                                    "timestep; use a step-indexed schedule (one budget per step)")
+            return self.budgets[_span(self.times, time)]
+        self.check_steps(step + 1)
         return self.budgets[step]
 
-    def mean_budget(self, num_steps: int | None = None) -> float:
-        """Average budget over the run (the FLOP fraction of the sparse blocks, roughly)."""
-        if self.constant is not None:
-            return self.constant
-        steps = self.budgets if num_steps is None else self.budgets[:num_steps]
-        return sum(steps) / len(steps)
+    def check_steps(self, num_steps: int) -> None:
+        """Refuse a run of `num_steps` steps that a step-indexed schedule does not cover."""
+        if self.budgets is not None and self.times is None and num_steps > len(self.budgets):
+            raise ScheduleError(
+                f"schedule has {len(self.budgets)} steps but the run reached step {num_steps}; "
+                "search or write a schedule for this number of inference steps, or one on the time axis"
+            )
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -121,6 +135,7 @@ class Schedule:
             "format": FORMAT,
             "version": VERSION,
             "budgets": list(self.budgets) if self.budgets is not None else None,
+            "times": list(self.times) if self.times is not None else None,
             "constant": self.constant,
             "model": self.model,
             "meta": self.meta,
@@ -130,25 +145,44 @@ class Schedule:
     def from_json(cls, data: Any, source: str = "schedule") -> "Schedule":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ScheduleError(f"{source} is not an astraea schedule (missing format {FORMAT!r})")
-        if data.get("version") != VERSION:
+        if data.get("version") not in (1, VERSION):
             raise ScheduleError(
-                f"{source} has schedule version {data.get('version')!r}; this astraea reads version {VERSION}"
+                f"{source} has schedule version {data.get('version')!r}; this astraea reads versions 1 to {VERSION}"
             )
-        budgets = data.get("budgets")
+        budgets, times = data.get("budgets"), data.get("times")
         return cls(
             budgets=tuple(budgets) if budgets is not None else None,
             constant=data.get("constant"),
             model=data.get("model"),
             meta=dict(data.get("meta") or {}),
+            times=tuple(times) if times is not None else None,
         )
 
     def save(self, path: str | os.PathLike) -> None:
         save_json(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Schedule":
+    def load(cls, path: str | os.PathLike, name: str | None = None) -> "Schedule":
+        """Read a schedule file; `name` picks one schedule of a file that holds several (one per
+        transformer of a pipeline), and a file of one schedule needs none. A path may also name
+        it after a '#': "schedule.json#transformer_2"."""
+        path = os.fspath(path)
+        if name is None and "#" in path and not os.path.exists(path):
+            path, name = path.rsplit("#", 1)
         data = load_json(path, "schedule file", ScheduleError)
-        return cls.from_json(data, source=f"schedule file {os.fspath(path)!r}")
+        source = f"schedule file {path!r}"
+        if isinstance(data, dict) and data.get("format") == SET_FORMAT:
+            schedules = data.get("schedules")
+            if not isinstance(schedules, dict) or not schedules:
+                raise ScheduleError(f"{source} holds no schedules")
+            if name is None or name not in schedules:
+                what = "holds one schedule per transformer" if name is None else f"has no schedule named {name!r}"
+                raise ScheduleError(f"{source} {what}: {sorted(schedules)}; name one, as in "
+                                    f"'{path}#{sorted(schedules)[0]}' or Schedule.load(path, name)")
+            return cls.from_json(schedules[name], source=f"{source} ({name})")
+        if name is not None:
+            raise ScheduleError(f"{source} holds one schedule, not one named {name!r}")
+        return cls.from_json(data, source=source)
 
     def searched_option(self, name: str):
         """The backend option `name` the search that wrote this schedule ran with (None when
@@ -163,3 +197,31 @@ class Schedule:
                 f"schedule was made for model structure {self.model}, but this model is {structure_hash}; "
                 "search a schedule for this model (astraea search) or drop the 'model' field"
             )
+
+
+def save_schedules(path: str | os.PathLike, schedules: dict[str, Schedule]) -> None:
+    """Write the schedules of several transformers of one pipeline, by name, in one file; a
+    single schedule is written as a plain schedule file."""
+    if len(schedules) == 1:
+        next(iter(schedules.values())).save(path)
+    else:
+        save_json(path, {"format": SET_FORMAT, "version": VERSION,
+                         "schedules": {name: s.to_json() for name, s in schedules.items()}})
+
+
+def _check_times(times, budgets) -> tuple[float, ...]:
+    if budgets is None or len(times) != len(budgets):
+        raise ScheduleError(f"a schedule on the time axis needs one time per budget, got {len(times)} times for "
+                            f"{None if budgets is None else len(budgets)} budgets")
+    times = tuple(float(t) if not isinstance(t, bool) and isinstance(t, (int, float)) else math.nan for t in times)
+    if not all(math.isfinite(t) for t in times) or any(a <= b for a, b in zip(times, times[1:])):
+        raise ScheduleError(f"a schedule's times must be finite numbers, strictly decreasing, got {times}")
+    return times
+
+
+def _span(times: tuple[float, ...], time: float) -> int:
+    """The searched step whose span holds `time`: the last whose time is at or above it (the
+    first step's span reaches up, the last's down). A time equal to a searched one up to float32
+    rounding (how the transformer receives it) counts as equal."""
+    tolerance = 1e-6 * max(abs(times[0]), abs(times[-1]), 1.0)
+    return sum(1 for t in times[1:] if t >= time - tolerance)

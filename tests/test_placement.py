@@ -11,7 +11,10 @@ import torch
 
 from astraea.runtime.announced import listen
 from astraea.runtime.placement import Announced, Placement, Seen, State, place
+from astraea.schedule import Schedule, ScheduleError
 from tests.models import wan
+
+ANY_STEPS = Schedule(constant=1.0)
 
 N = None  # no announcement
 
@@ -89,7 +92,7 @@ def test_place(name):
 def test_placement_hears_a_real_pipeline(name):
     calls, expected = CASES[name]
     model = wan().model
-    placement = Placement(listen(model), lambda steps: None)
+    placement = Placement(listen(model), lambda: ANY_STEPS)
     placed, moved = [], []
     for t, announced, ended in calls:
         if ended:
@@ -107,14 +110,32 @@ def test_placement_hears_a_real_pipeline(name):
 
 
 def test_a_new_announced_generation_checks_the_step_count():
+    """A step-indexed schedule shorter than the announced run refuses at its first call."""
     model = wan().model
-    told = []
-    placement = Placement(listen(model), told.append)
-    with model.cache_context("cond", step_index=0, num_inference_steps=30):
+    placement = Placement(listen(model), lambda: Schedule(budgets=(1.0,) * 29))
+    with model.cache_context("cond", step_index=0, num_inference_steps=29):
         placement.place(lambda: 500.0)
-    with model.cache_context("cond", step_index=1, num_inference_steps=30):
-        placement.place(lambda: 500.0)
-    assert told == [30]
+    with pytest.raises(ScheduleError, match="29 steps but the run reached step 30"):
+        with model.cache_context("cond", step_index=0, num_inference_steps=30):
+            placement.place(lambda: 500.0)
+
+
+def test_a_schedule_on_the_time_axis_reads_each_steps_time_once():
+    """Announced steps leave the timestep unread, except at the first call of each step when the
+    schedule follows time: both branches of a step carry that time, and a new generation reads
+    again from its first step."""
+    model = wan().model
+    placement = Placement(listen(model), lambda: Schedule(budgets=(1.0, 0.5), times=(1000.0, 500.0)))
+    reads, calls = [], []
+    for generation in range(2):
+        for step, t in enumerate((1000.0, 750.0, 500.0)):
+            for name in ("cond", "uncond"):
+                with model.cache_context(name, step_index=step, num_inference_steps=3):
+                    calls.append(placement.place(lambda: reads.append(t) or t))
+    assert [(c.step, c.branch, c.time) for c in calls[:6]] == [
+        (0, 0, 1000.0), (0, 1, 1000.0), (1, 0, 750.0), (1, 1, 750.0), (2, 0, 500.0), (2, 1, 500.0)]
+    assert calls[6].new_generation and calls[6].time == 1000.0
+    assert reads == [1000.0, 750.0, 500.0] * 2
 
 
 def test_an_announced_generation_does_not_read_the_timestep():
@@ -122,7 +143,7 @@ def test_an_announced_generation_does_not_read_the_timestep():
     the timestep is left unread (the first announced call still reads it, to tell a
     generation that begins announced from a listener that joined late)."""
     model = wan().model
-    placement = Placement(listen(model), lambda steps: None)
+    placement = Placement(listen(model), lambda: ANY_STEPS)
     reads = []
 
     def timestep():

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..schedule import Schedule
 from .announced import Announcements
 from .placement import Placement
 from .runner import CallRecord, SparseRunner
@@ -33,8 +34,8 @@ class StepClock:
     """Places every call of one model; `read_timestep(args, kwargs)` finds the call's
     timestep (None where the model has none, then only announcements place calls)."""
 
-    def __init__(self, announcements: Announcements | None, read_timestep: Callable, check_steps: Callable[[int], None]):
-        self.placement = Placement(announcements, check_steps)
+    def __init__(self, announcements: Announcements | None, read_timestep: Callable, schedule: Callable[[], Schedule]):
+        self.placement = Placement(announcements, schedule)
         self.read_timestep = read_timestep
         self.call: Call | None = None
         self.calls = 0  # model calls placed

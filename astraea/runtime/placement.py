@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from ..schedule import Schedule
 from .steps import Call
 
 
@@ -138,23 +139,26 @@ def _join(state: State, a: Announced, first: Call, second: Call, read_ended: boo
 class Placement:
     """The placement state of one model's calls, fed by what each call shows.
 
-    `announcements` (or None) hears the pipeline; `check_steps(n)` is told the announced
-    number of steps when an announced generation begins (a schedule too short refuses there).
+    `announcements` (or None) hears the pipeline; `schedule()` is the schedule in force: it is
+    told the announced number of steps when an announced generation begins (a schedule too
+    short refuses there), and a schedule on the time axis gets each step's time with its calls.
     """
 
-    def __init__(self, announcements, check_steps: Callable[[int], None]):
+    def __init__(self, announcements, schedule: Callable[[], Schedule]):
         self.announcements = announcements
-        self.check_steps = check_steps
+        self.schedule = schedule
         self.state = State()
         self.moved: Call | None = None  # set by a call that placed the one before it anew
+        self._time: tuple[int, float | None] | None = None  # (step, its time) of the current step
 
     def reset(self) -> None:
         """The next call starts a new generation."""
-        self.state, self.moved = State(), None
+        self.state, self.moved, self._time = State(), None, None
 
     def place(self, read_timestep: Callable[[], float | None]) -> Call:
         """Place the next call. The timestep is read (a host sync for a tensor on the GPU) only
-        where the announcements do not place it alone."""
+        where the announcements do not place it alone, and once a step for a schedule on the
+        time axis."""
         a = self.announcements
         announced = a.current() if a is not None else None
         timestep = None if announced is not None and self.state.announced else read_timestep()
@@ -162,7 +166,12 @@ class Placement:
         placed = place(self.state, seen)
         if placed.read_ended and a is not None:
             a.ended = False
-        self.state, self.moved = placed.state, placed.moved
+        self.state, self.moved, call = placed.state, placed.moved, placed.call
+        schedule = self.schedule()
         if placed.num_steps:
-            self.check_steps(placed.num_steps)
-        return placed.call
+            schedule.check_steps(placed.num_steps)
+        if schedule.on_time_axis:
+            if call.new_generation or self._time is None or self._time[0] != call.step:
+                self._time = (call.step, timestep if timestep is not None else read_timestep())
+            call = replace(call, time=self._time[1])
+        return call

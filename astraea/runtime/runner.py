@@ -112,7 +112,7 @@ class SparseRunner:
         ctx = self.branches.get(call.branch)
         if ctx is None:
             ctx = self.branches[call.branch] = self._new_branch()
-        budget = self.config.step_budget(call.step)  # raises before any output if the schedule is short
+        budget = self.config.step_budget(call.step, call.time)  # raises before any output if the schedule is short
         if full or not ctx.filled:
             budget = 1.0  # nothing cached yet
         if budget == 0.0:
@@ -187,7 +187,7 @@ class PlacedRunner(SparseRunner):
     def __init__(self, *args, timestep_position: int | None, announcements, **kwargs):
         super().__init__(*args, **kwargs)
         self.timestep_position = timestep_position
-        self.placement = Placement(announcements, lambda steps: self.config.schedule.budget(steps - 1))
+        self.placement = Placement(announcements, lambda: self.config.schedule)
 
     def reset(self) -> None:
         self.placement.reset()

@@ -13,3 +13,4 @@ class Call:
     step: int
     branch: int  # 0 for the first call of a step (the conditional branch, in diffusers' pipelines)
     new_generation: bool
+    time: float | None = None  # the step's timestep, where a schedule on the time axis asks for it

@@ -27,7 +27,7 @@ import torch
 from ..jsonfile import load_json, save_json
 from ..schedule import OPTIONS_BEFORE_THEY_EXISTED, same_structure
 from .sparse import SparseModel
-from .timing import CallTimer, wall_ms
+from .timing import CallTimer
 from .workload import Workload
 
 FORMAT = "astraea-cost-table"
@@ -262,8 +262,7 @@ def profile(
     walls = []
     with torch.compiler.set_stance("fail_on_recompile"):
         for repeat in range(repeats):
-            walls.append(wall_ms(lambda: workload.generate(timer, seed=1 + repeat, num_steps=len(budgets)),
-                                 workload.device, repeats=1, warmup=0))
+            walls.append(workload.time_generation(timer, 1 + repeat, num_steps=len(budgets)))
             for call, ms in enumerate(timer.take()):
                 level = measured[call // workload.calls_per_step]
                 if level is not None:

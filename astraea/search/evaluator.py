@@ -11,7 +11,8 @@ A candidate costs one sparse generation per seed; the search asks for hundreds. 
   each token's cached contribution and how much it moved since the first). So a candidate
   whose steps k and k+1 are dense resumes at step k from the latent that an earlier
   candidate with the same budgets before k had there; the backend takes the jump back up in
-  timestep for a fresh generation and starts the schedule's tail at its step 0.
+  timestep for a fresh generation, and the schedule, on the time axis, gives its step 0 the
+  budget of step k.
   `steps_shareable` counts what saving and restoring the backend's state would spare: every
   step of a prefix some earlier generation on the same seed already ran.
 """
@@ -40,14 +41,17 @@ class Evaluator:
         workload: Workload,
         sparse: SparseModel,
         *,
-        share_prefixes: bool = True,
+        share_prefixes: bool | None = None,
         snapshot_bytes: int = 1 << 30,
     ):
         self.workload = workload
         self.sparse = sparse
-        self.share_prefixes = share_prefixes
+        # A pipeline's own generation cannot start part-way; the random policy's stream would
+        # not continue where a shared prefix resumes.
+        self.share_prefixes = workload.resumable and sparse.config.policy != "random" if share_prefixes is None \
+            else share_prefixes
         self.snapshot_bytes = snapshot_bytes
-        self._references: dict[int, tuple[Trajectory, torch.Tensor | None]] = {}
+        self._references: dict[int, Trajectory] = {}
         self._scores: dict[tuple[tuple[float, ...], int], FidelityReport] = {}
         self._snapshots: OrderedDict[tuple[tuple[float, ...], int], torch.Tensor] = OrderedDict()
         self._snapshot_total = 0
@@ -64,19 +68,21 @@ class Evaluator:
             raise ValueError(f"schedule has {len(budgets)} steps, the workload {self.workload.num_steps}")
         for seed in seeds:
             if (budgets, seed) not in self._scores:
-                reference, decoded = self.reference(seed)
+                reference = self.reference(seed)
                 run = self._generate(budgets, seed)
-                decoded = None if decoded is None else [decoded]
-                self._scores[budgets, seed] = fidelity([run], [reference], self.workload.decoder, decoded)
+                self._scores[budgets, seed] = fidelity([run], [reference], self.workload.decoder, [reference.decoded])
         return FidelityReport.mean([self._scores[budgets, seed] for seed in seeds])
 
-    def reference(self, seed: int) -> tuple[Trajectory, torch.Tensor | None]:
-        """The dense trajectory of `seed`, and its decoded frames when there is a decoder."""
+    def reference(self, seed: int) -> Trajectory:
+        """The dense trajectory of `seed`, with its decoded frames when the generation decoded
+        them or there is a decoder."""
         if seed not in self._references:
             run = self.workload.generate(self.workload.model, seed)
             decoder = self.workload.decoder
-            with torch.no_grad():
-                self._references[seed] = (run, None if decoder is None else decoder(run.latent))
+            if run.decoded is None and decoder is not None:
+                with torch.no_grad():
+                    run = Trajectory(run.noise, run.latent, decoder(run.latent))
+            self._references[seed] = run
         return self._references[seed]
 
     def stats(self, since: dict | None = None) -> dict:
@@ -94,7 +100,7 @@ class Evaluator:
     def _generate(self, budgets: tuple[float, ...], seed: int) -> Trajectory:
         start = self._resume_point(budgets, seed)
         first = start[0] if start is not None else 0
-        self.sparse.set_schedule(budgets[first:])
+        self.sparse.set_schedule(budgets, self.workload.step_times())
         keep = self._snapshotter(budgets, seed, first)
         trajectory = self.workload.generate(self.sparse.module, seed, start=start, on_step=keep)
         self.generations += 1

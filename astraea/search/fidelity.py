@@ -5,7 +5,8 @@ Three views of one generation, each scored with PSNR, SSIM and relative L2:
 - the model's contribution, final latent minus initial noise: with random or weakly trained
   weights the noise dominates the final latent, and a latent PSNR would then mostly measure
   the noise both runs share, flattering any schedule;
-- decoded frames, when a decoder is given: what a person sees.
+- decoded frames, when a decoder is given or the generations decoded themselves (a pipeline's
+  own output): what a person sees.
 Videos are laid out (batch, channels, frames, height, width), as diffusers' video latents and
 decoded videos are. SSIM is taken per frame over all channels (scikit-image) and averaged.
 """
@@ -129,21 +130,27 @@ def fidelity(
 ) -> FidelityReport:
     """Fidelity of sparse generations against dense ones on the same seeds, averaged over seeds.
 
-    `decoded_references` spares decoding the same dense latents again for every candidate.
+    Frames a trajectory decoded itself are compared as they are; otherwise `decoder` decodes
+    them. `decoded_references` spares decoding the same dense latents again for every candidate.
     """
     if len(tests) != len(references) or not tests:
         raise ValueError(f"need one dense reference per generation, got {len(tests)} and {len(references)}")
-    if decoder is not None and decoded_references is None:
+
+    def frames(run: Trajectory) -> torch.Tensor | None:
+        if run.decoded is not None or decoder is None:
+            return run.decoded
         with torch.no_grad():
-            decoded_references = [decoder(r.latent) for r in references]
+            return decoder(run.latent)
+
+    if decoded_references is None:
+        decoded_references = [frames(r) for r in references]
     reports = []
     for i, (test, reference) in enumerate(zip(tests, references)):
         if not torch.equal(test.noise, reference.noise):
             raise ValueError("a generation and its reference start from different noise: they used different seeds")
         decoded = None
-        if decoder is not None:
-            with torch.no_grad():
-                decoded = compare(decoder(test.latent), decoded_references[i])
+        if decoded_references[i] is not None:
+            decoded = compare(frames(test), decoded_references[i])
         latent = compare(test.latent, reference.latent)
         reports.append(FidelityReport(latent, compare(test.contribution, reference.contribution), decoded))
     return FidelityReport.mean(reports)

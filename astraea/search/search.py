@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -36,7 +37,6 @@ from .evaluator import Evaluator
 from .fidelity import FidelityReport
 from .plot import plot_search
 from .sparse import SparseModel
-from .timing import wall_ms
 from .workload import Workload
 
 
@@ -283,8 +283,7 @@ def search(
     dense_ms = table.predict([1.0] * steps, calls_per_step)
     limit = target.limit_ms(dense_ms)
     space = Space(table.levels, table.step_ms(calls_per_step), steps, settings.full_steps, limit)
-    # The random policy's stream would not continue where a shared prefix resumes.
-    evaluator = evaluator or Evaluator(workload, sparse, share_prefixes=sparse.config.policy != "random")
+    evaluator = evaluator or Evaluator(workload, sparse)
     work_before = evaluator.stats()
     proxy, seeds = calibration.proxy, calibration.seeds
 
@@ -303,6 +302,7 @@ def search(
     stats = {"evaluated": len(candidates), **evaluator.stats(since=work_before)}
     schedule = Schedule(
         budgets=chosen.budgets,
+        times=workload.step_times(),
         model=sparse.structure_hash,
         meta={
             "search": {
@@ -341,7 +341,8 @@ def _best_uniform(space: Space, evaluator: Evaluator, seeds: tuple[int, ...]) ->
 
 
 def _measure(workload: Workload, sparse: SparseModel, table: CostTable, budgets: tuple[float, ...]) -> Prediction:
-    """A whole generation with `budgets`, timed end to end, next to its prediction."""
-    sparse.set_schedule(budgets)
-    measured = wall_ms(lambda: workload.generate(sparse.module, 0), workload.device)
+    """A whole generation with `budgets`, timed end to end (after one untimed), next to its prediction."""
+    sparse.set_schedule(budgets, workload.step_times())
+    workload.time_generation(sparse.module, 0)
+    measured = statistics.median(workload.time_generation(sparse.module, 0) for _ in range(3))
     return table.prediction(budgets, measured, workload.calls_per_step)

@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .timing import wall_ms
+
 PREDICTIONS = ("velocity", "sample")
 
 
@@ -38,10 +40,12 @@ def random_text(tokens: int, width: int) -> Callable[[int], tuple[torch.Tensor, 
 
 @dataclass(frozen=True)
 class Trajectory:
-    """Where a generation started and where it ended."""
+    """Where a generation started and where it ended, and what it decoded to when the sampler
+    decodes (a pipeline's own generation)."""
 
     noise: torch.Tensor
     latent: torch.Tensor
+    decoded: torch.Tensor | None = None
 
     @property
     def contribution(self) -> torch.Tensor:
@@ -50,7 +54,8 @@ class Trajectory:
 
 
 class Workload:
-    """A fixed generation setting.
+    """A fixed generation setting, sampled by the search's own loop (`PipelineWorkload` samples
+    with a diffusers pipeline's `__call__` instead; both offer what the search uses).
 
     model: a diffusers-style video transformer, called as
         `model(hidden_states=, timestep=, encoder_hidden_states=, return_dict=False)[0]`.
@@ -91,6 +96,9 @@ class Workload:
         self.device = torch.device(device)
         self.decoder = decoder
 
+    # Generations can start part-way from a saved latent (candidates share prefixes).
+    resumable = True
+
     @property
     def calls_per_step(self) -> int:
         """Transformer calls per step: two with classifier-free guidance (cond and uncond)."""
@@ -119,6 +127,16 @@ class Workload:
         return dict(
             hidden_states=noise.to(self.dtype), timestep=timestep, encoder_hidden_states=cond, return_dict=False
         )
+
+    def step_times(self, num_steps: int | None = None) -> tuple[float, ...]:
+        """The timestep of each step as the transformer receives it (a float32 tensor), where
+        a schedule on the time axis places its budgets."""
+        sigmas = self.sigmas(num_steps or self.num_steps)[:-1]
+        return tuple(float(t) for t in (sigmas * 1000.0).to(torch.float32))
+
+    def time_generation(self, transformer: Callable, seed: int, num_steps: int | None = None) -> float:
+        """Milliseconds of one generation with `transformer`, until the device is done."""
+        return wall_ms(lambda: self.generate(transformer, seed, num_steps=num_steps), self.device, repeats=1, warmup=0)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """Noise levels from 1 to 0, shifted toward high noise as diffusers' flow-matching

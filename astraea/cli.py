@@ -16,6 +16,7 @@ COMMANDS = {
     "explain": "astraea.explain_command",
     "profile": "astraea.search.profile_command",
     "search": "astraea.search.search_command",
+    "tune": "astraea.search.tune_command",
 }
 
 SUMMARIES = {
@@ -23,6 +24,7 @@ SUMMARIES = {
     "explain": "show which blocks of a model astraea makes sparse, and why others stay dense",
     "profile": "measure the compiled forward's latency at each budget on this device",
     "search": "search per-step budgets for a model under a latency target",
+    "tune": "search a schedule on your own diffusers pipeline, with its own sampler and prompts",
 }
 
 

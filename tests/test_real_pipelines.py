@@ -2,11 +2,9 @@
 (two transformers, each with its own schedule) and LTX-2, at tiny random-weight configs, nothing
 downloaded.
 
-The text encoders are left out (`tokenizer=None, text_encoder=None`): the prompt embeddings, and the
-pooled embeddings and attention masks a pipeline needs, are passed in their place. Each pipeline
-gets the smallest VAE its constructor takes, so its latent geometry comes from a real VAE config,
-but the outputs compared are latents (`output_type="latent"`): astraea changes only the
-transformer, and decoding would add time without adding a check.
+The pipelines are built in `tests/pipelines.py` (prompt embeddings in place of text encoders, the
+smallest VAE each takes). The outputs compared are latents (`output_type="latent"`): astraea
+changes only the transformer, and decoding would add time without adding a check.
 
 Each pipeline runs twice: its transformers compiled whole (`torch.compile`), and block by block
 (`astraea.compile_blocks`). One compilation per transformer serves three generations: at the sparse schedule (the generation
@@ -23,130 +21,12 @@ from typing import Callable
 
 import pytest
 import torch
-from diffusers import (
-    AutoencoderKLCogVideoX,
-    AutoencoderKLHunyuanVideo,
-    AutoencoderKLLTX2Audio,
-    AutoencoderKLLTX2Video,
-    AutoencoderKLWan,
-    CogVideoXDDIMScheduler,
-    CogVideoXPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    HunyuanVideoPipeline,
-    LTX2Pipeline,
-    WanPipeline,
-)
-from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 
 import astraea
-from tests import support_models
-from tests.models import wan
-from tests.support_models import TEXT_LEN
+from tests.pipelines import cogvideox, hunyuan_video, ltx2, wan22_a14b
 
 STEPS = 4
 CLOSE = 0.2  # sparse vs dense latents, relative: measured 0.007-0.013, CogVideoX 0.117 (budget 0.25 at its last step); in tests/test_pipeline.py another seed lands 1.36 away
-
-
-def _mask(valid: int, left: bool = False) -> torch.Tensor:
-    """A text attention mask with `valid` tokens and padding after them (before them with `left`, as
-    Gemma's tokenizer pads): real prompts are padded, so the masks reach the attention."""
-    mask = torch.zeros(1, TEXT_LEN)
-    if left:
-        mask[:, TEXT_LEN - valid:] = 1
-    else:
-        mask[:, :valid] = 1
-    return mask
-
-
-# --- The pipelines --------------------------------------------------------------------------------
-
-
-def hunyuan_video():
-    """Double- then single-stream joint text-video attention; true CFG as two calls per step
-    (`true_cfg_scale` and a negative prompt) besides the embedded guidance."""
-    family = support_models.hunyuan_video()
-    vae = AutoencoderKLHunyuanVideo(
-        latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4
-    )
-    pipe = HunyuanVideoPipeline(
-        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, vae=vae, transformer=family.model,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-    )
-    cond, uncond = family.conditions
-    return pipe, dict(
-        prompt_embeds=cond["encoder_hidden_states"], pooled_prompt_embeds=cond["pooled_projections"],
-        prompt_attention_mask=_mask(6), negative_prompt_embeds=uncond["encoder_hidden_states"],
-        negative_pooled_prompt_embeds=uncond["pooled_projections"], negative_prompt_attention_mask=_mask(3),
-        true_cfg_scale=4.0, guidance_scale=6.0, height=64, width=64, num_frames=9,
-    )
-
-
-def cogvideox():
-    """Dual-stream joint attention; CFG batched (uncond and cond in one call of batch 2), the RoPE
-    tables made by the pipeline; the released models' DDIM v-prediction scheduler."""
-    family = support_models.cogvideox()
-    vae = AutoencoderKLCogVideoX(latent_channels=4, block_out_channels=(8,) * 4, layers_per_block=1, norm_num_groups=4)
-    scheduler = CogVideoXDDIMScheduler(
-        prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing"
-    )
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=family.model, scheduler=scheduler)
-    cond, uncond = family.conditions
-    return pipe, dict(
-        prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=6.0, height=64, width=64, num_frames=9
-    )
-
-
-def wan22_a14b():
-    """Wan 2.2 A14B: `transformer` denoises the high-noise steps, `transformer_2` (other weights) the
-    low-noise ones, each at its own guidance scale. With shift 3 the 4 timesteps are 1000, 858, 602
-    and 9, so `boundary_ratio` 0.7 (timestep 700) gives each transformer two steps."""
-    high, low = wan(seed=0), wan(seed=1)
-    vae = AutoencoderKLWan(
-        base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
-    )
-    pipe = WanPipeline(
-        tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        transformer=high.model, transformer_2=low.model, boundary_ratio=0.7,
-    )
-    cond, uncond = high.conditions
-    return pipe, dict(
-        prompt_embeds=cond, negative_prompt_embeds=uncond, guidance_scale=4.0, guidance_scale_2=3.0, height=64,
-        width=64, num_frames=9,
-    )
-
-
-def ltx2():
-    """LTX2Pipeline itself: it builds offline. Gemma is left out (its stacked hidden states, 2 layers
-    of 32 here, are the prompt embeddings), and the text connectors, video VAE and audio VAE are tiny
-    (the audio VAE's 2 latent channels x 4 mel bins give the transformer's 8 audio channels). CFG
-    only, batched in one call per step: STG and modality isolation (`stg_scale`, `modality_scale`)
-    call the transformer again with other Python arguments, that is other graphs, which this file
-    does not check."""
-    family = support_models.ltx2()
-    connectors = LTX2TextConnectors(
-        caption_channels=32, text_proj_in_factor=2, video_connector_num_attention_heads=2,
-        video_connector_attention_head_dim=16, video_connector_num_layers=1,
-        video_connector_num_learnable_registers=TEXT_LEN, audio_connector_num_attention_heads=2,
-        audio_connector_attention_head_dim=16, audio_connector_num_layers=1,
-        audio_connector_num_learnable_registers=TEXT_LEN, rope_double_precision=False,
-    )
-    vae = AutoencoderKLLTX2Video(
-        latent_channels=8, block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 3,
-        layers_per_block=(1,) * 5, decoder_layers_per_block=(1,) * 4, spatial_compression_ratio=32,
-        temporal_compression_ratio=8,
-    )
-    audio_vae = AutoencoderKLLTX2Audio(base_channels=8, num_res_blocks=1, latent_channels=2, mel_bins=16)
-    pipe = LTX2Pipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, audio_vae=audio_vae, text_encoder=None, tokenizer=None,
-        connectors=connectors, transformer=family.model, vocoder=None,
-    )
-    text = torch.randn(1, TEXT_LEN, 64, generator=torch.Generator().manual_seed(1))
-    return pipe, dict(
-        prompt_embeds=text, prompt_attention_mask=_mask(6, left=True), negative_prompt_embeds=torch.zeros_like(text),
-        negative_prompt_attention_mask=_mask(3, left=True), guidance_scale=4.0, stg_scale=0.0, audio_stg_scale=0.0,
-        modality_scale=1.0, audio_modality_scale=1.0, height=128, width=128, num_frames=17,
-    )
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: pytest groups the tests of a case by it

@@ -263,7 +263,11 @@ def profile(
     with torch.compiler.set_stance("fail_on_recompile"):
         for repeat in range(repeats):
             walls.append(workload.time_generation(timer, 1 + repeat, num_steps=len(budgets)))
-            for call, ms in enumerate(timer.take()):
+            times = timer.take()
+            if len(times) != len(budgets) * workload.calls_per_step:
+                raise CostTableError(f"the profiling generation called the transformer {len(times)} times, not "
+                                     f"{workload.calls_per_step} at each of its {len(budgets)} steps")
+            for call, ms in enumerate(times):
                 level = measured[call // workload.calls_per_step]
                 if level is not None:
                     samples[level].append(ms)

@@ -8,7 +8,9 @@ Three views of one generation, each scored with PSNR, SSIM and relative L2:
 - decoded frames, when a decoder is given or the generations decoded themselves (a pipeline's
   own output): what a person sees.
 Videos are laid out (batch, channels, frames, height, width), as diffusers' video latents and
-decoded videos are. SSIM is taken per frame over all channels (scikit-image) and averaged.
+decoded videos are; latents packed as tokens (batch, tokens, channels), as LTX's pipelines keep
+them, are compared as one frame of tokens by channels. SSIM is taken per frame over all
+channels (scikit-image) and averaged.
 """
 
 from __future__ import annotations
@@ -78,9 +80,12 @@ class FidelityReport:
 
 def _video(x: torch.Tensor) -> np.ndarray:
     array = x.detach().to("cpu", torch.float64).numpy()
+    if array.ndim == 3:  # packed tokens [B, N, C]
+        array = array[:, None, None]
     if array.ndim != 5:
         raise ValueError(
-            f"fidelity expects videos as (batch, channels, frames, height, width), got shape {array.shape}"
+            f"fidelity expects videos as (batch, channels, frames, height, width) or packed latents as "
+            f"(batch, tokens, channels), got shape {array.shape}"
         )
     return array
 

@@ -5,8 +5,9 @@ target, 82 GPU-hours on average. This one is cheaper in each part:
 - latency is predicted from a cost table measured once on the device (no candidate is timed);
 - fidelity is scored on a proxy, the first of the calibration seeds, through an evaluator
   that generates each dense reference once, never runs a schedule twice and shares
-  trajectory prefixes between candidates; the few best are then confirmed on all seeds and
-  the chosen one timed end to end, so the prediction is checked, not trusted;
+  trajectory prefixes between candidates; the few best are then confirmed on all seeds,
+  beside the best uniform schedule within the target (the chosen one is never worse than it
+  there), and the chosen one timed end to end, so the prediction is checked, not trusted;
 - the initial population holds the uniform schedules, the "first k steps dense, then
   uniform" ones and the step-caching ones ("first k dense, then every p-th step refreshed, the
   others skipped") that fit the target, so the search starts from the obvious answers and
@@ -264,8 +265,8 @@ def search(
     """Search per-step budgets for `workload` that meet `target`, as `table` predicts latency.
 
     Phases: the evolutionary search on the calibration's proxy seeds (`evolve`, resumable
-    from `checkpoint`); the best candidates confirmed on every seed; the best uniform schedule
-    within the target scored beside them; the chosen schedule and the dense one timed end to
+    from `checkpoint`); the best candidates confirmed on every seed, beside the best uniform
+    schedule within the target, and the best of them chosen; the chosen schedule and the dense one timed end to
     end (`measure`), so the prediction is checked, not trusted.
 
     `sparse` is the workload compiled for a token selection (`SparseModel(workload, config)`;
@@ -291,10 +292,12 @@ def search(
         space, lambda budgets: evaluator(budgets, proxy), settings, checkpoint=checkpoint,
         problem={"seeds": list(proxy), "options": sparse.options}, progress=progress,
     )
-    chosen = ranked(
-        Candidate(c.budgets, c.latency_ms, evaluator(c.budgets, seeds)) for c in candidates[: calibration.confirm]
-    )[0]
     uniform = _best_uniform(space, evaluator, seeds)
+    # The best uniform schedule competes too: the proxy seeds' favourites can lose to it on all seeds.
+    chosen = ranked(
+        [Candidate(c.budgets, c.latency_ms, evaluator(c.budgets, seeds)) for c in candidates[: calibration.confirm]]
+        + ([uniform] if uniform is not None else [])
+    )[0]
     prediction = dense = None
     if measure:
         prediction, dense = (_measure(workload, sparse, table, b) for b in (chosen.budgets, (1.0,) * steps))

@@ -13,8 +13,9 @@ from typing import Sequence
 
 import torch
 
-import astraea
+from astraea.backend import backend
 from astraea.config import CACHE_DTYPES, GROUPS, POLICIES, SKIPS, AstraeaConfig
+from astraea.explain import explain
 from astraea.schedule import Schedule
 
 from .ea import SearchError
@@ -28,12 +29,12 @@ class SparseModel:
         # The schedules run here carry their own dense steps, and a generation resumed
         # part-way must run its first step at the budget it asks for: no forced full steps.
         self.config = (config or AstraeaConfig()).replace(full_steps=0)
-        report = astraea.explain(workload.model, **workload.example_inputs())
+        report = explain(workload.model, **workload.example_inputs())
         if report.num_sparse_blocks == 0:
             why = report.reason or "; ".join(sorted({b.reason for b in report.blocks if b.reason}))
             raise SearchError(f"astraea runs this model dense ({why}): it has no budgets to measure or search")
         self.structure_hash = report.structure_hash
-        self.backend = astraea.backend(self.config)
+        self.backend = backend(self.config)
         self.module = torch.compile(workload.model, backend=self.backend)
 
     @property
@@ -49,7 +50,7 @@ class SparseModel:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The backend options of `astraea profile` and `astraea search`: both must agree."""
+    """The backend options of `astraea profile`, `search` and `tune`: a table and a search must agree."""
     parser.add_argument("--policy", choices=POLICIES, default="astraea", help="token selection")
     parser.add_argument("--group", choices=GROUPS, default="token", help="selection granularity")
     parser.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="auto", help="storage of the block caches")
@@ -58,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="launch every kernel of a call instead of replaying it as a CUDA graph")
 
 
+def config_from_arguments(args: argparse.Namespace) -> AstraeaConfig:
+    return AstraeaConfig(policy=args.policy, group=args.group, cache_dtype=args.cache_dtype, skip=args.skip,
+                         cuda_graphs=args.cuda_graphs)
+
+
 def from_arguments(workload: Workload, args: argparse.Namespace) -> SparseModel:
-    return SparseModel(workload, AstraeaConfig(policy=args.policy, group=args.group, cache_dtype=args.cache_dtype,
-                                               skip=args.skip, cuda_graphs=args.cuda_graphs))
+    return SparseModel(workload, config_from_arguments(args))

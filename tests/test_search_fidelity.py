@@ -56,7 +56,15 @@ def test_ssim_shrinks_its_window_to_small_latents_and_refuses_tiny_ones():
 
 def test_layout_is_checked():
     with pytest.raises(ValueError, match="batch, channels, frames, height, width"):
-        psnr(torch.zeros(4, 8, 8), torch.zeros(4, 8, 8))
+        psnr(torch.zeros(4, 8, 8, 8), torch.zeros(4, 8, 8, 8))
+
+
+def test_packed_latents_are_compared_as_tokens_by_channels():
+    """LTX's pipelines keep latents as [batch, tokens, channels]: one frame of tokens by channels."""
+    reference = torch.randn(2, 48, 8, generator=torch.Generator().manual_seed(0))
+    test = reference + 0.01 * torch.randn(2, 48, 8, generator=torch.Generator().manual_seed(1))
+    assert psnr(test, reference) == pytest.approx(psnr(test[:, None, None], reference[:, None, None]))
+    assert 0.9 < ssim(test, reference) < 1.0
 
 
 def test_contribution_view_is_not_flattered_by_shared_noise():

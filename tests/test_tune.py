@@ -18,9 +18,9 @@ from astraea.search.pipeline import PipelineError, PipelineWorkload
 from tests import pipelines
 from tests.pipelines import prompt_arguments
 
-STEPS = 8
+STEPS = 6
 SPEEDUP = 1.05  # on a CPU a skip costs 50-90% of a dense step (host work dominates these tiny models, more so on a loaded machine), and a budget below 1 about what a dense step does: a small target keeps room for the search
-SETTINGS = SearchSettings(population=6, offspring=6, generations=2)
+SETTINGS = SearchSettings(population=4, offspring=4, generations=2)
 # On a CPU a budget between 0 and 1 costs what a dense step does (host work dominates these tiny
 # models), so only skips buy time: the search picks which steps to skip. With a level 0.5 as well,
 # a loaded machine's table can make uniform 0.5 fit, and a mix the three calibration seeds

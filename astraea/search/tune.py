@@ -100,6 +100,7 @@ def tune(
     steps = num_inference_steps or _default_steps(pipe)
     output = os.fspath(output)
     stem = os.path.splitext(output)[0]
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)  # before an hour of work, not after
     found = {name: getattr(pipe, name) for name in names}
     say = (lambda line: tqdm.write(line, file=sys.stderr)) if progress else (lambda line: None)
     try:

@@ -21,6 +21,7 @@ GROUPS = ("token", "spatial", "run")
 CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")
 LOWERINGS = ("auto", "inductor", "eager")
 SKIPS = ("blocks", "output")
+REUSES = ("copy", "forecast")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,9 @@ class AstraeaConfig:
     skip: what a budget-0 step reuses: "blocks" (every block's cached contribution, added to
         the step's own input: the embeddings and the output head still run, with this step's
         timestep) or "output" (the branch's previous model output as it is).
+    reuse: what a token a block does not recompute gets from its cache: "copy" (its last
+        contribution) or "forecast" (extrapolated from its last two, per token, to the current
+        step: `runtime/forecast.py`; one more tensor the size of the cache per block and branch).
     cuda_graphs: on a GPU, replay each sparse call as a CUDA graph (one per selection size and
         guidance branch), so that its thousands of small launches cost one; with the "token"
         group and the astraea or delta policy, in one process. Costs a memory pool of about one
@@ -60,6 +64,7 @@ class AstraeaConfig:
     group_size: int = 1
     full_steps: int = 1
     skip: str = "blocks"
+    reuse: str = "copy"
     weight_signal: float = 1.0
     weight_penalty: float = 0.1
     seed: int = 0
@@ -90,6 +95,11 @@ class AstraeaConfig:
             raise ConfigError(f"option 'skip' must be one of {SKIPS}, got {self.skip!r}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"option 'cache_dtype' must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
+        if self.reuse not in REUSES:
+            raise ConfigError(f"option 'reuse' must be one of {REUSES}, got {self.reuse!r}")
+        if self.reuse == "forecast" and self.cache_dtype == "float8_e4m3fn":
+            raise ConfigError("option reuse='forecast' needs caches that can be added to in place; "
+                              "float8_e4m3fn caches cannot: use another cache_dtype, or reuse='copy'")
         if self.lowering not in LOWERINGS:
             raise ConfigError(f"option 'lowering' must be one of {LOWERINGS}, got {self.lowering!r}")
         for name in ("cuda_graphs", "regional"):

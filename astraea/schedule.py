@@ -24,7 +24,7 @@ from .jsonfile import load_json, save_json
 
 # Backend options newer than some saved cost tables and schedules, with the behaviour those
 # files measured.
-OPTIONS_BEFORE_THEY_EXISTED = {"skip": "output"}
+OPTIONS_BEFORE_THEY_EXISTED = {"skip": "output", "reuse": "copy"}
 
 FORMAT = "astraea-schedule"
 VERSION = 2  # 2 added the time axis (`times`) and files of several named schedules; 1 still loads

@@ -22,6 +22,7 @@ import torch.fx as fx
 from ..config import AstraeaConfig
 from ..ops.signature import SparseBlockInputs
 from ..passes import Report
+from . import forecast
 from .call_graphs import CallGraphs
 from .placement import Placement
 from .select import mark_selected, num_selected, scores, select
@@ -119,22 +120,37 @@ class SparseRunner:
             return ctx, budget, 0
         return ctx, budget, num_selected(budget, self.num_tokens)
 
+    def _forecasting(self, ctx: BranchState) -> bool:
+        """Whether this call forecasts what it does not recompute: once the caches hold a call."""
+        return self.config.reuse == "forecast" and ctx.filled
+
     def _forward(self, ctx: BranchState, k: int, inputs: tuple) -> tuple[tuple, int]:
         """The device work of a call: select each block's tokens, run the rewritten graph.
         Returns the outputs and the tokens each block recomputed."""
-        indices = []
+        forecasting = self._forecasting(ctx)
+        if forecasting:
+            forecast.advance(ctx.blocks)
+        indices, spans = [], []
         for state, every in zip(ctx.blocks, self.all_tokens):
             if k < self.num_tokens:  # a dense step needs no scores
                 score = scores(state, self.config, self.generator)
                 idx = select(score, k, self.config, self.report.token_grid)
             else:
                 idx = every
+            if forecasting:
+                spans.append(forecast.take_forecast(state, idx))
             mark_selected(state, idx)
             indices.append(idx)
-        return _call(self.graph_fn, ctx, indices, inputs), int(indices[0].shape[-1])
+        out = _call(self.graph_fn, ctx, indices, inputs)
+        for state, idx, steps in zip(ctx.blocks, indices, spans):
+            forecast.add_fresh(state, idx, steps)
+        return out, int(indices[0].shape[-1])
 
     def _reuse_blocks(self, ctx: BranchState, inputs: tuple) -> tuple[tuple, int]:
-        """The device work of a skipped step: every block adds its cache to its input."""
+        """The device work of a skipped step: every block adds its cache (its forecast, when
+        forecasting) to its input."""
+        if self._forecasting(ctx):
+            forecast.advance(ctx.blocks)
         return _call(self.lower_skip(), ctx, self.all_tokens, inputs), 0
 
     def _record(self, record: CallRecord) -> None:
@@ -144,19 +160,21 @@ class SparseRunner:
         if len(self.records) > RECORDS_KEPT:
             del self.records[: len(self.records) - RECORDS_KEPT]
 
-    def _graph_key(self, branch: int, k: int):
+    def _graph_key(self, branch: int, k: int, forecasting: bool):
         """The key of a call's captured graph, or None where a call runs uncaptured: the random
         policy draws from a generator, and only single-token selection has been checked
         captured on a GPU ("run" and "spatial" groups are untested there)."""
         c = self.config
         if self.call_graphs is None or not c.cuda_graphs or c.policy == "random" or c.group != "token":
             return None
-        return branch, k, c.policy, c.weight_signal, c.weight_penalty
+        return branch, k, c.policy, c.weight_signal, c.weight_penalty, forecasting
 
     def run(self, call: Call, args: tuple, full: bool = False) -> tuple:
         """Run a placed call (placed by this runner, or by the model's clock); every token where
         `full`."""
         ctx, budget, k = self.plan(call, full)
+        if self._forecasting(ctx):
+            forecast.allocate(ctx.blocks)  # before any capture: graphs read the slopes where they are
         if k == 0:
             torch._foreach_add_([state.stale for state in ctx.blocks], 1)  # one launch, not one per block
             if self.config.skip == "output":
@@ -165,7 +183,7 @@ class SparseRunner:
             run = lambda inputs: self._reuse_blocks(ctx, inputs)  # noqa: E731
         else:
             run = lambda inputs: self._forward(ctx, k, inputs)  # noqa: E731
-        key = self._graph_key(call.branch, k)
+        key = self._graph_key(call.branch, k, self._forecasting(ctx))
         out, tokens = run(args) if key is None else self.call_graphs(key, run, args)
         self._record(CallRecord(call.step, call.branch, budget, tokens))
         ctx.filled = True

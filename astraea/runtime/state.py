@@ -29,6 +29,7 @@ class BlockState:
     change: torch.Tensor  # [S, N] fp32: how much that contribution moved at its last refresh
     lse: torch.Tensor  # [S, N] fp32: the token's self-attention log-sum-exp at its last refresh
     stale: torch.Tensor  # [S, N] int32: steps since the token was last recomputed
+    slope: torch.Tensor | None = None  # [B, N, D] cache dtype, while forecasting: per step (forecast.py)
 
     @classmethod
     def allocate(cls, shape, dtype, device, samples: int) -> "BlockState":
@@ -48,7 +49,7 @@ class BlockState:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.cache, self.change, self.lse, self.stale
+        return tuple(t for t in (self.cache, self.change, self.lse, self.stale, self.slope) if t is not None)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 
 from astraea.backend import backend
-from astraea.config import CACHE_DTYPES, GROUPS, POLICIES, SKIPS, AstraeaConfig
+from astraea.config import CACHE_DTYPES, GROUPS, POLICIES, REUSES, SKIPS, AstraeaConfig
 from astraea.explain import explain
 from astraea.schedule import Schedule
 
@@ -55,13 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--group", choices=GROUPS, default="token", help="selection granularity")
     parser.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="auto", help="storage of the block caches")
     parser.add_argument("--skip", choices=SKIPS, default="blocks", help="what a skipped step (budget 0) reuses")
+    parser.add_argument("--reuse", choices=REUSES, default="copy",
+                        help="what a token not recomputed gets: its last contribution, or one forecast from its last two")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="launch every kernel of a call instead of replaying it as a CUDA graph")
 
 
 def config_from_arguments(args: argparse.Namespace) -> AstraeaConfig:
     return AstraeaConfig(policy=args.policy, group=args.group, cache_dtype=args.cache_dtype, skip=args.skip,
-                         cuda_graphs=args.cuda_graphs)
+                         reuse=args.reuse, cuda_graphs=args.cuda_graphs)
 
 
 def from_arguments(workload: Workload, args: argparse.Namespace) -> SparseModel:

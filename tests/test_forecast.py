@@ -1,0 +1,126 @@
+"""Forecast reuse: the tokens a block does not recompute get their contribution extrapolated
+from its last two computations (`astraea/runtime/forecast.py`)."""
+
+import pytest
+import torch
+
+import astraea
+from astraea import ConfigError
+from astraea.runtime import forecast
+from astraea.runtime.select import mark_selected
+from astraea.runtime.state import BlockState
+from tests.contract import ContractChecker
+from tests.models import sample, wan
+
+B, N, D = 2, 12, 4
+
+
+def _run(contribution, selections, samples):
+    """Drive one block's state as the runner does, with the real merge op: step 0 fills the
+    cache, later steps recompute the rows `selections[s]` ([S, K]; None for a skipped step).
+    Returns, per step, the cache the graph read (the forecast) next to the true contribution."""
+    state = BlockState.allocate((B, N, D), torch.float32, "cpu", samples)
+    x = torch.randn(B, N, D, generator=torch.Generator().manual_seed(0))
+    every = torch.arange(N).expand(samples, -1).contiguous()
+    read = []
+    for step, idx in enumerate(selections):
+        fresh = contribution(step)
+        if step > 0:
+            forecast.allocate([state])
+            forecast.advance([state])
+        read.append((state.cache.clone(), fresh))
+        if idx is None:
+            state.stale.add_(1)
+            continue
+        idx = every if step == 0 else idx
+        steps = forecast.take_forecast(state, idx) if step > 0 else None
+        mark_selected(state, idx)
+        at = (torch.arange(B)[:, None], idx.expand(B, -1))
+        rows = x[at] + fresh[at]
+        torch.ops.astraea.merge_rows(x, rows.contiguous(), idx, state.cache, state.change, None, state.lse)
+        if steps is not None:
+            forecast.add_fresh(state, idx, steps)
+    return read
+
+
+def _selections(samples, steps, k=5, skips=(4, 7)):
+    g = torch.Generator().manual_seed(1)
+    chosen = [None] * steps
+    for s in range(steps):
+        if s not in skips:
+            chosen[s] = torch.stack([torch.randperm(N, generator=g)[:k].sort().values for _ in range(samples)])
+    chosen[1] = torch.arange(N).expand(samples, -1).contiguous()  # a second dense step: every slope known
+    return chosen
+
+
+@pytest.mark.parametrize("samples", [1, B], ids=["one selection for the batch", "one per sample"])
+def test_a_contribution_linear_in_the_step_is_forecast_exactly(samples):
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
+    read = _run(lambda s: a + b * s, _selections(samples, 10), samples)
+    for step, (cache, true) in enumerate(read[2:], start=2):  # partial and skipped steps alike
+        torch.testing.assert_close(cache, true, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("samples", [1, B], ids=["one selection for the batch", "one per sample"])
+def test_two_equal_contributions_forecast_as_a_copy(samples):
+    c = torch.randn(B, N, D, generator=torch.Generator().manual_seed(3))
+    read = _run(lambda s: c, _selections(samples, 8), samples)
+    for cache, true in read[1:]:  # the merge stores rows - x: equal up to its rounding
+        torch.testing.assert_close(cache, true, rtol=1e-6, atol=1e-6)
+
+
+def test_a_contribution_that_is_not_linear_is_not_forecast_exactly():
+    """The check can fail: a quadratic contribution is missed by the tokens' linear forecast."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
+    read = _run(lambda s: a + b * s * s, _selections(1, 8), 1)
+    assert not torch.allclose(read[5][0], read[5][1], atol=1e-3)
+
+
+def test_switching_reuse_recompiles_nothing_and_recomputed_rows_keep_the_contract():
+    torch._dynamo.reset()
+    family = wan()
+    schedule = [1.0, 1.0, 0.5, 0.0, 0.25, 0.5]
+    be = astraea.backend(schedule=schedule, reuse="forecast")
+    compiled = torch.compile(family.model, backend=be)
+    forecast_out = sample(family, compiled, steps=6)
+    runner = be.runners[0]
+    slopes = [s.slope for s in runner.branches[0].blocks]
+    assert all(s is not None for s in slopes)
+    cache = sum(s.cache.numel() * s.cache.element_size() for b in runner.branches.values() for s in b.blocks)
+    assert runner.cache_bytes() >= 2 * cache  # the slopes count: one more cache-sized tensor per block and branch
+
+    # the contract: the selected rows equal the dense block, the others are x plus the forecast
+    graph_fn = runner.graph_fn
+    checker = runner.graph_fn = ContractChecker(runner)
+    torch.testing.assert_close(sample(family, compiled, steps=6), forecast_out)
+    assert checker.checked == 5 * 2 * be.reports[0].num_sparse_blocks  # five graph calls (one skip), two branches
+    runner.graph_fn = graph_fn
+
+    be.update(reuse="copy")
+    copy_out = sample(family, compiled, steps=6)
+    be.update(reuse="forecast")
+    again = sample(family, compiled, steps=6)
+    assert len(be.reports) == 1  # one compile served both
+    torch._dynamo.reset()
+    copied = sample(family, torch.compile(family.model, backend=astraea.backend(schedule=schedule)), steps=6)
+    torch.testing.assert_close(copy_out, copied)
+    torch.testing.assert_close(again, forecast_out)
+    assert not torch.allclose(forecast_out, copy_out)
+
+
+
+def test_budget_one_with_forecast_equals_dense():
+    torch._dynamo.reset()
+    family = wan()
+    dense = sample(family, family.model, steps=4)
+    out = sample(family, torch.compile(family.model, backend=astraea.backend(schedule=1.0, reuse="forecast")), steps=4)
+    torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_reuse_options_are_refused():
+    with pytest.raises(ConfigError, match="'reuse' must be one of"):
+        astraea.backend(reuse="taylor")
+    with pytest.raises(ConfigError, match="float8_e4m3fn caches cannot"):
+        astraea.backend(reuse="forecast", cache_dtype="float8_e4m3fn")

@@ -124,3 +124,20 @@ def test_bad_reuse_options_are_refused():
         astraea.backend(reuse="taylor")
     with pytest.raises(ConfigError, match="float8_e4m3fn caches cannot"):
         astraea.backend(reuse="forecast", cache_dtype="float8_e4m3fn")
+
+
+def test_the_evaluator_scores_a_schedule_again_under_other_options():
+    """Scores are kept per set of backend options: switching reuse scores the schedule anew."""
+    from astraea.search import Evaluator, SparseModel, random_wan
+
+    torch._dynamo.reset()
+    workload = random_wan("tiny", frames=3, height=8, width=8, num_steps=6)
+    sparse = SparseModel(workload)
+    evaluator = Evaluator(workload, sparse)
+    budgets = (1.0, 1.0, 0.5, 0.0, 0.0, 0.5)
+    copied = evaluator(budgets, [0])
+    sparse.update(reuse="forecast")
+    forecast_report = evaluator(budgets, [0])
+    assert evaluator.generations == 2 and forecast_report.score != copied.score
+    sparse.update(reuse="copy")
+    assert evaluator(budgets, [0]) == copied and evaluator.generations == 2

@@ -3,7 +3,8 @@
 A candidate costs one sparse generation per seed; the search asks for hundreds. Saved:
 - the dense reference of each seed is generated once, on the original uncompiled model (what
   a user compares against), and decoded once;
-- a (schedule, seed) pair is generated once; a search revisits many schedules;
+- a (schedule, seed) pair is generated once per set of backend options (changed with
+  `SparseModel.update`); a search revisits many schedules;
 - shared trajectory prefixes: schedules with the same leading budgets follow the same
   trajectory up to where they differ. The backend's per-block caches cannot be saved and
   restored, but a dense step recomputes every token, and two dense steps in a row leave
@@ -19,6 +20,7 @@ A candidate costs one sparse generation per seed; the search asks for hundreds. 
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from typing import Sequence
 
@@ -52,10 +54,10 @@ class Evaluator:
             else share_prefixes
         self.snapshot_bytes = snapshot_bytes
         self._references: dict[int, Trajectory] = {}
-        self._scores: dict[tuple[tuple[float, ...], int], FidelityReport] = {}
-        self._snapshots: OrderedDict[tuple[tuple[float, ...], int], torch.Tensor] = OrderedDict()
+        self._scores: dict[tuple, FidelityReport] = {}  # per (budgets, seed, the sparse model's options)
+        self._snapshots: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._snapshot_total = 0
-        self._prefixes: set[tuple[tuple[float, ...], int]] = set()
+        self._prefixes: set[tuple] = set()
         self.generations = 0
         self.steps_run = 0
         self.steps_shared = 0
@@ -66,12 +68,14 @@ class Evaluator:
         budgets = tuple(float(b) for b in budgets)
         if len(budgets) != self.workload.num_steps:
             raise ValueError(f"schedule has {len(budgets)} steps, the workload {self.workload.num_steps}")
+        options = json.dumps(self.sparse.options, sort_keys=True)
         for seed in seeds:
-            if (budgets, seed) not in self._scores:
+            if (budgets, seed, options) not in self._scores:
                 reference = self.reference(seed)
-                run = self._generate(budgets, seed)
-                self._scores[budgets, seed] = fidelity([run], [reference], self.workload.decoder, [reference.decoded])
-        return FidelityReport.mean([self._scores[budgets, seed] for seed in seeds])
+                run = self._generate(budgets, seed, options)
+                self._scores[budgets, seed, options] = fidelity([run], [reference], self.workload.decoder,
+                                                                [reference.decoded])
+        return FidelityReport.mean([self._scores[budgets, seed, options] for seed in seeds])
 
     def reference(self, seed: int) -> Trajectory:
         """The dense trajectory of `seed`, with its decoded frames when the generation decoded
@@ -97,20 +101,23 @@ class Evaluator:
         return {**counts, "shared_fraction": counts["steps_shared"] / steps,
                 "shareable_fraction": counts["steps_shareable"] / steps}
 
-    def _generate(self, budgets: tuple[float, ...], seed: int) -> Trajectory:
-        start = self._resume_point(budgets, seed)
+    def _generate(self, budgets: tuple[float, ...], seed: int, options: str) -> Trajectory:
+        """One sparse generation; prefixes are shared between runs of one seed and one set of
+        backend options (`run` keys them)."""
+        run = (seed, options)
+        start = self._resume_point(budgets, run)
         first = start[0] if start is not None else 0
         self.sparse.set_schedule(budgets, self.workload.step_times())
-        keep = self._snapshotter(budgets, seed, first)
+        keep = self._snapshotter(budgets, run, first)
         trajectory = self.workload.generate(self.sparse.module, seed, start=start, on_step=keep)
         self.generations += 1
         self.steps_run += len(budgets) - first
         self.steps_shared += first
         shareable = 0  # the prefixes seen are closed under shortening: count up to the first unseen
-        while shareable + 1 < len(budgets) and (budgets[: shareable + 1], seed) in self._prefixes:
+        while shareable + 1 < len(budgets) and (budgets[: shareable + 1], run) in self._prefixes:
             shareable += 1
         self.steps_shareable += shareable
-        self._prefixes.update((budgets[:k], seed) for k in range(1, len(budgets)))
+        self._prefixes.update((budgets[:k], run) for k in range(1, len(budgets)))
         return trajectory
 
     def _resumable(self, budgets: tuple[float, ...], step: int) -> bool:
@@ -118,22 +125,22 @@ class Evaluator:
         # ended on, and the backend would not see a fresh generation.
         return 0 < step <= len(budgets) - DENSE_RUN and all(b == 1.0 for b in budgets[step : step + DENSE_RUN])
 
-    def _resume_point(self, budgets, seed) -> tuple[int, torch.Tensor] | None:
+    def _resume_point(self, budgets, run) -> tuple[int, torch.Tensor] | None:
         if not self.share_prefixes:
             return None
         for step in range(len(budgets) - DENSE_RUN, 0, -1):
-            key = (budgets[:step], seed)
+            key = (budgets[:step], run)
             if self._resumable(budgets, step) and key in self._snapshots:
                 self._snapshots.move_to_end(key)
                 return step, self._snapshots[key]
         return None
 
-    def _snapshotter(self, budgets, seed, first):
+    def _snapshotter(self, budgets, run, first):
         if not self.share_prefixes:
             return None
 
         def keep(step: int, latent: torch.Tensor) -> None:
-            key = (budgets[:step], seed)
+            key = (budgets[:step], run)
             if step > first and self._resumable(budgets, step) and key not in self._snapshots:
                 self._snapshots[key] = latent.clone()
                 self._snapshot_total += latent.numel() * latent.element_size()

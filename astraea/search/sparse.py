@@ -43,6 +43,11 @@ class SparseModel:
         (and the forced full steps, which a schedule states itself)."""
         return {k: v for k, v in self.config.to_json().items() if k not in ("schedule", "full_steps")}
 
+    def update(self, **options) -> None:
+        """Other backend options (token selection, reuse) without recompiling."""
+        self.backend.update(**options)
+        self.config = self.backend.config
+
     def set_schedule(self, budgets: Sequence[float], times: Sequence[float] | None = None) -> None:
         """One budget per step, or on the time axis with `times` (the timestep of each step)."""
         self.backend.set_schedule(Schedule(budgets=tuple(budgets), times=None if times is None else tuple(times)))

@@ -26,7 +26,7 @@ def schedules(steps: int) -> dict[str, list[float]]:
     for budget in (0.5, 0.25):
         out[f"2 dense, then {budget:g}"] = [1.0, 1.0] + [budget] * (steps - 2)
     for period in (2, 3, 4):
-        out[f"2 dense, then every {period}th step"] = [1.0, 1.0] + [
+        out[f"2 dense, then 1 step in {period} recomputed"] = [1.0, 1.0] + [
             1.0 if (s - 2) % period == period - 1 else 0.0 for s in range(2, steps)]
     return out
 

@@ -12,7 +12,7 @@ KEY = CostKey(
     model="1b0ff5cd16ee2e65",
     shapes={"hidden_states": (1, 16, 21, 60, 104), "encoder_hidden_states": (1, 512, 4096)},
     dtype="bfloat16",
-    options={"policy": "astraea", "group": "token", "cache_dtype": "auto", "skip": "blocks"},
+    options={"policy": "astraea", "group": "token", "cache_dtype": "auto", "skip": "blocks", "reuse": "copy"},
     device="NVIDIA H200",
     versions={"torch": "2.11.0", "triton": "3.6.0", "diffusers": "0.42.1", "astraea": "0.1.0"},
 )

@@ -166,7 +166,9 @@ class PipelineWorkload:
 
         def before(module, args, kwargs):
             if not example:
-                example.update(signature.bind_partial(*args, **kwargs).arguments)
+                for name, value in signature.bind_partial(*args, **kwargs).arguments.items():
+                    kind = signature.parameters[name].kind
+                    example.update(value if kind is inspect.Parameter.VAR_KEYWORD else {name: value})
             calls.append((steps_done[0], None if read_timestep is None else read_timestep(args, kwargs)))
 
         def on_step_end(pipe, step, timestep, tensors):

@@ -74,7 +74,8 @@ def main(argv=None) -> int:
         json.dump(record, f, indent=1)
     lines = [f"# A schedule searched at {args.searched} steps, run at {args.run}", "",
              f"`python benchmarks/step_transfer.py --model {args.model} --searched {args.searched} --run {args.run} "
-             f"--speedup {args.speedup:g}` on {table.key.device}; held-out seeds {list(HELD_OUT)}, "
+             f"--speedup {args.speedup:g} --seeds {args.seeds} --generations {args.generations}` on {table.key.device}; "
+             f"held-out seeds {list(HELD_OUT)}, "
              f"{'decoded clips' if searched_workload.decoder else 'the model contribution'}.", "",
              "| schedule at " + str(args.run) + " steps | predicted speedup | PSNR dB | SSIM |", "|---|---|---|---|"]
     lines += [f"| {name} | {r['predicted_speedup']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.3f} |" for name, r in rows.items()]

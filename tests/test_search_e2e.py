@@ -19,14 +19,7 @@ LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 SIZE = dict(frames=3, height=8, width=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops on a busy two-core machine: a second intra-op thread mostly waits, and spinning
-    # threads of concurrent processes make every call ten times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -37,14 +37,7 @@ def _prompts(inputs: dict) -> tuple[list[dict], dict]:
     return [prompt, other], setting
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny ops on a busy two-core machine: a second intra-op thread mostly waits, and spinning
-    # threads of concurrent processes make calls ten times slower, which the cost tables measure.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 BUILDERS = {
@@ -57,10 +50,15 @@ BUILDERS = {
 def tuned(request, tmp_path_factory):
     torch._dynamo.reset()
     pipe, inputs = BUILDERS[request.param]()
+    # A user's transformer already compiled for dense runs: tune searches on the module under it
+    # and hands the pipeline back with its own compiled wrapper, not a timer or astraea's copy.
+    found = pipe.transformer = torch.compile(pipe.transformer)
     prompts, setting = _prompts(inputs)
     output = tmp_path_factory.mktemp(request.param) / "schedule.json"
     result = astraea.tune(pipe, prompts, speedup=SPEEDUP, num_inference_steps=STEPS, output=output, seeds=3,
                           held_out=2, settings=SETTINGS, levels=LEVELS, progress=False, **setting)
+    assert pipe.transformer is found  # left as found
+    pipe.transformer = found._orig_mod  # the other tests compile it with astraea
     return request.param, pipe, inputs, result
 
 
@@ -81,7 +79,6 @@ def test_the_schedule_meets_the_target_and_beats_the_uniform_one_on_held_out_see
         # one when nothing beat it on the calibration seeds)
         assert held.uniform is not None and uniform is not None
         assert schedule.budgets == uniform.budgets or held.chosen.score > held.uniform.score, (slot, schedule.budgets)
-        assert not isinstance(getattr(pipe, slot), torch._dynamo.eval_frame.OptimizedModule)  # left as found
     if name == "wan22_a14b":  # each transformer searched over its own steps, and their times do not overlap
         high, low = result.schedules["transformer"], result.schedules["transformer_2"]
         assert len(high.times) + len(low.times) == STEPS and min(high.times) > max(low.times)
@@ -98,10 +95,15 @@ def test_the_file_runs_at_another_step_count(tuned):
         pipe.set_progress_bar_config(disable=True)
         out = pipe(**inputs, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="latent")
         assert torch.isfinite(out.frames).all()
+        timesteps = [float(t) for t in pipe.scheduler.timesteps]  # the 4 steps' times, as the transformers saw them
         for slot, backend in backends.items():
-            budgets = [r.budget for runner in backend.runners for r in runner.records]
-            assert budgets, slot
-            assert set(budgets) <= set(result.schedules[slot].budgets)
+            records = [r for runner in backend.runners for r in runner.records]
+            assert records, slot
+            first = {}  # each branch's first call fills its caches: dense
+            for r in records:
+                expected = 1.0 if first.setdefault(r.branch, r) is r or r.step == 0 else \
+                    result.schedules[slot].budget(r.step, timesteps[r.step])
+                assert r.budget == expected, (slot, r)
     finally:
         for slot in backends:
             setattr(pipe, slot, getattr(pipe, slot)._orig_mod)

@@ -146,7 +146,7 @@ class PipelineWorkload:
             "output_type": "pt" if decode else "latent", "callback_on_step_end": on_step_end,
             "callback_on_step_end_tensor_inputs": ["latents"], "return_dict": True,
         }
-        with _swapped(self.pipe, {slot: clock for slot in slots}), _quiet(self.pipe):
+        with swapped(self.pipe, {slot: clock for slot in slots}), _quiet(self.pipe):
             output = self.pipe(**kwargs)
         decoded = None
         if decode:
@@ -178,7 +178,7 @@ class PipelineWorkload:
 
         handle = self.model.register_forward_pre_hook(before, with_kwargs=True)
         try:
-            with _swapped(self.pipe, {self.name: self.model}), _quiet(self.pipe), torch.no_grad():
+            with swapped(self.pipe, {self.name: self.model}), _quiet(self.pipe), torch.no_grad():
                 self.pipe(**self.call_kwargs, **self.prompts[0], num_inference_steps=self.num_inference_steps,
                           generator=torch.Generator().manual_seed(0), output_type="latent",
                           callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
@@ -236,7 +236,7 @@ class _Clock:
 
 
 @contextlib.contextmanager
-def _swapped(pipe, slots: dict[str, Callable]):
+def swapped(pipe, slots: dict[str, Callable]):
     """The pipeline with other transformers in `slots` for the duration. Set on the instance
     directly: the pipeline's own `__setattr__` would record them in its config as components."""
     before = {slot: pipe.__dict__[slot] for slot in slots}

@@ -31,13 +31,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated calibration seeds (default: 0,1,2,3)")
     parser.add_argument("--proxy-seeds", type=int, default=1, help="seeds every candidate is scored on")
     parser.add_argument("--confirm", type=int, default=4, help="best candidates rescored on all seeds")
-    parser.add_argument("--full-steps", type=int, default=1, help="first steps kept dense")
+    add_settings(parser)
+
+
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """The evolutionary search's settings, shared by `astraea search` and `astraea tune`."""
     defaults = SearchSettings()
+    parser.add_argument("--full-steps", type=int, default=defaults.full_steps, help="first steps kept dense")
     parser.add_argument("--population", type=int, default=defaults.population)
     parser.add_argument("--offspring", type=int, default=defaults.offspring)
     parser.add_argument("--generations", type=int, default=defaults.generations)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the search itself")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def settings_from_arguments(args: argparse.Namespace) -> SearchSettings:
+    return SearchSettings(population=args.population, offspring=args.offspring, generations=args.generations,
+                          seed=args.seed, full_steps=args.full_steps)
 
 
 def seeds(text: str) -> tuple[int, ...]:
@@ -56,8 +66,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"no cost table at {args.costs}: measuring one")
         table = profile(workload, sparse=compiled)
         table.save(args.costs)
-    settings = SearchSettings(population=args.population, offspring=args.offspring,
-                              generations=args.generations, seed=args.seed, full_steps=args.full_steps)
+    settings = settings_from_arguments(args)
     plot = args.plot or os.path.splitext(args.output)[0] + ".png"
     result = search(
         workload, table, Target(args.speedup, args.latency_ms),

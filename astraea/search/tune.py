@@ -28,7 +28,7 @@ from .costs import DEFAULT_LEVELS, CostKey, CostTable, CostTableError, profile
 from .ea import SearchError
 from .evaluator import Evaluator
 from .fidelity import FidelityReport
-from .pipeline import PipelineWorkload, eager, transformer_names
+from .pipeline import PipelineWorkload, eager, swapped, transformer_names
 from .search import Calibration, SearchResult, SearchSettings, Target, search
 from .sparse import SparseModel
 
@@ -101,11 +101,9 @@ def tune(
     output = os.fspath(output)
     stem = os.path.splitext(output)[0]
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)  # before an hour of work, not after
-    found = {name: getattr(pipe, name) for name in names}
     say = (lambda line: tqdm.write(line, file=sys.stderr)) if progress else (lambda line: None)
-    try:
-        for name in names:  # references and probes run the transformers uncompiled
-            object.__setattr__(pipe, name, eager(found[name]))
+    # References and probes run the transformers uncompiled; the pipeline gets its own back.
+    with swapped(pipe, {name: eager(getattr(pipe, name)) for name in names}):
         workloads, sparse, tables = {}, {}, {}
         for name in names:
             say(f"tune: probing {name} in {type(pipe).__name__} at {steps} steps")
@@ -135,9 +133,6 @@ def tune(
         save_schedules(output, schedules)
         say(f"tune: wrote {output}")
         return TuneResult(schedules, searches, reports, output)
-    finally:
-        for name, module in found.items():
-            object.__setattr__(pipe, name, module)
 
 
 def _default_steps(pipe) -> int:

@@ -18,7 +18,7 @@ import importlib
 import sys
 
 from . import sparse
-from .search import SearchSettings
+from .search_command import add_settings, settings_from_arguments
 from .tune import tune
 
 
@@ -34,12 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out", type=int, default=2, help="seeds after those, scored for the report only")
     parser.add_argument("--no-decode", dest="decode", action="store_false",
                         help="score latents only, without decoding every generation")
-    defaults = SearchSettings()
-    parser.add_argument("--population", type=int, default=defaults.population)
-    parser.add_argument("--offspring", type=int, default=defaults.offspring)
-    parser.add_argument("--generations", type=int, default=defaults.generations)
-    parser.add_argument("--full-steps", type=int, default=defaults.full_steps, help="first steps kept dense")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings(parser)
     sparse.add_arguments(parser)
 
 
@@ -74,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args.prompts)
     made = factory()
     pipe, call_kwargs = made if isinstance(made, tuple) else (made, {})
-    settings = SearchSettings(population=args.population, offspring=args.offspring, generations=args.generations,
-                              full_steps=args.full_steps)
+    settings = settings_from_arguments(args)
     config = sparse.config_from_arguments(args)
     result = tune(pipe, prompts, speedup=args.speedup, latency_ms=args.latency_ms, num_inference_steps=args.steps,
                   output=args.output, seeds=args.seeds, held_out=args.held_out, settings=settings, config=config,

@@ -7,7 +7,8 @@ import torch
 import astraea.reference.model as reference_model
 from astraea.reference.data import sample_scenes
 from astraea.search.models import random_wan, reference
-from test_search_e2e import one_thread  # noqa: F401  (autouse: these models run on one thread too)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: these models run on one thread too
 
 
 def test_reference_workload_samples_as_the_reference_model_does(monkeypatch):

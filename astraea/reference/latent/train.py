@@ -8,7 +8,11 @@ Stage `autoencoder` trains the Wan VAE on random 17x128x128 windows of freshly r
 (it is convolutional, so windows teach it the full clip at an eighth of the cost): an L1 in
 which the objects' pixels weigh more (they are a few percent of the frame, and a plain L1 is
 met by the background alone), plus an L1 on spatial gradients (edges are what blur first), plus
-a small KL, which keeps the latents smooth enough to be generated. The call ends by checking
+a small KL, which keeps the latents smooth enough to be generated. The loss reads the decoder's
+output before `decode`'s final clamp to [-1, 1] (a clamped pixel has no gradient: a decoder that
+overshoots stays stuck), and the posterior's log-variance starts at INITIAL_LOGVAR, not 0 (a
+fresh encoder's unit-variance noise drowns its means, and the decoder then learns the blur that
+lost the first training's objects). The call ends by checking
 whole reconstructed clips with the semantic checks: the ceiling of what generation can pass.
 Stage `transformer` freezes the VAE at its float16 weights (those a weights file holds),
 measures the latent statistics on a pool of encoded clips, and trains the transformer
@@ -50,7 +54,7 @@ from .text import tokenize
 
 DEFAULTS = {
     "autoencoder": dict(autoencoder=AUTOENCODER, batch_size=16, frames=17, size=128, lr=5e-4, warmup=100, ema=0.999,
-                        edge=0.5, kl=1e-4, object_weight=10.0, validation_clips=32, checked_clips=8, log_every=50),
+                        edge=0.5, kl=1e-4, object_weight=10.0, initial_logvar=-6.0, validation_clips=32, checked_clips=8, log_every=50),
     "transformer": dict(transformer=TRANSFORMER, batch_size=32, frames=scenes.FRAMES, size=scenes.SIZE, pool=2048,
                         refresh=8, lr=3e-4, warmup=200, ema=0.999, text_dropout=0.1, shift=SHIFT,
                         validation_clips=64, log_every=50),
@@ -86,19 +90,34 @@ def object_weighted_l1(recon: torch.Tensor, clips: torch.Tensor, object_weight: 
     return ((recon - clips).abs() * weight).sum() / (weight.sum() * clips.shape[1])
 
 
+def unclamped_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """`vae.decode(latents)` as diffusers runs it (frame by frame, with its feature cache), but
+    the decoder's own output, before the final clamp to [-1, 1]."""
+    frames = []
+    handle = vae.decoder.register_forward_hook(lambda module, args, out: frames.append(out))
+    try:
+        vae.decode(latents)
+    finally:
+        handle.remove()
+    return torch.cat(frames, 2)
+
+
 class AutoencoderStage:
     """Reconstruction of clip windows through the VAE's encode and decode."""
 
     def __init__(self, config, device, tensors=None, state=None):
         self.config, self.device = config, device
-        self.models = {"autoencoder": build_autoencoder(config["autoencoder"]).to(device)}
+        vae = build_autoencoder(config["autoencoder"])
+        with torch.no_grad():  # the quantiser's second half of channels is the posterior's log-variance
+            vae.quant_conv.bias[vae.config.z_dim:] = config.get("initial_logvar", 0.0)
+        self.models = {"autoencoder": vae.to(device)}
 
     def loss(self, rng, generator, autocast):
         clips, _ = clips_and_ids(rng, self.config["batch_size"], self.config, self.device)
         vae = self.models["autoencoder"]
         with autocast:
             posterior = vae.encode(clips).latent_dist
-            recon = vae.decode(posterior.sample(generator)).sample.float()
+            recon = unclamped_decode(vae, posterior.sample(generator)).float()
         edge = sum((torch.diff(recon, dim=d) - torch.diff(clips, dim=d)).abs().mean() for d in (-1, -2))
         kl = 0.5 * (posterior.mean.float().square() + posterior.var.float() - 1 - posterior.logvar.float()).mean()
         l1 = object_weighted_l1(recon, clips, self.config.get("object_weight", 1.0))

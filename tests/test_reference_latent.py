@@ -226,3 +226,30 @@ def test_a_call_that_ends_its_stage_keeps_no_optimizer_state_and_can_be_extended
     tensors, state = load_checkpoint(tmp_path / "more")
     assert state["step"] == ended["step"] + 1 and any(k.startswith("adam.") for k in tensors)
     assert state["warm_start"] == ended["step"]  # the fresh optimizer warms up again
+
+
+def test_the_autoencoder_loss_sees_the_decoder_before_the_clamp_and_starts_with_quiet_posteriors():
+    """`decode` clamps to [-1, 1], where a pixel has no gradient; the loss reads the decoder's
+    own output, which equals `decode` wherever it is in range and still has gradient beyond it.
+    The posterior's log-variance starts at the configured value, so its noise starts small."""
+    from astraea.reference.latent.train import AutoencoderStage, unclamped_decode
+
+    vae = build_autoencoder(TINY_AUTOENCODER)
+    with torch.no_grad():  # a decoder that overshoots: the case a clamped loss cannot recover from
+        vae.decoder.conv_out.bias.fill_(3.0)
+    latents = torch.randn(1, 4, 2, 4, 4, requires_grad=True)
+    raw = unclamped_decode(vae, latents)
+    clamped = vae.decode(latents).sample
+    assert raw.shape == clamped.shape and raw.amax() > 1
+    torch.testing.assert_close(raw.clamp(-1, 1), clamped)
+    clamped.sum().backward()
+    assert latents.grad.abs().sum() == 0  # every pixel saturated: nothing to learn from
+    latents.grad = None
+    raw.sum().backward()
+    assert latents.grad.abs().sum() > 0
+    assert not vae.decoder._forward_hooks  # the hook is gone after the call
+
+    stage = AutoencoderStage({**TINY["autoencoder"], "initial_logvar": -6.0}, torch.device("cpu"))
+    clips = make_clips(0, 1)[0][:, :, :5, :32, :32]
+    logvar = stage.models["autoencoder"].encode(clips).latent_dist.logvar
+    assert (logvar - -6.0).abs().max() < 1.0

@@ -10,8 +10,8 @@ without the LSE factor, no staleness penalty). astraea compiles once: the method
 options it reads per call (`Backend.update`).
 
 Two subjects:
-- `--model reference` (default): the shipped trained model; clips for `--prompts` prompts,
-  fidelity of the clips against the dense clips, and semantic accuracy.
+- `--model reference` (default) or `reference-v2`: a shipped trained model; clips for
+  `--prompts` prompts, fidelity of the clips against the dense clips, and semantic accuracy.
 - `--model wan2.1-1.3b` (or `tiny`): random weights on the search's sampler, on held-out seeds.
   The initial noise dominates a random model's final latent and flatters every method, so
   fidelity is of what the model contributed (final latent minus noise), the latent's beside it.
@@ -58,6 +58,7 @@ from diffusers import (
 
 import astraea
 from astraea.config import AstraeaConfig
+from astraea.reference.subjects import SUBJECTS, load_subject
 from astraea.schedule import Schedule
 from astraea.search import models
 from astraea.search.fidelity import compare, fidelity
@@ -68,30 +69,24 @@ HELD_OUT = (100, 101, 102, 103, 104, 105)  # seeds the searches never saw
 
 
 class ReferenceClips:
-    """The shipped model on fixed evaluation prompts, one batch; scored on decoded clips."""
+    """A trained reference model (v1 or v2) on fixed evaluation prompts, one batch; scored on decoded clips."""
 
     columns = (("PSNR dB", "psnr", ".2f"), ("SSIM", "ssim", ".3f"), ("semantic accuracy", "accuracy", ".3f"))
 
     def __init__(self, args):
-        from astraea.reference.evaluate import evaluation_prompts
-        from astraea.reference.model import GUIDANCE, load_reference
-
-        self.model, self.encoder = load_reference(device=args.device)
-        self.prompts = evaluation_prompts(args.prompts)
-        self.steps, self.guidance = args.steps, GUIDANCE if args.guidance is None else args.guidance
-        self.setting = (f"reference model, {args.prompts} prompts, {self.steps} steps, guidance {self.guidance}; "
+        self.subject = load_subject(args.model, args.device, path=args.weights)
+        self.model, self.prompts = self.subject.transformer, self.subject.prompts(args.prompts)
+        self.steps = args.steps
+        self.guidance = self.subject.guidance if args.guidance is None else args.guidance
+        self.setting = (f"{args.model} model, {args.prompts} prompts, {self.steps} steps, guidance {self.guidance}; "
                         "fidelity of the clips against the dense clips")
 
     def run(self, model):
-        from astraea.reference.evaluate import generate_clips
-
-        return generate_clips(model, self.encoder, self.prompts, self.steps, self.guidance, batch_size=len(self.prompts))
+        return self.subject.generate(model, self.prompts, self.steps, self.guidance, batch_size=len(self.prompts))
 
     def metrics(self, clips, dense) -> dict:
-        from astraea.reference.evaluate import score
-
         fid = compare(clips, dense)
-        return {"psnr": fid.psnr, "ssim": fid.ssim, **score(clips, self.prompts)}
+        return {"psnr": fid.psnr, "ssim": fid.ssim, **self.subject.score(clips, self.prompts)}
 
 
 class RandomWan:
@@ -280,7 +275,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     models.add_arguments(parser)
     parser.set_defaults(model="reference")
-    parser.add_argument("--prompts", type=int, default=8, help="evaluation prompts (reference model)")
+    parser.add_argument("--prompts", type=int, default=8, help="evaluation prompts (reference models)")
     parser.add_argument("--seeds", type=int, default=2, help=f"held-out seeds of {HELD_OUT} (random Wan models)")
     parser.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
                         help="astraea launches every kernel instead of replaying calls as CUDA graphs")
@@ -296,7 +291,7 @@ def main() -> None:
     if args.replot:
         return replot(args.replot)
     device = torch.device(args.device)
-    subject = ReferenceClips(args) if args.model == "reference" else RandomWan(args)
+    subject = ReferenceClips(args) if args.model in SUBJECTS else RandomWan(args)
     transformer, timer, gpu = subject.model, Timer(device), device.type == "cuda"
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
 
@@ -445,7 +440,7 @@ def replot(path: str) -> None:
     with open(path) as f:
         data = json.load(f)
     args = data["args"]
-    columns = (ReferenceClips if args["model"] == "reference" else RandomWan).columns
+    columns = (ReferenceClips if args["model"] in SUBJECTS else RandomWan).columns
     gpu = data.get("gpu", any(r.get("peak_gb") is not None for r in data["rows"].values()))
     write(data["rows"], args["model"], os.path.dirname(path) or ".", data["setting"], columns,
           data["baseline_seconds"], data["magcache_ratios"], data["device"], gpu, args)

@@ -124,3 +124,15 @@ def test_profiling_schedule_visits_every_level_after_a_dense_step():
     budgets, measured = profiling_schedule((0.0, 0.5, 1.0), steps_per_level=2)
     assert budgets == (1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 1.0, 1.0, 1.0)
     assert measured == (None, 0.0, 0.0, None, 0.5, 0.5, None, 1.0, 1.0)
+
+
+def test_a_table_restricted_to_whole_steps_keeps_their_latencies_and_refuses_unmeasured_levels():
+    whole = table().only((1, 0))
+    assert whole.levels == (0.0, 1.0) and whole.latency_ms == (LATENCY[0], LATENCY[-1])
+    assert whole.predict([1.0, 0.0, 1.0]) == table().predict([1.0, 0.0, 1.0])
+    with pytest.raises(CostTableError, match="not measured"):
+        whole.predict([0.5])
+    with pytest.raises(CostTableError, match="not measured"):
+        table().only((0.0, 0.55, 1.0))
+    with pytest.raises(CostTableError, match="levels 0 and 1"):
+        table().only((0.5, 1.0))

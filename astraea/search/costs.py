@@ -156,6 +156,14 @@ class CostTable:
         except ValueError:
             raise CostTableError(f"budget {budget} was not measured; the table has levels {self.levels}") from None
 
+    def only(self, levels: Sequence[float]) -> "CostTable":
+        """This table restricted to some of its levels (0 and 1 among them): a search over
+        whole steps only, dense or skipped, is one over `only((0, 1))`."""
+        levels = tuple(sorted({float(x) for x in levels}))
+        check_levels(levels)
+        latency = tuple(self.latency_ms[self._level(level)] for level in levels)
+        return CostTable(self.key, levels, latency, self.call_overhead_ms, self.meta)
+
     def call_ms(self, budget: float) -> float:
         return self.latency_ms[self._level(budget)]
 

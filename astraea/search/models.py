@@ -1,7 +1,10 @@
 """The workloads `astraea profile` and `astraea search` know by name.
 
-- "reference": the shipped reference model (`astraea.reference`), trained, in pixel space:
+- "reference": the shipped reference model v1 (`astraea.reference`), trained, in pixel space:
   fidelity on it means what a person would see. Calibration seeds draw its prompts.
+- "reference-v2": reference model v2 (`astraea.reference.latent`): Wan's VAE and transformer,
+  2,304 latent tokens, velocity prediction, sampled as Wan is (shift 3); fidelity on the clips
+  its VAE decodes.
 - "tiny", "wan2.1-1.3b": randomly initialised Wan transformers. Latency depends on the
   architecture and the shapes, not on the weights, so a random Wan2.1-1.3B-shaped model
   gives the trained model's cost table without its weights; fidelity on random weights is
@@ -30,7 +33,7 @@ WAN_PRESETS = {
 }
 # Text tokens of the conditioning: cross-attention cost grows with them (Wan's T5 gives 512).
 WAN_TEXT_TOKENS = {"tiny": 16, "wan2.1-1.3b": 512}
-MODELS = ("reference", *WAN_PRESETS)
+MODELS = ("reference", "reference-v2", *WAN_PRESETS)
 
 
 def random_wan(
@@ -102,6 +105,37 @@ def reference(
     )
 
 
+def reference_v2(
+    *, num_steps: int, guidance: float | None = None, dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu", path: str | None = None
+) -> Workload:
+    """Reference model v2 (the shipped weights, or those at `path` unchecked), sampled as
+    `astraea.reference.latent.model.generate` samples it."""
+    from astraea.reference.latent.autoencoder import decode, latent_shape
+    from astraea.reference.latent.model import GUIDANCE, SHIFT
+    from astraea.reference.latent.scenes import sample_scenes
+    from astraea.reference.subjects import LatentReference
+
+    subject = LatentReference(device, dtype, path)
+    empty = subject.encoder.encode([""])
+
+    def conditioning(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt = sample_scenes(np.random.default_rng(seed), 1).prompts()[0]
+        return subject.encoder.encode([prompt.text]), empty
+
+    return Workload(
+        subject.transformer,
+        latent_shape=latent_shape(dict(subject.vae.config)),
+        conditioning=conditioning,
+        num_steps=num_steps,
+        guidance=GUIDANCE if guidance is None else guidance,
+        shift=SHIFT,
+        dtype=dtype,
+        device=device,
+        decoder=lambda x: decode(subject.vae, x),
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options naming a workload, shared by `astraea profile` and `astraea search`."""
     parser.add_argument("--model", choices=MODELS, default="tiny", help="model to run (default: tiny)")
@@ -112,7 +146,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="classifier-free guidance scale (default: the model's own, 2 for reference, 5 for Wan)")
+                        help="classifier-free guidance scale (default: the model's own, 2 for reference, 4 for reference-v2, "
+                             "5 for Wan)")
+    parser.add_argument("--weights", default=None,
+                        help="reference-v2 only: a weights file to load unchecked instead of the shipped one")
 
 
 def from_arguments(args: argparse.Namespace) -> Workload:
@@ -120,5 +157,7 @@ def from_arguments(args: argparse.Namespace) -> Workload:
     guidance = {} if args.guidance is None else {"guidance": args.guidance}
     if args.model == "reference":
         return reference(num_steps=args.steps, dtype=dtype, device=device, **guidance)
+    if args.model == "reference-v2":
+        return reference_v2(num_steps=args.steps, dtype=dtype, device=device, path=args.weights, **guidance)
     return random_wan(args.model, frames=args.frames, height=args.height, width=args.width,
                       num_steps=args.steps, dtype=dtype, device=device, **guidance)

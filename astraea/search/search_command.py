@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated calibration seeds (default: 0,1,2,3)")
     parser.add_argument("--proxy-seeds", type=int, default=1, help="seeds every candidate is scored on")
     parser.add_argument("--confirm", type=int, default=4, help="best candidates rescored on all seeds")
+    parser.add_argument("--levels", type=levels, default=None,
+                        help="comma-separated budgets a step may take, among the cost table's (default: all of them; "
+                             "0,1: whole steps only, dense or skipped)")
     add_settings(parser)
 
 
@@ -50,6 +53,13 @@ def settings_from_arguments(args: argparse.Namespace) -> SearchSettings:
                           seed=args.seed, full_steps=args.full_steps)
 
 
+def levels(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"levels must be comma-separated numbers, got {text!r}") from None
+
+
 def seeds(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
@@ -66,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"no cost table at {args.costs}: measuring one")
         table = profile(workload, sparse=compiled)
         table.save(args.costs)
+    if args.levels is not None:
+        table = table.only(args.levels)
     settings = settings_from_arguments(args)
     plot = args.plot or os.path.splitext(args.output)[0] + ".png"
     result = search(

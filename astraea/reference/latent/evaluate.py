@@ -25,11 +25,29 @@ from ..evaluate import PROMPT_SEED, score
 from .checks import check_clip
 from .autoencoder import decode, encode
 from .model import GUIDANCE, WEIGHTS, WEIGHTS_SHA256, generate, load_latent_reference
-from .scenes import Scenes, render, sample_scenes
+from .scenes import Prompt, Scenes, render, sample_scenes
 
 
 def _rows(scenes: Scenes, rows: slice) -> Scenes:
     return Scenes(**{f.name: getattr(scenes, f.name)[rows] for f in dataclasses.fields(scenes)})
+
+
+def evaluation_prompts(count: int, seed: int = PROMPT_SEED) -> list[Prompt]:
+    """The held-out prompts clips are judged on (the scenes of `seed`, which training never draws)."""
+    return sample_scenes(np.random.default_rng(seed), count).prompts()
+
+
+def generate_clips(transformer, vae, encoder, prompts: list[Prompt], num_steps: int, guidance: float = GUIDANCE,
+                   seed: int = 0, batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+    """Decoded clips [N, 3, F, H, W] for the prompts, `batch_size` at a time; batch i draws its
+    noise from seed + i. `transformer` is any callable with the Wan signature."""
+    negative = encoder.encode([""])  # on the encoder's device
+    clips = []
+    for i in range(0, len(prompts), batch_size):
+        embeds = encoder.encode([p.text for p in prompts[i : i + batch_size]])
+        clips.append(generate(transformer, vae, embeds, negative, num_steps, guidance, seed=seed + i // batch_size,
+                              progress=progress)[1].cpu())
+    return torch.cat(clips)
 
 
 @torch.no_grad()
@@ -37,20 +55,17 @@ def evaluate(vae, transformer, encoder, count: int, steps: int, guidance: float,
     scenes = sample_scenes(np.random.default_rng(PROMPT_SEED), count)
     prompts = scenes.prompts()
     device = next(transformer.parameters()).device
-    negative = encoder.encode([""]).to(device)
-    generated, reconstructed, squared, peak = [], [], 0.0, -1.0
+    generated = generate_clips(transformer, vae, encoder, prompts, steps, guidance, seed, batch_size)
+    reconstructed, squared, peak = [], 0.0, -1.0
     for i in range(0, count, batch_size):
-        part = prompts[i : i + batch_size]
-        embeds = encoder.encode([p.text for p in part]).to(device)
-        generated.append(generate(transformer, vae, embeds, negative, steps, guidance, seed=seed + i // batch_size)[1].cpu())
-        clips = render(_rows(scenes, slice(i, i + len(part))), device)
+        clips = render(_rows(scenes, slice(i, min(i + batch_size, count))), device)
         back = decode(vae, encode(vae, clips))
         squared += (back - clips.float()).square().sum().item()
         peak = max(peak, back.amax().item())
         reconstructed.append(back.cpu())
     reconstructed = torch.cat(reconstructed)
     return {"prompts": count, "steps": steps, "guidance": guidance,
-            "generated": score(torch.cat(generated), prompts, check_clip),
+            "generated": score(generated, prompts, check_clip),
             "reconstructed": score(reconstructed, prompts, check_clip),
             # of the clips' mean error (range [-1, 1]: peak-to-peak 2), not a mean of dBs
             "reconstruction_psnr": 10 * math.log10(4 / (squared / reconstructed.numel())),

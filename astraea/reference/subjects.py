@@ -1,0 +1,80 @@
+"""The trained reference models as the demo and the benchmarks use them, behind one interface.
+
+- "reference" (v1, `model.py`): pixel space, 512 tokens, predicts the clean clip.
+- "reference-v2" (`latent/`): diffusers' Wan VAE and Wan transformer, 2,304 latent tokens,
+  predicts the flow-matching velocity as Wan does.
+
+A subject gives its held-out evaluation prompts, generates decoded clips [N, 3, F, H, W] in
+[-1, 1] from them with any callable of the diffusers Wan signature (the transformer itself, or
+a compiled or sparse one), and checks clips against their prompts with its own analytic checks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import evaluate as pixel
+from .latent import evaluate as latent
+from .latent.checks import check_clip as latent_check
+from .latent.model import GUIDANCE as LATENT_GUIDANCE, load_latent_reference
+from .model import GUIDANCE as PIXEL_GUIDANCE, load_reference
+
+SUBJECTS = ("reference", "reference-v2")
+
+
+class PixelReference:
+    """Reference model v1."""
+
+    name = "reference"
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.transformer, self.encoder = load_reference(device=device, dtype=dtype)
+        self.guidance = PIXEL_GUIDANCE
+
+    def prompts(self, count: int) -> list:
+        return pixel.evaluation_prompts(count)
+
+    def generate(self, model, prompts: list, steps: int, guidance: float | None = None, seed: int = 0,
+                 batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        guidance = self.guidance if guidance is None else guidance
+        return pixel.generate_clips(model, self.encoder, prompts, steps, guidance, seed, batch_size, progress)
+
+    def score(self, clips: torch.Tensor, prompts: list) -> dict[str, float]:
+        return pixel.score(clips, prompts)
+
+
+class LatentReference:
+    """Reference model v2; `path` loads a weights file other than the shipped one, unchecked."""
+
+    name = "reference-v2"
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 path: str | Path | None = None):
+        checked = {} if path is None else {"path": path, "expected_sha256": None}
+        self.vae, self.transformer, self.encoder = load_latent_reference(device, dtype, **checked)
+        self.guidance = LATENT_GUIDANCE
+
+    def prompts(self, count: int) -> list:
+        return latent.evaluation_prompts(count)
+
+    def generate(self, model, prompts: list, steps: int, guidance: float | None = None, seed: int = 0,
+                 batch_size: int = 16, progress: bool = False) -> torch.Tensor:
+        guidance = self.guidance if guidance is None else guidance
+        return latent.generate_clips(model, self.vae, self.encoder, prompts, steps, guidance, seed, batch_size, progress)
+
+    def score(self, clips: torch.Tensor, prompts: list) -> dict[str, float]:
+        return pixel.score(clips, prompts, latent_check)
+
+
+def load_subject(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 path: str | Path | None = None):
+    """The reference model called `name`; `path` (v2 only) names a weights file to load unchecked."""
+    if name == "reference":
+        if path is not None:
+            raise ValueError("a weights path is only taken for reference-v2")
+        return PixelReference(device, dtype)
+    if name == "reference-v2":
+        return LatentReference(device, dtype, path)
+    raise ValueError(f"unknown reference model {name!r}; known: {', '.join(SUBJECTS)}")

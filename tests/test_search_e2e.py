@@ -139,6 +139,11 @@ def test_cli_profile_then_search(workload, table, tmp_path, capsys):
     assert json.loads((tmp_path / "c.json").read_text())["generation"] == 1
     assert (tmp_path / "s.png").exists()
     assert Schedule.load(tmp_path / "s.json").meta["search"]["seeds"] == [0, 1]
+    # Whole steps only: the same table, its dense and skip levels
+    assert main(["search", *model, "--costs", str(costs), "--speedup", "1.3", "--seeds", "0", "--levels", "0,1",
+                 "--population", "3", "--offspring", "2", "--generations", "1", "--confirm", "1",
+                 "-o", str(tmp_path / "w.json"), "--no-progress"]) == 0
+    assert set(Schedule.load(tmp_path / "w.json").budgets) <= {0.0, 1.0}
 
     other = tmp_path / "other.json"
     assert main(["profile", *model, "--levels", "0,1", "--steps-per-level", "1", "--repeats", "1",

@@ -219,9 +219,28 @@ def test_demo_compares_dense_and_sparse_and_writes_its_files(tmp_path, capsys):
     assert parse_schedule("0.5") == 0.5 and parse_schedule("1,0.5") == [1.0, 0.5] and parse_schedule("s.json") == "s.json"
     assert main(["demo", "--prompts", "1", "--steps", "3", "--full-steps", "1", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    assert "speedup" in table and "sparse" in table
+    assert "speedup" in table and "sparse" in table and "schedules/reference.json" in table  # the shipped searched one
     assert Image.open(tmp_path / "dense_vs_sparse.gif").n_frames == FRAMES
-    assert (tmp_path / "budgets.png").stat().st_size > 0
+    assert (tmp_path / "budgets.png").stat().st_size > 0 and (tmp_path / "recomputed.png").stat().st_size > 0
+
+
+def test_the_recompute_map_follows_each_steps_budget():
+    """Per step of the cond branch, the share of each latent frame's tokens recomputed: all at
+    a dense step, none at a skipped one, the budget's share in between."""
+    import astraea
+    from astraea.reference.demo import RecomputeMap
+
+    transformer, encoder = load_reference()
+    torch._dynamo.reset()
+    backend = astraea.backend(schedule=[1.0, 0.0, 0.5], full_steps=0, skip="blocks")
+    compiled = torch.compile(transformer, backend=backend)
+    recomputed = RecomputeMap(backend)
+    compiled.register_forward_hook(recomputed)
+    generate(compiled, encoder.encode(["a red circle"]), encoder.encode([""]), num_steps=3, guidance=2.0)
+    shares = torch.stack(recomputed.rows)  # [steps, frames]
+    assert shares.shape == (3, backend.runners[-1].report.token_grid[0])
+    assert (shares[0] == 1).all() and (shares[1] == 0).all()
+    assert 0.3 < shares[2].mean() < 0.7
 
 
 def test_structure_hash_of_the_shipped_model_is_stable():

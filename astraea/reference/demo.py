@@ -1,10 +1,13 @@
-"""Generate clips with the shipped reference model, dense and sparse, and compare them.
+"""Generate clips with a shipped reference model, dense and sparse, and compare them.
 
 `astraea demo` runs the same prompts, seeds and sampler twice: with the plain transformer, and
-with `torch.compile(transformer, backend=astraea.backend(...))` at a schedule. It prints the
-speedup, how close the sparse clips stay to the dense ones (PSNR, SSIM) and how well each set
-follows its prompts (`checks.py`), and writes a side-by-side GIF and a plot of the budget
-each step ran at. Everything runs offline on a CPU in a few minutes.
+with `torch.compile(transformer, backend=astraea.backend(...))` at a schedule (by default the
+model's shipped searched one, `astraea/assets/schedules/`). It prints the speedup, how close
+the sparse clips stay to the dense ones (PSNR, SSIM) and how well each set follows its prompts
+(the model's analytic checks), and writes a side-by-side GIF, a plot of the budget each step
+ran at, and a heat map of the share of each latent frame's tokens recomputed at each step.
+Everything runs offline on a CPU in a few minutes (reference v2 decodes 256x256 clips through
+its VAE, about 10 s a clip there: two prompts by default).
 """
 
 from __future__ import annotations
@@ -17,32 +20,46 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import torch
 from PIL import Image
 
 import astraea
 
+from .model import ASSETS
+from ..schedule import Schedule
 from ..search.fidelity import compare
-from .evaluate import evaluation_prompts, generate_clips, score
-from .model import GUIDANCE, load_reference
+from .latent.model import WEIGHTS as LATENT_WEIGHTS, WEIGHTS_SHA256 as LATENT_SHA256
+from .subjects import SUBJECTS, load_subject
 
 GIF_SCALE = 3
 GIF_FRAME_MS = 125
 
 
+SCHEDULES = ASSETS / "schedules"  # {model}.json: the best searched schedule shipped for each model
+# reference v2 once its weights ship; v1 until then (a weights file passed with --weights is v2's)
+DEFAULT_MODEL = "reference-v2" if LATENT_SHA256 is not None and LATENT_WEIGHTS.exists() else "reference"
+DEFAULT_PROMPTS = {"reference": 8, "reference-v2": 2}
+UNIFORM_FULL_STEPS = 6  # dense steps before a uniform budget (a searched schedule has its own)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompts", type=int, default=8, help="clips to generate (default: 8)")
+    parser.add_argument("--model", choices=SUBJECTS, default=None,
+                        help=f"reference model (default: {DEFAULT_MODEL}; reference-v2 with --weights)")
+    parser.add_argument("--weights", type=Path, default=None, help="reference-v2: a weights file to load unchecked")
+    parser.add_argument("--prompts", type=int, default=None,
+                        help="clips to generate (default: 8 for reference, 2 for reference-v2)")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps (default: 20)")
-    parser.add_argument("--guidance", type=float, default=GUIDANCE,
-                        help=f"classifier-free guidance scale (default: {GUIDANCE:g})")
-    parser.add_argument("--schedule", default="0.5",
-                        help="a budget for every step, comma-separated budgets per step, or a schedule file (default: 0.5)")
-    parser.add_argument("--full-steps", type=int, default=6,
-                        help="first steps that run dense whatever the schedule says (default: 6; with 1, budget 0.5 "
-                             "drifts far from the dense clips on this model)")
+    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    parser.add_argument("--schedule", default=None,
+                        help="a budget for every step, comma-separated budgets per step, or a schedule file "
+                             "(default: the model's shipped searched schedule, else 0.5)")
+    parser.add_argument("--full-steps", type=int, default=None,
+                        help=f"first steps that run dense whatever the schedule says (default: 0 for a schedule "
+                             f"file, {UNIFORM_FULL_STEPS} for budgets)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("astraea-demo"), help="folder for the GIF and the plot")
+    parser.add_argument("--out", type=Path, default=Path("astraea-demo"), help="folder for the GIF and the plots")
 
 
 def parse_schedule(text: str):
@@ -55,42 +72,97 @@ def parse_schedule(text: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    config = astraea.AstraeaConfig(schedule=parse_schedule(args.schedule), full_steps=args.full_steps)
-    transformer, encoder = load_reference()
-    prompts = evaluation_prompts(args.prompts)
+    name = args.model or ("reference-v2" if args.weights is not None else DEFAULT_MODEL)
+    subject = load_subject(name, path=args.weights)
+    shipped = SCHEDULES / f"{name}.json"
+    schedule = parse_schedule(args.schedule) if args.schedule else str(shipped) if shipped.exists() else 0.5
+    full_steps = args.full_steps if args.full_steps is not None else 0 if isinstance(schedule, str) else UNIFORM_FULL_STEPS
+    shown = schedule
+    if isinstance(schedule, str):  # a searched schedule runs with the options it was searched with
+        schedule = Schedule.load(schedule)
+        searched = {name: schedule.searched_option(name) for name in ("policy", "skip", "reuse")}
+    else:
+        searched = {}
+    config = astraea.AstraeaConfig(schedule=schedule, full_steps=full_steps,
+                                   **{k: v for k, v in searched.items() if v is not None})
+    prompts = subject.prompts(args.prompts or DEFAULT_PROMPTS[name])
+    print(f"{name}, schedule {shown}, first {full_steps} steps dense" + "".join(f", {k} {v}" for k, v in searched.items() if v))
     for i, prompt in enumerate(prompts):
         print(f"{i}: {prompt.text}")
 
-    def timed(model, name):
-        print(f"{name}:", flush=True)
+    def timed(model, label):
+        print(f"{label}:", flush=True)
         start = time.perf_counter()
-        clips = generate_clips(model, encoder, prompts, args.steps, args.guidance, args.seed, progress=True)
+        clips = subject.generate(model, prompts, args.steps, args.guidance, args.seed, progress=True)
         return clips, time.perf_counter() - start
 
-    dense, dense_s = timed(transformer, "dense")
+    dense, dense_s = timed(subject.transformer, "dense")
     backend = astraea.backend(config)
-    sparse_model = torch.compile(transformer, backend=backend)
+    sparse_model = torch.compile(subject.transformer, backend=backend)
     start = time.perf_counter()
-    generate_clips(sparse_model, encoder, prompts, 2, args.guidance, args.seed)  # compiles, at the timed run's shapes
+    with torch.no_grad():  # compiles, at the timed run's shapes
+        sparse_model(**example_call(subject, prompts))
     compile_s = time.perf_counter() - start
-    sparse, sparse_s = timed(sparse_model, f"sparse (schedule {args.schedule}, first {args.full_steps} steps dense; "
-                                           f"compiled in {compile_s:.1f} s)")
+    backend.update()  # forget the warm-up call: the timed generation starts afresh
+    recomputed = RecomputeMap(backend)
+    handle = sparse_model.register_forward_hook(recomputed)
+    try:
+        sparse, sparse_s = timed(sparse_model, f"sparse (compiled in {compile_s:.1f} s)")
+    finally:
+        handle.remove()
 
     fidelity = compare(sparse, dense)
-    rows = [("dense", dense_s, score(dense, prompts), None), ("sparse", sparse_s, score(sparse, prompts), fidelity)]
+    rows = [("dense", dense_s, subject.score(dense, prompts), None), ("sparse", sparse_s, subject.score(sparse, prompts), fidelity)]
     print(f"\n{'':8}{'seconds':>9}{'speedup':>9}{'PSNR dB':>9}{'SSIM':>7}{'accuracy':>10}{'chance':>8}")
-    for name, seconds, semantic, fid in rows:
+    for label, seconds, semantic, fid in rows:
         closeness = f"{fid.psnr:9.2f}{fid.ssim:7.3f}" if fid else f"{'-':>9}{'-':>7}"
-        print(f"{name:8}{seconds:9.1f}{dense_s / seconds:9.2f}{closeness}{semantic['accuracy']:10.3f}{semantic['mismatched']:8.3f}")
-    print("accuracy: share of the checks (count, colour, shape, direction, smooth) a clip passes against its own "
-          "prompt; chance: against another clip's prompt")
+        print(f"{label:8}{seconds:9.1f}{dense_s / seconds:9.2f}{closeness}{semantic['accuracy']:10.3f}{semantic['mismatched']:8.3f}")
+    print("accuracy: share of the model's checks a clip passes against its own prompt; chance: against another "
+          "clip's prompt")
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_gif(dense, sparse, args.out / "dense_vs_sparse.gif")
     plot_budgets(backend, args.steps, args.out / "budgets.png")
-    print(f"wrote {args.out / 'dense_vs_sparse.gif'} (left dense, right sparse, one row per prompt) "
-          f"and {args.out / 'budgets.png'}")
+    recomputed.plot(args.out / "recomputed.png")
+    print(f"wrote {args.out / 'dense_vs_sparse.gif'} (left dense, right sparse, one row per prompt), "
+          f"{args.out / 'budgets.png'} and {args.out / 'recomputed.png'}")
     return 0
+
+
+def example_call(subject, prompts: list) -> dict:
+    """Keyword arguments of one transformer call as the timed generation makes them (same shapes)."""
+    embeds = subject.encoder.encode([p.text for p in prompts])
+    return dict(hidden_states=torch.zeros(len(prompts), *subject.latent_shape()), timestep=torch.full((len(prompts),), 999.0),
+                encoder_hidden_states=embeds, return_dict=False)
+
+
+class RecomputeMap:
+    """The share of each latent frame's tokens that the sparse blocks recomputed at each step of
+    the first guidance branch (cond): a forward hook reading, after every call, which tokens'
+    staleness is zero in the runner's state (averaged over the blocks)."""
+
+    def __init__(self, backend):
+        self.backend, self.rows = backend, []
+
+    def __call__(self, module, args, output) -> None:
+        runner = self.backend.runners[-1]
+        if runner.records[-1].branch != 0:
+            return
+        fresh = torch.stack([(block.stale[0] == 0).float().cpu() for block in runner.branches[0].blocks]).mean(0)
+        grid = runner.report.token_grid or (1, fresh.numel())  # (frames, ...) of the token axis
+        self.rows.append(fresh.view(grid[0], -1).mean(1))
+
+    def plot(self, path: Path) -> None:
+        shares = torch.stack(self.rows).T.numpy()  # [frames, steps]
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        image = ax.imshow(shares, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+        ax.set(xlabel="step", ylabel="latent frame", title="share of each frame's tokens recomputed (cond branch)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.colorbar(image, ax=ax)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
 
 
 def write_gif(dense: torch.Tensor, sparse: torch.Tensor, path: Path) -> None:

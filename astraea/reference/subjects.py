@@ -4,7 +4,7 @@
 - "reference-v2" (`latent/`): diffusers' Wan VAE and Wan transformer, 2,304 latent tokens,
   predicts the flow-matching velocity as Wan does.
 
-A subject gives its held-out evaluation prompts, generates decoded clips [N, 3, F, H, W] in
+A subject gives its held-out evaluation prompts, the shape of what its transformer samples, generates decoded clips [N, 3, F, H, W] in
 [-1, 1] from them with any callable of the diffusers Wan signature (the transformer itself, or
 a compiled or sparse one), and checks clips against their prompts with its own analytic checks.
 """
@@ -16,7 +16,9 @@ from pathlib import Path
 import torch
 
 from . import evaluate as pixel
+from .data import FRAMES, SIZE
 from .latent import evaluate as latent
+from .latent.autoencoder import latent_shape
 from .latent.checks import check_clip as latent_check
 from .latent.model import GUIDANCE as LATENT_GUIDANCE, load_latent_reference
 from .model import GUIDANCE as PIXEL_GUIDANCE, load_reference
@@ -35,6 +37,10 @@ class PixelReference:
 
     def prompts(self, count: int) -> list:
         return pixel.evaluation_prompts(count)
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(channels, frames, height, width) the transformer samples: the clip itself."""
+        return 3, FRAMES, SIZE, SIZE
 
     def generate(self, model, prompts: list, steps: int, guidance: float | None = None, seed: int = 0,
                  batch_size: int = 16, progress: bool = False) -> torch.Tensor:
@@ -58,6 +64,10 @@ class LatentReference:
 
     def prompts(self, count: int) -> list:
         return latent.evaluation_prompts(count)
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        """(channels, frames, height, width) the transformer samples: the VAE's latents of a clip."""
+        return latent_shape(dict(self.vae.config))
 
     def generate(self, model, prompts: list, steps: int, guidance: float | None = None, seed: int = 0,
                  batch_size: int = 16, progress: bool = False) -> torch.Tensor:

@@ -111,7 +111,7 @@ def reference_v2(
 ) -> Workload:
     """Reference model v2 (the shipped weights, or those at `path` unchecked), sampled as
     `astraea.reference.latent.model.generate` samples it."""
-    from astraea.reference.latent.autoencoder import decode, latent_shape
+    from astraea.reference.latent.autoencoder import decode
     from astraea.reference.latent.model import GUIDANCE, SHIFT
     from astraea.reference.latent.scenes import sample_scenes
     from astraea.reference.subjects import LatentReference
@@ -125,7 +125,7 @@ def reference_v2(
 
     return Workload(
         subject.transformer,
-        latent_shape=latent_shape(dict(subject.vae.config)),
+        latent_shape=subject.latent_shape(),
         conditioning=conditioning,
         num_steps=num_steps,
         guidance=GUIDANCE if guidance is None else guidance,

@@ -1,9 +1,12 @@
 """astraea against diffusers' own caches: speed, fidelity and memory in one run.
 
-Same inputs, seeds, sampler and steps for every method: dense eager (and dense Inductor on a
-GPU); diffusers' `enable_cache` with FirstBlockCache, PyramidAttentionBroadcast, FasterCache,
-TaylorSeerCache and MagCache at two or more settings each (MagCache calibrated first, as its
-documentation says: one run with `calibrate=True`, whose ratios the other runs use); astraea
+Same inputs, seeds, sampler and steps for every method: dense eager (and on a GPU dense
+Inductor, whole and replayed as CUDA graphs, and diffusers' regional compile,
+`compile_repeated_blocks()`); diffusers' `enable_cache` with FirstBlockCache,
+PyramidAttentionBroadcast, FasterCache, TaylorSeerCache and MagCache at two or more settings
+each (MagCache calibrated first, as its documentation says: one run with `calibrate=True`, whose
+ratios the other runs use), each eager and (on a GPU, or with `--regional`) on a transformer
+compiled with `compile_repeated_blocks()`, with the graphs and graph breaks that met; astraea
 at uniform budgets, with the searched schedules (one per speedup target found in
 benchmarks/results), and with parts of its token score switched off (random tokens, change
 without the LSE factor, no staleness penalty). astraea compiles once: the methods differ in
@@ -21,10 +24,11 @@ and dense eager, and peak memory is recorded; on a CPU, whose speed drifts over 
 each speedup is over a dense generation timed right after the method. Writes JSON, a
 markdown table and a plot of fidelity against speedup with each side's Pareto front.
 
-Two views on a GPU. The user's: speedup over the faster dense Inductor (plain, or replayed as
-CUDA graphs as astraea's calls are), fidelity against dense eager. Each method on its own
+Two views on a GPU. The user's: speedup over the fastest dense compiled model (whole, replayed
+as CUDA graphs as astraea's calls are, or regionally compiled), fidelity against dense eager. Each method on its own
 footing: speedup and fidelity against the dense run of its own lowering (astraea at budget 1.0
-for astraea, dense eager for diffusers' caches, which run eagerly). On the random Wan shape a
+for astraea, dense eager for diffusers' caches run eagerly, dense regional compile for those
+compiled so). On the random Wan shape a
 compiled dense model is itself about 47 dB from eager in bfloat16, so the first view's
 fidelity mixes a method's error with the compiler's rounding; the second separates them, and
 keeps CUDA graphs out of astraea's speedup.
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import gc
 import glob
 import json
@@ -48,6 +53,7 @@ import statistics
 import time
 
 import torch
+from torch._dynamo.utils import counters
 from diffusers import (
     FasterCacheConfig,
     FirstBlockCacheConfig,
@@ -66,6 +72,9 @@ from astraea.search.fidelity import compare, fidelity
 SEARCHED = "benchmarks/results/search_{model}_{steps}steps_*x.json"  # one per speedup target and device kind
 DENSE_ASTRAEA = "astraea 1.0 (dense)"
 HELD_OUT = (100, 101, 102, 103, 104, 105)  # seeds the searches never saw
+# Dense compiled baselines by row name, and their keys in the results' baseline seconds.
+COMPILED_DENSE = {"dense Inductor": "inductor", "dense Inductor, CUDA graphs": "inductor_graphs",
+                  "dense regional compile": "regional"}
 
 
 class ReferenceClips:
@@ -191,6 +200,19 @@ def calibrate_mag_cache(transformer, run, steps: int) -> list[float]:
     return log.ratios[0]
 
 
+def regional_copy(transformer, cache=None):
+    """A copy of the transformer with diffusers' `cache` config enabled (if any), then its
+    repeated blocks compiled with diffusers' `compile_repeated_blocks()`, as a user combines
+    them. What the cache's hooks do per step is traced too: where they change between calls,
+    dynamo recompiles or breaks the graph (up to its recompile limit, then runs them eagerly),
+    so the row records the graphs and graph breaks it met."""
+    model = copy.deepcopy(transformer)
+    if cache is not None:
+        model.enable_cache(cache)
+    model.compile_repeated_blocks()
+    return model
+
+
 class CapturedDense:
     """Dense Inductor replayed as CUDA graphs (`mode="reduce-overhead"`): the dense baseline for
     astraea's captured calls. Every call starts a graph step and its output is copied out, as the
@@ -284,6 +306,9 @@ def main() -> None:
                         "of a model beside a CPU one)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="generations timed per method, their median taken (on a CPU the dense one timed beside each too)")
+    parser.add_argument("--regional", action="store_true",
+                        help="also on a CPU: dense regional compile, and every diffusers cache on a transformer compiled "
+                             "with compile_repeated_blocks() (always on a GPU)")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the table and plot of an earlier run's results")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -307,14 +332,14 @@ def main() -> None:
     baselines = {"eager": dense_s}
     rows, mag_ratios = {}, []
 
-    def record(name, out, seconds, peak_gb, own=(dense_s, dense)):
-        """`own`: (seconds, output) of the dense run of the method's own lowering."""
+    def record(name, out, seconds, peak_gb, own=(dense_s, dense), extra=None):
+        """`own`: (seconds, output) of the dense run of the method's own lowering; `extra`: more fields of the row."""
         # A CPU's speed drifts over minutes: time dense again next to every method there.
         eager_s = dense_s if gpu or name.startswith("dense") else timer(generate(transformer), repeats)[1]
         row = {"seconds": seconds, "dense_seconds": eager_s, "speedup": eager_s / seconds, "peak_gb": peak_gb,
-               **subject.metrics(out, dense)}
+               **subject.metrics(out, dense), **(extra or {})}
         if gpu:
-            row["speedup_inductor"] = min(baselines["inductor"], baselines["inductor_graphs"]) / seconds
+            row["speedup_inductor"] = min(baselines[k] for k in COMPILED_DENSE.values()) / seconds
             own_s, own_out = own
             mine = row if own_out is dense else subject.metrics(out, own_out)
             row.update(speedup_own=own_s / seconds, psnr_own=mine["psnr"], ssim_own=mine["ssim"])
@@ -325,15 +350,24 @@ def main() -> None:
         # After every method: a cut-off run keeps its rows.
         write(rows, args.model, args.out, subject.setting, subject.columns, baselines, mag_ratios, where, gpu, vars(args))
 
-    if gpu:  # the dense baselines a user would compare with: the model under torch.compile
-        inductor = {"dense Inductor": torch.compile(transformer), "dense Inductor, CUDA graphs": CapturedDense(transformer)}
-        measured = {}
-        for name, model in inductor.items():
-            timer(generate(model))  # compiles (and captures)
-            measured[name] = timer(generate(model), baseline_repeats)
-        baselines["inductor"], baselines["inductor_graphs"] = (m[1] for m in measured.values())
-        for name, (out, seconds, peak) in measured.items():
-            record(name, out, seconds, peak, own=(seconds, out))
+    # The dense baselines a user would compare with: the model under torch.compile, whole and by blocks.
+    regional = gpu or args.regional
+    compiled_dense = {}
+    if gpu:
+        compiled_dense = {"dense Inductor": torch.compile(transformer), "dense Inductor, CUDA graphs": CapturedDense(transformer)}
+    if regional:
+        compiled_dense["dense regional compile"] = regional_copy(transformer)
+    measured = {}
+    for name, model in compiled_dense.items():
+        timer(generate(model))  # compiles (and captures)
+        measured[name] = timer(generate(model), baseline_repeats)
+    baselines.update({COMPILED_DENSE[name]: seconds for name, (_, seconds, _) in measured.items()})
+    for name, (out, seconds, peak) in measured.items():
+        record(name, out, seconds, peak, own=(seconds, out))
+    regional_dense = None  # (seconds, output) of dense regional compile: the own baseline of the caches compiled so
+    if regional:
+        out, seconds, _ = measured["dense regional compile"]
+        regional_dense = (seconds, out)
     record("dense eager", dense, dense_s, dense_gb)
 
     torch._dynamo.reset()
@@ -366,6 +400,15 @@ def main() -> None:
         finally:
             transformer.disable_cache()
         record(name, *result)  # a CPU times dense next: with the cache off
+        if regional:  # the same cache on a transformer whose blocks are compiled, as far as the cache allows
+            torch._dynamo.reset()
+            counters.clear()
+            compiled_spy = TimestepSpy(regional_copy(transformer, config), now)
+            timer(generate(compiled_spy))  # compiles
+            result = timer(generate(compiled_spy), repeats)
+            graphs = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+            record(f"{name} + regional compile", *result, own=regional_dense, extra=graphs)
+            del compiled_spy
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -385,7 +428,7 @@ def write(rows: dict, model: str, out: str, setting: str, columns, baselines: di
     with open(name + ".json", "w") as f:
         json.dump({"setting": setting, "device": where, "gpu": gpu, "args": args, "baseline_seconds": baselines,
                    "magcache_ratios": mag_ratios, "rows": rows}, f, indent=1)
-    speedups = [("speedup over dense Inductor", "speedup_inductor")] if gpu else []
+    speedups = [("speedup over the fastest dense compiled", "speedup_inductor")] if gpu else []
     speedups.append(("speedup over dense eager", "speedup"))
     own = gpu and all("psnr_own" in r for r in rows.values())  # the own-lowering view: GPU runs since it exists
     table = [(h, k, ".2f") for h, k in speedups] + list(columns)

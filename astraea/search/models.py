@@ -154,6 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_arguments(args: argparse.Namespace) -> Workload:
     dtype, device = getattr(torch, args.dtype), args.device
+    if getattr(args, "weights", None) is not None and args.model != "reference-v2":
+        raise SystemExit(f"--weights names a reference-v2 weights file; --model is {args.model}")
     guidance = {} if args.guidance is None else {"guidance": args.guidance}
     if args.model == "reference":
         return reference(num_steps=args.steps, dtype=dtype, device=device, **guidance)

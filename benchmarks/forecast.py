@@ -57,7 +57,8 @@ def main(argv=None) -> int:
         json.dump({"args": vars(args), "seeds": list(seeds), "rows": rows}, f, indent=1)
     view = "decoded clips" if workload.decoder else "the model's contribution"
     lines = [f"# Copy vs forecast reuse, {args.model}, {args.steps} steps", "",
-             f"`python benchmarks/forecast.py --model {args.model} --steps {args.steps}`; PSNR dB / SSIM of {view} "
+             f"`python benchmarks/forecast.py --model {args.model} --steps {args.steps} --seeds {args.seeds}"
+             + (f" --weights {args.weights}" if args.weights else "") + f"`; PSNR dB / SSIM of {view} "
              f"against dense on seeds {list(seeds)}.", "",
              "| schedule | copy | forecast |", "|---|---|---|"]
     lines += [f"| {r['schedule']} | {r['copy']['psnr']:.2f} / {r['copy']['ssim']:.3f} | "

@@ -152,3 +152,20 @@ def test_cli_profile_then_search(workload, table, tmp_path, capsys):
     with pytest.raises(CostTableError, match="measured for another setting") as error:
         main(["search", *model[:-1], "16", "--costs", str(other), "--speedup", "1.2", "-o", str(tmp_path / "t.json")])
     assert "shapes: {'hidden_states': [1, 4, 3, 8, 8]" in str(error.value)
+
+
+def test_magnitude_ratios_follow_the_dense_models_output_from_step_to_step(workload):
+    """MagCache's calibration on the workload's own dense run: one ratio per step, the first 1,
+    each the cond call's mean output magnitude over the previous step's."""
+    from astraea.search.search import magnitude_ratios
+
+    magnitudes = []
+    handle = workload.model.register_forward_hook(lambda m, a, out: magnitudes.append(out[0].abs().mean().item()))
+    try:
+        ratios = magnitude_ratios(workload, seed=0)
+    finally:
+        handle.remove()
+    cond = magnitudes[:: workload.calls_per_step]
+    assert len(ratios) == workload.num_steps and ratios[0] == 1.0
+    assert ratios[1:] == pytest.approx([b / a for a, b in zip(cond, cond[1:])])
+    assert not workload.model._forward_hooks  # its own hook is gone

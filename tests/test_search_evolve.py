@@ -150,3 +150,32 @@ def test_targets_and_calibrations_refuse_what_cannot_be_searched():
         SearchSettings(full_steps=-1)
     assert Target(speedup=2.0).limit_ms(10.0) == 5.0 and Target(latency_ms=3.0).limit_ms(10.0) == 3.0
     assert Calibration(seeds=[1, 2, 3], proxy_seeds=2).proxy == (1, 2)
+
+
+def test_magcache_rule_skips_while_the_accumulated_magnitude_change_stays_small():
+    """MagCache's rule by hand: ratios near 1 accumulate little error, so steps are skipped up
+    to the run limit; a large ratio forces a computed step, which starts the count afresh."""
+    from astraea.search.search import magnitude_skips
+
+    ratios = [1.0, 1.0, 0.99, 0.99, 0.99, 0.99, 0.7, 0.99, 0.99]
+    assert magnitude_skips(ratios, 0.1, 2, kept=2) == [False, False, True, True, False, True, False, True, True]
+    # error after steps 2, 3, 4: 0.01, 0.01 + 0.0199, 0.0298 + 0.0297: over 0.05 at the third
+    assert magnitude_skips(ratios, 0.05, 4, kept=2)[:5] == [False, False, True, True, False]
+    assert not any(magnitude_skips(ratios, 0.0, 4, kept=0))
+
+
+def test_magcache_genomes_fit_the_target_and_join_the_initial_population():
+    from astraea.search.search import MAGCACHE_KEPT, MAGCACHE_MAX_SKIPS, magnitude_genomes
+
+    ratios = [1.0] + [0.97] * (SPACE.num_steps - 1)
+    genomes = magnitude_genomes(SPACE, ratios)
+    assert len(genomes) == len(MAGCACHE_MAX_SKIPS)
+    kept = round(MAGCACHE_KEPT * SPACE.num_steps)
+    for genome in genomes:
+        budgets = SPACE.budgets(genome)
+        assert SPACE.latency(genome) <= SPACE.limit_ms and set(budgets) <= {0.0, 1.0}
+        assert set(budgets[:kept]) == {1.0} and 0.0 in budgets
+    population = initial_population(SPACE, 12, np.random.default_rng(0), ratios)
+    assert sum(any(np.array_equal(g, m) for g in population) for m in genomes) >= 2
+    with pytest.raises(SearchError, match="magnitude ratios"):
+        magnitude_genomes(SPACE, ratios[:-1])

@@ -9,9 +9,10 @@ target, 82 GPU-hours on average. This one is cheaper in each part:
   beside the best uniform schedule within the target (the chosen one is never worse than it
   there), and the chosen one timed end to end, so the prediction is checked, not trusted;
 - the initial population holds the uniform schedules, the "first k steps dense, then
-  uniform" ones and the step-caching ones ("first k dense, then every p-th step refreshed, the
-  others skipped") that fit the target, so the search starts from the obvious answers and
-  every generation can only improve on them.
+  uniform" ones, the step-caching ones ("first k dense, then every p-th step refreshed, the
+  others skipped": TaylorSeer's fixed interval) and MagCache's (skips while the output
+  magnitudes of a dense run say little changes) that fit the target, so the search starts
+  from the peers' own answers and every generation can only improve on them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ from .fidelity import FidelityReport
 from .plot import plot_search
 from .sparse import SparseModel
 from .workload import Workload
+
+
+# MagCache's starting schedules (its defaults: retention ratio 0.2, K up to 4 skips in a row).
+MAGCACHE_KEPT = 0.2  # share of the first steps always computed
+MAGCACHE_MAX_SKIPS = (2, 3, 4)
+MAGCACHE_THRESHOLDS = tuple(round(0.02 * k, 2) for k in range(1, 51))  # 0.02 to 1.0
 
 
 @dataclass(frozen=True)
@@ -112,12 +119,14 @@ def evolve(
     checkpoint: str | os.PathLike | None = None,
     problem: dict | None = None,
     progress: bool = True,
+    ratios: Sequence[float] | None = None,
 ) -> list[Candidate]:
     """Run the (mu + lambda) evolutionary search; returns every evaluated candidate, best first.
 
     `score` maps budgets to their fidelity. With `checkpoint`, the state is written after
     every generation and, when the file exists, the search resumes from it (`problem`
-    describes what the search is, to refuse a checkpoint of another one).
+    describes what the search is, to refuse a checkpoint of another one). `ratios`: the
+    magnitude ratios of a dense run (`magnitude_ratios`), for MagCache-shaped starting schedules.
     """
     problem = json.loads(json.dumps({"space": dataclasses.asdict(space), **(problem or {}),
                                      "settings": {**dataclasses.asdict(settings), "generations": None}}))
@@ -146,7 +155,7 @@ def evolve(
         population, done = [archive[b] for b in state.population], state.generation
         bar.update(settings.population + min(done, settings.generations) * settings.offspring)
     else:
-        population, done = survivors(evaluate(initial_population(space, settings.population, rng))), 0
+        population, done = survivors(evaluate(initial_population(space, settings.population, rng, ratios))), 0
         _save(checkpoint, problem, 0, population, rng, archive)
     for generation in range(done, settings.generations):
         rate = mutation_rate(generation, settings.mutation, settings.mutation_decay, settings.mutation_floor)
@@ -210,12 +219,71 @@ def cached_step_genomes(space: Space, periods: Sequence[int] = (2, 3, 4)) -> lis
     return genomes
 
 
-def initial_population(space: Space, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+def magnitude_ratios(workload, seed: int) -> tuple[float, ...]:
+    """MagCache's calibration, on a dense generation of `seed`: per step, the mean magnitude of
+    the transformer's output at the step's first call (cond) over the previous step's, 1 for
+    the first step. (MagCache measures the residual its blocks add; the output is that residual
+    through the model's head.)"""
+    magnitudes = []
+
+    def note(module, args, output):
+        out = output[0] if isinstance(output, (tuple, list)) else getattr(output, "sample", output)
+        magnitudes.append(out.detach().float().abs().mean().item())
+
+    handle = workload.model.register_forward_hook(note)
+    try:
+        workload.generate(workload.model, seed)
+    finally:
+        handle.remove()
+    first = magnitudes[:: workload.calls_per_step]
+    return (1.0, *(b / a if a > 0 else 1.0 for a, b in zip(first, first[1:])))
+
+
+def magnitude_skips(ratios: Sequence[float], threshold: float, max_skips: int, kept: int) -> list[bool]:
+    """MagCache's rule: after the first `kept` steps, skip a step while the error its skips
+    have accumulated (the sum over them of |1 - the product of their ratios so far|) stays
+    under `threshold` and at most `max_skips` steps have been skipped in a row; a computed
+    step starts the count afresh."""
+    skips, ratio, error, run = [], 1.0, 0.0, 0
+    for step, r in enumerate(ratios):
+        if step < kept:
+            skips.append(False)
+            continue
+        ratio, run = ratio * r, run + 1
+        error += abs(1.0 - ratio)
+        if error < threshold and run <= max_skips:
+            skips.append(True)
+        else:
+            skips.append(False)
+            ratio, error, run = 1.0, 0.0, 0
+    return skips
+
+
+def magnitude_genomes(space: Space, ratios: Sequence[float]) -> list[np.ndarray]:
+    """For each run length MagCache allows (MAGCACHE_MAX_SKIPS), its schedule at the lowest
+    threshold that fits: the first MAGCACHE_KEPT of the steps dense, then its rule's skips,
+    the other steps dense."""
+    if len(ratios) != space.num_steps:
+        raise SearchError(f"{len(ratios)} magnitude ratios for {space.num_steps} steps")
+    kept = max(space.full_steps, round(MAGCACHE_KEPT * space.num_steps))
+    genomes = []
+    for max_skips in MAGCACHE_MAX_SKIPS:
+        for threshold in MAGCACHE_THRESHOLDS:
+            skips = magnitude_skips(ratios, threshold, max_skips, kept)
+            genome = space.snap([0 if skip else space.dense for skip in skips])
+            if space.latency(genome) <= space.limit_ms:
+                genomes.append(genome)
+                break
+    return genomes
+
+
+def initial_population(space: Space, size: int, rng: np.random.Generator,
+                       ratios: Sequence[float] | None = None) -> list[np.ndarray]:
     """Up to a quarter each of uniform schedules that fit (most compute first), front-loaded ones
-    (spread over how many steps run dense) and step-caching ones (one per period), the dense
-    schedule lowered at random steps until it fits, and random schedules for the rest. Elitism
-    keeps the best of them, so the search ends at least as good as these on its calibration
-    seeds."""
+    (spread over how many steps run dense), step-caching ones (one per period) and, given a
+    dense run's magnitude `ratios`, MagCache's (one per run length), the dense schedule lowered
+    at random steps until it fits, and random schedules for the rest. Elitism keeps the best of
+    them, so the search ends at least as good as these on its calibration seeds."""
     share = max(1, size // 4)
     genomes = uniform_genomes(space)[::-1][:share]
     front = front_loaded_genomes(space)
@@ -223,6 +291,8 @@ def initial_population(space: Space, size: int, rng: np.random.Generator) -> lis
         picks = np.unique(np.linspace(0, len(front) - 1, min(len(front), share)).round().astype(int))
         genomes += [front[i] for i in picks]
     genomes += cached_step_genomes(space)[:share]
+    if ratios is not None:
+        genomes += magnitude_genomes(space, ratios)[:share]
     genomes.append(repair(space, np.full(space.num_steps, space.dense), rng))
     genomes += [random_genome(space, rng) for _ in range(size - len(genomes))]
     return genomes[:size]
@@ -291,6 +361,7 @@ def search(
     candidates = evolve(
         space, lambda budgets: evaluator(budgets, proxy), settings, checkpoint=checkpoint,
         problem={"seeds": list(proxy), "options": sparse.options}, progress=progress,
+        ratios=magnitude_ratios(workload, proxy[0]),
     )
     uniform = _best_uniform(space, evaluator, seeds)
     # The best uniform schedule competes too: the proxy seeds' favourites can lose to it on all seeds.

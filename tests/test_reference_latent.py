@@ -133,6 +133,8 @@ def test_training_calls_write_checkpoints_weights_and_summaries(trained):
         assert {"training.json", "loss.png"} <= {p.name for p in (trained / stage).iterdir()}
     tensors, state = load_checkpoint(trained / "t1")
     assert state["stage"] == "transformer" and state["step"] == 1
+    record = json.loads((trained / "t1" / "training.json").read_text())
+    assert record["encoding_seconds"]["fill"] > 0 and record["encoding_seconds"]["refresh"] > 0
     assert state["autoencoder_config"]["latents_std"] != [1.0] * 4  # measured on the pool
     assert any(k.startswith("adam.") for k in tensors) and any(k.startswith("ema.text.") for k in tensors)
     weights = trained / "t1" / "reference_latent.safetensors"

@@ -159,6 +159,19 @@ class TransformerStage:
         self.vae.to(device).eval().requires_grad_(False)
         self.measure = state["stage"] == "autoencoder"  # statistics not measured yet
         self.pool = self.ids = None
+        # Seconds of this call spent rendering and encoding clips (filling the pool, refreshing
+        # it): what a step costs beyond the transformer's own training.
+        self.encoding_seconds = {"fill": 0.0, "refresh": 0.0}
+
+    def _timed(self, part: str, work):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        out = work()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.encoding_seconds[part] += time.perf_counter() - start
+        return out
 
     def _encode(self, rng, n, autocast):
         clips, ids = clips_and_ids(rng, n, self.config, self.device)
@@ -174,10 +187,10 @@ class TransformerStage:
 
     def loss(self, rng, generator, autocast):
         if self.pool is None:
-            self.fill(rng, autocast)
+            self._timed("fill", lambda: self.fill(rng, autocast))
         config = self.config
         fresh = rng.choice(config["pool"], config["refresh"], replace=False)
-        self.pool[fresh], self.ids[fresh] = self._encode(rng, len(fresh), autocast)
+        self.pool[fresh], self.ids[fresh] = self._timed("refresh", lambda: self._encode(rng, len(fresh), autocast))
         pick = torch.as_tensor(rng.choice(config["pool"], config["batch_size"], replace=False), device=self.device)
         ids = self.ids[pick] * torch.as_tensor(rng.random(len(pick)) >= config["text_dropout"], device=self.device)[:, None]
         return self.flow_loss(self.models, self.pool[pick], ids, generator, autocast)
@@ -206,7 +219,8 @@ class TransformerStage:
             x0, ids = self._encode(rng, min(16, self.config["validation_clips"] - k), autocast)
             losses.append(self.flow_loss(models, x0, ids, generator, autocast).item() * len(x0))
         sha = save_weights(out / "reference_latent.safetensors", self.vae, models["transformer"], models["text"], metadata)
-        return {"validation_loss": sum(losses) / self.config["validation_clips"], "weights_sha256": sha}
+        return {"validation_loss": sum(losses) / self.config["validation_clips"], "weights_sha256": sha,
+                "encoding_seconds": {part: round(t, 1) for part, t in self.encoding_seconds.items()}}
 
 
 STAGES = {"autoencoder": AutoencoderStage, "transformer": TransformerStage}

@@ -31,7 +31,7 @@ class Announcements:
 
     def current(self) -> Announced | None:
         """The announced step, branch name and step count of the current call, or None."""
-        context = getattr(self._hook.manager, "_context", None)
+        context = self._hook.manager.announced
         if context is None or context.step_index is None:
             return None
         return Announced(int(context.step_index), context.name, getattr(context, "num_inference_steps", None))
@@ -67,16 +67,27 @@ def listen(module: torch.nn.Module | None) -> Announcements | None:
     except ImportError:
         return None
 
+    class Heard(StateManager):
+        """diffusers hands every stateful hook's state manager the context a pipeline
+        announces, through its public `set_context`; this one keeps it where we read it."""
+
+        announced = None
+
+        def set_context(self, context) -> None:
+            super().set_context(context)
+            self.announced = context
+
     class Listener(ModelHook):
         _is_stateful = True
 
         def __init__(self):
             super().__init__()
-            self.manager = StateManager(BaseState)
+            self.manager = Heard(BaseState)
             self.ended = False
 
         def reset_state(self, module):  # pipelines call this after every generation
             self.manager.reset()
+            self.manager.announced = None
             self.ended = True
             return module
 

@@ -261,18 +261,19 @@ def test_a_v2_weights_file_serves_the_demo_subject_and_the_search_workload(train
     """What the demo, peers.py and `astraea search --model reference-v2 --weights` run: clips
     decoded by the file's own VAE, through the same sampler, on the subject's prompts."""
     from astraea.reference.subjects import load_subject
+    from astraea.reference.latent.model import SHIFT
     from astraea.search.models import reference_v2
 
     weights = trained / "t1" / "reference_latent.safetensors"
     subject = load_subject("reference-v2", path=weights)
-    prompts = subject.prompts(2)
+    prompts = subject.prompts(1)
     assert subject.latent_shape() == latent_shape(TINY_AUTOENCODER)
-    clips = subject.generate(subject.transformer, prompts, 2, batch_size=1)
-    assert clips.shape == (2, 3, FRAMES, SIZE, SIZE) and clips.abs().max() <= 1
+    clips = subject.generate(subject.transformer, prompts, 2)
+    assert clips.shape == (1, 3, FRAMES, SIZE, SIZE) and clips.abs().max() <= 1
     assert set(subject.score(clips, prompts)) >= set(CHECKS) | {"accuracy", "mismatched"}
     workload = reference_v2(num_steps=2, path=weights)
     trajectory = workload.generate(workload.model, seed=0)
-    assert trajectory.latent.shape == (1, *subject.latent_shape())
-    assert workload.decoder(trajectory.latent).shape == (1, 3, FRAMES, SIZE, SIZE)
+    assert trajectory.latent.shape == (1, *subject.latent_shape()) and workload.shift == SHIFT
+    assert workload.decoder is not None and workload.prediction == "velocity"
     with pytest.raises(ValueError, match="only taken for reference-v2"):
         load_subject("reference", path=weights)

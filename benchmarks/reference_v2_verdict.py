@@ -1,0 +1,70 @@
+"""Do token-level budgets beat whole-step schedules on a trained model? The searches, on reference v2.
+
+For each speedup target over the dense schedule, two searches on one cost table: over every
+budget level, and over whole steps only (the table restricted to levels 0 and 1: each step
+dense or skipped, the space step caching lives in). All of them run in this process on one
+compiled model and share one evaluator, so the dense references are generated once and a
+schedule both searches meet is scored once. Each search writes its schedule as it ends
+(`search_reference-v2_{steps}steps_{tag}_{target}x.json`, `..._whole-{target}x.json`) and is
+skipped when its file exists, so a run cut short by a device call's limit resumes where it
+stopped. Then `benchmarks/peers.py` runs every schedule found against diffusers' caches:
+
+    python benchmarks/reference_v2_verdict.py --weights W --tag h200 --speedups 1.5 2 2.5 3
+    python benchmarks/peers.py --model reference-v2 --weights W --steps 30 --device cuda --tag h200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from astraea.search import Calibration, CostTable, Evaluator, SearchSettings, SparseModel, Target, profile, search
+from astraea.search.models import reference_v2
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", default=None, help="a reference-v2 weights file (default: the shipped one)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 1.5, 2.5])
+    parser.add_argument("--generations", type=int, default=SearchSettings().generations)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tag", default="h200", help="in the file names, beside the model and steps")
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args(argv)
+    workload = reference_v2(num_steps=args.steps, device=args.device, path=args.weights)
+    sparse = SparseModel(workload)
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"search_reference-v2_{args.steps}steps_{args.tag}")
+    costs = f"{stem}_costs.json"
+    if os.path.exists(costs):
+        table = CostTable.load(costs)
+    else:
+        table = profile(workload, sparse=sparse)
+        table.save(costs)
+    evaluator = Evaluator(workload, sparse)
+    spaces = {"": table, "whole-": table.only((0.0, 1.0))}
+    for speedup in args.speedups:
+        for prefix, space in spaces.items():
+            path = f"{stem}_{prefix}{speedup:g}x.json"
+            if os.path.exists(path):
+                print(f"{path}: exists, skipped", flush=True)
+                continue
+            start = time.perf_counter()
+            result = search(workload, space, Target(speedup=speedup), calibration=Calibration(),
+                            settings=SearchSettings(generations=args.generations), sparse=sparse, evaluator=evaluator,
+                            checkpoint=f"{stem}_{prefix}{speedup:g}x.checkpoint.json", progress=False)
+            result.save(path)
+            result.plot(path.removesuffix(".json") + ".png")
+            meta = result.schedule.meta["search"]
+            print(f"{path}: {meta['predicted_speedup']:.2f}x predicted, {meta['measured_speedup'] or 0:.2f}x measured, "
+                  f"{result.chosen.score:.2f} dB on the calibration seeds ({time.perf_counter() - start:.0f} s); "
+                  f"budgets {' '.join(f'{b:g}' for b in result.chosen.budgets)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -72,6 +72,7 @@ from astraea.search.fidelity import compare, fidelity
 SEARCHED = "benchmarks/results/search_{model}_{steps}steps_*x.json"  # one per speedup target and device kind
 DENSE_ASTRAEA = "astraea 1.0 (dense)"
 HELD_OUT = (100, 101, 102, 103, 104, 105)  # seeds the searches never saw
+REGIONAL = " + regional compile"  # ends the name of a cache's row on a regionally compiled transformer
 # Dense compiled baselines by row name, and their keys in the results' baseline seconds.
 COMPILED_DENSE = {"dense Inductor": "inductor", "dense Inductor, CUDA graphs": "inductor_graphs",
                   "dense regional compile": "regional"}
@@ -407,7 +408,7 @@ def main() -> None:
             timer(generate(compiled_spy))  # compiles
             result = timer(generate(compiled_spy), repeats)
             graphs = {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
-            record(f"{name} + regional compile", *result, own=regional_dense, extra=graphs)
+            record(f"{name}{REGIONAL}", *result, own=regional_dense, extra=graphs)
             del compiled_spy
 
 
@@ -465,9 +466,13 @@ def write(rows: dict, model: str, out: str, setting: str, columns, baselines: di
 
 def scatter_fronts(ax, rows: dict, field: str, key: str) -> None:
     """Every method at (rows' `field`, `key`), with each side's Pareto front."""
-    sides = {"astraea": ("tab:red", lambda n: n.startswith("astraea"), True),
+    whole = lambda n: "(whole-" in n  # noqa: E731  (searched over whole steps only: reference_v2_verdict.py)
+    sides = {"astraea": ("tab:red", lambda n: n.startswith("astraea") and not whole(n), True),
+             "astraea, whole steps only": ("tab:orange", lambda n: n.startswith("astraea") and whole(n), True),
              "astraea ablations": ("tab:pink", lambda n: n.startswith("ablation"), False),
-             "diffusers caches": ("tab:gray", lambda n: not n.startswith(("astraea", "ablation", "dense")), True)}
+             "diffusers caches": ("tab:gray", lambda n: not n.startswith(("astraea", "ablation", "dense"))
+                                  and not n.endswith(REGIONAL), True),
+             "diffusers caches, regionally compiled": ("tab:blue", lambda n: n.endswith(REGIONAL), True)}
     for side, (colour, member, front_line) in sides.items():
         points = {n: (r[field], r[key]) for n, r in rows.items() if member(n) and r[key] != float("inf")}
         for n, (x, y) in points.items():

@@ -73,20 +73,12 @@ def parse_schedule(text: str):
 
 def run(args: argparse.Namespace) -> int:
     name = args.model or ("reference-v2" if args.weights is not None else DEFAULT_MODEL)
+    if name != "reference-v2" and args.weights is not None:
+        raise SystemExit(f"astraea demo: --weights names a reference-v2 weights file; --model is {name}")
     subject = load_subject(name, path=args.weights)
-    shipped = SCHEDULES / f"{name}.json"
-    schedule = parse_schedule(args.schedule) if args.schedule else str(shipped) if shipped.exists() else 0.5
-    full_steps = args.full_steps if args.full_steps is not None else 0 if isinstance(schedule, str) else UNIFORM_FULL_STEPS
-    shown = schedule
-    if isinstance(schedule, str):  # a searched schedule runs with the options it was searched with
-        schedule = Schedule.load(schedule)
-        searched = {name: schedule.searched_option(name) for name in ("policy", "skip", "reuse")}
-    else:
-        searched = {}
-    config = astraea.AstraeaConfig(schedule=schedule, full_steps=full_steps,
-                                   **{k: v for k, v in searched.items() if v is not None})
+    config, described = demo_config(args, name)
     prompts = subject.prompts(args.prompts or DEFAULT_PROMPTS[name])
-    print(f"{name}, schedule {shown}, first {full_steps} steps dense" + "".join(f", {k} {v}" for k, v in searched.items() if v))
+    print(f"{name}, {described}")
     for i, prompt in enumerate(prompts):
         print(f"{i}: {prompt.text}")
 
@@ -127,6 +119,22 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {args.out / 'dense_vs_sparse.gif'} (left dense, right sparse, one row per prompt), "
           f"{args.out / 'budgets.png'} and {args.out / 'recomputed.png'}")
     return 0
+
+
+def demo_config(args: argparse.Namespace, name: str) -> tuple[astraea.AstraeaConfig, str]:
+    """The backend's config and a line describing it: the schedule asked for, or the model's
+    shipped searched one (run with the options it was searched with), or a uniform 0.5."""
+    shipped = SCHEDULES / f"{name}.json"
+    schedule = parse_schedule(args.schedule) if args.schedule else str(shipped) if shipped.exists() else 0.5
+    full_steps = args.full_steps if args.full_steps is not None else 0 if isinstance(schedule, str) else UNIFORM_FULL_STEPS
+    described = f"schedule {schedule}, first {full_steps} steps dense"
+    searched = {}
+    if isinstance(schedule, str):
+        schedule = Schedule.load(schedule)
+        searched = {option: schedule.searched_option(option) for option in ("policy", "skip", "reuse")}
+        searched = {option: value for option, value in searched.items() if value is not None}
+        described += "".join(f", {option} {value}" for option, value in searched.items())
+    return astraea.AstraeaConfig(schedule=schedule, full_steps=full_steps, **searched), described
 
 
 def example_call(subject, prompts: list) -> dict:

@@ -281,7 +281,7 @@ def initial_population(space: Space, size: int, rng: np.random.Generator,
                        ratios: Sequence[float] | None = None) -> list[np.ndarray]:
     """Up to a quarter each of uniform schedules that fit (most compute first), front-loaded ones
     (spread over how many steps run dense), step-caching ones (one per period) and, given a
-    dense run's magnitude `ratios`, MagCache's (one per run length), the dense schedule lowered
+    dense run's magnitude `ratios`, up to an eighth of MagCache's, the dense schedule lowered
     at random steps until it fits, and random schedules for the rest. Elitism keeps the best of
     them, so the search ends at least as good as these on its calibration seeds."""
     share = max(1, size // 4)
@@ -291,8 +291,8 @@ def initial_population(space: Space, size: int, rng: np.random.Generator,
         picks = np.unique(np.linspace(0, len(front) - 1, min(len(front), share)).round().astype(int))
         genomes += [front[i] for i in picks]
     genomes += cached_step_genomes(space)[:share]
-    if ratios is not None:
-        genomes += magnitude_genomes(space, ratios)[:share]
+    if ratios is not None:  # fewer: each is a step-caching schedule too, and random ones keep their place
+        genomes += magnitude_genomes(space, ratios)[: max(1, size // 8)]
     genomes.append(repair(space, np.full(space.num_steps, space.dense), rng))
     genomes += [random_genome(space, rng) for _ in range(size - len(genomes))]
     return genomes[:size]

@@ -224,15 +224,18 @@ def test_demo_compares_dense_and_sparse_and_writes_its_files(tmp_path, capsys):
     assert (tmp_path / "budgets.png").stat().st_size > 0 and (tmp_path / "recomputed.png").stat().st_size > 0
 
 
-def test_the_recompute_map_follows_each_steps_budget():
+def test_the_recompute_map_follows_each_steps_budget(tmp_path):
     """Per step of the cond branch, the share of each latent frame's tokens recomputed: all at
-    a dense step, none at a skipped one, the budget's share in between."""
+    a dense step, none at a skipped one, the budget's share in between. A schedule on the time
+    axis (as searches write them) plots too."""
     import astraea
-    from astraea.reference.demo import RecomputeMap
+    from astraea.reference.demo import RecomputeMap, plot_budgets
+    from astraea.schedule import Schedule
 
     transformer, encoder = load_reference()
     torch._dynamo.reset()
-    backend = astraea.backend(schedule=[1.0, 0.0, 0.5], full_steps=0, skip="blocks")
+    schedule = Schedule(budgets=(1.0, 0.0, 0.5), times=(1000.0, 2000 / 3, 1000 / 3))
+    backend = astraea.backend(schedule=schedule, full_steps=0, skip="blocks")
     compiled = torch.compile(transformer, backend=backend)
     recomputed = RecomputeMap(backend)
     compiled.register_forward_hook(recomputed)
@@ -241,6 +244,8 @@ def test_the_recompute_map_follows_each_steps_budget():
     assert shares.shape == (3, backend.runners[-1].report.token_grid[0])
     assert (shares[0] == 1).all() and (shares[1] == 0).all()
     assert 0.3 < shares[2].mean() < 0.7
+    plot_budgets(backend, 3, tmp_path / "budgets.png")
+    assert (tmp_path / "budgets.png").stat().st_size > 0
 
 
 def test_structure_hash_of_the_shipped_model_is_stable():

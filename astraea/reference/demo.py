@@ -156,7 +156,7 @@ class RecomputeMap:
         runner = self.backend.runners[-1]
         if runner.records[-1].branch != 0:
             return
-        fresh = torch.stack([(block.stale[0] == 0).float().cpu() for block in runner.branches[0].blocks]).mean(0)
+        fresh = torch.stack([block.stale[0] == 0 for block in runner.branches[0].blocks]).float().mean(0).cpu()
         grid = runner.report.token_grid or (1, fresh.numel())  # (frames, ...) of the token axis
         self.rows.append(fresh.view(grid[0], -1).mean(1))
 
@@ -189,7 +189,7 @@ def plot_budgets(backend, num_steps: int, path: Path) -> None:
     last = runner.records[-num_steps * len({r.branch for r in runner.records}):]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     steps = range(num_steps)
-    ax.step(steps, [backend.config.step_budget(s) for s in steps], "k:", where="mid", label="schedule")
+    ax.step(steps, [r.budget for r in last if r.branch == 0], "k:", where="mid", label="schedule (as run)")
     for branch, marker in zip(sorted({r.branch for r in last}), "ox+*"):
         records = [r for r in last if r.branch == branch]
         label = ("cond", "uncond")[branch] if branch < 2 else f"branch {branch}"

@@ -22,7 +22,7 @@ import time
 import torch
 
 from astraea.search import Calibration, CostTable, Evaluator, SearchSettings, SparseModel, Target, profile, search
-from astraea.search.models import reference_v2
+from astraea.search.models import reference
 
 
 def main(argv=None) -> int:
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="h200", help="in the file names, beside the model and steps")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    workload = reference_v2(num_steps=args.steps, device=args.device, path=args.weights)
+    workload = reference("reference-v2", num_steps=args.steps, device=args.device, path=args.weights)
     sparse = SparseModel(workload)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"search_reference-v2_{args.steps}steps_{args.tag}")

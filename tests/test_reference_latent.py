@@ -262,7 +262,7 @@ def test_a_v2_weights_file_serves_the_demo_subject_and_the_search_workload(train
     decoded by the file's own VAE, through the same sampler, on the subject's prompts."""
     from astraea.reference.subjects import load_subject
     from astraea.reference.latent.model import SHIFT
-    from astraea.search.models import reference_v2
+    from astraea.search.models import reference
 
     weights = trained / "t1" / "reference_latent.safetensors"
     subject = load_subject("reference-v2", path=weights)
@@ -271,9 +271,10 @@ def test_a_v2_weights_file_serves_the_demo_subject_and_the_search_workload(train
     clips = subject.generate(subject.transformer, prompts, 2)
     assert clips.shape == (1, 3, FRAMES, SIZE, SIZE) and clips.abs().max() <= 1
     assert set(subject.score(clips, prompts)) >= set(CHECKS) | {"accuracy", "mismatched"}
-    workload = reference_v2(num_steps=2, path=weights)
+    workload = reference("reference-v2", num_steps=2, path=weights)
     trajectory = workload.generate(workload.model, seed=0)
     assert trajectory.latent.shape == (1, *subject.latent_shape()) and workload.shift == SHIFT
-    assert workload.decoder is not None and workload.prediction == "velocity"
+    assert workload.prediction == "velocity"
+    assert workload.decoder(trajectory.latent).shape == (1, 3, FRAMES, SIZE, SIZE)
     with pytest.raises(ValueError, match="only taken for reference-v2"):
         load_subject("reference", path=weights)

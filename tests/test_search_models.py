@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import astraea.reference.model as reference_model
+from astraea.reference import subjects
 from astraea.reference.data import sample_scenes
 from astraea.search.models import random_wan, reference
 
@@ -16,7 +17,7 @@ def test_reference_workload_samples_as_the_reference_model_does(monkeypatch):
     torch.manual_seed(0)
     transformer, encoder = reference_model.build_model()
     transformer.eval().requires_grad_(False)
-    monkeypatch.setattr(reference_model, "load_reference", lambda device, dtype: (transformer, encoder))
+    monkeypatch.setattr(subjects, "load_reference", lambda device, dtype: (transformer, encoder))
     workload = reference(num_steps=2)
     seed = 3
     ours = workload.decoder(workload.generate(transformer, seed).latent)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 
-import numpy as np
 import torch
 from diffusers import WanTransformer3DModel
 
@@ -76,63 +75,32 @@ def random_wan(
 
 
 def reference(
-    *, num_steps: int, guidance: float | None = None, dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu"
-) -> Workload:
-    """The shipped reference model, sampled as `astraea.reference.model.generate` samples it
-    (at its guidance scale unless `guidance` is given)."""
-    from astraea.reference.data import FRAMES, SIZE, sample_scenes
-    from astraea.reference.model import GUIDANCE, load_reference
-
-    transformer, encoder = load_reference(device=device, dtype=dtype)
-    empty = encoder.encode([""])
-
-    def conditioning(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        prompt = sample_scenes(np.random.default_rng(seed), 1).prompts()[0]
-        return encoder.encode([prompt.text]), empty
-
-    return Workload(
-        transformer,
-        latent_shape=(3, FRAMES, SIZE, SIZE),
-        conditioning=conditioning,
-        num_steps=num_steps,
-        prediction="sample",
-        guidance=GUIDANCE if guidance is None else guidance,
-        dtype=dtype,
-        device=device,
-        # Pixel space: the clip a person sees is the final sample clamped to [-1, 1].
-        decoder=lambda x: x.clamp(-1.0, 1.0),
-    )
-
-
-def reference_v2(
-    *, num_steps: int, guidance: float | None = None, dtype: torch.dtype = torch.float32,
+    name: str = "reference", *, num_steps: int, guidance: float | None = None, dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu", path: str | None = None
 ) -> Workload:
-    """Reference model v2 (the shipped weights, or those at `path` unchecked), sampled as
-    `astraea.reference.latent.model.generate` samples it."""
-    from astraea.reference.latent.autoencoder import decode
-    from astraea.reference.latent.model import GUIDANCE, SHIFT
-    from astraea.reference.latent.scenes import sample_scenes
-    from astraea.reference.subjects import LatentReference
+    """A trained reference model (`astraea.reference.subjects`: v1 "reference", v2
+    "reference-v2"; `path` names a v2 weights file to load unchecked), sampled as its own
+    `generate` samples it, at its guidance scale unless `guidance` is given; a calibration
+    seed draws its prompt, and fidelity is on the clips it decodes."""
+    from astraea.reference.subjects import load_subject
 
-    subject = LatentReference(device, dtype, path)
+    subject = load_subject(name, device, dtype, path)
     empty = subject.encoder.encode([""])
 
     def conditioning(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        prompt = sample_scenes(np.random.default_rng(seed), 1).prompts()[0]
-        return subject.encoder.encode([prompt.text]), empty
+        return subject.encoder.encode([subject.prompt(seed).text]), empty
 
     return Workload(
         subject.transformer,
         latent_shape=subject.latent_shape(),
         conditioning=conditioning,
         num_steps=num_steps,
-        guidance=GUIDANCE if guidance is None else guidance,
-        shift=SHIFT,
+        prediction=subject.prediction,
+        guidance=subject.guidance if guidance is None else guidance,
+        shift=subject.shift,
         dtype=dtype,
         device=device,
-        decoder=lambda x: decode(subject.vae, x),
+        decoder=subject.decode,
     )
 
 
@@ -154,12 +122,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_arguments(args: argparse.Namespace) -> Workload:
     dtype, device = getattr(torch, args.dtype), args.device
-    if getattr(args, "weights", None) is not None and args.model != "reference-v2":
+    if args.weights is not None and args.model != "reference-v2":
         raise SystemExit(f"--weights names a reference-v2 weights file; --model is {args.model}")
     guidance = {} if args.guidance is None else {"guidance": args.guidance}
-    if args.model == "reference":
-        return reference(num_steps=args.steps, dtype=dtype, device=device, **guidance)
-    if args.model == "reference-v2":
-        return reference_v2(num_steps=args.steps, dtype=dtype, device=device, path=args.weights, **guidance)
+    if args.model in ("reference", "reference-v2"):
+        return reference(args.model, num_steps=args.steps, dtype=dtype, device=device, path=args.weights, **guidance)
     return random_wan(args.model, frames=args.frames, height=args.height, width=args.width,
                       num_steps=args.steps, dtype=dtype, device=device, **guidance)

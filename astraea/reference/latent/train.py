@@ -10,7 +10,7 @@ which the objects' pixels weigh more (they are a few percent of the frame, and a
 met by the background alone), plus an L1 on spatial gradients (edges are what blur first), plus
 a small KL, which keeps the latents smooth enough to be generated. The loss reads the decoder's
 output before `decode`'s final clamp to [-1, 1] (a clamped pixel has no gradient: a decoder that
-overshoots stays stuck), and the posterior's log-variance starts at INITIAL_LOGVAR, not 0 (a
+overshoots stays stuck), and the posterior's log-variance starts at `initial_logvar`, not 0 (a
 fresh encoder's unit-variance noise drowns its means, and the decoder then learns the blur that
 lost the first training's objects). The call ends by checking
 whole reconstructed clips with the semantic checks: the ceiling of what generation can pass.
@@ -143,6 +143,35 @@ class AutoencoderStage:
         return record
 
 
+class Stopwatch:
+    """Seconds spent in named parts of a call. On a GPU the parts are timed by CUDA events, read
+    once at the end, so timing them adds no host sync to a training step."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.spans: dict[str, list] = {}
+
+    def __call__(self, part: str, work):
+        start, out = self._now(), work()
+        self.spans.setdefault(part, []).append((start, self._now()))
+        return out
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            length = lambda a, b: a.elapsed_time(b) / 1000  # noqa: E731
+        else:
+            length = lambda a, b: b - a  # noqa: E731
+        return {part: round(sum(length(a, b) for a, b in spans), 3) for part, spans in self.spans.items()}
+
+
 class TransformerStage:
     """Rectified flow on normalised latents of a frozen VAE, from a pool refreshed at every step."""
 
@@ -161,17 +190,7 @@ class TransformerStage:
         self.pool = self.ids = None
         # Seconds of this call spent rendering and encoding clips (filling the pool, refreshing
         # it): what a step costs beyond the transformer's own training.
-        self.encoding_seconds = {"fill": 0.0, "refresh": 0.0}
-
-    def _timed(self, part: str, work):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        out = work()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.encoding_seconds[part] += time.perf_counter() - start
-        return out
+        self.encoding = Stopwatch(device)
 
     def _encode(self, rng, n, autocast):
         clips, ids = clips_and_ids(rng, n, self.config, self.device)
@@ -187,10 +206,10 @@ class TransformerStage:
 
     def loss(self, rng, generator, autocast):
         if self.pool is None:
-            self._timed("fill", lambda: self.fill(rng, autocast))
+            self.encoding("fill", lambda: self.fill(rng, autocast))
         config = self.config
         fresh = rng.choice(config["pool"], config["refresh"], replace=False)
-        self.pool[fresh], self.ids[fresh] = self._timed("refresh", lambda: self._encode(rng, len(fresh), autocast))
+        self.pool[fresh], self.ids[fresh] = self.encoding("refresh", lambda: self._encode(rng, len(fresh), autocast))
         pick = torch.as_tensor(rng.choice(config["pool"], config["batch_size"], replace=False), device=self.device)
         ids = self.ids[pick] * torch.as_tensor(rng.random(len(pick)) >= config["text_dropout"], device=self.device)[:, None]
         return self.flow_loss(self.models, self.pool[pick], ids, generator, autocast)
@@ -220,7 +239,7 @@ class TransformerStage:
             losses.append(self.flow_loss(models, x0, ids, generator, autocast).item() * len(x0))
         sha = save_weights(out / "reference_latent.safetensors", self.vae, models["transformer"], models["text"], metadata)
         return {"validation_loss": sum(losses) / self.config["validation_clips"], "weights_sha256": sha,
-                "encoding_seconds": {part: round(t, 1) for part, t in self.encoding_seconds.items()}}
+                "encoding_seconds": self.encoding.seconds()}
 
 
 STAGES = {"autoencoder": AutoencoderStage, "transformer": TransformerStage}

@@ -72,6 +72,7 @@ from astraea.search.fidelity import compare, fidelity
 SEARCHED = "benchmarks/results/search_{model}_{steps}steps_*x.json"  # one per speedup target and device kind
 DENSE_ASTRAEA = "astraea 1.0 (dense)"
 HELD_OUT = (100, 101, 102, 103, 104, 105)  # seeds the searches never saw
+WHOLE_STEPS = ", whole steps only"  # in the name of a searched schedule's row: searched over levels 0 and 1
 REGIONAL = " + regional compile"  # ends the name of a cache's row on a regionally compiled transformer
 # Dense compiled baselines by row name, and their keys in the results' baseline seconds.
 COMPILED_DENSE = {"dense Inductor": "inductor", "dense Inductor, CUDA graphs": "inductor_graphs",
@@ -228,18 +229,23 @@ class CapturedDense:
 
 
 def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str, Schedule]:
-    """{speedup target: schedule} of those searched for this model and step count on this kind
-    of device (a CPU's cost table says nothing about a GPU's, and back)."""
+    """{label: schedule} of those searched for this model and step count on this kind of device
+    (a CPU's cost table says nothing about a GPU's, and back). The label names the speedup target
+    (the search's, else the file name's last part), and ", whole steps only" for a search over
+    the levels 0 and 1."""
     found, paths = {}, {}
     for path in sorted(glob.glob(SEARCHED.format(model=model, steps=steps))):
         schedule = Schedule.load(path)
-        searched_on = schedule.meta.get("search", {}).get("cost_table", {}).get("device", "")
+        search = schedule.meta.get("search", {})
+        searched_on = search.get("cost_table", {}).get("device", "")
         if searched_on.startswith("cpu") == (device.type == "cpu"):  # costs.device_name: "cpu ..." or the GPU's name
-            target = path.rsplit("_", 1)[-1].removesuffix(".json")
-            if target in found:
-                raise SystemExit(f"two schedules searched for {target} on this kind of device, {paths[target]} and "
-                                 f"{path}: move one out of {os.path.dirname(path)}")
-            found[target], paths[target] = schedule, path
+            speedup = (search.get("target") or {}).get("speedup")
+            target = f"{speedup:g}x" if speedup else path.rsplit("_", 1)[-1].removesuffix(".json")
+            label = f"{target} target" + (WHOLE_STEPS if search.get("levels") == [0.0, 1.0] else "")
+            if label in found:
+                raise SystemExit(f"two schedules searched for the {label} on this kind of device, {paths[label]} "
+                                 f"and {path}: move one out of {os.path.dirname(path)}")
+            found[label], paths[label] = schedule, path
     return found
 
 
@@ -256,10 +262,10 @@ def astraea_methods(model: str, steps: int, device: torch.device) -> dict:
         "astraea 0.3 (6 dense steps)": dict(base, schedule=0.3, full_steps=6),
         "astraea 0.5 (1 dense step)": dict(base, schedule=0.5, full_steps=1),
     }
-    for target, schedule in searched_schedules(model, steps, device).items():
+    for label, schedule in searched_schedules(model, steps, device).items():
         # Run each as searched: schedules from before the skip option were searched with output reuse.
         skip = schedule.searched_option("skip") or defaults.skip
-        methods[f"astraea searched ({target} target)"] = dict(base, schedule=schedule, full_steps=0, skip=skip)
+        methods[f"astraea searched ({label})"] = dict(base, schedule=schedule, full_steps=0, skip=skip)
     searched_2x = methods.get("astraea searched (2x target)")
     if searched_2x is not None and searched_2x["skip"] == "blocks":  # skips reusing the previous output instead
         methods["ablation: output reuse for skips (2x target)"] = dict(searched_2x, skip="output")
@@ -466,7 +472,7 @@ def write(rows: dict, model: str, out: str, setting: str, columns, baselines: di
 
 def scatter_fronts(ax, rows: dict, field: str, key: str) -> None:
     """Every method at (rows' `field`, `key`), with each side's Pareto front."""
-    whole = lambda n: "(whole-" in n  # noqa: E731  (searched over whole steps only: reference_v2_verdict.py)
+    whole = lambda n: WHOLE_STEPS in n  # noqa: E731
     sides = {"astraea": ("tab:red", lambda n: n.startswith("astraea") and not whole(n), True),
              "astraea, whole steps only": ("tab:orange", lambda n: n.startswith("astraea") and whole(n), True),
              "astraea ablations": ("tab:pink", lambda n: n.startswith("ablation"), False),

@@ -1,13 +1,14 @@
 """Do token-level budgets beat whole-step schedules on a trained model? The searches, on reference v2.
 
 For each speedup target over the dense schedule, two searches on one cost table: over every
-budget level, and over whole steps only (the table restricted to levels 0 and 1: each step
-dense or skipped, the space step caching lives in). All of them run in this process on one
-compiled model and share one evaluator, so the dense references are generated once and a
-schedule both searches meet is scored once. Each search writes its schedule as it ends
-(`search_reference-v2_{steps}steps_{tag}_{target}x.json`, `..._whole-{target}x.json`) and is
-skipped when its file exists, so a run cut short by a device call's limit resumes where it
-stopped. Then `benchmarks/peers.py` runs every schedule found against diffusers' caches:
+budget level, and over whole steps only (the table restricted to levels 0 and 1: each step dense
+or skipped, the space step caching lives in). All of them run in this process on one compiled
+model and share one evaluator, so the dense references are generated once and a schedule both
+searches meet is scored once. Each search writes its schedule as it ends
+(`search_reference-v2_{steps}steps_{tag}_{target}x.json`, `..._whole-{target}x.json`; peers.py
+names the second kind by the levels the search recorded, not by the file name) and is skipped
+when its file exists, so a run cut short by a device call's limit resumes where it stopped. Then
+`benchmarks/peers.py` runs every schedule found against diffusers' caches:
 
     python benchmarks/reference_v2_verdict.py --weights W --tag h200 --speedups 1.5 2 2.5 3
     python benchmarks/peers.py --model reference-v2 --weights W --steps 30 --device cuda --tag h200

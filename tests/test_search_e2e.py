@@ -143,7 +143,9 @@ def test_cli_profile_then_search(workload, table, tmp_path, capsys):
     assert main(["search", *model, "--costs", str(costs), "--speedup", "1.3", "--seeds", "0", "--levels", "0,1",
                  "--population", "3", "--offspring", "2", "--generations", "1", "--confirm", "1",
                  "-o", str(tmp_path / "w.json"), "--no-progress"]) == 0
-    assert set(Schedule.load(tmp_path / "w.json").budgets) <= {0.0, 1.0}
+    whole = Schedule.load(tmp_path / "w.json")
+    assert set(whole.budgets) <= {0.0, 1.0} and whole.meta["search"]["levels"] == [0.0, 1.0]
+    assert Schedule.load(tmp_path / "s.json").meta["search"]["levels"] == list(table.levels)
 
     other = tmp_path / "other.json"
     assert main(["profile", *model, "--levels", "0,1", "--steps-per-level", "1", "--repeats", "1",

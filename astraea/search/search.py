@@ -393,6 +393,7 @@ def search(
                 "seeds": list(seeds),
                 "proxy_seeds": list(proxy),
                 "num_steps": steps,
+                "levels": list(table.levels),  # the budgets a step could take ([0, 1]: whole steps only)
                 "guidance": workload.guidance,  # the sampler the fidelity was scored on
                 "options": sparse.options,
                 "cost_table": table.key.to_json(),

@@ -10,13 +10,13 @@ or the model's contribution (random Wan), against the dense model, over `--seeds
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from astraea.config import AstraeaConfig
 from astraea.search import models
 from astraea.search.evaluator import Evaluator
 from astraea.search.sparse import SparseModel
+from tables import write_results
 
 
 def schedules(steps: int) -> dict[str, list[float]]:
@@ -51,21 +51,16 @@ def main(argv=None) -> int:
             row[reuse] = {"psnr": view.psnr, "ssim": view.ssim}
         rows.append(row)
         print(f"{name}: copy {row['copy']['psnr']:.2f} dB, forecast {row['forecast']['psnr']:.2f} dB", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"forecast_{args.model}_{args.steps}steps")
-    with open(stem + ".json", "w") as f:
-        json.dump({"args": vars(args), "seeds": list(seeds), "rows": rows}, f, indent=1)
     view = "decoded clips" if workload.decoder else "the model's contribution"
-    lines = [f"# Copy vs forecast reuse, {args.model}, {args.steps} steps", "",
-             f"`python benchmarks/forecast.py --model {args.model} --steps {args.steps} --seeds {args.seeds}"
-             + (f" --weights {args.weights}" if args.weights else "") + f"`; PSNR dB / SSIM of {view} "
-             f"against dense on seeds {list(seeds)}.", "",
-             "| schedule | copy | forecast |", "|---|---|---|"]
-    lines += [f"| {r['schedule']} | {r['copy']['psnr']:.2f} / {r['copy']['ssim']:.3f} | "
-              f"{r['forecast']['psnr']:.2f} / {r['forecast']['ssim']:.3f} |" for r in rows]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    command = (f"python benchmarks/forecast.py --model {args.model} --steps {args.steps} --seeds {args.seeds}"
+               + (f" --weights {args.weights}" if args.weights else ""))
+    write_results(os.path.join(args.out, f"forecast_{args.model}_{args.steps}steps"),
+                  {"args": vars(args), "seeds": list(seeds), "rows": rows},
+                  f"Copy vs forecast reuse, {args.model}, {args.steps} steps",
+                  f"`{command}`; PSNR dB / SSIM of {view} against dense on seeds {list(seeds)}.",
+                  ["schedule", "copy", "forecast"],
+                  [[r["schedule"]] + [f"{r[k]['psnr']:.2f} / {r[k]['ssim']:.3f}" for k in ("copy", "forecast")]
+                   for r in rows])
     return 0
 
 

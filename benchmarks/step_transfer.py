@@ -13,7 +13,6 @@ predicted speedup the moved schedule keeps at the new step count.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from astraea.search import models
@@ -21,6 +20,7 @@ from astraea.search import sparse as backend_options
 from astraea.search.costs import CostKey, CostTable, profile
 from astraea.search.evaluator import Evaluator
 from astraea.search.search import Calibration, SearchSettings, Target, search
+from tables import write_results
 
 HELD_OUT = (100, 101, 102, 103)
 
@@ -66,22 +66,17 @@ def main(argv=None) -> int:
         view = report.decoded or report.contribution
         rows[name] = {"budgets": list(budgets), "predicted_speedup": dense_ms / table.predict(
             budgets, run_workload.calls_per_step), "psnr": view.psnr, "ssim": view.ssim}
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"step_transfer_{args.model}_{args.searched}to{args.run}")
-    record = {"args": vars(args), "held_out": list(HELD_OUT), "device": table.key.device, "rows": rows,
-              "searched_schedule": list(moved.budgets)}
-    with open(stem + ".json", "w") as f:
-        json.dump(record, f, indent=1)
-    lines = [f"# A schedule searched at {args.searched} steps, run at {args.run}", "",
-             f"`python benchmarks/step_transfer.py --model {args.model} --searched {args.searched} --run {args.run} "
-             f"--speedup {args.speedup:g} --seeds {args.seeds} --generations {args.generations}` on {table.key.device}; "
-             f"held-out seeds {list(HELD_OUT)}, "
-             f"{'decoded clips' if searched_workload.decoder else 'the model contribution'}.", "",
-             "| schedule at " + str(args.run) + " steps | predicted speedup | PSNR dB | SSIM |", "|---|---|---|---|"]
-    lines += [f"| {name} | {r['predicted_speedup']:.2f}x | {r['psnr']:.2f} | {r['ssim']:.3f} |" for name, r in rows.items()]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    view = "decoded clips" if searched_workload.decoder else "the model contribution"
+    write_results(os.path.join(args.out, f"step_transfer_{args.model}_{args.searched}to{args.run}"),
+                  {"args": vars(args), "held_out": list(HELD_OUT), "device": table.key.device, "rows": rows,
+                   "searched_schedule": list(moved.budgets)},
+                  f"A schedule searched at {args.searched} steps, run at {args.run}",
+                  f"`python benchmarks/step_transfer.py --model {args.model} --searched {args.searched} --run {args.run} "
+                  f"--speedup {args.speedup:g} --seeds {args.seeds} --generations {args.generations}` on "
+                  f"{table.key.device}; held-out seeds {list(HELD_OUT)}, {view}.",
+                  [f"schedule at {args.run} steps", "predicted speedup", "PSNR dB", "SSIM"],
+                  [[name, f"{r['predicted_speedup']:.2f}x", f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"]
+                   for name, r in rows.items()])
     return 0
 
 

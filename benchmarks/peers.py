@@ -37,6 +37,11 @@ keeps CUDA graphs out of astraea's speedup.
     python benchmarks/peers.py --model wan2.1-1.3b --frames 5 --height 60 --width 104 \\
         --dtype bfloat16 --device cuda --seeds 2                 # Wan2.1-1.3B shape, 17 frames 480p
     python benchmarks/peers.py --device cuda --tag h200         # reference model, GPU
+
+A run longer than one sitting can be split: `--only REGEX` measures the dense baselines and only
+the methods whose names match, and adds their rows to the results file already at the output
+path (rows it measured again are replaced). Every row keeps the speedups of the run that measured
+it, each against that run's own dense baselines; the table names the rows of an earlier run.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import glob
 import json
 import logging
 import os
+import re
 import statistics
 import time
 
@@ -151,6 +157,9 @@ class CalibrationLog(logging.Handler):
             self.ratios.append(ast.literal_eval(message[len(prefix):]))
 
 
+MAG_CACHE_THRESHOLDS = (0.06, 0.12, 0.24)
+
+
 def diffusers_methods(now: dict, mag_ratios: list[float], steps: int) -> dict:
     """Two or more settings of each of diffusers' caches. FasterCache runs with
     `is_guidance_distilled=True`: its unconditional-branch reuse needs both branches in one
@@ -177,9 +186,9 @@ def diffusers_methods(now: dict, mag_ratios: list[float], steps: int) -> dict:
             )
             for n in (2, 3)
         },
-        **{
+        **{  # only once calibrated
             f"MagCache {threshold}": MagCacheConfig(threshold=threshold, num_inference_steps=steps, mag_ratios=mag_ratios)
-            for threshold in (0.06, 0.12, 0.24)
+            for threshold in (MAG_CACHE_THRESHOLDS if mag_ratios else ())
         },
     }
 
@@ -316,6 +325,9 @@ def main() -> None:
     parser.add_argument("--regional", action="store_true",
                         help="also on a CPU: dense regional compile, and every diffusers cache on a transformer compiled "
                              "with compile_repeated_blocks() (always on a GPU)")
+    parser.add_argument("--only", metavar="REGEX", type=re.compile,
+                        help="besides the dense baselines, run only the methods whose names match, and add their rows "
+                             "to the results already at the output path")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the table and plot of an earlier run's results")
     args = parser.parse_args()
     if args.repeats < 1:
@@ -327,6 +339,17 @@ def main() -> None:
     transformer, timer, gpu = subject.model, Timer(device), device.type == "cuda"
     where = torch.cuda.get_device_name(device) if gpu else f"CPU ({torch.get_num_threads()} threads)"
 
+    rows, mag_ratios = {}, []
+    wanted = args.only.search if args.only else lambda name: True  # noqa: E731
+    run = time.strftime("%Y-%m-%d %H:%M:%S")  # names this run's rows among an earlier run's (--only)
+    earlier = load_results(results_path(args.model, args.out, args.tag)) if args.only else None
+    if earlier is not None:  # keep its rows, but for the dense baselines, measured again here
+        if (earlier["setting"], earlier["device"]) != (subject.setting, where):
+            parser.error(f"--only adds to results of the same setting and device; {args.out} holds "
+                         f"{earlier['setting']!r} on {earlier['device']}")
+        rows = {n: r for n, r in earlier["rows"].items() if not n.startswith("dense")}
+        mag_ratios += earlier["magcache_ratios"]
+
     def generate(model):
         return lambda: subject.run(model)
 
@@ -337,14 +360,13 @@ def main() -> None:
     timer(generate(transformer))  # warm-up
     dense, dense_s, dense_gb = timer(generate(transformer), baseline_repeats)
     baselines = {"eager": dense_s}
-    rows, mag_ratios = {}, []
 
     def record(name, out, seconds, peak_gb, own=(dense_s, dense), extra=None):
         """`own`: (seconds, output) of the dense run of the method's own lowering; `extra`: more fields of the row."""
         # A CPU's speed drifts over minutes: time dense again next to every method there.
         eager_s = dense_s if gpu or name.startswith("dense") else timer(generate(transformer), repeats)[1]
         row = {"seconds": seconds, "dense_seconds": eager_s, "speedup": eager_s / seconds, "peak_gb": peak_gb,
-               **subject.metrics(out, dense), **(extra or {})}
+               **subject.metrics(out, dense), **(extra or {}), "run": run}
         if gpu:
             row["speedup_inductor"] = min(baselines[k] for k in COMPILED_DENSE.values()) / seconds
             own_s, own_out = own
@@ -355,7 +377,9 @@ def main() -> None:
               f"SSIM {row['ssim']:.3f}" + (f"  own dense: {row['speedup_own']:5.2f}x  PSNR {row['psnr_own']:6.2f}"
                                             f"  peak {peak_gb:.2f} GB" if gpu else ""), flush=True)
         # After every method: a cut-off run keeps its rows.
-        write(rows, args.model, args.out, subject.setting, subject.columns, baselines, mag_ratios, where, gpu, vars(args))
+        write(rows, args.model, args.out, subject.setting, subject.columns, baselines, mag_ratios, where, gpu,
+              {**vars(args), "only": args.only and args.only.pattern},
+              {r["run"]: baselines if r["run"] == run else earlier["runs"][r["run"]] for r in rows.values()})
 
     # The dense baselines a user would compare with: the model under torch.compile, whole and by blocks.
     regional = gpu or args.regional
@@ -378,20 +402,25 @@ def main() -> None:
     record("dense eager", dense, dense_s, dense_gb)
 
     torch._dynamo.reset()
-    backend = astraea.backend(schedule=0.5, cuda_graphs=args.cuda_graphs)
-    compiled = torch.compile(transformer, backend=backend)
-    timer(generate(compiled))  # compiles; every method below reuses the compilation
-    with torch.compiler.set_stance("fail_on_recompile"):
-        for name, options in astraea_methods(args.model, args.steps, device).items():  # its dense first
-            backend.update(**options)
-            if gpu:  # new selection options: their call graphs are captured in a first run
-                timer(generate(compiled))
-            dense_run = name == DENSE_ASTRAEA
-            out, seconds, peak = timer(generate(compiled), baseline_repeats if dense_run else repeats)
-            if dense_run:
-                astraea_dense = (seconds, out)
-            record(name, out, seconds, peak, own=astraea_dense)
-    del backend, compiled  # free astraea's caches and graphs before measuring the others' memory
+    ours = {name: options for name, options in astraea_methods(args.model, args.steps, device).items()
+            if name == DENSE_ASTRAEA or wanted(name)}  # its dense first: the others' own baseline
+    if len(ours) == 1:
+        ours = {}
+    if ours:
+        backend = astraea.backend(schedule=0.5, cuda_graphs=args.cuda_graphs)
+        compiled = torch.compile(transformer, backend=backend)
+        timer(generate(compiled))  # compiles; every method below reuses the compilation
+        with torch.compiler.set_stance("fail_on_recompile"):
+            for name, options in ours.items():
+                backend.update(**options)
+                if gpu:  # new selection options: their call graphs are captured in a first run
+                    timer(generate(compiled))
+                dense_run = name == DENSE_ASTRAEA
+                out, seconds, peak = timer(generate(compiled), baseline_repeats if dense_run else repeats)
+                if dense_run:
+                    astraea_dense = (seconds, out)
+                record(name, out, seconds, peak, own=astraea_dense)
+        del backend, compiled  # free astraea's caches and graphs before measuring the others' memory
     torch._dynamo.reset()
     gc.collect()
     if gpu:
@@ -399,15 +428,20 @@ def main() -> None:
 
     now = {"t": 1000.0}
     spy = TimestepSpy(transformer, now)
-    mag_ratios += calibrate_mag_cache(transformer, generate(spy), args.steps)
+    chosen = lambda name: wanted(name) or wanted(f"{name}{REGIONAL}")  # noqa: E731  (eager or compiled)
+    if any(chosen(f"MagCache {threshold}") for threshold in MAG_CACHE_THRESHOLDS):
+        mag_ratios[:] = calibrate_mag_cache(transformer, generate(spy), args.steps)
     for name, config in diffusers_methods(now, mag_ratios, args.steps).items():
-        transformer.enable_cache(config)
-        try:
-            result = timer(generate(spy), repeats)
-        finally:
-            transformer.disable_cache()
-        record(name, *result)  # a CPU times dense next: with the cache off
-        if regional:  # the same cache on a transformer whose blocks are compiled, as far as the cache allows
+        if not chosen(name):
+            continue
+        if wanted(name):
+            transformer.enable_cache(config)
+            try:
+                result = timer(generate(spy), repeats)
+            finally:
+                transformer.disable_cache()
+            record(name, *result)  # a CPU times dense next: with the cache off
+        if regional and wanted(f"{name}{REGIONAL}"):  # the same cache on a transformer whose blocks are compiled
             torch._dynamo.reset()
             counters.clear()
             compiled_spy = TimestepSpy(regional_copy(transformer, config), now)
@@ -428,13 +462,34 @@ def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return front[::-1]
 
 
+def results_path(model: str, out: str, tag: str) -> str:
+    """The results' path without its suffix (.json, .md, .png)."""
+    return os.path.join(out, f"peers_{model}" + (f"_{tag}" if tag else ""))
+
+
+def load_results(name: str) -> dict | None:
+    """An earlier run's results at `name` (.json), every row naming the run that measured it, or None."""
+    if not os.path.exists(name + ".json"):
+        return None
+    with open(name + ".json") as f:
+        data = json.load(f)
+    if "runs" not in data:  # written before rows named their run: all of one run
+        data["runs"] = {"earlier": data["baseline_seconds"]}
+        for row in data["rows"].values():
+            row["run"] = "earlier"
+    return data
+
+
 def write(rows: dict, model: str, out: str, setting: str, columns, baselines: dict, mag_ratios: list[float],
-          where: str, gpu: bool, args: dict) -> None:
+          where: str, gpu: bool, args: dict, runs: dict) -> None:
+    """JSON, markdown table and plot of `rows`; `runs`: the dense baselines of each run that
+    measured a row (`baselines`: this run's)."""
     os.makedirs(out, exist_ok=True)
-    name = os.path.join(out, f"peers_{model}" + (f"_{args['tag']}" if args.get("tag") else ""))
+    name = results_path(model, out, args.get("tag"))
+    rows = {**{n: r for n, r in rows.items() if n.startswith("dense")}, **rows}  # the baselines first
     with open(name + ".json", "w") as f:
         json.dump({"setting": setting, "device": where, "gpu": gpu, "args": args, "baseline_seconds": baselines,
-                   "magcache_ratios": mag_ratios, "rows": rows}, f, indent=1)
+                   "magcache_ratios": mag_ratios, "runs": runs, "rows": rows}, f, indent=1)
     speedups = [("speedup over the fastest dense compiled", "speedup_inductor")] if gpu else []
     speedups.append(("speedup over dense eager", "speedup"))
     own = gpu and all("psnr_own" in r for r in rows.values())  # the own-lowering view: GPU runs since it exists
@@ -446,6 +501,12 @@ def write(rows: dict, model: str, out: str, setting: str, columns, baselines: di
     lines = [f"{setting}; {where}", "",
              "| method | " + " | ".join(h for h, _, _ in table) + " |", "|---" * (len(table) + 1) + "|"]
     lines += [f"| {n} | " + " | ".join(format(r[k], fmt) for _, k, fmt in table) + " |" for n, r in rows.items()]
+    if len(runs) > 1:  # rows of several runs (--only): say which, and against which baselines
+        lines.append("")
+        for run, seconds in runs.items():
+            names = ", ".join(n for n, r in rows.items() if r.get("run") == run)
+            dense = ", ".join(f"{k} {v:.3f} s" for k, v in seconds.items())
+            lines.append(f"Run {run} (dense baselines: {dense}): {names}.")
     with open(name + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -491,13 +552,12 @@ def scatter_fronts(ax, rows: dict, field: str, key: str) -> None:
 
 def replot(path: str) -> None:
     """Table and plot again from a results JSON (the measurements themselves are not redone)."""
-    with open(path) as f:
-        data = json.load(f)
+    data = load_results(path.removesuffix(".json"))
     args = data["args"]
     columns = (ReferenceClips if args["model"] in SUBJECTS else RandomWan).columns
     gpu = data.get("gpu", any(r.get("peak_gb") is not None for r in data["rows"].values()))
     write(data["rows"], args["model"], os.path.dirname(path) or ".", data["setting"], columns,
-          data["baseline_seconds"], data["magcache_ratios"], data["device"], gpu, args)
+          data["baseline_seconds"], data["magcache_ratios"], data["device"], gpu, args, data["runs"])
 
 
 if __name__ == "__main__":

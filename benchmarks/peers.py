@@ -117,7 +117,8 @@ class RandomWan:
         self.model, self.seeds = self.workload.model, HELD_OUT[: args.seeds]
         tokens = args.frames * (args.height // 2) * (args.width // 2)
         self.setting = (f"{args.model}, random weights, latent {args.frames}x{args.height}x{args.width} ({tokens} tokens), "
-                        f"{args.dtype}, {args.steps} steps, guidance {self.workload.guidance}, shift "
+                        f"{args.dtype}, {args.steps} steps, " + (f"batch {args.batch}, " if args.batch != 1 else "")
+                        + f"guidance {self.workload.guidance}, shift "
                         f"{self.workload.shift}, seeds {self.seeds}; fidelity of the model's contribution (final "
                         "latent minus noise) against dense, the latent's beside it")
 
@@ -250,7 +251,9 @@ def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str
         if searched_on.startswith("cpu") == (device.type == "cpu"):  # costs.device_name: "cpu ..." or the GPU's name
             speedup = (search.get("target") or {}).get("speedup")
             target = f"{speedup:g}x" if speedup else path.rsplit("_", 1)[-1].removesuffix(".json")
-            label = f"{target} target" + (WHOLE_STEPS if search.get("levels") == [0.0, 1.0] else "")
+            batch = search.get("cost_table", {}).get("shapes", {}).get("hidden_states", [1])[0]
+            label = (f"{target} target" + (f", priced at batch {batch}" if batch != 1 else "")
+                     + (WHOLE_STEPS if search.get("levels") == [0.0, 1.0] else ""))
             if label in found:
                 raise SystemExit(f"two schedules searched for the {label} on this kind of device, {paths[label]} "
                                  f"and {path}: move one out of {os.path.dirname(path)}")
@@ -334,6 +337,8 @@ def main() -> None:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.replot:
         return replot(args.replot)
+    if args.model in SUBJECTS and args.batch != 1:
+        parser.error("a reference model generates its --prompts in one batch; --batch is for random Wan models")
     device = torch.device(args.device)
     subject = ReferenceClips(args) if args.model in SUBJECTS else RandomWan(args)
     transformer, timer, gpu = subject.model, Timer(device), device.type == "cuda"

@@ -5,10 +5,13 @@ budget level, and over whole steps only (the table restricted to levels 0 and 1:
 or skipped, the space step caching lives in). All of them run in this process on one compiled
 model and share one evaluator, so the dense references are generated once and a schedule both
 searches meet is scored once. Each search writes its schedule as it ends
-(`search_reference-v2_{steps}steps_{tag}_{target}x.json`, `..._whole-{target}x.json`; peers.py
+(`search_reference-v2_{steps}steps_{tag}_batch{B}_{target}x.json`, `..._whole-{target}x.json`; peers.py
 names the second kind by the levels the search recorded, not by the file name) and is skipped
 when its file exists, so a run cut short by a device call's limit resumes where it stopped. Then
-`benchmarks/peers.py` runs every schedule found against diffusers' caches:
+`benchmarks/peers.py` runs every schedule found against diffusers' caches. A generation is a batch
+of 8 clips (`--batch`), as peers.py generates its 8 evaluation prompts: the first verdict searched
+at batch 1, where this small model leaves an H200 idle and a partial step costs more than a dense
+one, and judged at batch 8, where it does not (`benchmarks/NOTES.md`).
 
     python benchmarks/reference_v2_verdict.py --weights W --tag h200 --speedups 1.5 2 2.5 3
     python benchmarks/peers.py --model reference-v2 --weights W --steps 30 --device cuda --tag h200
@@ -32,14 +35,19 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 1.5, 2.5])
     parser.add_argument("--generations", type=int, default=SearchSettings().generations)
+    parser.add_argument("--batch", type=int, default=8,
+                        help="clips per generation, as peers.py generates its 8 evaluation prompts in one batch: the "
+                             "costs a search prices are then those of the run that judges it (at batch 1 this model "
+                             "leaves an H200 idle, and a partial step costs more than a dense one)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default="h200", help="in the file names, beside the model and steps")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
-    workload = reference("reference-v2", num_steps=args.steps, device=args.device, path=args.weights)
+    workload = reference("reference-v2", num_steps=args.steps, device=args.device, path=args.weights, batch=args.batch)
     sparse = SparseModel(workload)
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"search_reference-v2_{args.steps}steps_{args.tag}")
+    batch = f"_batch{args.batch}" if args.batch != 1 else ""
+    stem = os.path.join(args.out, f"search_reference-v2_{args.steps}steps_{args.tag}{batch}")
     costs = f"{stem}_costs.json"
     if os.path.exists(costs):
         table = CostTable.load(costs)

@@ -49,3 +49,27 @@ def test_random_wan_settings():
     assert torch.equal(random_wan("tiny", frames=3, height=8, width=8, num_steps=4).inputs(0)[0], noise)
     with pytest.raises(ValueError, match="unknown Wan preset 'huge'"):
         random_wan("huge", frames=3, height=8, width=8, num_steps=4)
+
+
+def test_a_batched_generation_is_its_clips_generated_one_by_one():
+    """Clip i of seed s at batch B is seed s * B + i's prompt sampled from the batch's noise for
+    that clip: the same as a generation of one clip started from that noise."""
+    batched = random_wan("tiny", frames=3, height=8, width=8, num_steps=3, batch=3)
+    single = random_wan("tiny", frames=3, height=8, width=8, num_steps=3)
+    assert batched.shapes() == {"hidden_states": (3, 4, 3, 8, 8), "encoder_hidden_states": (3, 16, 32)}
+    noise, cond, uncond = batched.inputs(2)
+    for i in range(3):
+        _, own_cond, own_uncond = single.inputs(2 * 3 + i)
+        assert torch.equal(cond[i : i + 1], own_cond) and torch.equal(uncond[i : i + 1], own_uncond)
+    whole = batched.generate(batched.model, 2)
+    assert torch.equal(whole.noise, noise) and whole.latent.shape == noise.shape
+    for i in range(3):
+        one = single.generate(single.model, 2 * 3 + i, start=(0, noise[i : i + 1]))
+        torch.testing.assert_close(one.latent, whole.latent[i : i + 1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(whole.latent[0], whole.latent[1])  # each clip its own prompt and noise
+
+
+@pytest.mark.parametrize("batch", [0, -1, 1.5, True])
+def test_a_batch_that_is_not_a_number_of_clips_is_refused(batch):
+    with pytest.raises(ValueError, match="batch must be a whole number of clips"):
+        random_wan("tiny", frames=3, height=8, width=8, num_steps=3, batch=batch)

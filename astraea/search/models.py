@@ -48,6 +48,7 @@ def random_wan(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    batch: int = 1,
 ) -> Workload:
     """A workload on a random Wan transformer; frames, height and width are latent sizes.
     `text_tokens` defaults to the preset's."""
@@ -71,12 +72,13 @@ def random_wan(
         shift=shift,
         dtype=dtype,
         device=device,
+        batch=batch,
     )
 
 
 def reference(
     name: str = "reference", *, num_steps: int, guidance: float | None = None, dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu", path: str | None = None
+    device: str | torch.device = "cpu", path: str | None = None, batch: int = 1
 ) -> Workload:
     """A trained reference model (`astraea.reference.subjects`: v1 "reference", v2
     "reference-v2"; `path` names a v2 weights file to load unchecked), sampled as its own
@@ -101,6 +103,7 @@ def reference(
         dtype=dtype,
         device=device,
         decoder=subject.decode,
+        batch=batch,
     )
 
 
@@ -116,6 +119,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", type=float, default=None,
                         help="classifier-free guidance scale (default: the model's own, 2 for reference, 4 for reference-v2, "
                              "5 for Wan)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="clips per generation (a small model can leave a GPU idle at batch 1; the cost table "
+                             "records the batch)")
     parser.add_argument("--weights", default=None,
                         help="reference-v2 only: a weights file to load unchecked instead of the shipped one")
 
@@ -126,6 +132,7 @@ def from_arguments(args: argparse.Namespace) -> Workload:
         raise SystemExit(f"--weights names a reference-v2 weights file; --model is {args.model}")
     guidance = {} if args.guidance is None else {"guidance": args.guidance}
     if args.model in ("reference", "reference-v2"):
-        return reference(args.model, num_steps=args.steps, dtype=dtype, device=device, path=args.weights, **guidance)
+        return reference(args.model, num_steps=args.steps, dtype=dtype, device=device, path=args.weights,
+                         batch=args.batch, **guidance)
     return random_wan(args.model, frames=args.frames, height=args.height, width=args.width,
-                      num_steps=args.steps, dtype=dtype, device=device, **guidance)
+                      num_steps=args.steps, dtype=dtype, device=device, batch=args.batch, **guidance)

@@ -65,6 +65,10 @@ class Workload:
     guidance: classifier-free guidance scale; other than 1, every step calls the transformer twice.
     shift: the flow-matching timestep shift (Wan uses 3 to 5; 1 keeps the steps even).
     decoder: optional callable from latents to frames, for fidelity on what a person sees.
+    batch: clips per generation. Seed s draws the noise of all of them, and clip i takes the
+        conditioning of seed s * batch + i (at batch 1, seed s's own). A small model can leave a
+        GPU idle at batch 1, where its costs say nothing of a batched run; the cost table
+        records the batch in its shapes.
     """
 
     def __init__(
@@ -80,9 +84,12 @@ class Workload:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        batch: int = 1,
     ):
         if num_steps < 1:
             raise ValueError(f"a generation needs at least one step, got num_steps={num_steps}")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a whole number of clips, at least 1, got {batch!r}")
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         self.model = model
@@ -95,6 +102,7 @@ class Workload:
         self.dtype = dtype
         self.device = torch.device(device)
         self.decoder = decoder
+        self.batch = batch
 
     # Generations can start part-way from a saved latent (candidates share prefixes).
     resumable = True
@@ -111,9 +119,10 @@ class Workload:
 
     def inputs(self, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Initial noise (float32, drawn on the CPU so a seed means the same on any device)
-        and the cond and uncond prompt embeddings of a seed."""
-        noise = torch.randn((1, *self.latent_shape), generator=torch.Generator().manual_seed(seed))
-        cond, uncond = self.conditioning(seed)
+        and the cond and uncond prompt embeddings of a seed, for each of its `batch` clips."""
+        noise = torch.randn((self.batch, *self.latent_shape), generator=torch.Generator().manual_seed(seed))
+        conds, unconds = zip(*(self.conditioning(seed * self.batch + i) for i in range(self.batch)))
+        cond, uncond = torch.cat(conds), torch.cat(unconds)
         return (
             noise.to(self.device),
             cond.to(self.device, self.dtype),
@@ -123,7 +132,7 @@ class Workload:
     def example_inputs(self, seed: int = 0) -> dict:
         """Keyword arguments of one transformer call (for `astraea.explain`)."""
         noise, cond, _ = self.inputs(seed)
-        timestep = torch.full((1,), 1000.0, device=self.device)
+        timestep = torch.full((self.batch,), 1000.0, device=self.device)
         return dict(
             hidden_states=noise.to(self.dtype), timestep=timestep, encoder_hidden_states=cond, return_dict=False
         )
@@ -168,7 +177,7 @@ class Workload:
             if on_step is not None:
                 on_step(step, latent)
             sigma, sigma_next = float(sigmas[step]), float(sigmas[step + 1])
-            timestep = torch.full((1,), sigma * 1000.0, device=self.device)
+            timestep = torch.full((self.batch,), sigma * 1000.0, device=self.device)
             out = self._call(transformer, "cond", latent, timestep, cond)
             if self.calls_per_step == 2:
                 unconditional = self._call(transformer, "uncond", latent, timestep, uncond)

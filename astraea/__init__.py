@@ -5,7 +5,7 @@
     astraea.tune(pipe, prompts, speedup=2)  # a schedule searched on your own pipeline
 """
 
-from .backend import AstraeaWarning, Backend, backend
+from .backend import AstraeaWarning, Backend, attach, backend
 from .blockwise import compile_blocks
 from .config import AstraeaConfig, ConfigError
 from .explain import explain
@@ -13,7 +13,7 @@ from .schedule import Schedule, ScheduleError
 
 __all__ = [
     "AstraeaConfig", "AstraeaWarning", "Backend", "ConfigError", "Schedule", "ScheduleError",
-    "backend", "compile_blocks", "explain", "tune",
+    "attach", "backend", "compile_blocks", "explain", "tune",
 ]
 __version__ = "0.1.0"
 

@@ -109,6 +109,19 @@ def backend(config: AstraeaConfig | None = None, **options) -> Backend:
     return Backend(config if config is not None else AstraeaConfig.from_options(options))
 
 
+def attach(model: torch.nn.Module) -> torch.nn.Module:
+    """Let astraea hear the steps and branches a diffusers pipeline announces to `model`
+    (`cache_context("cond", step_index=i, num_inference_steps=n)`), from the first call on:
+    `torch.compile(astraea.attach(pipe.transformer), backend="astraea")`. Without it, steps and
+    branches are inferred from the timestep. `compile_blocks` and `tune` attach by themselves."""
+    from .runtime.announced import listen
+
+    if listen(model) is None:
+        raise ConfigError(f"{type(model).__name__} has no cache_context, so no pipeline announces its steps to it; "
+                          "compile it without attach: its steps are placed by its timestep")
+    return model
+
+
 def astraea_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
     """Entry point of `backend="astraea"`; `options` come from torch.compile(options=...)."""
     return compile_graph(gm, example_inputs, AstraeaConfig.from_options(options))
@@ -136,7 +149,7 @@ def check_report(config: AstraeaConfig, report, whole_model: bool = True) -> Non
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, owner: Backend | None = None):
-    from .runtime.announced import compiled_module, listen
+    from .runtime.announced import announcements_for
     from .runtime.clock import BlockInstances
     from .runtime.runner import PlacedRunner, SparseRunner
 
@@ -191,7 +204,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
             branches=branches, stream=instance))
     else:
         runner = PlacedRunner(graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip,
-                              timestep_position=position, announcements=listen(compiled_module()))
+                              timestep_position=position, announcements=announcements_for(example_inputs))
     if owner is not None:
         owner.runners.append(runner)
     return runner

@@ -74,10 +74,11 @@ def test_announced_steps_and_branches_are_used():
     torch._dynamo.reset()
     family = wan()
     be = astraea.backend(schedule=[1.0, 0.5, 0.0, 0.25])
-    compiled = torch.compile(family.model, backend=be)
-    _announced_generation(compiled, family, 4)  # compiles; placed by timestep: one long step
+    compiled = torch.compile(astraea.attach(family.model), backend=be)
+    _announced_generation(compiled, family, 4)  # compiles, and is placed by the announcements from the first call
     runner = be.runners[0]
     first = len(runner.records)
+    assert [(r.step, r.branch) for r in runner.records] == [(s, b) for s in range(4) for b in (0, 1)]
     with torch.compiler.set_stance("fail_on_recompile"):
         _announced_generation(compiled, family, 4)
     placed = [(r.step, r.branch, r.budget) for r in runner.records[first:]]
@@ -86,6 +87,21 @@ def test_announced_steps_and_branches_are_used():
     with pytest.raises(astraea.ScheduleError, match="schedule has 4 steps but the run reached step 6"):
         _announced_generation(compiled, family, 6)
     assert len(runner.records) == first + 8  # refused before its first call ran
+
+
+def test_without_attach_steps_are_placed_by_the_timestep():
+    """Announcements are heard only from an attached model: unattached, a constant timestep is one
+    long step whose calls are its branches."""
+    torch._dynamo.reset()
+    family = wan()
+    be = astraea.backend(schedule=[1.0, 0.5, 0.0, 0.25])
+    _announced_generation(torch.compile(family.model, backend=be), family, 2)
+    assert [(r.step, r.branch) for r in be.runners[0].records] == [(0, b) for b in range(4)]
+
+
+def test_attach_refuses_a_model_no_pipeline_announces_to():
+    with pytest.raises(astraea.ConfigError, match="Linear has no cache_context"):
+        astraea.attach(torch.nn.Linear(2, 2))
 
 
 def test_compile_blocks_places_announced_steps_from_the_first_call():

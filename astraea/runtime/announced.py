@@ -9,11 +9,18 @@ shorter than the announced number of steps is refused at the first step).
 The hook is registered through diffusers' public `register_hook`, which also wraps the model's
 forward; the wrapper is removed again at once (the listener needs no forward), so the forward
 dynamo traced stays the one it guards on and nothing recompiles.
+
+A backend is handed a graph and its inputs, never the module, so the listener is attached
+explicitly (`astraea.attach(model)`, or by `compile_blocks`, `tune` and the search, which hold the
+model): `listen` records the model's parameters, and a graph whose inputs include one of them
+hears that model's announcements (`announcements_for`). Without it, steps and branches are
+inferred from the timestep.
 """
 
 from __future__ import annotations
 
-import sys
+import weakref
+from typing import Iterable
 
 import torch
 
@@ -46,21 +53,22 @@ class Announcements:
         self._hook.ended = value
 
 
-def compiled_module() -> torch.nn.Module | None:
-    """The module whose forward dynamo is compiling, found on the calling frames."""
-    frame = sys._getframe()
-    while frame is not None:
-        owner = frame.f_locals.get("self")
-        if frame.f_code.co_name == "_call_impl" and isinstance(owner, torch.nn.Module):
-            if not isinstance(owner, torch._dynamo.eval_frame.OptimizedModule):
-                return owner
-        frame = frame.f_back
+_ATTACHED: dict[int, tuple[weakref.ref, Announcements]] = {}  # id of a parameter -> (the parameter, its model's)
+
+
+def announcements_for(tensors: Iterable) -> Announcements | None:
+    """The announcements of the attached model one of `tensors` (a graph's inputs) belongs to."""
+    for tensor in tensors:
+        entry = _ATTACHED.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
     return None
 
 
-def listen(module: torch.nn.Module | None) -> Announcements | None:
-    """Attach (once) a listening hook to a diffusers model; None for any other module."""
-    if module is None or not hasattr(module, "cache_context"):
+def listen(module: torch.nn.Module) -> Announcements | None:
+    """Attach (once) a listening hook to a diffusers model, and record its parameters for
+    `announcements_for`; None for any other module."""
+    if not hasattr(module, "cache_context"):
         return None
     try:
         from diffusers.hooks.hooks import BaseState, HookRegistry, ModelHook, StateManager
@@ -101,4 +109,9 @@ def listen(module: torch.nn.Module | None) -> Announcements | None:
             module.forward = previous
         else:
             del module.forward
-    return Announcements(hook)
+    announcements = Announcements(hook)
+    for dead in [key for key, (ref, _) in _ATTACHED.items() if ref() is None]:
+        del _ATTACHED[dead]
+    for tensor in (*module.parameters(), *module.buffers()):
+        _ATTACHED[id(tensor)] = (weakref.ref(tensor), announcements)
+    return announcements

@@ -16,6 +16,7 @@ import torch
 from astraea.backend import backend
 from astraea.config import CACHE_DTYPES, GROUPS, POLICIES, REUSES, SKIPS, AstraeaConfig
 from astraea.explain import explain
+from astraea.runtime.announced import listen
 from astraea.schedule import Schedule
 
 from .ea import SearchError
@@ -35,6 +36,7 @@ class SparseModel:
             raise SearchError(f"astraea runs this model dense ({why}): it has no budgets to measure or search")
         self.structure_hash = report.structure_hash
         self.backend = backend(self.config)
+        listen(workload.model)  # where the workload's loop announces its steps, they place its calls
         self.module = torch.compile(workload.model, backend=self.backend)
 
     @property

@@ -123,7 +123,7 @@ def run(request):
     else:
         backends = {name: astraea.backend(schedule=schedule) for name, schedule in case.schedules.items()}
         for name, be in backends.items():
-            setattr(pipe, name, torch.compile(getattr(pipe, name), backend=be))
+            setattr(pipe, name, torch.compile(astraea.attach(getattr(pipe, name)), backend=be))
     compiled = {name: [] for name in backends}
 
     def count(_pipe, step, t, tensors):  # every (re)compile dynamo makes goes through the backend

@@ -47,6 +47,21 @@ def test_ssim_falls_with_noise_and_is_frame_wise():
     assert one_wrong == pytest.approx((1.0 + ssim(wrong[:, :, 1:], reference[:, :, 1:])) / 2)
 
 
+def test_ssim_of_one_window_is_the_formula_on_its_statistics():
+    """A 7x7 frame holds one window: SSIM is Wang et al.'s formula on the frame's means, sample
+    variances and covariance, each channel's value averaged (scikit-image's defaults)."""
+    reference, test = video(5, (1, 2, 1, 7, 7)), video(6, (1, 2, 1, 7, 7))
+    r = float(reference.max() - reference.min())
+    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
+    values = []
+    for c in range(2):
+        x, y = reference[0, c, 0].flatten(), test[0, c, 0].flatten()
+        mx, my = x.mean(), y.mean()
+        vx, vy, vxy = x.var(), y.var(), ((x - mx) * (y - my)).sum() / (x.numel() - 1)
+        values.append(float((2 * mx * my + c1) * (2 * vxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
+    assert ssim(test, reference) == pytest.approx(sum(values) / 2, rel=1e-12)
+
+
 def test_ssim_shrinks_its_window_to_small_latents_and_refuses_tiny_ones():
     small = video(shape=(1, 4, 2, 4, 6))
     assert ssim(small, small) == pytest.approx(1.0)

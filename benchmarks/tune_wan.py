@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--held-out", type=int, default=2)
     parser.add_argument("--generations", type=int, default=SearchSettings().generations)
+    parser.add_argument("--minutes", type=float, help="start no search generation after this many minutes")
     parser.add_argument("--no-decode", dest="decode", action="store_false", help="score latents, not decoded videos")
     parser.add_argument("--out", required=True, help="folder for the schedule, its tables and tune.json")
     args = parser.parse_args(argv)
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     result = astraea.tune(pipe, prompts, speedup=args.speedup, num_inference_steps=args.steps,
                           output=os.path.join(args.out, "schedule.json"), seeds=args.seeds, held_out=args.held_out,
-                          settings=SearchSettings(generations=args.generations), decode=args.decode,
+                          settings=SearchSettings(generations=args.generations, minutes=args.minutes), decode=args.decode,
                           height=args.height, width=args.width, num_frames=args.frames, guidance_scale=5.0)
     wall_s = time.perf_counter() - start
     search = result.searches["transformer"]

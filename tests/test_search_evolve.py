@@ -179,3 +179,18 @@ def test_magcache_genomes_fit_the_target_and_join_the_initial_population():
     assert all(any(np.array_equal(g, m) for g in population) for m in genomes[:2])  # an eighth of 16
     with pytest.raises(SearchError, match="magnitude ratios"):
         magnitude_genomes(SPACE, ratios[:-1])
+
+
+def test_a_time_limit_stops_between_generations_and_a_rerun_resumes(tmp_path):
+    """At its limit the search breeds no further generation and keeps what it scored; run again
+    without one, it resumes from the checkpoint and ends where an unlimited search ends."""
+    path = tmp_path / "search.json"
+    first = Counting()
+    stopped = evolve(SPACE, first, SearchSettings(population=8, offspring=8, generations=6, seed=3, minutes=0),
+                     checkpoint=path, progress=False)
+    assert first.calls <= SETTINGS.population and len(stopped) == first.calls
+    assert json.loads(path.read_text())["generation"] == 0
+    resumed = evolve(SPACE, Counting(), SETTINGS, checkpoint=path, progress=False)
+    assert [c.budgets for c in resumed] == [c.budgets for c in evolve(SPACE, synthetic, SETTINGS, progress=False)]
+    with pytest.raises(SearchError, match="minutes must be positive"):
+        SearchSettings(minutes=-1)

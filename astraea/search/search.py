@@ -62,6 +62,7 @@ class SearchSettings:
     mutation_floor: float = 0.03  # ... down to this
     seed: int = 0
     full_steps: int = 1  # the first steps of every candidate run dense
+    minutes: float | None = None  # breed no further generation once the search has run this long (in this process)
 
     def __post_init__(self):
         if self.population < 2 or self.offspring < 1 or self.generations < 0 or self.full_steps < 0:
@@ -69,6 +70,8 @@ class SearchSettings:
                 f"need population >= 2, offspring >= 1, generations >= 0, full_steps >= 0; got "
                 f"{self.population}, {self.offspring}, {self.generations}, {self.full_steps}"
             )
+        if self.minutes is not None and self.minutes < 0:
+            raise SearchError(f"minutes must be positive or None, got {self.minutes}")
 
 
 @dataclass(frozen=True)
@@ -127,9 +130,13 @@ def evolve(
     every generation and, when the file exists, the search resumes from it (`problem`
     describes what the search is, to refuse a checkpoint of another one). `ratios`: the
     magnitude ratios of a dense run (`magnitude_ratios`), for MagCache-shaped starting schedules.
+    With `settings.minutes`, no generation starts once that much time has passed since this
+    call began; the ones finished are kept, and a later call resumes from the checkpoint.
     """
+    started = time.perf_counter()
+    shaping = {k: v for k, v in dataclasses.asdict(settings).items() if k != "minutes"}  # how long: not the problem
     problem = json.loads(json.dumps({"space": dataclasses.asdict(space), **(problem or {}),
-                                     "settings": {**dataclasses.asdict(settings), "generations": None}}))
+                                     "settings": {**shaping, "generations": None}}))
     archive: dict[tuple[float, ...], Candidate] = {}
     # One tick per candidate, evaluated or found in the archive: on a GPU one generation of
     # candidates takes minutes, too long to show nothing.
@@ -158,6 +165,11 @@ def evolve(
         population, done = survivors(evaluate(initial_population(space, settings.population, rng, ratios))), 0
         _save(checkpoint, problem, 0, population, rng, archive)
     for generation in range(done, settings.generations):
+        if settings.minutes is not None and time.perf_counter() - started >= 60 * settings.minutes:
+            if progress:
+                tqdm.write(f"search: stopped after {generation} of {settings.generations} generations, at its limit "
+                           f"of {settings.minutes:g} minutes; run again to resume from the checkpoint")
+            break
         rate = mutation_rate(generation, settings.mutation, settings.mutation_decay, settings.mutation_floor)
         parents = [space.genome(c.budgets) for c in population]
         children = breed(space, parents, settings.offspring, rate, settings.crossover, rng)

@@ -45,12 +45,14 @@ def add_settings(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offspring", type=int, default=defaults.offspring)
     parser.add_argument("--generations", type=int, default=defaults.generations)
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the search itself")
+    parser.add_argument("--minutes", type=float, default=defaults.minutes,
+                        help="start no generation after this many minutes of search (a rerun resumes)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def settings_from_arguments(args: argparse.Namespace) -> SearchSettings:
     return SearchSettings(population=args.population, offspring=args.offspring, generations=args.generations,
-                          seed=args.seed, full_steps=args.full_steps)
+                          seed=args.seed, full_steps=args.full_steps, minutes=args.minutes)
 
 
 def levels(text: str) -> tuple[float, ...]:

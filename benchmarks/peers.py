@@ -143,6 +143,9 @@ class TimestepSpy:
         self.now["t"] = float(kwargs["timestep"][0])
         return self.model(**kwargs)
 
+    def _reset_stateful_cache(self) -> None:
+        self.model._reset_stateful_cache()
+
 
 class CalibrationLog(logging.Handler):
     """Collects the ratios MagCache logs at the end of a calibration run (one list per branch)."""
@@ -356,7 +359,16 @@ def main() -> None:
         mag_ratios += earlier["magcache_ratios"]
 
     def generate(model):
-        return lambda: subject.run(model)
+        """One generation, after which the model's cache hooks are reset, as a pipeline resets them
+        (`maybe_free_model_hooks`): a hook that counts steps (TaylorSeer) would otherwise run the
+        next generation on from the last one's state."""
+        def run():
+            out = subject.run(model)
+            reset = getattr(model, "_reset_stateful_cache", None)
+            if reset is not None:
+                reset()
+            return out
+        return run
 
     # Each method is timed --repeats times; on a GPU the dense runs at least three times (one
     # eager generation of the small reference model once took 1.4x the others).

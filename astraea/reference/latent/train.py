@@ -18,7 +18,11 @@ Stage `transformer` freezes the VAE at its float16 weights (those a weights file
 measures the latent statistics on a pool of encoded clips, and trains the transformer
 and prompt encoder with rectified flow: x_t = (1 - t) x0 + t noise, the velocity noise - x0 as
 target, t logit-normal then shifted as in sampling, one prompt in ten empty for guidance. The
-pool is partly re-encoded from fresh clips at every step, so encoding costs a fraction of a step.
+pool is partly re-encoded from fresh clips at every step, so encoding costs a fraction of a step:
+`refresh` clips of a batch of 32. At 8, rendering and encoding took 146 s of a 258 s call on an
+H200 (benchmarks/NOTES.md), more than the transformer's own training; at 2 a clip is drawn
+about 16 times before it is replaced, and a minute should buy about 1.7 times the steps
+(predicted from those figures, not yet measured).
 
 Learning rate: warm-up, then constant, then a linear decay to zero over the last fifth of the
 stage's total budget, counted in training seconds across calls (saved in the checkpoint).
@@ -56,7 +60,7 @@ DEFAULTS = {
     "autoencoder": dict(autoencoder=AUTOENCODER, batch_size=16, frames=17, size=128, lr=5e-4, warmup=100, ema=0.999,
                         edge=0.5, kl=1e-4, object_weight=10.0, initial_logvar=-6.0, validation_clips=32, checked_clips=8, log_every=50),
     "transformer": dict(transformer=TRANSFORMER, batch_size=32, frames=scenes.FRAMES, size=scenes.SIZE, pool=2048,
-                        refresh=8, lr=3e-4, warmup=200, ema=0.999, text_dropout=0.1, shift=SHIFT,
+                        refresh=2, lr=3e-4, warmup=200, ema=0.999, text_dropout=0.1, shift=SHIFT,
                         validation_clips=64, log_every=50),
 }
 DECAY = 0.2  # final fraction of the stage budget over which the learning rate falls to zero

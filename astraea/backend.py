@@ -79,8 +79,6 @@ class Backend:
                     f"option(s) {fixed} are compiled into the graph; compile again to change them "
                     "(torch._dynamo.reset(), then torch.compile with a new backend)"
                 )
-        if self.clock is not None:
-            check_blockwise(config)
         for runner in self.runners:
             check_report(config, runner.report, whole_model=self.clock is None)
         self.config = config
@@ -125,13 +123,6 @@ def attach(model: torch.nn.Module) -> torch.nn.Module:
 def astraea_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None):
     """Entry point of `backend="astraea"`; `options` come from torch.compile(options=...)."""
     return compile_graph(gm, example_inputs, AstraeaConfig.from_options(options))
-
-
-def check_blockwise(config: AstraeaConfig) -> None:
-    """Refuse options blocks compiled on their own cannot honour (`astraea.compile_blocks`)."""
-    if config.skip == "output":
-        raise ConfigError("skip='output' returns the model's previous output, which needs the whole model in one "
-                          "graph: use torch.compile(model, backend='astraea') for it")
 
 
 def check_report(config: AstraeaConfig, report, whole_model: bool = True) -> None:

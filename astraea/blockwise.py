@@ -10,7 +10,8 @@ it a slice), dynamo traces that block class twice, and a block may run through t
 clock's per-block states serve both. The
 analysis, the rewrite and the lowering are those of a whole model, applied to the block's
 graph. What a block graph lacks, the step it runs at, comes from a forward pre-hook on the
-model that reads the call's timestep (or the pipeline's announcement) before any block runs.
+model that reads the call's timestep (or the pipeline's announcement) before any block runs;
+with skip="output" the model's forward is wrapped too, so a skipped call runs nothing.
 
 The blocks are found without code per model: the children of every `ModuleList` or
 `Sequential` made of modules of one class that hold modules themselves (a stack of blocks; a
@@ -25,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .backend import Backend, check_blockwise
+from .backend import Backend
 from .config import AstraeaConfig, ConfigError
 from .passes.timestep import TIME_NAMES, time_argument
 from .runtime.announced import listen
@@ -42,7 +43,6 @@ def compile_blocks(model: torch.nn.Module, config: AstraeaConfig | None = None, 
     if config is not None and options:
         raise ConfigError("pass either a config or keyword options, not both")
     config = config if config is not None else AstraeaConfig.from_options(options)
-    check_blockwise(config)
     if any(isinstance(getattr(hook, "__self__", None), StepClock) for hook in model._forward_pre_hooks.values()):
         raise ConfigError("astraea.compile_blocks was already applied to this model; to change options use the "
                           "backend it returned (backend.update(...))")
@@ -56,8 +56,7 @@ def compile_blocks(model: torch.nn.Module, config: AstraeaConfig | None = None, 
                           "containing 'timestep'), so its calls cannot be placed at their steps")
     announcements = listen(model)  # the first change to the model: every refusal comes before it
     backend = Backend(config)
-    backend.clock = StepClock(announcements, read_timestep or (lambda args, kwargs: None),
-                              lambda: backend.config.schedule)
+    backend.clock = StepClock(announcements, read_timestep or (lambda args, kwargs: None), lambda: backend.config)
     backend.clock.attach(model)
     for block in blocks:
         block.compile(backend=backend, dynamic=False)

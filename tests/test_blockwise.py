@@ -22,11 +22,11 @@ FAMILIES = {
 STEPS = len(REGIONS_SCHEDULE)
 
 
-def _whole(make, schedule):
+def _whole(make, schedule, **options):
     torch._dynamo.reset()
     family = make()
-    be = astraea.backend(schedule=schedule)
-    return sample(family, torch.compile(family.model, backend=be), steps=STEPS), be.runners[0].records
+    be = astraea.backend(schedule=schedule, **options)
+    return sample(family, torch.compile(family.model, backend=be), steps=len(schedule)), be.runners[0].records
 
 
 @pytest.mark.parametrize("name", FAMILIES)
@@ -102,13 +102,45 @@ def test_blocks_are_found_by_structure():
     assert repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))) == []
 
 
+@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+def test_output_reuse_skips_the_whole_call_as_the_whole_model_compile_does(name):
+    """skip="output": a skipped call returns the branch's previous output without running a
+    block (the model's clock answers it), and the blocks' staleness counts on, so the steps
+    after it select what the whole-model compile selects, and return the same outputs."""
+    make = FAMILIES[name]
+    schedule = [1.0, 0.5, 0.0, 0.0, 0.3]
+    whole, whole_records = _whole(make, schedule, skip="output")
+    torch._dynamo.reset()
+    family = make()
+    be = astraea.compile_blocks(family.model, schedule=schedule, skip="output")
+    blocks_ran = []
+    for block in repeated_blocks(family.model):
+        block.register_forward_pre_hook(lambda *_: blocks_ran.append(1))
+    torch.testing.assert_close(sample(family, family.model, steps=len(schedule)), whole, rtol=0, atol=0)
+    video = max(be.runners, key=lambda r: r.report.num_tokens)
+    assert video.records[-2 * len(schedule):] == whole_records[-2 * len(schedule):]
+    # two guidance branches, three computed steps: no block ran in the skipped ones
+    assert len(blocks_ran) == 2 * 3 * len(repeated_blocks(family.model))
+
+
+def test_skip_mode_changes_without_recompiling():
+    """From block reuse to output reuse and back, on one compilation."""
+    torch._dynamo.reset()
+    family = wan(layers=2)
+    be = astraea.compile_blocks(family.model, schedule=[1.0, 0.0, 0.5, 0.0])
+    blocks = sample(family, family.model, steps=4)
+    graphs = len(be.reports)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        be.update(skip="output")
+        output = sample(family, family.model, steps=4)
+        be.update(skip="blocks")
+        torch.testing.assert_close(sample(family, family.model, steps=4), blocks, rtol=0, atol=0)
+    assert len(be.reports) == graphs and not torch.equal(output, blocks)
+
+
 def test_refusals():
     family = wan(layers=2)
-    with pytest.raises(astraea.ConfigError, match="skip='output'"):
-        astraea.compile_blocks(family.model, skip="output")
-    be = astraea.compile_blocks(family.model)
-    with pytest.raises(astraea.ConfigError, match="skip='output'"):
-        be.update(skip="output")  # refused where the option is checked, not only when compiling
+    astraea.compile_blocks(family.model)
     with pytest.raises(astraea.ConfigError, match="already applied"):
         astraea.compile_blocks(family.model)
     with pytest.raises(astraea.ConfigError, match="no blocks found"):

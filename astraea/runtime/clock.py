@@ -15,15 +15,23 @@ block's outputs are given dense strides: the next block then sees the same strid
 budget, and nothing recompiles. Where a block still runs through different graphs from call
 to call (a skipped step returns other strides than a computed one), its caches are the
 clock's, shared by every graph's runner for that block.
+
+With skip="output" a skipped call must not run the model at all, so the clock also wraps the
+model's forward: a budget-0 call returns the branch's previous output (each block runner told
+it was skipped, so its staleness counts on as in a whole-model compile), any other call runs
+and its output is kept. The block runners themselves run with skip="blocks": a block keeps
+no output of its own.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
+from torch.utils._pytree import tree_map_only
 
-from ..schedule import Schedule
+from ..config import AstraeaConfig
 from .announced import Announcements
 from .placement import Placement
 from .runner import CallRecord, SparseRunner
@@ -34,9 +42,13 @@ class StepClock:
     """Places every call of one model; `read_timestep(args, kwargs)` finds the call's
     timestep (None where the model has none, then only announcements place calls)."""
 
-    def __init__(self, announcements: Announcements | None, read_timestep: Callable, schedule: Callable[[], Schedule]):
-        self.placement = Placement(announcements, schedule)
+    def __init__(self, announcements: Announcements | None, read_timestep: Callable, config: Callable[[], AstraeaConfig]):
+        self.placement = Placement(announcements, lambda: config().schedule)
         self.read_timestep = read_timestep
+        self.config = config
+        # skip="output": per guidance branch, the last output and the block runners that made it
+        self.last_outputs: dict[int, tuple[object, tuple[SparseRunner, ...]]] = {}
+        self.ran: list[SparseRunner] = []  # the block runners the current call ran
         self.call: Call | None = None
         self.calls = 0  # model calls placed
         self.block_states: dict = {}  # per block (and cache shapes): its guidance branches' states
@@ -44,14 +56,43 @@ class StepClock:
         self._shapes: tuple = ()  # the current call's input shapes
         self._most: dict[tuple, int] = {}  # per input shapes, the most tokens a block ran on: the video's
 
-    def attach(self, model: torch.nn.Module):
-        """Place each call of `model` before it runs; returns the hook's handle."""
-        return model.register_forward_pre_hook(self._before_call, with_kwargs=True)
+    def attach(self, model: torch.nn.Module) -> None:
+        """Place each call of `model` before it runs, and answer skipped calls (skip="output")."""
+        model.register_forward_pre_hook(self._before_call, with_kwargs=True)
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def placed_forward(*args, **kwargs):
+            reused = self._reused_output()
+            if reused is not None:
+                return reused
+            out = forward(*args, **kwargs)
+            if self.config().skip == "output":
+                self.last_outputs[self.call.branch] = out, tuple(self.ran)
+            return out
+
+        model.forward = placed_forward
 
     def _before_call(self, model, args, kwargs):
         self.call = self.placement.place(lambda: self.read_timestep(args, kwargs))
+        if self.call.new_generation:
+            self.last_outputs.clear()
+        self.ran = []
         self.calls += 1
         self._shapes = tuple(tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+
+    def _reused_output(self):
+        """The branch's previous output (a copy) where this call is skipped with skip="output";
+        None where the model must run."""
+        call, config = self.call, self.config()
+        if config.skip != "output" or call.branch not in self.last_outputs:
+            return None
+        if config.step_budget(call.step, call.time) != 0.0:
+            return None
+        out, runners = self.last_outputs[call.branch]
+        for runner in runners:
+            runner.skip_call(call)
+        return tree_map_only(torch.Tensor, torch.clone, out)
 
     def video_tokens(self, tokens: int) -> int:
         """The most tokens a block has run on in calls with this call's input shapes (the
@@ -67,6 +108,7 @@ class StepClock:
 
     def reset(self) -> None:
         self.placement.reset()
+        self.last_outputs.clear()
         self.call = None
 
     def cache_bytes(self) -> int:
@@ -109,9 +151,10 @@ class BlockInstances:
         runner = self.instances.get(block)
         if runner is None:
             branches = self.clock.block_states.setdefault((block, self.shapes), {})
-            runner = self.instances[block] = self.make_runner(branches, self.config, self.clock.instances)
+            runner = self.instances[block] = self.make_runner(branches, _for_blocks(self.config), self.clock.instances)
             self.clock.instances += 1
         full = self.report.num_tokens < self.clock.video_tokens(self.report.num_tokens)  # not the video's tokens
+        self.clock.ran.append(runner)
         return tuple(_dense_strides(t) for t in runner.run(self.clock.call, args, full))
 
     # What a whole-graph runner offers, over all instances.
@@ -128,11 +171,17 @@ class BlockInstances:
     def config(self, config) -> None:
         self._config = config
         for runner in self.instances.values():
-            runner.config = config
+            runner.config = _for_blocks(config)
 
     def reset(self) -> None:
         for runner in self.instances.values():
             runner.reset()
+
+
+def _for_blocks(config: AstraeaConfig) -> AstraeaConfig:
+    """A block runner's config: skip="output" is answered by the clock, above the blocks, so a
+    block keeps no output of its own."""
+    return config.replace(skip="blocks") if config.skip == "output" else config
 
 
 def _dense_strides(t):

@@ -5,7 +5,8 @@ sparse block's tokens from the branch's scores, and runs the rewritten graph wit
 indices and the branch's caches as extra inputs; on a GPU the selection and the graph are
 replayed as one CUDA graph per selection size (`call_graphs.py`). A budget-0 step runs the
 graph's whole-step-skip form (`passes/skip.py`, lowered on first use), or with the option
-skip="output" returns the branch's previous output without running anything. Budgets and
+skip="output" returns the branch's previous output without running anything (under
+`compile_blocks` the model's clock does, before any block runs). Budgets and
 indices are tensors and host ints here, outside dynamo, so they never cause a recompile.
 """
 
@@ -175,11 +176,11 @@ class SparseRunner:
         ctx, budget, k = self.plan(call, full)
         if self._forecasting(ctx):
             forecast.allocate(ctx.blocks)  # before any capture: graphs read the slopes where they are
+        if k == 0 and self.config.skip == "output":
+            self.skip_call(call)
+            return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
         if k == 0:
             torch._foreach_add_([state.stale for state in ctx.blocks], 1)  # one launch, not one per block
-            if self.config.skip == "output":
-                self._record(CallRecord(call.step, call.branch, 0.0, 0))
-                return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
             run = lambda inputs: self._reuse_blocks(ctx, inputs)  # noqa: E731
         else:
             run = lambda inputs: self._forward(ctx, k, inputs)  # noqa: E731
@@ -189,6 +190,13 @@ class SparseRunner:
         ctx.filled = True
         ctx.last_output = out if self.config.skip == "output" else None
         return out
+
+    def skip_call(self, call: Call) -> None:
+        """A placed budget-0 call answered with the branch's previous output, here or by the
+        model's clock above this block (`compile_blocks`): nothing runs, the blocks grow one
+        step staler."""
+        torch._foreach_add_([state.stale for state in self.branches[call.branch].blocks], 1)
+        self._record(CallRecord(call.step, call.branch, 0.0, 0))
 
 
 def _call(graph: Callable, ctx: BranchState, indices: list, inputs: tuple) -> tuple:

@@ -234,13 +234,14 @@ class CostTable:
 def profiling_schedule(
     levels: Sequence[float], steps_per_level: int
 ) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
-    """One generation that visits every level: a dense step, then `steps_per_level` steps at
-    the level, for each level in turn. Returns the budgets and, per step, the level that step
-    measures (None for the dense steps in between, which only refresh the caches)."""
-    budgets, measured = [], []
-    for level in levels:
-        budgets += [1.0] + [level] * steps_per_level
-        measured += [None] + [level] * steps_per_level
+    """One generation that visits every level `steps_per_level` times, in rounds: a dense step,
+    then one step at each level. Returns the budgets and, per step, the level that step measures
+    (None for the dense steps that open each round, which only refresh the caches). A level's
+    samples are spread over the generation, so a burst of load on the machine (another process,
+    a CPU's other cores at work) lands on every level alike instead of on one level's run of
+    steps: the ratios between levels, which the search relies on, stay right under load."""
+    budgets = (1.0, *levels) * steps_per_level
+    measured = (None, *levels) * steps_per_level
     return tuple(budgets), tuple(measured)
 
 

@@ -180,7 +180,7 @@ class SparseRunner:
             self.skip_call(call)
             return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
         if k == 0:
-            torch._foreach_add_([state.stale for state in ctx.blocks], 1)  # one launch, not one per block
+            _one_step_staler(ctx)
             run = lambda inputs: self._reuse_blocks(ctx, inputs)  # noqa: E731
         else:
             run = lambda inputs: self._forward(ctx, k, inputs)  # noqa: E731
@@ -195,8 +195,13 @@ class SparseRunner:
         """A placed budget-0 call answered with the branch's previous output, here or by the
         model's clock above this block (`compile_blocks`): nothing runs, the blocks grow one
         step staler."""
-        torch._foreach_add_([state.stale for state in self.branches[call.branch].blocks], 1)
+        _one_step_staler(self.branches[call.branch])
         self._record(CallRecord(call.step, call.branch, 0.0, 0))
+
+
+def _one_step_staler(ctx: BranchState) -> None:
+    """A skipped step: every block's tokens one step staler, in one launch, not one per block."""
+    torch._foreach_add_([state.stale for state in ctx.blocks], 1)
 
 
 def _call(graph: Callable, ctx: BranchState, indices: list, inputs: tuple) -> tuple:

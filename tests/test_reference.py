@@ -217,7 +217,8 @@ def test_demo_compares_dense_and_sparse_and_writes_its_files(tmp_path, capsys):
     from astraea.reference.demo import parse_schedule
 
     assert parse_schedule("0.5") == 0.5 and parse_schedule("1,0.5") == [1.0, 0.5] and parse_schedule("s.json") == "s.json"
-    assert main(["demo", "--prompts", "1", "--steps", "3", "--full-steps", "1", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--model", "reference", "--prompts", "1", "--steps", "3", "--full-steps", "1",
+                 "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "speedup" in table and "sparse" in table and "schedules/reference.json" in table  # the shipped searched one
     assert Image.open(tmp_path / "dense_vs_sparse.gif").n_frames == FRAMES

@@ -197,8 +197,6 @@ def test_loading_refuses_missing_corrupt_and_foreign_weights(trained, tmp_path):
     corrupt.write_bytes(bytes(data))
     with pytest.raises(WeightsError, match="sha256"):
         load_latent_reference(path=corrupt, expected_sha256=sha256(trained / "t1" / "reference_latent.safetensors"))
-    with pytest.raises(WeightsError, match="no reference v2 weights ship"):
-        load_latent_reference()  # none ship yet: the default load says so
     foreign = trained / "ae" / "checkpoint-1-of-1.safetensors"
     assert load_file(str(foreign))
     with pytest.raises(WeightsError, match="no model configurations"):
@@ -278,3 +276,20 @@ def test_a_v2_weights_file_serves_the_demo_subject_and_the_search_workload(train
     assert workload.decoder(torch.zeros(1, 4, 2, 4, 4)).shape == (1, 3, 5, 32, 32)  # its VAE: 4x in time, 8x in space
     with pytest.raises(ValueError, match="only taken for reference-v2"):
         load_subject("reference", path=weights)
+
+
+def test_the_shipped_weights_load_with_their_checksum_match_their_record_and_generate():
+    """The shipped file is the one its training record names, loads with that checksum, and
+    samples finite clips in range through its own VAE."""
+    from astraea.reference.latent.evaluate import evaluation_prompts
+    from astraea.reference.latent.model import WEIGHTS, WEIGHTS_SHA256, generate
+    from astraea.reference.model import ASSETS
+
+    record = json.loads((ASSETS / "training_v2_transformer.json").read_text())
+    assert record["weights_sha256"] == WEIGHTS_SHA256 == sha256(WEIGHTS)
+    vae, transformer, encoder = load_latent_reference()
+    ids = tokenize([evaluation_prompts(1)[0].text])
+    embeds, empty = encoder(ids), encoder(torch.zeros_like(ids))
+    latents, clips = generate(transformer, vae, embeds, empty, num_steps=2, seed=3)
+    assert latents.shape == (1, 16, 9, 32, 32) and clips.shape == (1, 3, FRAMES, SIZE, SIZE)
+    assert torch.isfinite(clips).all() and clips.abs().max() <= 1

@@ -30,7 +30,6 @@ import astraea
 from .model import ASSETS
 from ..schedule import Schedule
 from ..search.fidelity import compare
-from .latent.model import WEIGHTS as LATENT_WEIGHTS, WEIGHTS_SHA256 as LATENT_SHA256
 from .subjects import SUBJECTS, load_subject
 
 GIF_SCALE = 3
@@ -38,15 +37,14 @@ GIF_FRAME_MS = 125
 
 
 SCHEDULES = ASSETS / "schedules"  # {model}.json: the best searched schedule shipped for each model
-# reference v2 once its weights ship; v1 until then (a weights file passed with --weights is v2's)
-DEFAULT_MODEL = "reference-v2" if LATENT_SHA256 is not None and LATENT_WEIGHTS.exists() else "reference"
+DEFAULT_MODEL = "reference-v2"  # the subject most like a real video DiT; v1 (pixel space) runs faster
 DEFAULT_PROMPTS = {"reference": 8, "reference-v2": 2}
 UNIFORM_FULL_STEPS = 6  # dense steps before a uniform budget (a searched schedule has its own)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=SUBJECTS, default=None,
-                        help=f"reference model (default: {DEFAULT_MODEL}; reference-v2 with --weights)")
+                        help=f"reference model (default: {DEFAULT_MODEL})")
     parser.add_argument("--weights", type=Path, default=None, help="reference-v2: a weights file to load unchecked")
     parser.add_argument("--prompts", type=int, default=None,
                         help="clips to generate (default: 8 for reference, 2 for reference-v2)")

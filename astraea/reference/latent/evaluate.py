@@ -74,8 +74,8 @@ def evaluate(vae, transformer, encoder, count: int, steps: int, guidance: float,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--weights", type=Path, required=WEIGHTS_SHA256 is None,
-                        help="a weights file to evaluate unchecked (default: the shipped, checked ones, once they ship)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="a weights file to evaluate unchecked (default: the shipped, checked ones)")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=GUIDANCE)

@@ -4,9 +4,9 @@ As in Wan, the transformer reads normalised latents [B, 16, 9, 32, 32] in patche
 (2,304 tokens of 64 values through a 192-wide residual stream: unlike v1's 384-value pixel
 patches, a latent patch fits, so the model predicts the flow-matching velocity noise - x0
 directly, as Wan does). The autoencoder, the transformer and the prompt encoder are saved in
-one float16 safetensors file of under 16 MB (14.3 MB). None ships yet: the first training's
-autoencoder lost the objects (benchmarks/NOTES.md, "Reference v2"); a shipped file would be
-refused unless its sha256 is the one recorded here.
+one float16 safetensors file of under 16 MB (14.3 MB), shipped as
+`astraea/assets/reference_latent.safetensors` and refused unless its sha256 is the one recorded
+here. How it was trained and how well it does: `astraea/assets/MODEL_CARD_v2.md`.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ SHIFT = 3.0  # of the noise schedule, for training and sampling alike (Wan uses 
 GUIDANCE = 4.0  # the sampler's classifier-free guidance scale unless told otherwise
 
 WEIGHTS = ASSETS / "reference_latent.safetensors"
-WEIGHTS_SHA256: str | None = None  # the shipped file's, once one ships
+WEIGHTS_SHA256 = "9d04323b1223a5b99f60ef974b83388fdd58be366f732119f139a00d8756710a"
 
 
 def build_transformer(config: dict = CONFIG) -> tuple[WanTransformer3DModel, PromptEncoder]:
@@ -72,13 +72,10 @@ def load_latent_reference(
 ) -> tuple[AutoencoderKLWan, WanTransformer3DModel, PromptEncoder]:
     """The trained autoencoder, transformer and prompt encoder of a weights file, in eval mode.
 
-    A shipped file is refused unless its sha256 is the recorded one (none ships yet, so the
-    default path says so); `expected_sha256=None` loads another file (a training run's) unchecked.
+    The shipped file is refused unless its sha256 is the recorded one; `expected_sha256=None`
+    loads another file (a training run's) unchecked.
     """
     path = Path(path)
-    if path == WEIGHTS and expected_sha256 is None and WEIGHTS_SHA256 is None:
-        raise WeightsError("no reference v2 weights ship with this astraea yet; train them with "
-                           "`python -m astraea.reference.latent.train` and load them with path=")
     tensors = read_weights(path, expected_sha256, "reference v2 weights", "astraea.reference.latent.train")
     with safe_open(str(path), "pt") as f:
         configs = json.loads((f.metadata() or {}).get("reference", "{}")).get("configs")

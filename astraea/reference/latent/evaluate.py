@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(*models, args.prompts, args.steps, args.guidance, args.batch_size)
     print(json.dumps(result, indent=1), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"weights": str(args.weights or WEIGHTS),
+        args.json.write_text(json.dumps({"weights": str(args.weights) if args.weights else f"shipped ({WEIGHTS.name})",
                                          "sha256": WEIGHTS_SHA256 if args.weights is None else None, **result}, indent=1))
     return 0
 

@@ -13,8 +13,8 @@ of 8 clips (`--batch`), as peers.py generates its 8 evaluation prompts: the firs
 at batch 1, where this small model leaves an H200 idle and a partial step costs more than a dense
 one, and judged at batch 8, where it does not (`benchmarks/NOTES.md`).
 
-    python benchmarks/reference_v2_verdict.py --weights W --tag h200 --speedups 1.5 2 2.5 3
-    python benchmarks/peers.py --model reference-v2 --weights W --steps 30 --device cuda --tag h200
+    python benchmarks/reference_v2_verdict.py --tag h200 --speedups 1.5 2 2.5 3
+    python benchmarks/peers.py --model reference-v2 --steps 30 --device cuda --tag h200
 """
 
 from __future__ import annotations

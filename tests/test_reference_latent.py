@@ -278,18 +278,24 @@ def test_a_v2_weights_file_serves_the_demo_subject_and_the_search_workload(train
         load_subject("reference", path=weights)
 
 
-def test_the_shipped_weights_load_with_their_checksum_match_their_record_and_generate():
-    """The shipped file is the one its training record names, loads with that checksum, and
-    samples finite clips in range through its own VAE."""
-    from astraea.reference.latent.evaluate import evaluation_prompts
-    from astraea.reference.latent.model import WEIGHTS, WEIGHTS_SHA256, generate
+
+def test_the_shipped_weights_are_the_recorded_ones_and_trained():
+    """The shipped file is the one its training record names and loads with that checksum; its
+    VAE reconstructs a clip far better than an untrained one could, and its transformer's
+    velocity at mid-noise is far closer to the true velocity than predicting zero."""
+    from astraea.reference.latent.model import WEIGHTS, WEIGHTS_SHA256
     from astraea.reference.model import ASSETS
 
     record = json.loads((ASSETS / "training_v2_transformer.json").read_text())
     assert record["weights_sha256"] == WEIGHTS_SHA256 == sha256(WEIGHTS)
     vae, transformer, encoder = load_latent_reference()
-    ids = tokenize([evaluation_prompts(1)[0].text])
-    embeds, empty = encoder(ids), encoder(torch.zeros_like(ids))
-    latents, clips = generate(transformer, vae, embeds, empty, num_steps=2, seed=3)
-    assert latents.shape == (1, 16, 9, 32, 32) and clips.shape == (1, 3, FRAMES, SIZE, SIZE)
-    assert torch.isfinite(clips).all() and clips.abs().max() <= 1
+    clips, prompts = make_clips(5, 1)
+    clips = clips[:, :, :5, :128, :128]  # 2 x 16 x 16 latents (the VAE trained on such windows): a fraction of the cost
+    with torch.no_grad():
+        x0 = encode(vae, clips)
+        psnr = 10 * torch.log10(4 / (decode(vae, x0) - clips).square().mean())
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+        velocity = transformer(hidden_states=torch.lerp(x0, noise, 0.5), timestep=torch.tensor([500.0]),
+                               encoder_hidden_states=encoder.encode([prompts[0].text]), return_dict=False)[0]
+    assert psnr > 18, psnr
+    assert (velocity - (noise - x0)).square().mean() < 0.5 * (noise - x0).square().mean()

@@ -1,5 +1,6 @@
 """Reference model v2: scenes, prompts, checks, autoencoder, resumable training and weights loading."""
 
+import contextlib
 import json
 import shutil
 
@@ -19,7 +20,7 @@ from astraea.reference.latent.model import CONFIG as TRANSFORMER, WeightsError, 
 from astraea.reference.model import sha256
 from astraea.reference.latent.scenes import FRAMES, SIZE, ObjectPrompt, Prompt, make_clips, render, scenes_for
 from astraea.reference.latent.text import MAX_TOKENS, PromptEncoder, detokenize, tokenize
-from astraea.reference.latent.train import DECAY, learning_rate, object_weighted_l1, train
+from astraea.reference.latent.train import DECAY, DEFAULTS, TransformerStage, learning_rate, object_weighted_l1, train
 
 TINY_AUTOENCODER = dict(AUTOENCODER, base_dim=4, z_dim=4, num_res_blocks=1)
 TINY = {
@@ -162,6 +163,21 @@ def test_resuming_restores_the_state_exactly_and_continues_deterministically(tra
     assert a[1]["step"] == 2 and a[1]["rng"] == b[1]["rng"]
     assert all(torch.equal(a[0][k], b[0][k]) for k in a[0])
     assert not torch.equal(a[0]["model.text.positions"], before[0]["model.text.positions"])
+
+
+
+def test_the_pool_takes_fresh_clips_every_refresh_every_steps(trained):
+    """Refreshing pays a fixed cost per call, so it runs every `refresh_every` steps; counted in
+    training steps, so a resumed call refreshes where an unbroken one would."""
+    tensors, state = load_checkpoint(trained / "ae")
+    state["autoencoder_config"] = state["config"]["autoencoder"]
+    config = {**DEFAULTS["transformer"], **TINY["transformer"], "pool": 4, "refresh": 2, "refresh_every": 3}
+    stage = TransformerStage(config, torch.device("cpu"), tensors, state)
+    rng, generator, pools = np.random.default_rng(0), torch.Generator().manual_seed(0), []
+    for step in range(4):
+        stage.loss(rng, generator, contextlib.nullcontext(), step)
+        pools.append(stage.pool.clone())
+    assert [not torch.equal(a, b) for a, b in zip(pools, pools[1:])] == [False, False, True]
 
 
 def test_stages_refuse_the_wrong_checkpoint(trained, tmp_path):

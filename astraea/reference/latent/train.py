@@ -18,11 +18,12 @@ Stage `transformer` freezes the VAE at its float16 weights (those a weights file
 measures the latent statistics on a pool of encoded clips, and trains the transformer
 and prompt encoder with rectified flow: x_t = (1 - t) x0 + t noise, the velocity noise - x0 as
 target, t logit-normal then shifted as in sampling, one prompt in ten empty for guidance. The
-pool is partly re-encoded from fresh clips at every step, so encoding costs a fraction of a step:
-`refresh` clips of a batch of 32. At 8, rendering and encoding took 146 s of a 258 s call on an
-H200 (benchmarks/NOTES.md), more than the transformer's own training; at 2 a clip is drawn
-about 16 times before it is replaced, and a minute should buy about 1.7 times the steps
-(predicted from those figures, not yet measured).
+pool is partly re-encoded from fresh clips as it trains: `refresh` clips every `refresh_every`
+steps, so encoding costs a fraction of a step. On an H200 (benchmarks/NOTES.md) 8 clips every
+step took 147 ms a step and 2 clips every step 107 ms, beside 66 ms of training: most of a refresh
+is a fixed cost, whatever the number of clips. So 8 clips every 4th step (the same turnover, a clip
+drawn about 16 times before it is replaced) should buy about 1.7 times the steps per minute of 2
+every step (predicted from those figures, not yet measured).
 
 Learning rate: warm-up, then constant, then a linear decay to zero over the last fifth of the
 stage's total budget, counted in training seconds across calls (saved in the checkpoint).
@@ -60,7 +61,7 @@ DEFAULTS = {
     "autoencoder": dict(autoencoder=AUTOENCODER, batch_size=16, frames=17, size=128, lr=5e-4, warmup=100, ema=0.999,
                         edge=0.5, kl=1e-4, object_weight=10.0, initial_logvar=-6.0, validation_clips=32, checked_clips=8, log_every=50),
     "transformer": dict(transformer=TRANSFORMER, batch_size=32, frames=scenes.FRAMES, size=scenes.SIZE, pool=2048,
-                        refresh=2, lr=3e-4, warmup=200, ema=0.999, text_dropout=0.1, shift=SHIFT,
+                        refresh=8, refresh_every=4, lr=3e-4, warmup=200, ema=0.999, text_dropout=0.1, shift=SHIFT,
                         validation_clips=64, log_every=50),
 }
 DECAY = 0.2  # final fraction of the stage budget over which the learning rate falls to zero
@@ -116,7 +117,7 @@ class AutoencoderStage:
             vae.quant_conv.bias[vae.config.z_dim:] = config.get("initial_logvar", 0.0)
         self.models = {"autoencoder": vae.to(device)}
 
-    def loss(self, rng, generator, autocast):
+    def loss(self, rng, generator, autocast, step):
         clips, _ = clips_and_ids(rng, self.config["batch_size"], self.config, self.device)
         vae = self.models["autoencoder"]
         with autocast:
@@ -208,12 +209,13 @@ class TransformerStage:
         if self.measure:
             self.pool, self.measure = fit_stats(self.vae, self.pool), False
 
-    def loss(self, rng, generator, autocast):
+    def loss(self, rng, generator, autocast, step):
         if self.pool is None:
             self.encoding("fill", lambda: self.fill(rng, autocast))
         config = self.config
-        fresh = rng.choice(config["pool"], config["refresh"], replace=False)
-        self.pool[fresh], self.ids[fresh] = self.encoding("refresh", lambda: self._encode(rng, len(fresh), autocast))
+        if step % config.get("refresh_every", 1) == 0:  # checkpoints older than the option refreshed every step
+            fresh = rng.choice(config["pool"], config["refresh"], replace=False)
+            self.pool[fresh], self.ids[fresh] = self.encoding("refresh", lambda: self._encode(rng, len(fresh), autocast))
         pick = torch.as_tensor(rng.choice(config["pool"], config["batch_size"], replace=False), device=self.device)
         ids = self.ids[pick] * torch.as_tensor(rng.random(len(pick)) >= config["text_dropout"], device=self.device)[:, None]
         return self.flow_loss(self.models, self.pool[pick], ids, generator, autocast)
@@ -300,7 +302,7 @@ def train(stage: str, out: str | Path, minutes: float, total_minutes: float | No
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config["lr"], step - warm_start, config["warmup"], (seconds + call) / total)
         generator = torch.Generator(device).manual_seed(int(rng.integers(2**62)))
-        loss = runner.loss(rng, generator, autocast)
+        loss = runner.loss(rng, generator, autocast, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -221,6 +221,7 @@ def test_demo_compares_dense_and_sparse_and_writes_its_files(tmp_path, capsys):
                  "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "speedup" in table and "sparse" in table and "schedules/reference.json" in table  # the shipped searched one
+    assert "MODEL_CARD.md" in table
     assert Image.open(tmp_path / "dense_vs_sparse.gif").n_frames == FRAMES
     assert (tmp_path / "budgets.png").stat().st_size > 0 and (tmp_path / "recomputed.png").stat().st_size > 0
 

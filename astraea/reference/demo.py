@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         closeness = f"{fid.psnr:9.2f}{fid.ssim:7.3f}" if fid else f"{'-':>9}{'-':>7}"
         print(f"{label:8}{seconds:9.1f}{dense_s / seconds:9.2f}{closeness}{semantic['accuracy']:10.3f}{semantic['mismatched']:8.3f}")
     print("accuracy: share of the model's checks a clip passes against its own prompt; chance: against another "
-          "clip's prompt")
+          f"clip's prompt (dense accuracy on more prompts, and how the model was trained: {ASSETS / subject.card})")
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_gif(dense, sparse, args.out / "dense_vs_sparse.gif")

@@ -34,6 +34,7 @@ class PixelReference:
     """Reference model v1."""
 
     name = "reference"
+    card = "MODEL_CARD.md"  # in astraea/assets: how it was trained, how often dense clips pass the checks
     prediction = "sample"  # the clean clip
     shift = 1.0  # an even time grid
 
@@ -69,6 +70,7 @@ class LatentReference:
     """Reference model v2; `path` loads a weights file other than the shipped one, unchecked."""
 
     name = "reference-v2"
+    card = "MODEL_CARD_v2.md"
     prediction = "velocity"
     shift = LATENT_SHIFT
 

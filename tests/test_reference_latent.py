@@ -165,7 +165,6 @@ def test_resuming_restores_the_state_exactly_and_continues_deterministically(tra
     assert not torch.equal(a[0]["model.text.positions"], before[0]["model.text.positions"])
 
 
-
 def test_the_pool_takes_fresh_clips_every_refresh_every_steps(trained):
     """Refreshing pays a fixed cost per call, so it runs every `refresh_every` steps; counted in
     training steps, so a resumed call refreshes where an unbroken one would."""
@@ -292,7 +291,6 @@ def test_a_v2_weights_file_serves_the_demo_subject_and_the_search_workload(train
     assert workload.decoder(torch.zeros(1, 4, 2, 4, 4)).shape == (1, 3, 5, 32, 32)  # its VAE: 4x in time, 8x in space
     with pytest.raises(ValueError, match="only taken for reference-v2"):
         load_subject("reference", path=weights)
-
 
 
 def test_the_shipped_weights_are_the_recorded_ones_and_trained():

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     result = evaluate(*models, args.prompts, args.steps, args.guidance, args.batch_size)
     print(json.dumps(result, indent=1), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"weights": str(args.weights) if args.weights else f"shipped ({WEIGHTS.name})",
+        command = " ".join(["python -m astraea.reference.latent.evaluate", *(sys.argv[1:] if argv is None else argv)])
+        args.json.write_text(json.dumps({"command": command,
+                                         "weights": str(args.weights) if args.weights else f"shipped ({WEIGHTS.name})",
                                          "sha256": WEIGHTS_SHA256 if args.weights is None else None, **result}, indent=1))
     return 0
 

@@ -69,7 +69,7 @@ from diffusers import (
 )
 
 import astraea
-from astraea.config import AstraeaConfig
+from astraea.config import SKIPS, AstraeaConfig
 from astraea.reference.subjects import SUBJECTS, load_subject
 from astraea.schedule import Schedule
 from astraea.search import models
@@ -267,7 +267,7 @@ def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str
 def astraea_methods(model: str, steps: int, device: torch.device) -> dict:
     """Dense and uniform budgets, every searched schedule of this model, step count and device
     kind in benchmarks/results, ablations of the token score at 0.3 after 6 dense steps, and the 2x-target
-    schedule with skipped steps reusing the previous output instead of the block caches. Each
+    schedule with skipped steps reusing the other of the previous output and the block caches. Each
     method names every option it differs in, so one backend can run them in turn."""
     defaults = AstraeaConfig()
     base = dict(policy="astraea", weight_penalty=defaults.weight_penalty, skip=defaults.skip)
@@ -281,9 +281,10 @@ def astraea_methods(model: str, steps: int, device: torch.device) -> dict:
         # Run each as searched: schedules from before the skip option were searched with output reuse.
         skip = schedule.searched_option("skip") or defaults.skip
         methods[f"astraea searched ({label})"] = dict(base, schedule=schedule, full_steps=0, skip=skip)
-    searched_2x = methods.get("astraea searched (2x target)")
-    if searched_2x is not None and searched_2x["skip"] == "blocks":  # skips reusing the previous output instead
-        methods["ablation: output reuse for skips (2x target)"] = dict(searched_2x, skip="output")
+    for label, options in list(methods.items()):  # the 2x-target schedule with the other reuse for skipped steps
+        if label.startswith("astraea searched (2x target") and WHOLE_STEPS not in label:
+            other = next(skip for skip in SKIPS if skip != options["skip"])
+            methods[f"ablation: {other} reuse for skips ({label[len('astraea searched ('):-1]})"] = dict(options, skip=other)
     ablation = dict(base, schedule=0.3, full_steps=6)
     methods["ablation: random tokens"] = dict(ablation, policy="random")
     methods["ablation: change only (no LSE)"] = dict(ablation, policy="delta")
@@ -557,7 +558,8 @@ def scatter_fronts(ax, rows: dict, field: str, key: str) -> None:
                                   and not n.endswith(REGIONAL), True),
              "diffusers caches, regionally compiled": ("tab:blue", lambda n: n.endswith(REGIONAL), True)}
     for side, (colour, member, front_line) in sides.items():
-        points = {n: (r[field], r[key]) for n, r in rows.items() if member(n) and r[key] != float("inf")}
+        points = {n: (r[field], r[key]) for n, r in rows.items()  # astraea at 1.0 is a dense baseline: off the plot
+                  if member(n) and n != DENSE_ASTRAEA and r[key] != float("inf")}
         for n, (x, y) in points.items():
             ax.scatter(x, y, color=colour, s=14)
             ax.annotate(n, (x, y), fontsize=5)

@@ -5,7 +5,7 @@ budget level, and over whole steps only (the table restricted to levels 0 and 1:
 or skipped, the space step caching lives in). All of them run in this process on one compiled
 model and share one evaluator, so the dense references are generated once and a schedule both
 searches meet is scored once. Each search writes its schedule as it ends
-(`search_reference-v2_{steps}steps_{tag}_batch{B}_{target}x.json`, `..._whole-{target}x.json`; peers.py
+(`search_reference-v2_{steps}steps_{tag}_batch{B}_skip-output_{target}x.json`, `..._whole-{target}x.json`; peers.py
 names the second kind by the levels the search recorded, not by the file name) and is skipped
 when its file exists, so a run cut short by a device call's limit resumes where it stopped. Then
 `benchmarks/peers.py` runs every schedule found against diffusers' caches. A generation is a batch
@@ -25,8 +25,11 @@ import time
 
 import torch
 
+from astraea.config import SKIPS, AstraeaConfig
 from astraea.search import Calibration, CostTable, Evaluator, SearchSettings, SparseModel, Target, profile, search
 from astraea.search.models import reference
+
+SPACES = ("every-level", "whole-steps")  # the levels a search may use: all of the table's, or 0 and 1
 
 
 def main(argv=None) -> int:
@@ -34,20 +37,26 @@ def main(argv=None) -> int:
     parser.add_argument("--weights", default=None, help="a reference-v2 weights file (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--speedups", type=float, nargs="+", default=[2.0, 3.0, 1.5, 2.5])
+    parser.add_argument("--spaces", nargs="+", choices=SPACES, default=list(SPACES),
+                        help="which of the two searches to run per target (one each lets processes share a GPU)")
     parser.add_argument("--generations", type=int, default=SearchSettings().generations)
     parser.add_argument("--batch", type=int, default=8,
                         help="clips per generation, as peers.py generates its 8 evaluation prompts in one batch: the "
                              "costs a search prices are then those of the run that judges it (at batch 1 this model "
                              "leaves an H200 idle, and a partial step costs more than a dense one)")
+    parser.add_argument("--skip", choices=SKIPS, default="output",
+                        help="what a skipped step reuses, in both kinds of search (default: the previous output, which "
+                             "scored above the block caches on both trained reference models; see benchmarks/NOTES.md)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default="h200", help="in the file names, beside the model and steps")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
     workload = reference("reference-v2", num_steps=args.steps, device=args.device, path=args.weights, batch=args.batch)
-    sparse = SparseModel(workload)
+    sparse = SparseModel(workload, AstraeaConfig(skip=args.skip))
     os.makedirs(args.out, exist_ok=True)
     batch = f"_batch{args.batch}" if args.batch != 1 else ""
-    stem = os.path.join(args.out, f"search_reference-v2_{args.steps}steps_{args.tag}{batch}")
+    skip = f"_skip-{args.skip}" if args.skip != AstraeaConfig().skip else ""
+    stem = os.path.join(args.out, f"search_reference-v2_{args.steps}steps_{args.tag}{batch}{skip}")
     costs = f"{stem}_costs.json"
     if os.path.exists(costs):
         table = CostTable.load(costs)
@@ -56,6 +65,7 @@ def main(argv=None) -> int:
         table.save(costs)
     evaluator = Evaluator(workload, sparse)
     spaces = {"": table, "whole-": table.only((0.0, 1.0))}
+    spaces = {prefix: space for (prefix, space), name in zip(spaces.items(), SPACES) if name in args.spaces}
     for speedup in args.speedups:
         for prefix, space in spaces.items():
             path = f"{stem}_{prefix}{speedup:g}x.json"

@@ -15,6 +15,10 @@ one, and judged at batch 8, where it does not (`benchmarks/NOTES.md`).
 
     python benchmarks/reference_v2_verdict.py --tag h200 --speedups 1.5 2 2.5 3
     python benchmarks/peers.py --model reference-v2 --steps 30 --device cuda --tag h200
+
+One search takes 7-8 minutes on an H200 with eight processes sharing it (one per target and
+space: `--speedups 2 --spaces whole-steps`, started once the first has written the cost table).
+Within a device call's time limit, pack the outputs before the limit, not after.
 """
 
 from __future__ import annotations

@@ -21,12 +21,19 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Report:
     """
     with torch.no_grad():
         traced = torch._dynamo.explain(model)(*args, **kwargs)
-    if not traced.graphs:
+    return summarise([analyse(gm) for gm in traced.graphs], traced.break_reasons)
+
+
+def summarise(reports: list[Report], break_reasons: list) -> Report:
+    """One report for a call dynamo compiled as several graphs: `reports` has one per graph, in
+    the order dynamo compiled them, and `break_reasons` are dynamo's reasons for the breaks
+    (`torch._dynamo.backends.debugging.ExplainWithBackend` collects both around any backend,
+    astraea's included: one trace serves a compile and its explanation)."""
+    if not reports:
         raise RuntimeError(
             "astraea.explain: dynamo compiled no graph for this call; its recompile limit for this "
             "forward may be reached (torch._dynamo.reset() clears it)"
         )
-    reports = [analyse(gm) for gm in traced.graphs]
     best = max(reports, key=lambda r: (r.num_blocks, r.num_sparse_blocks))
     if len(reports) == 1:
         return best
@@ -34,7 +41,7 @@ def explain(model: torch.nn.Module, *args, **kwargs) -> Report:
         GraphOutcome(r.num_sparse_blocks, r.num_blocks, r.reason or next((b.reason for b in r.blocks if not b.sparse), None))
         for r in reports
     )
-    breaks = tuple(dict.fromkeys(_graph_break(b) for b in traced.break_reasons))
+    breaks = tuple(dict.fromkeys(_graph_break(b) for b in break_reasons))
     return dataclasses.replace(best, graphs=graphs, graph_breaks=breaks)
 
 

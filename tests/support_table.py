@@ -1,5 +1,7 @@
 """The README's support table: what `astraea.explain` says of every video transformer class, and
-how many of its blocks go sparse under `astraea.compile_blocks`.
+how many of its blocks go sparse under `astraea.compile_blocks`. The first comes from the class
+compiled whole at budget 1.0 (`compile_whole`), which tests/test_support_table.py also checks
+against eager: one dynamo trace of each model serves both.
 
     python -m tests.support_table           # print the table
     python -m tests.support_table --write   # and put it in README.md, between the markers
@@ -21,8 +23,12 @@ from pathlib import Path
 
 import torch
 
+from torch._dynamo.backends.debugging import ExplainWithBackend
+
 import astraea
 from astraea.blockwise import repeated_blocks
+from astraea.explain import summarise
+from tests.models import sample
 from tests.support_models import CASES, Case, video_transformer_classes
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -48,19 +54,41 @@ def _clean(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def explain_row(case: Case) -> Row:
-    """`astraea.explain` of the case's model at its example inputs, as a row; never raises."""
+@dataclass
+class WholeModel:
+    """A case's model compiled whole at budget 1.0, as `torch.compile(model, backend=
+    astraea.backend(schedule=1.0))` runs it, after a first call at the example inputs and a
+    two-step CFG loop: `report` is what `astraea.explain` says of that first call (the same
+    analysis of the same graphs: one dynamo trace serves both), `error` the loop's relative
+    distance from eager."""
+
+    family: object
+    backend: astraea.Backend
+    compiled: torch.nn.Module
+    report: object
+    error: float
+
+
+def compile_whole(case: Case) -> WholeModel:
     torch._dynamo.reset()
-    try:
-        family = case.build()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = astraea.explain(family.model, **family.example())
-    except Exception as e:  # the row reports it; the table goes on
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return Row(case.label, "-", _clean(f"error: {type(e).__name__}: {first}"))
-    finally:
-        torch._dynamo.reset()
+    family = case.build()
+    be = astraea.backend(schedule=1.0)
+    watch = ExplainWithBackend(be)  # dynamo's graph break reasons, around astraea's backend
+    compiled = torch.compile(family.model, backend=watch)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # "runs dense, because ..." for the classes the analysis leaves dense
+        # First, the call astraea.explain would trace, on a model no call has run yet: a module
+        # that caches on its first call (Wan-Animate 2's masks) traces otherwise afterwards.
+        compiled(**family.example())
+        report = summarise(list(be.reports), list(watch.break_reasons))
+        reference = sample(family, family.model, steps=2)
+        out = sample(family, compiled, steps=2)
+    error = (torch.linalg.norm(out - reference) / torch.linalg.norm(reference)).item()
+    return WholeModel(family, be, compiled, report, error)
+
+
+def analysis_cells(report) -> tuple[str, str]:
+    """("sparse / all" blocks, why blocks stay dense) of a report, as the table shows them."""
     reasons = [report.reason] if report.reason else []
     sparse, blocks = report.num_sparse_blocks, report.num_blocks
     if report.graph_breaks:  # the blocks may be cut apart: the break is what a user can act on
@@ -68,8 +96,21 @@ def explain_row(case: Case) -> Row:
         reasons += [g.reason for g in report.graphs if g.reason]
         sparse, blocks = sum(g.sparse_blocks for g in report.graphs), sum(g.blocks for g in report.graphs)
     reasons += [b.reason for b in report.blocks if not b.sparse and b.reason]
-    notes = "; ".join(dict.fromkeys(_clean(r) for r in reasons))
-    return Row(case.label, f"{sparse} / {blocks}", notes, compile_blocks_cell(case))
+    return f"{sparse} / {blocks}", "; ".join(dict.fromkeys(_clean(r) for r in reasons))
+
+
+def row(case: Case, whole: WholeModel | None = None) -> Row:
+    """The case's row (compiling it whole when `whole` is not given); never raises: a model
+    that fails to compile gets a row that names the error."""
+    try:
+        whole = whole or compile_whole(case)
+    except Exception as e:  # the row reports it; the table goes on
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return Row(case.label, "-", _clean(f"error: {type(e).__name__}: {first}"))
+    finally:
+        torch._dynamo.reset()
+    blocks, notes = analysis_cells(whole.report)
+    return Row(case.label, blocks, notes, compile_blocks_cell(case))
 
 
 def compile_blocks_cell(case: Case) -> str:
@@ -97,22 +138,35 @@ def compile_blocks_cell(case: Case) -> str:
     return cell if error <= 1e-5 else f"{cell}, MISMATCH: {error:.2g} from eager at budget 1.0"
 
 
-def rows() -> list[Row]:
-    out = [explain_row(case) for case in CASES]
+def unlisted_rows() -> list[Row]:
+    """A row for each class `video_transformer_classes()` lists without a factory in CASES."""
     covered = {case.cls for case in CASES}
-    out += [Row(name, "-", "no small config yet") for name in video_transformer_classes() if name not in covered]
+    return [Row(name, "-", "no small config yet") for name in video_transformer_classes() if name not in covered]
+
+
+def in_table_order(labels: list[str]) -> list[str]:
+    """Row labels in the table's order: by class name, then variant."""
     order = {name: i for i, name in enumerate(sorted({c.cls for c in CASES} | set(video_transformer_classes())))}
     cls_of = {case.label: case.cls for case in CASES}
-    return sorted(out, key=lambda r: (order[cls_of.get(r.label, r.label)], r.label))
+    return sorted(labels, key=lambda label: (order[cls_of.get(label, label)], label))
+
+
+def rows() -> list[Row]:
+    by_label = {r.label: r for r in [row(case) for case in CASES] + unlisted_rows()}
+    return [by_label[label] for label in in_table_order(list(by_label))]
+
+
+HEADER = "| diffusers class | sparse blocks | with `compile_blocks` | why blocks stay dense |\n|---|---|---|---|"
+
+
+def render_row(r: Row) -> str:
+    cls, _, variant = r.label.partition(" ")
+    label = f"`{cls}`" + (f" {variant}" if variant else "")
+    return f"| {label} | {r.blocks} | {r.each_block} | {r.notes} |"
 
 
 def render(table_rows: list[Row]) -> str:
-    lines = ["| diffusers class | sparse blocks | with `compile_blocks` | why blocks stay dense |", "|---|---|---|---|"]
-    for r in table_rows:
-        cls, _, variant = r.label.partition(" ")
-        label = f"`{cls}`" + (f" {variant}" if variant else "")
-        lines.append(f"| {label} | {r.blocks} | {r.each_block} | {r.notes} |")
-    return "\n".join(lines)
+    return "\n".join([HEADER] + [render_row(r) for r in table_rows])
 
 
 def generate() -> str:

@@ -1,7 +1,7 @@
 """Regional lowering (the default): the rewritten graph is cut at the blocks' ends and each
 distinct region lowered once. One lowered region must serve every block of a stack. That the
 regions compute exactly what the whole graph computes is checked on every class that goes
-sparse in tests/test_support_budget_one.py (`check_regions`)."""
+sparse in tests/test_support_table.py (`check_regions`)."""
 
 import pytest
 import torch

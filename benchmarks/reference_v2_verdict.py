@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     else:
         table = profile(workload, sparse=sparse)
         table.save(costs)
+    # In the log too: a device call may return the log and lose the table file.
+    steps_ms = table.step_ms(workload.calls_per_step)
+    print("cost table, ms per step: " + ", ".join(f"{level:g}: {ms:.2f}" for level, ms in zip(table.levels, steps_ms)),
+          flush=True)
     evaluator = Evaluator(workload, sparse)
     spaces = {"": table, "whole-": table.only((0.0, 1.0))}
     spaces = {prefix: space for (prefix, space), name in zip(spaces.items(), SPACES) if name in args.spaces}

@@ -277,14 +277,15 @@ def astraea_methods(model: str, steps: int, device: torch.device) -> dict:
         "astraea 0.3 (6 dense steps)": dict(base, schedule=0.3, full_steps=6),
         "astraea 0.5 (1 dense step)": dict(base, schedule=0.5, full_steps=1),
     }
+    other_skip = {}  # the 2x-target schedule with the other reuse for skipped steps
     for label, schedule in searched_schedules(model, steps, device).items():
         # Run each as searched: schedules from before the skip option were searched with output reuse.
         skip = schedule.searched_option("skip") or defaults.skip
-        methods[f"astraea searched ({label})"] = dict(base, schedule=schedule, full_steps=0, skip=skip)
-    for label, options in list(methods.items()):  # the 2x-target schedule with the other reuse for skipped steps
-        if label.startswith("astraea searched (2x target") and WHOLE_STEPS not in label:
-            other = next(skip for skip in SKIPS if skip != options["skip"])
-            methods[f"ablation: {other} reuse for skips ({label[len('astraea searched ('):-1]})"] = dict(options, skip=other)
+        methods[f"astraea searched ({label})"] = options = dict(base, schedule=schedule, full_steps=0, skip=skip)
+        if label.startswith("2x target") and WHOLE_STEPS not in label:
+            other = next(s for s in SKIPS if s != skip)
+            other_skip[f"ablation: {other} reuse for skips ({label})"] = dict(options, skip=other)
+    methods.update(other_skip)
     ablation = dict(base, schedule=0.3, full_steps=6)
     methods["ablation: random tokens"] = dict(ablation, policy="random")
     methods["ablation: change only (no LSE)"] = dict(ablation, policy="delta")

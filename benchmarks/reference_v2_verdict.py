@@ -33,7 +33,7 @@ from astraea.config import SKIPS, AstraeaConfig
 from astraea.search import Calibration, CostTable, Evaluator, SearchSettings, SparseModel, Target, profile, search
 from astraea.search.models import reference
 
-SPACES = ("every-level", "whole-steps")  # the levels a search may use: all of the table's, or 0 and 1
+SPACES = ("every-level", "whole-steps")  # the levels a search may use: all of the table's, or only 0 and 1
 
 
 def main(argv=None) -> int:
@@ -72,10 +72,9 @@ def main(argv=None) -> int:
     print("cost table, ms per step: " + ", ".join(f"{level:g}: {ms:.2f}" for level, ms in zip(table.levels, steps_ms)),
           flush=True)
     evaluator = Evaluator(workload, sparse)
-    spaces = {"": table, "whole-": table.only((0.0, 1.0))}
-    spaces = {prefix: space for (prefix, space), name in zip(spaces.items(), SPACES) if name in args.spaces}
+    spaces = {"every-level": ("", table), "whole-steps": ("whole-", table.only((0.0, 1.0)))}  # file prefix, levels
     for speedup in args.speedups:
-        for prefix, space in spaces.items():
+        for prefix, space in (spaces[name] for name in SPACES if name in args.spaces):
             path = f"{stem}_{prefix}{speedup:g}x.json"
             if os.path.exists(path):
                 print(f"{path}: exists, skipped", flush=True)

@@ -20,6 +20,11 @@ def readme_rows() -> list[str]:
     return table.splitlines()
 
 
+def label_of(line: str) -> str:
+    """The row label of a table line (its first cell, the class name unquoted)."""
+    return line.split(" | ")[0].removeprefix("| ").replace("`", "")
+
+
 def test_every_listed_class_is_in_the_table():
     listed = video_transformer_classes()
     assert len(listed) >= 20, listed
@@ -33,7 +38,7 @@ def test_readme_table_has_every_row_in_order():
     assert "\n".join(lines[:2]) == HEADER, f"README.md's support table has another header; {REGENERATE}"
     unlisted = {r.label: render_row(r) for r in unlisted_rows()}
     order = in_table_order([case.label for case in CASES] + list(unlisted))
-    found = [line.split(" | ")[0].removeprefix("| ").replace("`", "") for line in lines[2:]]
+    found = [label_of(line) for line in lines[2:]]
     assert found == order, f"README.md's support table lists other rows; {REGENERATE}"
     assert [lines[2 + order.index(label)] for label in unlisted] == list(unlisted.values()), REGENERATE
 
@@ -45,7 +50,7 @@ def test_class_at_budget_one_and_its_row(case):
     check_regions(whole.backend, whole.family, whole.compiled)
     fresh = row(case, whole)
     assert "MISMATCH" not in fresh.each_block, fresh.each_block
-    line = next(line for line in readme_rows() if line.split(" | ")[0].removeprefix("| ").replace("`", "") == case.label)
+    line = {label_of(line): line for line in readme_rows()}.get(case.label)
     assert line == render_row(fresh), (
         f"README.md's row for {case.label} is not what the analysis says now; {REGENERATE}\n"
         f"README:    {line}\ngenerated: {render_row(fresh)}"

@@ -1,6 +1,8 @@
-"""A search's state after each generation, so an interrupted search resumes where it stopped
-and ends exactly where an uninterrupted one would: the population, the random generator's
-state and every evaluated candidate (no schedule is generated twice).
+"""A search's state after each scored candidate, so an interrupted search resumes where it
+stopped and ends exactly where an uninterrupted one would: the last finished generation's
+population, the random generator's state before the next one, and every evaluated candidate (no
+schedule is generated twice; a search cut off mid-generation breeds the same children again and
+finds the scored ones in the archive).
 
 A checkpoint belongs to one problem (the search space, the settings that shape the search and
 the calibration seeds); resuming it for another problem is refused, naming what differs.
@@ -18,12 +20,13 @@ from .ea import SearchError
 
 FORMAT = "astraea-search-checkpoint"
 VERSION = 1
+INITIAL = -1  # the generation of a checkpoint written while the initial population is being scored
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     problem: dict
-    generation: int  # generations completed; 0 once the initial population is evaluated
+    generation: int  # generations completed; 0 once the initial population is scored, INITIAL while it is
     population: tuple[tuple[float, ...], ...]  # ranked best first
     rng: dict  # numpy bit generator state
     archive: tuple[Candidate, ...]

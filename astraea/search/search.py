@@ -32,7 +32,7 @@ from astraea.config import AstraeaConfig
 from astraea.schedule import Schedule
 
 from .candidates import Candidate, ranked
-from .checkpoint import Checkpoint
+from .checkpoint import INITIAL, Checkpoint
 from .costs import CostKey, CostTable, Prediction
 from .ea import SearchError, Space, breed, mutation_rate, random_genome, repair
 from .evaluator import Evaluator
@@ -99,7 +99,7 @@ class Calibration:
 
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     proxy_seeds: int = 1
-    confirm: int = 4
+    confirm: int = 3  # each costs a generation per seed beyond the proxy ones: 3 of them hold tune under 15 minutes
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(self.seeds))
@@ -143,27 +143,41 @@ def evolve(
     bar = tqdm(total=settings.population + settings.generations * settings.offspring, desc="search candidates",
                disable=not progress)
 
+    # Where a resumed search starts again: the generations done, their population and the random
+    # state before the next one is bred. The checkpoint is written after every candidate, so an
+    # interrupted search loses at most the one it was scoring: resumed, it breeds the same
+    # children from the same state and finds the ones already scored in the archive.
+    rng = np.random.default_rng(settings.seed)
+    start = {"done": INITIAL, "population": [], "rng": rng.bit_generator.state}
+
     def evaluate(genomes: list[np.ndarray]) -> list[Candidate]:
         for g in genomes:
             budgets = space.budgets(g)
             if budgets not in archive:
                 archive[budgets] = Candidate(budgets, space.latency(g), score(budgets))
+                _save(checkpoint, problem, start["done"], start["population"], start["rng"], archive)
             bar.update(1)
         return [archive[space.budgets(g)] for g in genomes]
 
     def survivors(pool: list[Candidate]) -> list[Candidate]:
         return ranked({c.budgets: c for c in pool}.values())[: settings.population]
 
-    rng = np.random.default_rng(settings.seed)
+    def finished(done: int, population: list[Candidate]) -> None:
+        start.update(done=done, population=population, rng=rng.bit_generator.state)
+        _save(checkpoint, problem, done, population, start["rng"], archive)
+
+    population, done = [], INITIAL
     if checkpoint is not None and os.path.exists(checkpoint):
         state = Checkpoint.load(checkpoint, problem)
         rng.bit_generator.state = state.rng
         archive.update((c.budgets, c) for c in state.archive)
         population, done = [archive[b] for b in state.population], state.generation
-        bar.update(settings.population + min(done, settings.generations) * settings.offspring)
-    else:
+        start.update(done=done, population=population, rng=state.rng)
+        if done > INITIAL:
+            bar.update(settings.population + min(done, settings.generations) * settings.offspring)
+    if done == INITIAL:
         population, done = survivors(evaluate(initial_population(space, settings.population, rng, ratios))), 0
-        _save(checkpoint, problem, 0, population, rng, archive)
+        finished(0, population)
     for generation in range(done, settings.generations):
         if settings.minutes is not None and time.perf_counter() - started >= 60 * settings.minutes:
             if progress:
@@ -174,15 +188,15 @@ def evolve(
         parents = [space.genome(c.budgets) for c in population]
         children = breed(space, parents, settings.offspring, rate, settings.crossover, rng)
         population = survivors(population + evaluate(children))
-        _save(checkpoint, problem, generation + 1, population, rng, archive)
+        finished(generation + 1, population)
         bar.set_postfix(generation=generation + 1, best=f"{population[0].score:.2f} dB")
     bar.close()
     return ranked(archive.values())
 
 
-def _save(path, problem, generation, population, rng, archive) -> None:
+def _save(path, problem, generation, population, rng_state, archive) -> None:
     if path is not None:
-        Checkpoint(problem, generation, tuple(c.budgets for c in population), rng.bit_generator.state,
+        Checkpoint(problem, generation, tuple(c.budgets for c in population), rng_state,
                    tuple(archive.values())).save(path)
 
 
@@ -428,8 +442,9 @@ def _best_uniform(space: Space, evaluator: Evaluator, seeds: tuple[int, ...]) ->
 
 
 def _measure(workload: Workload, sparse: SparseModel, table: CostTable, budgets: tuple[float, ...]) -> Prediction:
-    """A whole generation with `budgets`, timed end to end (after one untimed), next to its prediction."""
+    """A whole generation with `budgets`, timed end to end, next to its prediction: the median of
+    three, with no untimed run first, since scoring the candidates ran every budget level and
+    captured its call graphs (the median would drop a first run that captured one anyway)."""
     sparse.set_schedule(budgets, workload.step_times())
-    workload.time_generation(sparse.module, 0)
     measured = statistics.median(workload.time_generation(sparse.module, 0) for _ in range(3))
     return table.prediction(budgets, measured, workload.calls_per_step)

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=seeds, default=(0, 1, 2, 3),
                         help="comma-separated calibration seeds (default: 0,1,2,3)")
     parser.add_argument("--proxy-seeds", type=int, default=1, help="seeds every candidate is scored on")
-    parser.add_argument("--confirm", type=int, default=4, help="best candidates rescored on all seeds")
+    parser.add_argument("--confirm", type=int, default=Calibration().confirm, help="best candidates rescored on all seeds")
     parser.add_argument("--levels", type=levels, default=None,
                         help="comma-separated budgets a step may take, among the cost table's (default: all of them; "
                              "0,1: whole steps only, dense or skipped)")

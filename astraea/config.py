@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .schedule import Schedule, ScheduleError, check_budget
+from .schedule import REUSES, Schedule, ScheduleError, check_budget
 
 VERSION = 1
 
@@ -21,7 +21,6 @@ GROUPS = ("token", "spatial", "run")
 CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "float8_e4m3fn")
 LOWERINGS = ("auto", "inductor", "eager")
 SKIPS = ("blocks", "output")
-REUSES = ("copy", "forecast")
 
 
 class ConfigError(ValueError):
@@ -49,6 +48,7 @@ class AstraeaConfig:
     reuse: what a token a block does not recompute gets from its cache: "copy" (its last
         contribution) or "forecast" (extrapolated from its last two, per token, to the current
         step: `runtime/forecast.py`; one more tensor the size of the cache per block and branch).
+        A schedule that says it per step (`Schedule.reuse`) overrides it step by step.
     cuda_graphs: on a GPU, replay each sparse call as a CUDA graph (one per selection size and
         guidance branch), so that its thousands of small launches cost one; with the "token"
         group and the astraea or delta policy, in one process. Costs a memory pool of about one
@@ -97,9 +97,9 @@ class AstraeaConfig:
             raise ConfigError(f"option 'cache_dtype' must be one of {CACHE_DTYPES}, got {self.cache_dtype!r}")
         if self.reuse not in REUSES:
             raise ConfigError(f"option 'reuse' must be one of {REUSES}, got {self.reuse!r}")
-        if self.reuse == "forecast" and self.cache_dtype == "float8_e4m3fn":
-            raise ConfigError("option reuse='forecast' needs caches that can be added to in place; "
-                              "float8_e4m3fn caches cannot: use another cache_dtype, or reuse='copy'")
+        if self.forecasts and self.cache_dtype == "float8_e4m3fn":
+            raise ConfigError("forecast reuse (option 'reuse' or the schedule's) needs caches that can be added to "
+                              "in place; float8_e4m3fn caches cannot: use another cache_dtype, or reuse='copy'")
         if self.lowering not in LOWERINGS:
             raise ConfigError(f"option 'lowering' must be one of {LOWERINGS}, got {self.lowering!r}")
         for name in ("cuda_graphs", "regional"):
@@ -124,6 +124,15 @@ class AstraeaConfig:
         dense during the first `full_steps` steps."""
         budget = self.schedule.budget(step, time)
         return 1.0 if step < self.full_steps else check_budget(budget)
+
+    def step_reuse(self, step: int, time: float | None = None) -> str:
+        """What the tokens not recomputed at `step` get: the schedule's mode for it, else `reuse`."""
+        return self.schedule.step_reuse(step, time) or self.reuse
+
+    @property
+    def forecasts(self) -> bool:
+        """Whether any step may forecast: the blocks then keep a slope per token from the start."""
+        return self.reuse == "forecast" or self.schedule.forecasts
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)

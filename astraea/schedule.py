@@ -11,6 +11,10 @@ the searched steps' times, from the first down to the last, each start a span). 
 also name the model structure it was searched for, so that it is refused on another model
 instead of silently running with budgets that were never measured there; a file may hold the
 schedules of several transformers of one pipeline, by name.
+
+A schedule of budgets per step may also say, per step, what the tokens a block does not
+recompute get (`reuse`: "copy" or "forecast", as the backend option of that name, which it
+overrides step by step): a skipped step may forecast while a partial one copies.
 """
 
 from __future__ import annotations
@@ -26,8 +30,10 @@ from .jsonfile import load_json, save_json
 # files measured.
 OPTIONS_BEFORE_THEY_EXISTED = {"skip": "output", "reuse": "copy"}
 
+REUSES = ("copy", "forecast")  # what a token not recomputed gets: its last contribution, or one extrapolated
+
 FORMAT = "astraea-schedule"
-VERSION = 2  # 2 added the time axis (`times`) and files of several named schedules; 1 still loads
+VERSION = 2  # 2 added the time axis (`times`), files of several named schedules and `reuse`; 1 still loads
 SET_FORMAT = "astraea-schedules"
 
 
@@ -67,6 +73,7 @@ class Schedule:
     model: str | None = None
     meta: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     times: tuple[float, ...] | None = None
+    reuse: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if (self.budgets is None) == (self.constant is None):
@@ -82,6 +89,8 @@ class Schedule:
             object.__setattr__(self, "budgets", budgets)
         if self.times is not None:
             object.__setattr__(self, "times", _check_times(self.times, self.budgets))
+        if self.reuse is not None:
+            object.__setattr__(self, "reuse", _check_reuse(self.reuse, self.budgets))
 
     @property
     def on_time_axis(self) -> bool:
@@ -100,6 +109,17 @@ class Schedule:
             return self.budgets[_span(self.times, time)]
         self.check_steps(step + 1)
         return self.budgets[step]
+
+    def step_reuse(self, step: int, time: float | None = None) -> str | None:
+        """What `step` reuses, where the schedule says it per step (None: the backend's option)."""
+        if self.reuse is None:
+            return None
+        return self.reuse[_span(self.times, time) if self.times is not None else step]
+
+    @property
+    def forecasts(self) -> bool:
+        """Whether some step forecasts."""
+        return self.reuse is not None and "forecast" in self.reuse
 
     def check_steps(self, num_steps: int) -> None:
         """Refuse a run of `num_steps` steps that a step-indexed schedule does not cover."""
@@ -136,6 +156,7 @@ class Schedule:
             "version": VERSION,
             "budgets": list(self.budgets) if self.budgets is not None else None,
             "times": list(self.times) if self.times is not None else None,
+            **({"reuse": list(self.reuse)} if self.reuse is not None else {}),
             "constant": self.constant,
             "model": self.model,
             "meta": self.meta,
@@ -149,13 +170,14 @@ class Schedule:
             raise ScheduleError(
                 f"{source} has schedule version {data.get('version')!r}; this astraea reads versions 1 to {VERSION}"
             )
-        budgets, times = data.get("budgets"), data.get("times")
+        budgets, times, reuse = data.get("budgets"), data.get("times"), data.get("reuse")
         return cls(
             budgets=tuple(budgets) if budgets is not None else None,
             constant=data.get("constant"),
             model=data.get("model"),
             meta=dict(data.get("meta") or {}),
             times=tuple(times) if times is not None else None,
+            reuse=tuple(reuse) if reuse is not None else None,
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -217,6 +239,16 @@ def _check_times(times, budgets) -> tuple[float, ...]:
     if not all(math.isfinite(t) for t in times) or any(a <= b for a, b in zip(times, times[1:])):
         raise ScheduleError(f"a schedule's times must be finite numbers, strictly decreasing, got {times}")
     return times
+
+
+def _check_reuse(reuse, budgets) -> tuple[str, ...]:
+    if budgets is None or isinstance(reuse, str) or len(reuse) != len(budgets):
+        raise ScheduleError(f"a schedule's reuse needs one mode per budget, got {reuse!r} for "
+                            f"{None if budgets is None else len(budgets)} budgets")
+    bad = sorted({repr(r) for r in reuse if r not in REUSES})
+    if bad:
+        raise ScheduleError(f"a schedule's reuse modes must be among {REUSES}, got {', '.join(bad)}")
+    return tuple(reuse)
 
 
 def _span(times: tuple[float, ...], time: float) -> int:

@@ -6,6 +6,7 @@ import torch
 
 import astraea
 from astraea import ConfigError
+from astraea.schedule import Schedule, ScheduleError
 from astraea.runtime import forecast
 from astraea.runtime.select import mark_selected
 from astraea.runtime.state import BlockState
@@ -15,29 +16,40 @@ from tests.models import sample, wan
 B, N, D = 2, 12, 4
 
 
-def _run(contribution, selections, samples):
+def _run(contribution, selections, samples, modes=None):
     """Drive one block's state as the runner does, with the real merge op: step 0 fills the
-    cache, later steps recompute the rows `selections[s]` ([S, K]; None for a skipped step).
-    Returns, per step, the cache the graph read (the forecast) next to the true contribution."""
+    cache, later steps recompute the rows `selections[s]` ([S, K]; None for a skipped step),
+    forecasting where `modes[s]` says so (every step by default). Returns, per step, what the
+    graph read for the rows it did not recompute, and their true contribution."""
     state = BlockState.allocate((B, N, D), torch.float32, "cpu", samples)
     x = torch.randn(B, N, D, generator=torch.Generator().manual_seed(0))
     every = torch.arange(N).expand(samples, -1).contiguous()
     read = []
     for step, idx in enumerate(selections):
         fresh = contribution(step)
+        forecasting = step > 0 and (modes is None or modes[step] == "forecast")
         if step > 0:
             forecast.allocate([state])
-            forecast.advance([state])
-        read.append((state.cache.clone(), fresh))
         if idx is None:
             state.stale.add_(1)
+            if forecasting:
+                forecast.shift([state])
+            read.append((state.cache.clone(), fresh, torch.ones(B, N, dtype=torch.bool)))
+            if forecasting:
+                forecast.unshift([state])
             continue
+        reused = torch.ones(B, N, dtype=torch.bool).scatter_(1, (every if step == 0 else idx).expand(B, -1), False)
         idx = every if step == 0 else idx
-        steps = forecast.take_forecast(state, idx) if step > 0 else None
+        steps = forecast.start_slopes(state, idx) if step > 0 else None
         mark_selected(state, idx)
+        if forecasting:
+            forecast.shift([state])
+        read.append((state.cache[reused], fresh[reused], reused))
         at = (torch.arange(B)[:, None], idx.expand(B, -1))
         rows = x[at] + fresh[at]
         torch.ops.astraea.merge_rows(x, rows.contiguous(), idx, state.cache, state.change, None, state.lse)
+        if forecasting:
+            forecast.unshift([state])
         if steps is not None:
             forecast.add_fresh(state, idx, steps)
     return read
@@ -58,7 +70,7 @@ def test_a_contribution_linear_in_the_step_is_forecast_exactly(samples):
     g = torch.Generator().manual_seed(2)
     a, b = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
     read = _run(lambda s: a + b * s, _selections(samples, 10), samples)
-    for step, (cache, true) in enumerate(read[2:], start=2):  # partial and skipped steps alike
+    for step, (cache, true, _) in enumerate(read[2:], start=2):  # partial and skipped steps alike
         torch.testing.assert_close(cache, true, rtol=1e-5, atol=1e-5, msg=f"step {step}")
 
 
@@ -66,8 +78,28 @@ def test_a_contribution_linear_in_the_step_is_forecast_exactly(samples):
 def test_two_equal_contributions_forecast_as_a_copy(samples):
     c = torch.randn(B, N, D, generator=torch.Generator().manual_seed(3))
     read = _run(lambda s: c, _selections(samples, 8), samples)
-    for cache, true in read[1:]:  # the merge stores rows - x: equal up to its rounding
+    for cache, true, _ in read[1:]:  # the merge stores rows - x: equal up to its rounding
         torch.testing.assert_close(cache, true, rtol=1e-6, atol=1e-6)
+
+
+def test_steps_that_copy_between_steps_that_forecast_keep_the_slopes():
+    """Per-step reuse: a copying step reads each token's last computed contribution, and a
+    forecasting step after copying ones is still exact on a linear contribution."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(B, N, D, generator=g), torch.randn(B, N, D, generator=g)
+    selections = _selections(B, 10)
+    modes = ["copy", "copy", "forecast", "copy", "forecast", "copy", "copy", "forecast", "forecast", "copy"]
+    read = _run(lambda s: a + b * s, selections, B, modes)
+    last = torch.zeros(B, N)  # the step each token was last computed at
+    for step, ((cache, true, reused), idx) in enumerate(zip(read, selections)):
+        if step >= 2 and modes[step] == "forecast":
+            torch.testing.assert_close(cache, true, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+        elif step >= 1:
+            copied = (a + b * last[..., None])[reused]
+            torch.testing.assert_close(cache.reshape(copied.shape), copied, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+        if idx is not None or step == 0:
+            chosen = torch.arange(N).expand(B, -1) if idx is None else idx.expand(B, -1)
+            last.scatter_(1, chosen, float(step))
 
 
 def test_a_contribution_that_is_not_linear_is_not_forecast_exactly():
@@ -109,6 +141,53 @@ def test_switching_reuse_recompiles_nothing_and_recomputed_rows_keep_the_contrac
     torch.testing.assert_close(again, forecast_out)
     assert not torch.allclose(forecast_out, copy_out)
 
+
+
+def test_a_schedule_says_the_reuse_of_each_step_and_switching_it_recompiles_nothing():
+    torch._dynamo.reset()
+    family = wan()
+    budgets = (1.0, 1.0, 0.5, 0.0, 0.25, 0.5)
+    be = astraea.backend(schedule=Schedule(budgets=budgets, reuse=("copy",) * 6))
+    compiled = torch.compile(family.model, backend=be)
+    copy_out = sample(family, compiled, steps=6)
+    assert be.runners[0].branches[0].blocks[0].slope is None  # no step forecasts: no slopes kept
+    be.update(reuse="copy", schedule=Schedule(budgets=budgets, reuse=("forecast",) * 6))
+    all_forecast = sample(family, compiled, steps=6)
+    be.update(schedule=budgets, reuse="forecast")
+    torch.testing.assert_close(all_forecast, sample(family, compiled, steps=6))
+    be.update(schedule=Schedule(budgets=budgets, reuse=("copy",) * 6))  # the schedule's mode wins over the option
+    torch.testing.assert_close(sample(family, compiled, steps=6), copy_out)
+    mixed = ("copy", "copy", "copy", "forecast", "copy", "forecast")  # forecast the skip and the last step only
+    be.update(schedule=Schedule(budgets=budgets, reuse=mixed), reuse="copy")
+    mixed_out = sample(family, compiled, steps=6)
+    assert len(be.reports) == 1  # one compile served every mode
+    for other in (copy_out, all_forecast):
+        assert not torch.allclose(mixed_out, other)
+    # forecasting the step-3 skip alone changes the run
+    be.update(schedule=Schedule(budgets=budgets[:4], reuse=mixed[:4]))
+    assert not torch.allclose(sample(family, compiled, steps=4), sample_copy(family, budgets[:4]))
+
+
+def sample_copy(family, budgets):
+    torch._dynamo.reset()
+    return sample(family, torch.compile(family.model, backend=astraea.backend(schedule=list(budgets))), steps=len(budgets))
+
+
+def test_a_schedules_reuse_is_checked_and_kept_in_its_file(tmp_path):
+    schedule = Schedule(budgets=(1.0, 0.0, 0.5), reuse=("copy", "forecast", "copy"), times=(999.0, 500.0, 10.0))
+    schedule.save(tmp_path / "s.json")
+    loaded = Schedule.load(tmp_path / "s.json")
+    assert loaded.reuse == schedule.reuse and loaded.step_reuse(1, 400.0) == "forecast"
+    assert loaded.step_reuse(7, 20.0) == "forecast" and loaded.step_reuse(0, 2000.0) == "copy"  # on the time axis
+    assert Schedule(budgets=(1.0, 0.5)).step_reuse(1) is None  # the backend option decides
+    with pytest.raises(ScheduleError, match="one mode per budget"):
+        Schedule(budgets=(1.0, 0.5), reuse=("copy",))
+    with pytest.raises(ScheduleError, match="one mode per budget"):
+        Schedule(constant=0.5, reuse=("copy",))
+    with pytest.raises(ScheduleError, match="must be among"):
+        Schedule(budgets=(1.0, 0.5), reuse=("copy", "taylor"))
+    with pytest.raises(ConfigError, match="float8_e4m3fn caches cannot"):
+        astraea.backend(schedule=Schedule(budgets=(1.0, 0.0), reuse=("copy", "forecast")), cache_dtype="float8_e4m3fn")
 
 
 def test_budget_one_with_forecast_equals_dense():

@@ -3,23 +3,27 @@ current step from its last two computations, instead of a copy of the last one.
 
 TaylorSeer forecasts a skipped step's features from their recent differences, for the whole
 step; here it is per block and per token, and the partial steps forecast too. The time unit is
-the step, as in TaylorSeer's expansion. Each block keeps, beside its cache, a `slope`: how much
-each token's contribution changes per step. The cache itself holds the forecast:
+the step, as in TaylorSeer's expansion. Each block keeps, beside its cache (the contribution
+each token last got, whatever the step's mode), a `slope`: how much that contribution changed
+per step between its last two computations. Whether a step copies or forecasts can change from
+step to step (a schedule's per-step `reuse`), so the slopes are kept on every step once any
+step may forecast:
 
-- before a call, every token's cached contribution moves on by its slope (`advance`): the
-  cache then holds the last computed contribution plus the slope times the steps since, which
-  is what the rewritten graph adds for the tokens it does not recompute, and what a skipped
-  step adds for all of them;
-- the graph's merge writes the selected tokens' fresh contributions over their forecasts (and
-  scores how far they moved from the forecast: the tokens the forecast misses are chosen
-  sooner);
-- their slopes are corrected by the forecast's error over the steps it spanned:
-  slope += (fresh - forecast) / steps, in two halves around the merge (`take_forecast`
-  before it, `add_fresh` after), so nothing the size of a block's rows is kept in between.
+- before the merge, the rows about to be recomputed start their new slope from the cached
+  contribution: slope = -cache / steps (`start_slopes`), where steps is how many steps the
+  cached one is old; after the merge wrote the fresh contribution, slope += fresh / steps
+  (`add_fresh`): the slope is the last difference per step, and nothing the size of a block's
+  rows is kept in between;
+- a step that forecasts moves every cached contribution on by its slope times its staleness
+  (`shift`, after the selection has reset the recomputed rows' staleness to 0, so they move by
+  nothing), runs the graph, which reads the forecast where it read the copy (the merge, and
+  the skip graph), and moves them back (`unshift`). The graph is unchanged, so a step's mode
+  switches without recompiling.
 
 Two equal contributions leave the slope at zero (the forecast is the copy); a contribution
 linear in the step index is forecast exactly from its second computation on. The first call of
-a generation fills the caches and leaves the slopes at zero.
+a generation fills the caches and leaves the slopes at zero. In a 16-bit cache the move and its
+undoing round twice per forecasting step, about one unit in the last place each.
 """
 
 from __future__ import annotations
@@ -30,15 +34,26 @@ from .state import BlockState
 
 
 def allocate(states: list[BlockState]) -> None:
-    """A zero slope beside each cache that has none yet (the first call that forecasts)."""
+    """A zero slope beside each cache that has none yet (the first call that keeps slopes)."""
     for state in states:
         if state.slope is None:
             state.slope = torch.zeros_like(state.cache)
 
 
-def advance(states: list[BlockState]) -> None:
-    """Move every cached contribution on by one step of its slope."""
-    torch._foreach_add_([s.cache for s in states], [s.slope for s in states])
+def _offsets(states: list[BlockState]) -> list[torch.Tensor]:
+    """Each block's slope times its tokens' staleness: how far the forecast is from the cache."""
+    return [s.slope * s.stale[..., None].to(s.slope.dtype) for s in states]
+
+
+def shift(states: list[BlockState]) -> None:
+    """Every cached contribution moved on to its forecast at the current step."""
+    torch._foreach_add_([s.cache for s in states], _offsets(states))
+
+
+def unshift(states: list[BlockState]) -> None:
+    """The caches moved back from the forecasts to the contributions last computed (the rows
+    recomputed in between are stale 0 and do not move)."""
+    torch._foreach_sub_([s.cache for s in states], _offsets(states))
 
 
 def _rows(state: BlockState, idx: torch.Tensor) -> tuple:
@@ -47,12 +62,12 @@ def _rows(state: BlockState, idx: torch.Tensor) -> tuple:
     return batch, idx.expand(state.cache.shape[0], -1)
 
 
-def take_forecast(state: BlockState, idx: torch.Tensor) -> torch.Tensor:
-    """Before the merge, for the rows `idx` about to be recomputed: slope -= forecast / steps.
-    Returns the steps [S, K, 1] each row's forecast spanned (read before the staleness resets)."""
+def start_slopes(state: BlockState, idx: torch.Tensor) -> torch.Tensor:
+    """Before the selection ages the tokens, for the rows `idx` about to be recomputed:
+    slope = -cache / steps. Returns the steps [S, K, 1] since each was last computed."""
     steps = (state.stale.gather(1, idx) + 1).to(state.slope.dtype)[..., None]
     at = _rows(state, idx)
-    state.slope[at] = state.slope[at] - state.cache[at] / steps
+    state.slope[at] = -state.cache[at] / steps
     return steps
 
 

@@ -121,16 +121,19 @@ class SparseRunner:
             return ctx, budget, 0
         return ctx, budget, num_selected(budget, self.num_tokens)
 
-    def _forecasting(self, ctx: BranchState) -> bool:
-        """Whether this call forecasts what it does not recompute: once the caches hold a call."""
-        return self.config.reuse == "forecast" and ctx.filled
+    def _slopes(self, ctx: BranchState) -> bool:
+        """Whether this call keeps the blocks' slopes: some step may forecast, and the caches
+        hold a call."""
+        return self.config.forecasts and ctx.filled
 
-    def _forward(self, ctx: BranchState, k: int, inputs: tuple) -> tuple[tuple, int]:
+    def _forecasting(self, ctx: BranchState, call: Call) -> bool:
+        """Whether this call forecasts what it does not recompute (the step's reuse mode)."""
+        return self._slopes(ctx) and self.config.step_reuse(call.step, call.time) == "forecast"
+
+    def _forward(self, ctx: BranchState, k: int, inputs: tuple, forecasting: bool) -> tuple[tuple, int]:
         """The device work of a call: select each block's tokens, run the rewritten graph.
         Returns the outputs and the tokens each block recomputed."""
-        forecasting = self._forecasting(ctx)
-        if forecasting:
-            forecast.advance(ctx.blocks)
+        slopes = self._slopes(ctx)
         indices, spans = [], []
         for state, every in zip(ctx.blocks, self.all_tokens):
             if k < self.num_tokens:  # a dense step needs no scores
@@ -138,21 +141,19 @@ class SparseRunner:
                 idx = select(score, k, self.config, self.report.token_grid)
             else:
                 idx = every
-            if forecasting:
-                spans.append(forecast.take_forecast(state, idx))
+            if slopes:
+                spans.append(forecast.start_slopes(state, idx))
             mark_selected(state, idx)
             indices.append(idx)
-        out = _call(self.graph_fn, ctx, indices, inputs)
+        out = _forecast_around(forecasting, ctx, lambda: _call(self.graph_fn, ctx, indices, inputs))
         for state, idx, steps in zip(ctx.blocks, indices, spans):
             forecast.add_fresh(state, idx, steps)
         return out, int(indices[0].shape[-1])
 
-    def _reuse_blocks(self, ctx: BranchState, inputs: tuple) -> tuple[tuple, int]:
+    def _reuse_blocks(self, ctx: BranchState, inputs: tuple, forecasting: bool) -> tuple[tuple, int]:
         """The device work of a skipped step: every block adds its cache (its forecast, when
         forecasting) to its input."""
-        if self._forecasting(ctx):
-            forecast.advance(ctx.blocks)
-        return _call(self.lower_skip(), ctx, self.all_tokens, inputs), 0
+        return _forecast_around(forecasting, ctx, lambda: _call(self.lower_skip(), ctx, self.all_tokens, inputs)), 0
 
     def _record(self, record: CallRecord) -> None:
         """Keep what the call did; the oldest records go past RECORDS_KEPT, so that a
@@ -161,30 +162,32 @@ class SparseRunner:
         if len(self.records) > RECORDS_KEPT:
             del self.records[: len(self.records) - RECORDS_KEPT]
 
-    def _graph_key(self, branch: int, k: int, forecasting: bool):
+    def _graph_key(self, branch: int, k: int, slopes: bool, forecasting: bool):
         """The key of a call's captured graph, or None where a call runs uncaptured: the random
         policy draws from a generator, and only single-token selection has been checked
         captured on a GPU ("run" and "spatial" groups are untested there)."""
         c = self.config
         if self.call_graphs is None or not c.cuda_graphs or c.policy == "random" or c.group != "token":
             return None
-        return branch, k, c.policy, c.weight_signal, c.weight_penalty, forecasting
+        return branch, k, c.policy, c.weight_signal, c.weight_penalty, slopes, forecasting
 
     def run(self, call: Call, args: tuple, full: bool = False) -> tuple:
         """Run a placed call (placed by this runner, or by the model's clock); every token where
         `full`."""
         ctx, budget, k = self.plan(call, full)
-        if self._forecasting(ctx):
+        slopes = self._slopes(ctx)
+        forecasting = k < self.num_tokens and self._forecasting(ctx, call)  # a dense call reads no cache
+        if slopes:
             forecast.allocate(ctx.blocks)  # before any capture: graphs read the slopes where they are
         if k == 0 and self.config.skip == "output":
             self.skip_call(call)
             return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in ctx.last_output)
         if k == 0:
             _one_step_staler(ctx)
-            run = lambda inputs: self._reuse_blocks(ctx, inputs)  # noqa: E731
+            run = lambda inputs: self._reuse_blocks(ctx, inputs, forecasting)  # noqa: E731
         else:
-            run = lambda inputs: self._forward(ctx, k, inputs)  # noqa: E731
-        key = self._graph_key(call.branch, k, self._forecasting(ctx))
+            run = lambda inputs: self._forward(ctx, k, inputs, forecasting)  # noqa: E731
+        key = self._graph_key(call.branch, k, slopes, forecasting)
         out, tokens = run(args) if key is None else self.call_graphs(key, run, args)
         self._record(CallRecord(call.step, call.branch, budget, tokens))
         ctx.filled = True
@@ -202,6 +205,16 @@ class SparseRunner:
 def _one_step_staler(ctx: BranchState) -> None:
     """A skipped step: every block's tokens one step staler, in one launch, not one per block."""
     torch._foreach_add_([state.stale for state in ctx.blocks], 1)
+
+
+def _forecast_around(forecasting: bool, ctx: BranchState, run: Callable[[], tuple]) -> tuple:
+    """`run()` with the caches moved to their forecasts for it, where the call forecasts."""
+    if not forecasting:
+        return run()
+    forecast.shift(ctx.blocks)
+    out = run()
+    forecast.unshift(ctx.blocks)
+    return out
 
 
 def _call(graph: Callable, ctx: BranchState, indices: list, inputs: tuple) -> tuple:

@@ -121,9 +121,33 @@ def test_table_needs_skip_and_dense_levels():
 
 
 def test_profiling_schedule_visits_every_level_in_rounds_after_a_dense_step():
-    budgets, measured = profiling_schedule((0.0, 0.5, 1.0), steps_per_level=2)
-    assert budgets == (1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0)
-    assert measured == (None, 0.0, 0.5, 1.0, None, 0.0, 0.5, 1.0)
+    budgets, measured, reuse = profiling_schedule((0.0, 0.5, 1.0), steps_per_level=2)
+    assert budgets == (1.0, 0.0, 0.5, 1.0, 1.0, 0.0, 0.5, 1.0) and reuse is None
+    round_ = (None, (0.0, "copy"), (0.5, "copy"), (1.0, "copy"))
+    assert measured == round_ * 2
+
+
+def test_profiling_forecasting_visits_each_partial_level_in_both_modes():
+    budgets, measured, reuse = profiling_schedule((0.0, 0.5, 1.0), steps_per_level=1, forecast=True)
+    assert budgets == (1.0, 0.0, 0.0, 0.5, 0.5, 1.0)
+    assert reuse == ("copy", "copy", "forecast", "copy", "forecast", "copy")
+    assert measured == (None, (0.0, "copy"), (0.0, "forecast"), (0.5, "copy"), (0.5, "forecast"), (1.0, "copy"))
+
+
+def test_a_table_with_forecasting_prices_each_step_by_its_mode_and_offers_both_to_a_search(tmp_path):
+    forecast = tuple(ms + 2.0 for ms in LATENCY)
+    t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, forecast_ms=forecast)
+    assert t.predict([1.0, 0.0, 0.5], reuse=["copy", "forecast", "copy"]) == pytest.approx(525.0 + 2.05 + 265.0)
+    assert t.predict([1.0, 0.5], reuse=["forecast", "forecast"]) == pytest.approx(525.0 + 267.0)  # dense: no forecast
+    levels, modes, ms = t.choices(calls_per_step=2)
+    assert len(levels) == 2 * len(DEFAULT_LEVELS) - 1 and levels[-1] == 1.0 and modes[-1] == "copy"
+    assert (levels[:2], modes[:2], ms[:2]) == ((0.0, 0.0), ("copy", "forecast"), (0.1, 4.1))
+    t.save(tmp_path / "t.json")
+    loaded = CostTable.load(tmp_path / "t.json")
+    assert loaded.forecast_ms == forecast and loaded.only((0, 1)).forecast_ms == (forecast[0], forecast[-1])
+    with pytest.raises(CostTableError, match="no forecasting steps' latencies"):
+        table().predict([1.0, 0.0], reuse=["copy", "forecast"])
+    assert table().choices() == (DEFAULT_LEVELS, None, LATENCY)
 
 
 def test_a_table_restricted_to_whole_steps_keeps_their_latencies_and_refuses_unmeasured_levels():

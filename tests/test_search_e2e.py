@@ -94,6 +94,27 @@ def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, sparse,
     assert mine.score == pytest.approx(result.chosen.score, abs=1e-3)
 
 
+def test_a_table_that_prices_forecasting_gives_a_search_the_reuse_of_each_step(workload, sparse, tmp_path):
+    table = profile(workload, levels=(0.0, 0.5, 1.0), steps_per_level=1, repeats=1, sparse=sparse, forecast=True)
+    assert table.forecast_ms is not None and len(table.forecast_ms) == 3
+    settings = SearchSettings(population=4, offspring=4, generations=1)
+    result = search(workload, table, Target(speedup=reachable(table, workload, 0.5)),
+                    calibration=Calibration(seeds=(0,), confirm=1), settings=settings, sparse=sparse, progress=False)
+    chosen = result.chosen
+    assert chosen.reuse is not None and len(chosen.reuse) == workload.num_steps
+    assert any("forecast" in (c.reuse or ()) for c in result.candidates)  # TaylorSeer's shape among the starts
+    assert result.prediction.predicted_ms == pytest.approx(
+        table.predict(chosen.budgets, workload.calls_per_step, chosen.reuse))
+    result.save(tmp_path / "s.json")
+    schedule = Schedule.load(tmp_path / "s.json")
+    assert schedule.reuse == chosen.reuse and schedule.meta["search"]["forecast"]
+    # A user's compile of the file gives the fidelity the search reported, each step reusing as it says.
+    torch._dynamo.reset()
+    compiled = torch.compile(workload.model, backend=astraea.backend(schedule=str(tmp_path / "s.json")))
+    mine = fidelity([workload.generate(compiled, 0)], [workload.generate(workload.model, 0)])
+    assert mine.score == pytest.approx(chosen.score, abs=1e-3)
+
+
 def test_resuming_at_a_shared_prefix_matches_running_from_scratch(workload, sparse):
     shared = Evaluator(workload, sparse)
     first = (1.0, 0.5, 1.0, 1.0, 0.25, 0.25)

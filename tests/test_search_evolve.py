@@ -21,9 +21,13 @@ SPACE = Space(LEVELS, COSTS, 12, 1, 0.5 * 12 * COSTS[-1])
 SETTINGS = SearchSettings(population=8, offspring=8, generations=6, seed=3)
 
 
-def synthetic(budgets) -> FidelityReport:
-    """Early steps matter more than late ones, as in diffusion; a skip costs a little extra."""
-    loss = sum(math.exp(-s / 3) * ((1 - b) ** 2 + 0.05 * (b == 0.0)) for s, b in enumerate(budgets))
+def synthetic(budgets, reuse=None) -> FidelityReport:
+    """Early steps matter more than late ones, as in diffusion; a skip costs a little extra, and
+    less when it forecasts; a partial step that forecasts loses more (as on reference v2)."""
+    modes = reuse or ("copy",) * len(budgets)
+    loss = sum(math.exp(-s / 3) * ((1 - b) ** 2 * (1.5 if m == "forecast" else 1.0)
+                                   + (0.01 if m == "forecast" else 0.05) * (b == 0.0))
+               for s, (b, m) in enumerate(zip(budgets, modes)))
     f = Fidelity(psnr=40.0 - 10 * loss, ssim=1.0 - loss / 10, rel_l2=loss / 10)
     return FidelityReport(latent=f, contribution=f)
 
@@ -32,11 +36,11 @@ class Counting:
     def __init__(self, fail_after=None):
         self.calls, self.fail_after = 0, fail_after
 
-    def __call__(self, budgets):
+    def __call__(self, budgets, reuse=None):
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise KeyboardInterrupt("interrupted")
         self.calls += 1
-        return synthetic(budgets)
+        return synthetic(budgets, reuse)
 
 
 def test_every_candidate_meets_the_target_and_the_search_beats_uniform():
@@ -196,3 +200,33 @@ def test_a_time_limit_stops_between_generations_and_a_rerun_resumes(tmp_path):
     assert [c.budgets for c in resumed] == [c.budgets for c in evolve(SPACE, synthetic, SETTINGS, progress=False)]
     with pytest.raises(SearchError, match="minutes must be positive"):
         SearchSettings(minutes=-1)
+
+
+def _forecasting_space() -> Space:
+    """SPACE with each partial level and the skip also offered forecasting, at a little more cost."""
+    rows = sorted([(b, "copy", c) for b, c in zip(LEVELS, COSTS)] + [(b, "forecast", c + 0.01) for b, c in
+                                                                       zip(LEVELS, COSTS) if b < 1.0])
+    levels, modes, costs = zip(*rows)
+    return Space(levels, costs, 12, 1, 0.5 * 12 * COSTS[-1], modes)
+
+
+def test_a_search_that_may_forecast_chooses_the_mode_per_step_and_resumes_with_it(tmp_path):
+    space = _forecasting_space()
+    population = initial_population(space, 12, np.random.default_rng(0))
+    taylor = [g for g in cached_step_genomes(space) if "forecast" in space.modes(g)]
+    assert len(taylor) == len(cached_step_genomes(space)) // 2  # each period copying, and forecasting its skips
+    for g in taylor:
+        assert {m for b, m in zip(space.budgets(g), space.modes(g)) if b == 0.0} == {"forecast"}
+    assert any("forecast" in space.modes(g) for g in population)  # TaylorSeer's shape starts the search
+    path = tmp_path / "search.json"
+    interrupted = Counting(fail_after=30)
+    with pytest.raises(KeyboardInterrupt):
+        evolve(space, interrupted, SETTINGS, checkpoint=path, progress=False)
+    found = evolve(space, Counting(), SETTINGS, checkpoint=path, progress=False)
+    assert found == evolve(space, synthetic, SETTINGS, progress=False)
+    best = found[0]
+    assert best.latency_ms <= space.limit_ms and best.reuse is not None
+    assert "forecast" in [m for b, m in zip(best.budgets, best.reuse) if b == 0.0]  # a skip that forecasts
+    assert space.budgets(space.genome(best.budgets, best.reuse)) == best.budgets
+    with pytest.raises(SearchError, match="not among the choices"):
+        space.genome(best.budgets, ("sometimes",) * 12)

@@ -40,20 +40,17 @@ def allocate(states: list[BlockState]) -> None:
             state.slope = torch.zeros_like(state.cache)
 
 
-def _offsets(states: list[BlockState]) -> list[torch.Tensor]:
-    """Each block's slope times its tokens' staleness: how far the forecast is from the cache."""
-    return [s.slope * s.stale[..., None].to(s.slope.dtype) for s in states]
-
-
-def shift(states: list[BlockState]) -> None:
-    """Every cached contribution moved on to its forecast at the current step."""
-    torch._foreach_add_([s.cache for s in states], _offsets(states))
+def shift(states: list[BlockState], sign: float = 1.0) -> None:
+    """Every cached contribution moved on by its slope times its staleness, to its forecast at
+    the current step (with sign -1, back): one pass over each cache and slope."""
+    for s in states:
+        s.cache.addcmul_(s.slope, s.stale[..., None].to(s.slope.dtype), value=sign)
 
 
 def unshift(states: list[BlockState]) -> None:
     """The caches moved back from the forecasts to the contributions last computed (the rows
     recomputed in between are stale 0 and do not move)."""
-    torch._foreach_sub_([s.cache for s in states], _offsets(states))
+    shift(states, -1.0)
 
 
 def _rows(state: BlockState, idx: torch.Tensor) -> tuple:

@@ -19,7 +19,7 @@ from .candidates import Candidate
 from .ea import SearchError
 
 FORMAT = "astraea-search-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: candidates may carry per-step reuse modes, and the population is their keys
 INITIAL = -1  # the generation of a checkpoint written while the initial population is being scored
 
 
@@ -27,7 +27,7 @@ INITIAL = -1  # the generation of a checkpoint written while the initial populat
 class Checkpoint:
     problem: dict
     generation: int  # generations completed; 0 once the initial population is scored, INITIAL while it is
-    population: tuple[tuple[float, ...], ...]  # ranked best first
+    population: tuple[tuple, ...]  # the candidates' keys (budgets, reuse modes or ()), ranked best first
     rng: dict  # numpy bit generator state
     archive: tuple[Candidate, ...]
 
@@ -46,7 +46,7 @@ class Checkpoint:
             "version": VERSION,
             "problem": self.problem,
             "generation": self.generation,
-            "population": [list(p) for p in self.population],
+            "population": [{"budgets": list(budgets), "reuse": list(reuse)} for budgets, reuse in self.population],
             "rng": self.rng,
             "archive": [c.to_json() for c in self.archive],
         }
@@ -73,7 +73,7 @@ class Checkpoint:
         checkpoint = cls(
             problem=data["problem"],
             generation=data["generation"],
-            population=tuple(tuple(p) for p in data["population"]),
+            population=tuple((tuple(p["budgets"]), tuple(p["reuse"])) for p in data["population"]),
             rng=data["rng"],
             archive=tuple(Candidate.from_json(c) for c in data["archive"]),
         )

@@ -137,17 +137,23 @@ class Prediction:
 class CostTable:
     """Median milliseconds of one transformer call at each budget level, and what each call
     costs a generation beyond its own time (the sampler's work between calls, host work the
-    device does not wait for), measured on the same generations."""
+    device does not wait for), measured on the same generations. `forecast_ms`, where measured
+    (`profile(forecast=True)`), holds each level's latency when the step forecasts the tokens
+    it does not recompute; `latency_ms` is then the copying step's, with the slopes kept, as in
+    any schedule with a forecasting step."""
 
     key: CostKey
     levels: tuple[float, ...]
     latency_ms: tuple[float, ...]
     call_overhead_ms: float = 0.0
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    forecast_ms: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if len(self.levels) != len(self.latency_ms):
             raise CostTableError(f"{len(self.levels)} budget levels but {len(self.latency_ms)} latencies")
+        if self.forecast_ms is not None and len(self.forecast_ms) != len(self.levels):
+            raise CostTableError(f"{len(self.levels)} budget levels but {len(self.forecast_ms)} forecast latencies")
         check_levels(self.levels)
 
     def _level(self, budget: float) -> int:
@@ -162,23 +168,45 @@ class CostTable:
         levels = tuple(sorted({float(x) for x in levels}))
         check_levels(levels)
         latency = tuple(self.latency_ms[self._level(level)] for level in levels)
-        return CostTable(self.key, levels, latency, self.call_overhead_ms, self.meta)
+        forecast = None if self.forecast_ms is None else tuple(self.forecast_ms[self._level(level)] for level in levels)
+        return CostTable(self.key, levels, latency, self.call_overhead_ms, self.meta, forecast)
 
     def call_ms(self, budget: float) -> float:
         return self.latency_ms[self._level(budget)]
 
-    def step_ms(self, calls_per_step: int = 1) -> tuple[float, ...]:
+    def step_ms(self, calls_per_step: int = 1, reuse: str = "copy") -> tuple[float, ...]:
         """Milliseconds of one step at each level: its calls, and what each costs around it."""
-        return tuple(calls_per_step * (ms + self.call_overhead_ms) for ms in self.latency_ms)
+        latency = self.latency_ms if reuse == "copy" else self._forecast_ms()
+        return tuple(calls_per_step * (ms + self.call_overhead_ms) for ms in latency)
 
-    def predict(self, budgets: Sequence[float], calls_per_step: int = 1) -> float:
-        """Predicted milliseconds of a generation with these budgets."""
-        steps = self.step_ms(calls_per_step)
-        return sum(steps[self._level(b)] for b in budgets)
+    def _forecast_ms(self) -> tuple[float, ...]:
+        if self.forecast_ms is None:
+            raise CostTableError("this cost table has no forecasting steps' latencies; measure one with "
+                                 "`astraea profile --forecast`")
+        return self.forecast_ms
 
-    def prediction(self, budgets: Sequence[float], measured_ms: float, calls_per_step: int = 1) -> Prediction:
-        """How far the prediction for `budgets` is from a measured end-to-end generation."""
-        return Prediction(self.predict(budgets, calls_per_step), measured_ms)
+    def choices(self, calls_per_step: int = 1) -> tuple[tuple[float, ...], tuple[str, ...] | None, tuple[float, ...]]:
+        """What a search's step may be, as (budgets, reuse modes or None, step milliseconds): each
+        level, and where forecasting was measured each level below 1 once copying and once forecasting."""
+        if self.forecast_ms is None:
+            return self.levels, None, self.step_ms(calls_per_step)
+        copy, forecast = self.step_ms(calls_per_step), self.step_ms(calls_per_step, "forecast")
+        rows = [(level, "copy", c) for level, c in zip(self.levels, copy)]
+        rows += [(level, "forecast", f) for level, f in zip(self.levels, forecast) if level < 1.0]
+        levels, modes, ms = zip(*sorted(rows))
+        return levels, modes, ms
+
+    def predict(self, budgets: Sequence[float], calls_per_step: int = 1, reuse: Sequence[str] | None = None) -> float:
+        """Predicted milliseconds of a generation with these budgets (and per-step reuse modes)."""
+        copy = self.step_ms(calls_per_step)
+        forecast = self.step_ms(calls_per_step, "forecast") if reuse is not None and "forecast" in reuse else None
+        modes = reuse or ("copy",) * len(budgets)
+        return sum((forecast if mode == "forecast" and b < 1.0 else copy)[self._level(b)] for b, mode in zip(budgets, modes))
+
+    def prediction(self, budgets: Sequence[float], measured_ms: float, calls_per_step: int = 1,
+                   reuse: Sequence[str] | None = None) -> Prediction:
+        """How far the prediction for a schedule is from a measured end-to-end generation."""
+        return Prediction(self.predict(budgets, calls_per_step, reuse), measured_ms)
 
     def check(self, key: CostKey) -> None:
         """Refuse to predict latencies for a setting the table was not measured in."""
@@ -198,6 +226,7 @@ class CostTable:
             "levels": list(self.levels),
             "latency_ms": list(self.latency_ms),
             "call_overhead_ms": self.call_overhead_ms,
+            **({"forecast_ms": list(self.forecast_ms)} if self.forecast_ms is not None else {}),
             "meta": self.meta,
         }
 
@@ -215,6 +244,7 @@ class CostTable:
             latency_ms=tuple(data["latency_ms"]),
             call_overhead_ms=float(data.get("call_overhead_ms", 0.0)),  # tables measured before it: none
             meta=dict(data.get("meta") or {}),
+            forecast_ms=tuple(data["forecast_ms"]) if data.get("forecast_ms") is not None else None,
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -232,17 +262,22 @@ class CostTable:
 
 
 def profiling_schedule(
-    levels: Sequence[float], steps_per_level: int
-) -> tuple[tuple[float, ...], tuple[float | None, ...]]:
+    levels: Sequence[float], steps_per_level: int, forecast: bool = False
+) -> tuple[tuple[float, ...], tuple[tuple[float, str] | None, ...], tuple[str, ...] | None]:
     """One generation that visits every level `steps_per_level` times, in rounds: a dense step,
-    then one step at each level. Returns the budgets and, per step, the level that step measures
-    (None for the dense steps that open each round, which only refresh the caches). A level's
-    samples are spread over the generation, so a burst of load on the machine (another process,
-    a CPU's other cores at work) lands on every level alike instead of on one level's run of
-    steps: the ratios between levels, which the search relies on, stay right under load."""
-    budgets = (1.0, *levels) * steps_per_level
-    measured = (None, *levels) * steps_per_level
-    return tuple(budgets), tuple(measured)
+    then one step at each level (with `forecast`, each level below 1 once copying and once
+    forecasting). Returns the budgets, per step the (level, reuse) it measures (None for the
+    dense steps that open each round, which only refresh the caches), and the steps' reuse
+    modes (None without `forecast`). A level's samples are spread over the generation, so a
+    burst of load on the machine (another process, a CPU's other cores at work) lands on every
+    level alike instead of on one level's run of steps: the ratios between levels, which the
+    search relies on, stay right under load."""
+    modes = ("copy", "forecast") if forecast else ("copy",)
+    visits = [(level, mode) for level in levels for mode in (modes if level < 1.0 else ("copy",))]
+    measured = (None, *visits) * steps_per_level
+    budgets = tuple(1.0 if m is None else m[0] for m in measured)
+    reuse = tuple("copy" if m is None else m[1] for m in measured) if forecast else None
+    return budgets, measured, reuse
 
 
 def profile(
@@ -252,8 +287,10 @@ def profile(
     steps_per_level: int = 3,
     repeats: int = 3,
     sparse: SparseModel | None = None,
+    forecast: bool = False,
 ) -> CostTable:
-    """Measure the compiled transformer's call latency at each budget level on this device.
+    """Measure the compiled transformer's call latency at each budget level on this device
+    (with `forecast`, also each level's when the step forecasts: the search may then choose it).
 
     A first generation compiles and warms up; `repeats` more are timed call by call and each
     level's latency is the median of its `steps_per_level * repeats * calls_per_step` calls.
@@ -261,13 +298,13 @@ def profile(
     """
     levels = tuple(sorted({float(x) for x in levels}))
     check_levels(levels)  # before compiling and measuring, not after
-    budgets, measured = profiling_schedule(levels, steps_per_level)
+    budgets, measured, reuse = profiling_schedule(levels, steps_per_level, forecast)
     sparse = sparse or SparseModel(workload)
-    sparse.set_schedule(budgets)
+    sparse.set_schedule(budgets, reuse=reuse)
     timer = CallTimer(sparse.module, workload.device)
     workload.generate(timer, seed=0, num_steps=len(budgets))
     timer.take()
-    samples: dict[float, list[float]] = {level: [] for level in levels}
+    samples: dict[tuple[float, str], list[float]] = {m: [] for m in measured if m is not None}
     walls = []
     with torch.compiler.set_stance("fail_on_recompile"):
         for repeat in range(repeats):
@@ -277,19 +314,23 @@ def profile(
                 raise CostTableError(f"the profiling generation called the transformer {len(times)} times, not "
                                      f"{workload.calls_per_step} at each of its {len(budgets)} steps")
             for call, ms in enumerate(times):
-                level = measured[call // workload.calls_per_step]
-                if level is not None:
-                    samples[level].append(ms)
+                visit = measured[call // workload.calls_per_step]
+                if visit is not None:
+                    samples[visit].append(ms)
+    median = {visit: statistics.median(ms) for visit, ms in samples.items()}
     calls = CostTable(
         key=CostKey.here(sparse, workload),
         levels=levels,
-        latency_ms=tuple(statistics.median(samples[level]) for level in levels),
+        latency_ms=tuple(median[level, "copy"] for level in levels),
+        forecast_ms=tuple(median.get((level, "forecast"), median[level, "copy"]) for level in levels) if forecast
+        else None,
     )
     # What the calls' own timings leave out of the profiling generations' wall time, per call.
-    wall, calls_ms = statistics.median(walls), calls.predict(budgets, workload.calls_per_step)
+    wall, calls_ms = statistics.median(walls), calls.predict(budgets, workload.calls_per_step, reuse)
     return dataclasses.replace(
         calls,
         call_overhead_ms=max(0.0, (wall - calls_ms) / (len(budgets) * workload.calls_per_step)),
         meta={"steps_per_level": steps_per_level, "repeats": repeats, "calls_per_step": workload.calls_per_step,
-              "profiling_generation": {"budgets": list(budgets), "wall_ms": walls, "calls_ms": calls_ms}},
+              "profiling_generation": {"budgets": list(budgets), "reuse": None if reuse is None else list(reuse),
+                                       "wall_ms": walls, "calls_ms": calls_ms}},
     )

@@ -1,7 +1,8 @@
 """Genetic operators over per-step budget schedules, and the constraints they keep.
 
-A genome holds one index per denoising step into the discrete budget levels of the cost
-table, so genes compare exactly and a genome's bytes are a memo key. Every operator that
+A genome holds one index per denoising step into the discrete choices of the cost table (its
+budget levels; where forecasting is priced, each level below 1 twice, copying and forecasting),
+so genes compare exactly and a genome's bytes are a memo key. Every operator that
 makes a genome returns one that keeps the constraints: the first `full_steps` genes are the
 dense level, the first step is never a skip (there is no previous output to reuse), and the
 predicted latency is within the limit. Repair only ever lowers genes, one cost step at a
@@ -24,9 +25,12 @@ class SearchError(ValueError):
 class Space:
     """The genomes a search may visit.
 
-    levels: the budgets a step may take, ascending, with 0 (skip) and 1 (dense) among them.
-    costs: predicted milliseconds of one whole step (every call of it) at each level.
+    levels: the budget of each choice a step may take, ascending, with 0 (skip) and 1 (dense)
+        among them; 1 once, as the last choice.
+    costs: predicted milliseconds of one whole step (every call of it) at each choice.
     limit_ms: the latency target every genome must meet.
+    reuse: each choice's reuse mode ("copy" or "forecast"), where a level may appear once per
+        mode; None: one choice per level, each step reusing as the backend's option says.
     """
 
     levels: tuple[float, ...]
@@ -34,13 +38,22 @@ class Space:
     num_steps: int
     full_steps: int
     limit_ms: float
+    reuse: tuple[str, ...] | None = None
 
     def __post_init__(self):
         levels = tuple(float(x) for x in self.levels)
         object.__setattr__(self, "levels", levels)
         object.__setattr__(self, "costs", tuple(float(c) for c in self.costs))
-        if list(levels) != sorted(set(levels)) or levels[0] != 0.0 or levels[-1] != 1.0:
-            raise SearchError(f"budget levels must be ascending, distinct, from 0 to 1, got {levels}")
+        if self.reuse is None:
+            if list(levels) != sorted(set(levels)) or levels[0] != 0.0 or levels[-1] != 1.0:
+                raise SearchError(f"budget levels must be ascending, distinct, from 0 to 1, got {levels}")
+        else:
+            object.__setattr__(self, "reuse", tuple(self.reuse))
+            choices = list(zip(levels, self.reuse))
+            if (len(choices) != len(levels) or choices != sorted(set(choices)) or levels[0] != 0.0
+                    or levels[-1] != 1.0 or levels.count(1.0) != 1):
+                raise SearchError(f"choices must be distinct (level, reuse) pairs in order, from 0 to a single 1, "
+                                  f"got {levels} with {self.reuse}")
         if len(self.costs) != len(levels):
             raise SearchError(f"{len(levels)} budget levels but {len(self.costs)} costs")
         if self.num_steps < 1 or not 0 <= self.full_steps <= self.num_steps:
@@ -61,10 +74,15 @@ class Space:
     @cached_property
     def _allowed(self) -> tuple[np.ndarray, ...]:
         every = np.arange(len(self.levels))
+        computed = every[np.asarray(self.levels) > 0]  # the first step has nothing to reuse
         return tuple(
-            np.array([self.dense]) if step < self.full_steps else every[1:] if step == 0 else every
+            np.array([self.dense]) if step < self.full_steps else computed if step == 0 else every
             for step in range(self.num_steps)
         )
+
+    def skip(self, reuse: str = "copy") -> int:
+        """The choice of a skipped step that reuses as `reuse` says (the only skip without modes)."""
+        return 0 if self.reuse is None else list(zip(self.levels, self.reuse)).index((0.0, reuse))
 
     def allowed(self, step: int) -> np.ndarray:
         """Level indices step `step` may take."""
@@ -80,15 +98,29 @@ class Space:
     def budgets(self, genome: np.ndarray) -> tuple[float, ...]:
         return tuple(self.levels[i] for i in genome)
 
-    def genome(self, budgets) -> np.ndarray:
-        """Level indices of a budget list; a SearchError for a budget that is not a level."""
+    def modes(self, genome: np.ndarray) -> tuple[str, ...] | None:
+        """Each step's reuse mode, in a space that has them."""
+        return None if self.reuse is None else tuple(self.reuse[i] for i in genome)
+
+    def genome(self, budgets, reuse=None) -> np.ndarray:
+        """Choice indices of a schedule (each step copying where `reuse` is None); a SearchError
+        for a step that is not among the choices."""
         if len(budgets) != self.num_steps:
             raise SearchError(f"schedule has {len(budgets)} steps, the search has {self.num_steps}")
-        index = {b: i for i, b in enumerate(self.levels)}
-        missing = sorted({float(b) for b in budgets} - set(index))
+        if self.reuse is None:
+            if reuse is not None:
+                raise SearchError("this search space has no reuse modes")
+            index = {b: i for i, b in enumerate(self.levels)}
+            wanted = [float(b) for b in budgets]
+        else:
+            index = {c: i for i, c in enumerate(zip(self.levels, self.reuse))}
+            index[1.0, "forecast"] = self.dense  # a dense step reuses nothing
+            wanted = list(zip(map(float, budgets), reuse or ("copy",) * len(budgets)))
+        missing = sorted({w for w in wanted if w not in index}, key=str)
         if missing:
-            raise SearchError(f"budgets {missing} are not among the levels {self.levels}")
-        return np.array([index[float(b)] for b in budgets])
+            raise SearchError(f"budgets {missing} are not among the levels {self.levels}" if self.reuse is None else
+                              f"steps {missing} are not among the choices {list(zip(self.levels, self.reuse))}")
+        return np.array([index[w] for w in wanted])
 
     def snap(self, wanted) -> np.ndarray:
         """The genome nearest to `wanted` (a level index per step) that each step allows."""

@@ -54,7 +54,7 @@ class Evaluator:
             else share_prefixes
         self.snapshot_bytes = snapshot_bytes
         self._references: dict[int, Trajectory] = {}
-        self._scores: dict[tuple, FidelityReport] = {}  # per (budgets, seed, the sparse model's options)
+        self._scores: dict[tuple, FidelityReport] = {}  # per (schedule, seed, the sparse model's options)
         self._snapshots: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._snapshot_total = 0
         self._prefixes: set[tuple] = set()
@@ -63,19 +63,23 @@ class Evaluator:
         self.steps_shared = 0
         self.steps_shareable = 0
 
-    def __call__(self, budgets: Sequence[float], seeds: Sequence[int]) -> FidelityReport:
-        """Mean fidelity of the schedule `budgets` over `seeds`."""
+    def __call__(self, budgets: Sequence[float], seeds: Sequence[int],
+                 reuse: Sequence[str] | None = None) -> FidelityReport:
+        """Mean fidelity over `seeds` of the schedule `budgets` (with each step's `reuse` mode,
+        where given)."""
         budgets = tuple(float(b) for b in budgets)
         if len(budgets) != self.workload.num_steps:
             raise ValueError(f"schedule has {len(budgets)} steps, the workload {self.workload.num_steps}")
+        reuse = None if reuse is None else tuple(reuse)
+        plan = budgets if reuse is None else tuple(zip(budgets, reuse))  # what keys a schedule and its prefixes
         options = json.dumps(self.sparse.options, sort_keys=True)
         for seed in seeds:
-            if (budgets, seed, options) not in self._scores:
+            if (plan, seed, options) not in self._scores:
                 reference = self.reference(seed)
-                run = self._generate(budgets, seed, options)
-                self._scores[budgets, seed, options] = fidelity([run], [reference], self.workload.decoder,
-                                                                [reference.decoded])
-        return FidelityReport.mean([self._scores[budgets, seed, options] for seed in seeds])
+                run = self._generate(budgets, reuse, plan, seed, options)
+                self._scores[plan, seed, options] = fidelity([run], [reference], self.workload.decoder,
+                                                             [reference.decoded])
+        return FidelityReport.mean([self._scores[plan, seed, options] for seed in seeds])
 
     def reference(self, seed: int) -> Trajectory:
         """The dense trajectory of `seed`, with its decoded frames when the generation decoded
@@ -101,23 +105,23 @@ class Evaluator:
         return {**counts, "shared_fraction": counts["steps_shared"] / steps,
                 "shareable_fraction": counts["steps_shareable"] / steps}
 
-    def _generate(self, budgets: tuple[float, ...], seed: int, options: str) -> Trajectory:
-        """One sparse generation; prefixes are shared between runs of one seed and one set of
-        backend options (`run` keys them)."""
+    def _generate(self, budgets: tuple[float, ...], reuse, plan: tuple, seed: int, options: str) -> Trajectory:
+        """One sparse generation; prefixes (of `plan`: the budgets, with the reuse modes where
+        given) are shared between runs of one seed and one set of backend options (`run` keys them)."""
         run = (seed, options)
-        start = self._resume_point(budgets, run)
+        start = self._resume_point(budgets, plan, run)
         first = start[0] if start is not None else 0
-        self.sparse.set_schedule(budgets, self.workload.step_times())
-        keep = self._snapshotter(budgets, run, first)
+        self.sparse.set_schedule(budgets, self.workload.step_times(), reuse)
+        keep = self._snapshotter(budgets, plan, run, first)
         trajectory = self.workload.generate(self.sparse.module, seed, start=start, on_step=keep)
         self.generations += 1
         self.steps_run += len(budgets) - first
         self.steps_shared += first
         shareable = 0  # the prefixes seen are closed under shortening: count up to the first unseen
-        while shareable + 1 < len(budgets) and (budgets[: shareable + 1], run) in self._prefixes:
+        while shareable + 1 < len(budgets) and (plan[: shareable + 1], run) in self._prefixes:
             shareable += 1
         self.steps_shareable += shareable
-        self._prefixes.update((budgets[:k], run) for k in range(1, len(budgets)))
+        self._prefixes.update((plan[:k], run) for k in range(1, len(budgets)))
         return trajectory
 
     def _resumable(self, budgets: tuple[float, ...], step: int) -> bool:
@@ -125,22 +129,22 @@ class Evaluator:
         # ended on, and the backend would not see a fresh generation.
         return 0 < step <= len(budgets) - DENSE_RUN and all(b == 1.0 for b in budgets[step : step + DENSE_RUN])
 
-    def _resume_point(self, budgets, run) -> tuple[int, torch.Tensor] | None:
+    def _resume_point(self, budgets, plan, run) -> tuple[int, torch.Tensor] | None:
         if not self.share_prefixes:
             return None
         for step in range(len(budgets) - DENSE_RUN, 0, -1):
-            key = (budgets[:step], run)
+            key = (plan[:step], run)
             if self._resumable(budgets, step) and key in self._snapshots:
                 self._snapshots.move_to_end(key)
                 return step, self._snapshots[key]
         return None
 
-    def _snapshotter(self, budgets, run, first):
+    def _snapshotter(self, budgets, plan, run, first):
         if not self.share_prefixes:
             return None
 
         def keep(step: int, latent: torch.Tensor) -> None:
-            key = (budgets[:step], run)
+            key = (plan[:step], run)
             if step > first and self._resumable(budgets, step) and key not in self._snapshots:
                 self._snapshots[key] = latent.clone()
                 self._snapshot_total += latent.numel() * latent.element_size()

@@ -22,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated budgets to measure, 0 and 1 included (default: 0,0.1,...,1)")
     parser.add_argument("--steps-per-level", type=int, default=3, help="timed steps per level and generation")
     parser.add_argument("--repeats", type=int, default=3, help="timed generations")
+    parser.add_argument("--forecast", action="store_true",
+                        help="also time each level's steps when they forecast the tokens they do not recompute, so that "
+                             "a search may choose copy or forecast per step")
 
 
 def levels(text: str) -> tuple[float, ...]:
@@ -34,12 +37,14 @@ def levels(text: str) -> tuple[float, ...]:
 def run(args: argparse.Namespace) -> int:
     workload = models.from_arguments(args)
     table = profile(workload, levels=args.levels, steps_per_level=args.steps_per_level, repeats=args.repeats,
-                    sparse=sparse.from_arguments(workload, args))
+                    sparse=sparse.from_arguments(workload, args), forecast=args.forecast)
     table.save(args.output)
     print(f"cost table for model {table.key.model} on {table.key.device} ({table.key.dtype}), "
           f"ms per transformer call:")
-    for level, ms in zip(table.levels, table.latency_ms):
-        print(f"  budget {level:4.2f}: {ms:9.3f} ms  ({ms / table.call_ms(1.0):.2f} of dense)")
+    forecast = table.forecast_ms or (None,) * len(table.levels)
+    for level, ms, f in zip(table.levels, table.latency_ms, forecast):
+        print(f"  budget {level:4.2f}: {ms:9.3f} ms  ({ms / table.call_ms(1.0):.2f} of dense)"
+              + ("" if f is None or level == 1.0 else f"; forecasting {f:9.3f} ms"))
     print(f"  and {table.call_overhead_ms:.3f} ms per call around the calls (the sampler between them)")
     print(f"written to {args.output}")
     return 0

@@ -126,7 +126,8 @@ def evolve(
 ) -> list[Candidate]:
     """Run the (mu + lambda) evolutionary search; returns every evaluated candidate, best first.
 
-    `score` maps budgets to their fidelity. With `checkpoint`, the state is written after
+    `score(budgets, reuse)` gives a schedule's fidelity (`reuse`: its per-step modes, None in a
+    space without them). With `checkpoint`, the state is written after
     every generation and, when the file exists, the search resumes from it (`problem`
     describes what the search is, to refuse a checkpoint of another one). `ratios`: the
     magnitude ratios of a dense run (`magnitude_ratios`), for MagCache-shaped starting schedules.
@@ -137,7 +138,7 @@ def evolve(
     shaping = {k: v for k, v in dataclasses.asdict(settings).items() if k != "minutes"}  # how long: not the problem
     problem = json.loads(json.dumps({"space": dataclasses.asdict(space), **(problem or {}),
                                      "settings": {**shaping, "generations": None}}))
-    archive: dict[tuple[float, ...], Candidate] = {}
+    archive: dict[tuple, Candidate] = {}  # by the candidates' keys
     # One tick per candidate, evaluated or found in the archive: on a GPU one generation of
     # candidates takes minutes, too long to show nothing.
     bar = tqdm(total=settings.population + settings.generations * settings.offspring, desc="search candidates",
@@ -152,15 +153,16 @@ def evolve(
 
     def evaluate(genomes: list[np.ndarray]) -> list[Candidate]:
         for g in genomes:
-            budgets = space.budgets(g)
-            if budgets not in archive:
-                archive[budgets] = Candidate(budgets, space.latency(g), score(budgets))
+            budgets, reuse = space.budgets(g), space.modes(g)
+            key = budgets, reuse or ()
+            if key not in archive:
+                archive[key] = Candidate(budgets, space.latency(g), score(budgets, reuse), reuse)
                 _save(checkpoint, problem, start["done"], start["population"], start["rng"], archive)
             bar.update(1)
-        return [archive[space.budgets(g)] for g in genomes]
+        return [archive[space.budgets(g), space.modes(g) or ()] for g in genomes]
 
     def survivors(pool: list[Candidate]) -> list[Candidate]:
-        return ranked({c.budgets: c for c in pool}.values())[: settings.population]
+        return ranked({c.key: c for c in pool}.values())[: settings.population]
 
     def finished(done: int, population: list[Candidate]) -> None:
         start.update(done=done, population=population, rng=rng.bit_generator.state)
@@ -170,8 +172,8 @@ def evolve(
     if checkpoint is not None and os.path.exists(checkpoint):
         state = Checkpoint.load(checkpoint, problem)
         rng.bit_generator.state = state.rng
-        archive.update((c.budgets, c) for c in state.archive)
-        population, done = [archive[b] for b in state.population], state.generation
+        archive.update((c.key, c) for c in state.archive)
+        population, done = [archive[key] for key in state.population], state.generation
         start.update(done=done, population=population, rng=state.rng)
         if done > INITIAL:
             bar.update(settings.population + min(done, settings.generations) * settings.offspring)
@@ -185,7 +187,7 @@ def evolve(
                            f"of {settings.minutes:g} minutes; run again to resume from the checkpoint")
             break
         rate = mutation_rate(generation, settings.mutation, settings.mutation_decay, settings.mutation_floor)
-        parents = [space.genome(c.budgets) for c in population]
+        parents = [space.genome(c.budgets, c.reuse) for c in population]
         children = breed(space, parents, settings.offspring, rate, settings.crossover, rng)
         population = survivors(population + evaluate(children))
         finished(generation + 1, population)
@@ -196,7 +198,7 @@ def evolve(
 
 def _save(path, problem, generation, population, rng_state, archive) -> None:
     if path is not None:
-        Checkpoint(problem, generation, tuple(c.budgets for c in population), rng_state,
+        Checkpoint(problem, generation, tuple(c.key for c in population), rng_state,
                    tuple(archive.values())).save(path)
 
 
@@ -222,10 +224,10 @@ def front_loaded_genomes(space: Space) -> list[np.ndarray]:
     return genomes
 
 
-def _periodic(space: Space, dense_steps: int, period: int, level: int) -> np.ndarray:
+def _periodic(space: Space, dense_steps: int, period: int, level: int, skip: int = 0) -> np.ndarray:
     """The first `dense_steps` steps dense, then every `period`-th step at `level` and the
-    steps between at the cheapest level (a whole-step skip)."""
-    return space.snap([space.dense if s < dense_steps else level if (s - dense_steps) % period == period - 1 else 0
+    steps between skipped (as the choice `skip` skips)."""
+    return space.snap([space.dense if s < dense_steps else level if (s - dense_steps) % period == period - 1 else skip
                        for s in range(space.num_steps)])
 
 
@@ -233,15 +235,21 @@ def cached_step_genomes(space: Space, periods: Sequence[int] = (2, 3, 4)) -> lis
     """For each period p, the step caching of TeaCache and MagCache: the first k steps dense,
     then every p-th step refreshed and the others skipped, with the most dense first steps that
     fit (and the refresh lowered when none fits). On smooth trajectories these beat any
-    uniform budget by far (benchmarks/NOTES.md), and a random start rarely finds them."""
+    uniform budget by far (benchmarks/NOTES.md), and a random start rarely finds them. In a
+    space that forecasts, each comes twice: its skips copying, and forecasting (TaylorSeer's
+    fixed interval)."""
+    skips = [space.skip()] + ([space.skip("forecast")] if space.reuse and "forecast" in space.reuse else [])
     genomes = []
     for period in periods:
-        for level in range(space.dense, 0, -1):
-            fits = [g for g in (_periodic(space, k, period, level) for k in range(1, space.num_steps))
-                    if space.latency(g) <= space.limit_ms]
-            if fits:
-                genomes.append(fits[-1])
-                break
+        for skip in skips:
+            refreshes = (i for i in range(space.dense, 0, -1)  # refreshed steps copy: partial ones forecast worse
+                         if space.levels[i] > 0 and (space.reuse is None or space.reuse[i] == "copy"))
+            for level in refreshes:
+                fits = [g for g in (_periodic(space, k, period, level, skip) for k in range(1, space.num_steps))
+                        if space.latency(g) <= space.limit_ms]
+                if fits:
+                    genomes.append(fits[-1])
+                    break
     return genomes
 
 
@@ -379,29 +387,32 @@ def search(
     steps, calls_per_step = workload.num_steps, workload.calls_per_step
     dense_ms = table.predict([1.0] * steps, calls_per_step)
     limit = target.limit_ms(dense_ms)
-    space = Space(table.levels, table.step_ms(calls_per_step), steps, settings.full_steps, limit)
+    levels, modes, costs = table.choices(calls_per_step)  # with forecasting priced, each partial level twice
+    space = Space(levels, costs, steps, settings.full_steps, limit, modes)
     evaluator = evaluator or Evaluator(workload, sparse)
     work_before = evaluator.stats()
     proxy, seeds = calibration.proxy, calibration.seeds
 
     candidates = evolve(
-        space, lambda budgets: evaluator(budgets, proxy), settings, checkpoint=checkpoint,
+        space, lambda budgets, reuse: evaluator(budgets, proxy, reuse), settings, checkpoint=checkpoint,
         problem={"seeds": list(proxy), "options": sparse.options}, progress=progress,
         ratios=magnitude_ratios(workload, proxy[0]),
     )
     uniform = _best_uniform(space, evaluator, seeds)
     # The best uniform schedule competes too: the proxy seeds' favourites can lose to it on all seeds.
     chosen = ranked(
-        [Candidate(c.budgets, c.latency_ms, evaluator(c.budgets, seeds)) for c in candidates[: calibration.confirm]]
+        [dataclasses.replace(c, fidelity=evaluator(c.budgets, seeds, c.reuse)) for c in candidates[: calibration.confirm]]
         + ([uniform] if uniform is not None else [])
     )[0]
     prediction = dense = None
     if measure:
-        prediction, dense = (_measure(workload, sparse, table, b) for b in (chosen.budgets, (1.0,) * steps))
+        prediction, dense = (_measure(workload, sparse, table, *schedule)
+                             for schedule in ((chosen.budgets, chosen.reuse), ((1.0,) * steps, None)))
     wall_s = time.perf_counter() - started
     stats = {"evaluated": len(candidates), **evaluator.stats(since=work_before)}
     schedule = Schedule(
         budgets=chosen.budgets,
+        reuse=chosen.reuse,
         times=workload.step_times(),
         model=sparse.structure_hash,
         meta={
@@ -420,6 +431,7 @@ def search(
                 "proxy_seeds": list(proxy),
                 "num_steps": steps,
                 "levels": list(table.levels),  # the budgets a step could take ([0, 1]: whole steps only)
+                "forecast": modes is not None,  # whether a step could forecast
                 "guidance": workload.guidance,  # the sampler the fidelity was scored on
                 "options": sparse.options,
                 "cost_table": table.key.to_json(),
@@ -433,18 +445,20 @@ def search(
 
 
 def _best_uniform(space: Space, evaluator: Evaluator, seeds: tuple[int, ...]) -> Candidate | None:
-    """The uniform schedule with the largest budget within the target, on every seed."""
-    best = uniform_genomes(space)[-1:]
+    """The uniform schedule with the largest budget within the target (copying, as the backend
+    does by default), on every seed."""
+    best = [g for g in uniform_genomes(space) if "forecast" not in (space.modes(g) or ())][-1:]
     if not best:
         return None
-    budgets = space.budgets(best[0])
-    return Candidate(budgets, space.latency(best[0]), evaluator(budgets, seeds))
+    budgets, reuse = space.budgets(best[0]), space.modes(best[0])
+    return Candidate(budgets, space.latency(best[0]), evaluator(budgets, seeds, reuse), reuse)
 
 
-def _measure(workload: Workload, sparse: SparseModel, table: CostTable, budgets: tuple[float, ...]) -> Prediction:
+def _measure(workload: Workload, sparse: SparseModel, table: CostTable, budgets: tuple[float, ...],
+             reuse: tuple[str, ...] | None) -> Prediction:
     """A whole generation with `budgets`, timed end to end, next to its prediction: the median of
     three, with no untimed run first, since scoring the candidates ran every budget level and
     captured its call graphs (the median would drop a first run that captured one anyway)."""
-    sparse.set_schedule(budgets, workload.step_times())
+    sparse.set_schedule(budgets, workload.step_times(), reuse)
     measured = statistics.median(workload.time_generation(sparse.module, 0) for _ in range(3))
-    return table.prediction(budgets, measured, workload.calls_per_step)
+    return table.prediction(budgets, measured, workload.calls_per_step, reuse)

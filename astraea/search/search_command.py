@@ -91,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
     result.plot(plot)
     meta = result.schedule.meta["search"]
     print(f"schedule: {' '.join(f'{b:g}' for b in result.chosen.budgets)}")
+    if result.chosen.reuse is not None:
+        print(f"reuse:    {' '.join(result.chosen.reuse)}")
     print(f"predicted {meta['predicted_ms']:.2f} ms, {meta['predicted_speedup']:.2f}x the dense schedule "
           f"(target {meta['target']['limit_ms']:.2f} ms)")
     if result.prediction is not None:

@@ -50,9 +50,12 @@ class SparseModel:
         self.backend.update(**options)
         self.config = self.backend.config
 
-    def set_schedule(self, budgets: Sequence[float], times: Sequence[float] | None = None) -> None:
-        """One budget per step, or on the time axis with `times` (the timestep of each step)."""
-        self.backend.set_schedule(Schedule(budgets=tuple(budgets), times=None if times is None else tuple(times)))
+    def set_schedule(self, budgets: Sequence[float], times: Sequence[float] | None = None,
+                     reuse: Sequence[str] | None = None) -> None:
+        """One budget per step, or on the time axis with `times` (the timestep of each step);
+        with `reuse`, each step's reuse mode."""
+        self.backend.set_schedule(Schedule(budgets=tuple(budgets), times=None if times is None else tuple(times),
+                                           reuse=None if reuse is None else tuple(reuse)))
         self.config = self.backend.config
 
 

@@ -73,6 +73,7 @@ def tune(
     held_out: int = 2,
     settings: SearchSettings = SearchSettings(),
     levels: Sequence[float] = DEFAULT_LEVELS,
+    forecast: bool = False,
     config: AstraeaConfig | None = None,
     decode: bool = True,
     progress: bool = True,
@@ -89,6 +90,8 @@ def tune(
         the report only.
     levels: the budgets a step may take (profiled, then searched over); fewer levels profile
         faster and leave the search fewer near-equal choices.
+    forecast: also price steps that forecast the tokens they do not recompute, and let the
+        search choose copy or forecast per step (`Schedule.reuse`).
     pipe_kwargs: passed to every pipeline call (height, width, num_frames, guidance_scale, ...).
     """
     target = Target(speedup=speedup, latency_ms=latency_ms)
@@ -111,7 +114,8 @@ def tune(
                                                call_kwargs=pipe_kwargs)
             say(f"tune: compiling {name} with astraea")
             sparse[name] = SparseModel(workloads[name], config)
-            tables[name] = _cost_table(workloads[name], sparse[name], levels, f"{stem}.{name}.costs.json", say)
+            tables[name] = _cost_table(workloads[name], sparse[name], levels, forecast, f"{stem}.{name}.costs.json",
+                                       say)
         dense = {n: tables[n].predict([1.0] * workloads[n].num_steps, workloads[n].calls_per_step) for n in names}
         schedules, searches, reports = {}, {}, {}
         for name in names:
@@ -146,7 +150,7 @@ def _describe(target: Target) -> str:
     return f"{target.speedup:g}x" if target.speedup is not None else f"{target.latency_ms:g} ms"
 
 
-def _cost_table(workload: PipelineWorkload, sparse: SparseModel, levels, path: str, say) -> CostTable:
+def _cost_table(workload: PipelineWorkload, sparse: SparseModel, levels, forecast: bool, path: str, say) -> CostTable:
     """The table measured here before (an interrupted tune), or a new one, saved at `path`."""
     key = CostKey.here(sparse, workload)
     if os.path.exists(path):
@@ -154,16 +158,18 @@ def _cost_table(workload: PipelineWorkload, sparse: SparseModel, levels, path: s
             table = CostTable.load(path, expect=key)
             if table.levels != tuple(sorted({float(x) for x in levels})):
                 raise CostTableError(f"it measured the levels {table.levels}")
+            if (table.forecast_ms is not None) != forecast:
+                raise CostTableError("it " + ("did not price" if forecast else "priced") + " forecasting steps")
             say(f"tune: cost table from {path}")
             return table
         except CostTableError as error:
             say(f"tune: not using {path} ({error}); measuring again")
     say(f"tune: measuring {workload.name}'s latency at each budget")
-    table = profile(workload, levels=levels, sparse=sparse)
+    table = profile(workload, levels=levels, sparse=sparse, forecast=forecast)
     table.save(path)
     return table
 
 
 def _held_out(evaluator: Evaluator, result: SearchResult, seeds: tuple[int, ...]) -> HeldOut:
-    uniform = None if result.uniform is None else evaluator(result.uniform.budgets, seeds)
-    return HeldOut(seeds, evaluator(result.chosen.budgets, seeds), uniform)
+    uniform = None if result.uniform is None else evaluator(result.uniform.budgets, seeds, result.uniform.reuse)
+    return HeldOut(seeds, evaluator(result.chosen.budgets, seeds, result.chosen.reuse), uniform)

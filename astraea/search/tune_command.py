@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--held-out", type=int, default=2, help="seeds after those, scored for the report only")
     parser.add_argument("--no-decode", dest="decode", action="store_false",
                         help="score latents only, without decoding every generation")
+    parser.add_argument("--forecast", action="store_true",
+                        help="let the search choose, per step, whether the tokens not recomputed copy or forecast")
     add_settings(parser)
     sparse.add_arguments(parser)
 
@@ -73,10 +75,12 @@ def run(args: argparse.Namespace) -> int:
     config = sparse.config_from_arguments(args)
     result = tune(pipe, prompts, speedup=args.speedup, latency_ms=args.latency_ms, num_inference_steps=args.steps,
                   output=args.output, seeds=args.seeds, held_out=args.held_out, settings=settings, config=config,
-                  decode=args.decode, progress=not args.no_progress, **call_kwargs)
+                  decode=args.decode, forecast=args.forecast, progress=not args.no_progress, **call_kwargs)
     for name, schedule in result.schedules.items():
         meta, held = schedule.meta["search"], result.held_out[name]
         print(f"{name}: {' '.join(f'{b:g}' for b in schedule.budgets)}")
+        if schedule.reuse is not None:
+            print(f"  reuse: {' '.join(schedule.reuse)}")
         print(f"  predicted {meta['predicted_speedup']:.2f}x the dense transformer time; measured "
               f"{meta['measured_speedup']:.2f}x ({meta['prediction_error']:+.1%} off the prediction)")
         if held is not None:

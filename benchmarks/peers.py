@@ -8,7 +8,7 @@ each (MagCache calibrated first, as its documentation says: one run with `calibr
 ratios the other runs use), each eager and (on a GPU, or with `--regional`) on a transformer
 compiled with `compile_repeated_blocks()`, with the graphs and graph breaks that met; astraea
 at uniform budgets, with the searched schedules (one per speedup target found in
-benchmarks/results), and with parts of its token score switched off (random tokens, change
+benchmarks/results; each also with its skipped steps forecasting from the block caches), and with parts of its token score switched off (random tokens, change
 without the LSE factor, no staleness penalty). astraea compiles once: the methods differ in
 options it reads per call (`Backend.update`).
 
@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import dataclasses
 import gc
 import glob
 import json
@@ -271,11 +272,13 @@ def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str
 
 def astraea_methods(model: str, steps: int, device: torch.device) -> dict:
     """Dense and uniform budgets, every searched schedule of this model, step count and device
-    kind in benchmarks/results, ablations of the token score at 0.3 after 6 dense steps, and the 2x-target
-    schedule with skipped steps reusing the other of the previous output and the block caches. Each
-    method names every option it differs in, so one backend can run them in turn."""
+    kind in benchmarks/results (each also with its skipped steps forecasting from the block caches,
+    where its file does not say each step's reuse: copy against forecast at the same budgets),
+    ablations of the token score at 0.3 after 6 dense steps, and the 2x-target schedule with skipped
+    steps reusing the other of the previous output and the block caches. Each method names every
+    option it differs in, so one backend can run them in turn."""
     defaults = AstraeaConfig()
-    base = dict(policy="astraea", weight_penalty=defaults.weight_penalty, skip=defaults.skip)
+    base = dict(policy="astraea", weight_penalty=defaults.weight_penalty, skip=defaults.skip, reuse=defaults.reuse)
     methods = {
         DENSE_ASTRAEA: dict(base, schedule=1.0, full_steps=0),
         "astraea 0.5 (6 dense steps)": dict(base, schedule=0.5, full_steps=6),
@@ -287,6 +290,10 @@ def astraea_methods(model: str, steps: int, device: torch.device) -> dict:
         # Run each as searched: schedules from before the skip option were searched with output reuse.
         skip = schedule.searched_option("skip") or defaults.skip
         methods[f"astraea searched ({label})"] = options = dict(base, schedule=schedule, full_steps=0, skip=skip)
+        if schedule.reuse is None:
+            forecast = tuple("forecast" if b == 0.0 else "copy" for b in schedule.budgets)
+            methods[f"astraea searched ({label}), skips forecast"] = dict(
+                options, skip="blocks", schedule=dataclasses.replace(schedule, reuse=forecast))
         if label.startswith("2x target") and WHOLE_STEPS not in label:
             other = next(s for s in SKIPS if s != skip)
             other_skip[f"ablation: {other} reuse for skips ({label})"] = dict(options, skip=other)

@@ -8,8 +8,9 @@ each (MagCache calibrated first, as its documentation says: one run with `calibr
 ratios the other runs use), each eager and (on a GPU, or with `--regional`) on a transformer
 compiled with `compile_repeated_blocks()`, with the graphs and graph breaks that met; astraea
 at uniform budgets, with the searched schedules (one per speedup target found in
-benchmarks/results; each also with its skipped steps forecasting from the block caches), and with parts of its token score switched off (random tokens, change
-without the LSE factor, no staleness penalty). astraea compiles once: the methods differ in
+benchmarks/results; each also with its skipped steps forecasting from the block caches), and
+with parts of its token score switched off (random tokens, change without the LSE factor, no
+staleness penalty). astraea compiles once: the methods differ in
 options it reads per call (`Backend.update`).
 
 Two subjects:
@@ -250,8 +251,8 @@ class CapturedDense:
 def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str, Schedule]:
     """{label: schedule} of those searched for this model and step count on this kind of device
     (a CPU's cost table says nothing about a GPU's, and back). The label names the speedup target
-    (the search's, else the file name's last part), and ", whole steps only" for a search over
-    the levels 0 and 1."""
+    (the search's, else the file name's last part), whether the search chose each step's reuse,
+    and ", whole steps only" for a search over the levels 0 and 1."""
     found, paths = {}, {}
     for path in sorted(glob.glob(SEARCHED.format(model=model, steps=steps))):
         schedule = Schedule.load(path)
@@ -262,6 +263,7 @@ def searched_schedules(model: str, steps: int, device: torch.device) -> dict[str
             target = f"{speedup:g}x" if speedup else path.rsplit("_", 1)[-1].removesuffix(".json")
             batch = search.get("cost_table", {}).get("shapes", {}).get("hidden_states", [1])[0]
             label = (f"{target} target" + (f", priced at batch {batch}" if batch != 1 else "")
+                     + (", copy or forecast per step" if search.get("forecast") else "")
                      + (WHOLE_STEPS if search.get("levels") == [0.0, 1.0] else ""))
             if label in found:
                 raise SystemExit(f"two schedules searched for the {label} on this kind of device, {paths[label]} "

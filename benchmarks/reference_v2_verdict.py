@@ -48,24 +48,30 @@ def main(argv=None) -> int:
                         help="clips per generation, as peers.py generates its 8 evaluation prompts in one batch: the "
                              "costs a search prices are then those of the run that judges it (at batch 1 this model "
                              "leaves an H200 idle, and a partial step costs more than a dense one)")
-    parser.add_argument("--skip", choices=SKIPS, default="output",
+    parser.add_argument("--skip", choices=SKIPS, default=None,
                         help="what a skipped step reuses, in both kinds of search (default: the previous output, which "
-                             "scored above the block caches on both trained reference models; see benchmarks/NOTES.md)")
+                             "scored above the block caches on both trained reference models, see benchmarks/NOTES.md; "
+                             "with --forecast, the block caches)")
+    parser.add_argument("--forecast", action="store_true",
+                        help="price forecasting steps too, so both searches choose copy or forecast per step (skips "
+                             "then reuse the block caches, where a forecast applies; files named ..._forecast)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tag", default="h200", help="in the file names, beside the model and steps")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
+    args.skip = args.skip or ("blocks" if args.forecast else "output")
     workload = reference("reference-v2", num_steps=args.steps, device=args.device, path=args.weights, batch=args.batch)
     sparse = SparseModel(workload, AstraeaConfig(skip=args.skip))
     os.makedirs(args.out, exist_ok=True)
     batch = f"_batch{args.batch}" if args.batch != 1 else ""
     skip = f"_skip-{args.skip}" if args.skip != AstraeaConfig().skip else ""
-    stem = os.path.join(args.out, f"search_reference-v2_{args.steps}steps_{args.tag}{batch}{skip}")
+    forecast = "_forecast" if args.forecast else ""
+    stem = os.path.join(args.out, f"search_reference-v2_{args.steps}steps_{args.tag}{batch}{skip}{forecast}")
     costs = f"{stem}_costs.json"
     if os.path.exists(costs):
         table = CostTable.load(costs)
     else:
-        table = profile(workload, sparse=sparse)
+        table = profile(workload, sparse=sparse, forecast=args.forecast)
         table.save(costs)
     # In the log too: a device call may return the log and lose the table file.
     steps_ms = table.step_ms(workload.calls_per_step)

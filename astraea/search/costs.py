@@ -201,7 +201,8 @@ class CostTable:
         copy = self.step_ms(calls_per_step)
         forecast = self.step_ms(calls_per_step, "forecast") if reuse is not None and "forecast" in reuse else None
         modes = reuse or ("copy",) * len(budgets)
-        return sum((forecast if mode == "forecast" and b < 1.0 else copy)[self._level(b)] for b, mode in zip(budgets, modes))
+        return sum((forecast if mode == "forecast" and b < 1.0 else copy)[self._level(b)]
+                   for b, mode in zip(budgets, modes))
 
     def prediction(self, budgets: Sequence[float], measured_ms: float, calls_per_step: int = 1,
                    reuse: Sequence[str] | None = None) -> Prediction:

@@ -401,7 +401,8 @@ def search(
     uniform = _best_uniform(space, evaluator, seeds)
     # The best uniform schedule competes too: the proxy seeds' favourites can lose to it on all seeds.
     chosen = ranked(
-        [dataclasses.replace(c, fidelity=evaluator(c.budgets, seeds, c.reuse)) for c in candidates[: calibration.confirm]]
+        [dataclasses.replace(c, fidelity=evaluator(c.budgets, seeds, c.reuse))
+         for c in candidates[: calibration.confirm]]
         + ([uniform] if uniform is not None else [])
     )[0]
     prediction = dense = None

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     models.add_arguments(parser)
     sparse.add_arguments(parser)
     parser.add_argument("--costs", required=True, help="cost table (JSON); measured and written when missing")
+    parser.add_argument("--forecast", action="store_true",
+                        help="a table measured here also prices forecasting steps, so the search chooses copy or "
+                             "forecast per step (a table that priced them is searched so whatever this says)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--speedup", type=float, help="target speedup over the dense schedule")
     target.add_argument("--latency-ms", type=float, help="target latency of a generation's transformer calls")
@@ -76,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         table = CostTable.load(args.costs)
     else:
         print(f"no cost table at {args.costs}: measuring one")
-        table = profile(workload, sparse=compiled)
+        table = profile(workload, sparse=compiled, forecast=args.forecast)
         table.save(args.costs)
     if args.levels is not None:
         table = table.only(args.levels)

@@ -1,0 +1,60 @@
+"""What a forecasting step adds: moving every block's cache to its forecast and back, timed against
+the work of a skipped step that reuses the block caches (each block's input plus its cache).
+
+A step that forecasts (`astraea/runtime/forecast.py`) runs `shift` before the graph and `unshift`
+after: per block, cache += slope * staleness and back, two passes over cache and slope. Fusing the
+forecast into the merge kernel and the skip graph would read them once instead; this says whether
+that pays, on the caches of a real shape (default: the Wan2.1-1.3B shape at 81 frames, one branch).
+
+    python benchmarks/forecast_cost.py --device cuda               # 30 blocks, 32,760 tokens, width 1536, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from astraea.runtime import forecast
+from astraea.runtime.state import BlockState
+from astraea.search.timing import wall_ms
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=32_760)
+    parser.add_argument("--width", type=int, default=1536)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    dtype, shape = getattr(torch, args.dtype), (args.batch, args.tokens, args.width)
+    states = [BlockState.allocate(shape, dtype, args.device, args.batch) for _ in range(args.blocks)]
+    forecast.allocate(states)
+    for state in states:
+        state.cache.normal_()
+        state.slope.normal_()
+        state.stale.fill_(2)
+    x = torch.randn(shape, dtype=dtype, device=args.device)
+
+    def skip():  # what a skipped step's blocks do: each adds its cache to its input
+        h = x
+        for state in states:
+            h = h + state.cache
+        return h
+
+    def around():
+        forecast.shift(states)
+        forecast.unshift(states)
+
+    skip_ms, around_ms = wall_ms(skip, args.device, repeats=10), wall_ms(around, args.device, repeats=10)
+    gigabytes = args.blocks * states[0].cache.numel() * states[0].cache.element_size() / 1e9
+    print(f"{args.blocks} blocks x {shape} {args.dtype} on {args.device} ({gigabytes:.2f} GB of caches per branch): "
+          f"a skipped step's blocks {skip_ms:.2f} ms; moving the caches to the forecast and back {around_ms:.2f} ms "
+          f"({around_ms / skip_ms:.2f}x the skip)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -66,6 +66,7 @@ class Schedule:
     it. `times`, when given, puts `budgets` on the time axis: the timestep each of them ran
     at, strictly decreasing. `model` is the structure hash of the model the schedule was made
     for (None: any). `meta` carries free-form provenance (search target, predicted latency, ...).
+    `reuse`, when given, holds each step's reuse mode beside its budget ("copy" or "forecast").
     """
 
     budgets: tuple[float, ...] | None = None

@@ -102,6 +102,10 @@ class Space:
         """Each step's reuse mode, in a space that has them."""
         return None if self.reuse is None else tuple(self.reuse[i] for i in genome)
 
+    def key(self, genome: np.ndarray) -> tuple:
+        """The schedule's key, as its candidate's (`Candidate.key`)."""
+        return self.budgets(genome), self.modes(genome) or ()
+
     def genome(self, budgets, reuse=None) -> np.ndarray:
         """Choice indices of a schedule (each step copying where `reuse` is None); a SearchError
         for a step that is not among the choices."""

@@ -153,13 +153,12 @@ def evolve(
 
     def evaluate(genomes: list[np.ndarray]) -> list[Candidate]:
         for g in genomes:
-            budgets, reuse = space.budgets(g), space.modes(g)
-            key = budgets, reuse or ()
-            if key not in archive:
-                archive[key] = Candidate(budgets, space.latency(g), score(budgets, reuse), reuse)
+            if space.key(g) not in archive:
+                budgets, reuse = space.budgets(g), space.modes(g)
+                archive[space.key(g)] = Candidate(budgets, space.latency(g), score(budgets, reuse), reuse)
                 _save(checkpoint, problem, start["done"], start["population"], start["rng"], archive)
             bar.update(1)
-        return [archive[space.budgets(g), space.modes(g) or ()] for g in genomes]
+        return [archive[space.key(g)] for g in genomes]
 
     def survivors(pool: list[Candidate]) -> list[Candidate]:
         return ranked({c.key: c for c in pool}.values())[: settings.population]

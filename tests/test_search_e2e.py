@@ -97,7 +97,7 @@ def test_search_writes_a_schedule_that_reproduces_its_fidelity(workload, sparse,
 def test_a_table_that_prices_forecasting_gives_a_search_the_reuse_of_each_step(workload, sparse, tmp_path):
     table = profile(workload, levels=(0.0, 0.5, 1.0), steps_per_level=1, repeats=1, sparse=sparse, forecast=True)
     assert table.forecast_ms is not None and len(table.forecast_ms) == 3
-    settings = SearchSettings(population=4, offspring=4, generations=1)
+    settings = SearchSettings(population=8, offspring=4, generations=1)  # room for both step-caching starts of period 2
     result = search(workload, table, Target(speedup=reachable(table, workload, 0.5)),
                     calibration=Calibration(seeds=(0,), confirm=1), settings=settings, sparse=sparse, progress=False)
     chosen = result.chosen

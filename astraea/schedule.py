@@ -119,8 +119,9 @@ class Schedule:
 
     @property
     def forecasts(self) -> bool:
-        """Whether some step forecasts."""
-        return self.reuse is not None and "forecast" in self.reuse
+        """Whether some step forecasts: one that recomputes less than every token, in "forecast"
+        mode (a dense step's mode forecasts nothing, so it alone keeps no slopes)."""
+        return self.reuse is not None and any(m == "forecast" and b < 1.0 for b, m in zip(self.budgets, self.reuse))
 
     def check_steps(self, num_steps: int) -> None:
         """Refuse a run of `num_steps` steps that a step-indexed schedule does not cover."""

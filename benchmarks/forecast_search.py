@@ -13,7 +13,6 @@ is then scored on held-out seeds the searches never saw. Writes the schedules an
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time
@@ -43,7 +42,7 @@ def main(argv=None) -> int:
     costs = os.path.join(args.out, "costs.json")
     table = CostTable.load(costs) if os.path.exists(costs) else profile(workload, sparse=sparse, forecast=True)
     table.save(costs)
-    spaces = {"copy": dataclasses.replace(table, forecast_ms=None), "copy or forecast": table}
+    spaces = {"copy": table.copying(), "copy or forecast": table}
     evaluator, rows = Evaluator(workload, sparse), []
     for speedup in args.speedups:
         for name, space in spaces.items():

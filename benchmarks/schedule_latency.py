@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--skip", choices=SKIPS, default="output")
+    parser.add_argument("--forecast", action="store_true",
+                        help="price forecasting steps too, for schedules that say each step's reuse; adds a dense row "
+                             "but for a last step that skips forecasting, whose dense steps keep the forecasts' slopes")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", required=True)
@@ -71,27 +74,33 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     workload = reference(args.model, num_steps=args.steps, device=args.device, batch=args.batch)
     sparse = SparseModel(workload, AstraeaConfig(skip=args.skip))
-    table = profile(workload, sparse=sparse)
+    table = profile(workload, sparse=sparse, forecast=args.forecast)
     table.save(os.path.join(args.out, "costs.json"))
     latents = workload.generate(sparse.module, 0).latent
     meta = {"model": args.model, "steps": args.steps, "batch": args.batch, "skip": args.skip, "repeats": args.repeats,
             "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "decode_ms": wall_ms(lambda: workload.decoder(latents), workload.device),
             "step_ms": dict(zip(map(str, table.levels), table.step_ms(workload.calls_per_step)))}
-    named = {"dense": (1.0,) * args.steps, **{name: s.budgets for name, s in schedules.items()}}
+    dense = (1.0,) * args.steps
+    # Dense but for a last step that skips forecasting: what keeping the slopes costs the dense steps.
+    slopes = ((1.0,) * (args.steps - 1) + (0.0,), ("copy",) * (args.steps - 1) + ("forecast",))
+    named = {"dense": (dense, None), **({"dense, keeping slopes": slopes} if args.forecast else {}),
+             **{name: (s.budgets, s.reuse) for name, s in schedules.items()}}
     rows = []
     timer = CallTimer(sparse.module, workload.device)
     with torch.compiler.set_stance("fail_on_recompile"):
-        for name, budgets in named.items():
-            sparse.set_schedule(budgets, workload.step_times())
+        for name, (budgets, reuse) in named.items():
+            if reuse is not None and not args.forecast:
+                parser.error(f"{name} says each step's reuse: time it with --forecast (and --skip blocks)")
+            sparse.set_schedule(budgets, workload.step_times(), reuse)
             workload.time_generation(timer, 0)  # new call graphs are captured here, untimed
             timer.take()
             walls, calls = [], []
             for _ in range(args.repeats):
                 walls.append(workload.time_generation(timer, 0))
                 calls.append(sum(timer.take()))
-            prediction = table.prediction(budgets, statistics.median(walls), workload.calls_per_step)
-            rows.append({"name": name, "kind": kind(budgets), "budgets": list(budgets),
+            prediction = table.prediction(budgets, statistics.median(walls), workload.calls_per_step, reuse)
+            rows.append({"name": name, "kind": kind(budgets), "budgets": list(budgets), "reuse": reuse and list(reuse),
                          "predicted_ms": prediction.predicted_ms, "measured_ms": prediction.measured_ms,
                          "error": prediction.error, "walls_ms": walls, "calls_ms": statistics.median(calls)})
             print(f"{name}: {rows[-1]['kind']}, {prediction}", flush=True)

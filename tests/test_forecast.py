@@ -220,3 +220,9 @@ def test_the_evaluator_scores_a_schedule_again_under_other_options():
     assert evaluator.generations == 2 and forecast_report.score != copied.score
     sparse.update(reuse="copy")
     assert evaluator(budgets, [0]) == copied and evaluator.generations == 2
+
+
+def test_a_schedule_forecasts_only_where_a_step_recomputes_less_than_every_token():
+    assert not Schedule(budgets=(1.0, 1.0), reuse=("forecast", "forecast")).forecasts  # keeps no slopes for nothing
+    assert Schedule(budgets=(1.0, 0.5), reuse=("copy", "forecast")).forecasts
+    assert not Schedule(budgets=(1.0, 0.5), reuse=("forecast", "copy")).forecasts

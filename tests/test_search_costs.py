@@ -135,19 +135,32 @@ def test_profiling_forecasting_visits_each_partial_level_in_both_modes():
 
 
 def test_a_table_with_forecasting_prices_each_step_by_its_mode_and_offers_both_to_a_search(tmp_path):
-    forecast = tuple(ms + 2.0 for ms in LATENCY)
-    t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, forecast_ms=forecast)
-    assert t.predict([1.0, 0.0, 0.5], reuse=["copy", "forecast", "copy"]) == pytest.approx(525.0 + 2.05 + 265.0)
-    assert t.predict([1.0, 0.5], reuse=["forecast", "forecast"]) == pytest.approx(525.0 + 267.0)  # dense: no forecast
-    levels, modes, ms = t.choices(calls_per_step=2)
+    forecast, slopes = tuple(ms + 2.0 for ms in LATENCY), tuple(ms + 1.0 for ms in LATENCY)
+    t = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, forecast_ms=forecast, slopes_ms=slopes)
+    # One forecasting step: every step keeps the slopes, so the copying ones cost their `slopes_ms`.
+    assert t.predict([1.0, 0.0, 0.5], reuse=["copy", "forecast", "copy"]) == pytest.approx(526.0 + 2.05 + 266.0)
+    assert t.predict([1.0, 0.5], reuse=["forecast", "forecast"]) == pytest.approx(526.0 + 267.0)  # dense: no forecast
+    # No forecasting step (a dense step's mode forecasts nothing): no slopes, the copying latencies.
+    assert t.predict([1.0, 0.0], reuse=["forecast", "copy"]) == t.predict([1.0, 0.0]) == pytest.approx(525.05)
+    levels, modes, ms, kept = t.choices(calls_per_step=2)
     assert len(levels) == 2 * len(DEFAULT_LEVELS) - 1 and levels[-1] == 1.0 and modes[-1] == "copy"
-    assert (levels[:2], modes[:2], ms[:2]) == ((0.0, 0.0), ("copy", "forecast"), (0.1, 4.1))
+    assert (levels[:2], modes[:2], ms[:2], kept[:2]) == ((0.0, 0.0), ("copy", "forecast"), (0.1, 4.1), (2.1, 4.1))
     t.save(tmp_path / "t.json")
     loaded = CostTable.load(tmp_path / "t.json")
-    assert loaded.forecast_ms == forecast and loaded.only((0, 1)).forecast_ms == (forecast[0], forecast[-1])
+    assert (loaded.forecast_ms, loaded.slopes_ms) == (forecast, slopes)
+    assert loaded.only((0, 1)).slopes_ms == (slopes[0], slopes[-1]) and loaded.copying() == table()
     with pytest.raises(CostTableError, match="no forecasting steps' latencies"):
         table().predict([1.0, 0.0], reuse=["copy", "forecast"])
-    assert table().choices() == (DEFAULT_LEVELS, None, LATENCY)
+    assert table().choices() == (DEFAULT_LEVELS, None, LATENCY, None)
+
+
+def test_a_table_priced_before_copying_steps_kept_slopes_is_refused_with_the_remedy(tmp_path):
+    data = CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, forecast_ms=LATENCY, slopes_ms=LATENCY).to_json()
+    del data["slopes_ms"]
+    with pytest.raises(CostTableError, match="profile --forecast"):
+        CostTable.from_json(data)
+    with pytest.raises(CostTableError, match="both the forecasting"):
+        CostTable(key=KEY, levels=DEFAULT_LEVELS, latency_ms=LATENCY, forecast_ms=LATENCY)
 
 
 def test_a_table_restricted_to_whole_steps_keeps_their_latencies_and_refuses_unmeasured_levels():

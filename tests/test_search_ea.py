@@ -123,3 +123,33 @@ def test_budgets_and_genomes_convert_both_ways():
     assert space.budgets(space.genome(budgets)) == budgets
     with pytest.raises(SearchError, match="not among the levels"):
         space.genome((1.0, 0.35, 0.0, 0.7))
+
+
+def _forecasting_space(limit: float, steps: int = 6) -> Space:
+    """Levels 0, 0.5, 1; the partial ones also forecasting. Copying costs 1 more per step once any
+    step forecasts (the slopes kept), a forecasting choice 1.5 more than its copying twin."""
+    levels, modes = (0.0, 0.0, 0.5, 0.5, 1.0), ("copy", "forecast", "copy", "forecast", "copy")
+    costs = (0.5, 2.0, 5.0, 6.5, 10.0)
+    kept = (1.5, 2.0, 6.0, 6.5, 11.0)
+    return Space(levels, costs, steps, 1, limit, modes, kept)
+
+
+def test_a_schedule_that_forecasts_anywhere_pays_the_kept_slopes_at_every_step():
+    space = _forecasting_space(limit=float("inf"))
+    copying = space.genome((1.0, 0.5, 0.0, 0.5, 0.0, 0.0))
+    assert space.latency(copying) == pytest.approx(10 + 5 + 0.5 + 5 + 0.5 + 0.5)
+    one = space.genome((1.0, 0.5, 0.0, 0.5, 0.0, 0.0), ("copy", "copy", "forecast", "copy", "copy", "copy"))
+    assert space.latency(one) == pytest.approx(11 + 6 + 2.0 + 6 + 1.5 + 1.5)
+    # A dense step's mode forecasts nothing.
+    assert space.latency(space.genome((1.0,) * 6, ("forecast",) * 6)) == pytest.approx(60.0)
+    with pytest.raises(SearchError, match="reuse modes"):
+        Space(LEVELS, LEVELS, 4, 1, 10.0, kept=LEVELS)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data(), st.floats(13.0, 60.0))
+def test_repair_prices_a_forecasting_genome_as_a_whole(data, limit):
+    space = _forecasting_space(limit)
+    genome = np.array(data.draw(st.lists(st.integers(0, 4), min_size=6, max_size=6)))
+    fixed = repair(space, genome, np.random.default_rng(data.draw(st.integers(0, 2**32))))
+    assert space.valid(fixed) and space.latency(fixed) <= limit

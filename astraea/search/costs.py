@@ -137,10 +137,13 @@ class Prediction:
 class CostTable:
     """Median milliseconds of one transformer call at each budget level, and what each call
     costs a generation beyond its own time (the sampler's work between calls, host work the
-    device does not wait for), measured on the same generations. `forecast_ms`, where measured
-    (`profile(forecast=True)`), holds each level's latency when the step forecasts the tokens
-    it does not recompute; `latency_ms` is then the copying step's, with the slopes kept, as in
-    any schedule with a forecasting step."""
+    device does not wait for), measured on the same generations.
+
+    Where forecasting was measured (`profile(forecast=True)`), two more columns price a schedule
+    with a forecasting step, which keeps the forecasts' slopes on every call it computes (about
+    8% of a dense call on the reference model v2 at batch 8): `forecast_ms`, each level's latency
+    when the step forecasts the tokens it does not recompute, and `slopes_ms`, when it copies
+    them while the slopes are kept. `latency_ms` stays a copying schedule's, which keeps none."""
 
     key: CostKey
     levels: tuple[float, ...]
@@ -148,12 +151,16 @@ class CostTable:
     call_overhead_ms: float = 0.0
     meta: dict = field(default_factory=dict, compare=False, hash=False)
     forecast_ms: tuple[float, ...] | None = None
+    slopes_ms: tuple[float, ...] | None = None
 
     def __post_init__(self):
         if len(self.levels) != len(self.latency_ms):
             raise CostTableError(f"{len(self.levels)} budget levels but {len(self.latency_ms)} latencies")
         if self.forecast_ms is not None and len(self.forecast_ms) != len(self.levels):
             raise CostTableError(f"{len(self.levels)} budget levels but {len(self.forecast_ms)} forecast latencies")
+        if (self.slopes_ms is None) != (self.forecast_ms is None) or len(self.slopes_ms or self.levels) != len(self.levels):
+            raise CostTableError("a table that prices forecasting steps needs, per level, both the forecasting "
+                                 "step's latency and the copying step's with the slopes kept")
         check_levels(self.levels)
 
     def _level(self, budget: float) -> int:
@@ -167,42 +174,55 @@ class CostTable:
         whole steps only, dense or skipped, is one over `only((0, 1))`."""
         levels = tuple(sorted({float(x) for x in levels}))
         check_levels(levels)
-        latency = tuple(self.latency_ms[self._level(level)] for level in levels)
-        forecast = None if self.forecast_ms is None else tuple(self.forecast_ms[self._level(level)] for level in levels)
-        return CostTable(self.key, levels, latency, self.call_overhead_ms, self.meta, forecast)
+        def pick(column):
+            return None if column is None else tuple(column[self._level(level)] for level in levels)
+        return CostTable(self.key, levels, pick(self.latency_ms), self.call_overhead_ms, self.meta,
+                         pick(self.forecast_ms), pick(self.slopes_ms))
+
+    def copying(self) -> "CostTable":
+        """This table without its forecasting columns: a search over copying steps only."""
+        return dataclasses.replace(self, forecast_ms=None, slopes_ms=None)
 
     def call_ms(self, budget: float) -> float:
         return self.latency_ms[self._level(budget)]
 
-    def step_ms(self, calls_per_step: int = 1, reuse: str = "copy") -> tuple[float, ...]:
-        """Milliseconds of one step at each level: its calls, and what each costs around it."""
-        latency = self.latency_ms if reuse == "copy" else self._forecast_ms()
-        return tuple(calls_per_step * (ms + self.call_overhead_ms) for ms in latency)
-
-    def _forecast_ms(self) -> tuple[float, ...]:
-        if self.forecast_ms is None:
+    def step_ms(self, calls_per_step: int = 1, reuse: str = "copy", slopes: bool = False) -> tuple[float, ...]:
+        """Milliseconds of one step at each level: its calls, and what each costs around it. A
+        copying step keeps the forecasts' slopes where `slopes` (a forecasting one always does)."""
+        if reuse == "copy" and not slopes:
+            latency = self.latency_ms
+        elif self.forecast_ms is None:
             raise CostTableError("this cost table has no forecasting steps' latencies; measure one with "
                                  "`astraea profile --forecast`")
-        return self.forecast_ms
+        else:
+            latency = self.forecast_ms if reuse == "forecast" else self.slopes_ms
+        return tuple(calls_per_step * (ms + self.call_overhead_ms) for ms in latency)
 
-    def choices(self, calls_per_step: int = 1) -> tuple[tuple[float, ...], tuple[str, ...] | None, tuple[float, ...]]:
-        """What a search's step may be, as (budgets, reuse modes or None, step milliseconds): each
-        level, and where forecasting was measured each level below 1 once copying and once forecasting."""
+    def choices(self, calls_per_step: int = 1) -> tuple[tuple[float, ...], tuple[str, ...] | None, tuple[float, ...],
+                                                        tuple[float, ...] | None]:
+        """What a search's step may be, as (budgets, reuse modes or None, step milliseconds, step
+        milliseconds in a schedule that forecasts somewhere or None): each level, and where
+        forecasting was measured each level below 1 once copying and once forecasting."""
         if self.forecast_ms is None:
-            return self.levels, None, self.step_ms(calls_per_step)
+            return self.levels, None, self.step_ms(calls_per_step), None
         copy, forecast = self.step_ms(calls_per_step), self.step_ms(calls_per_step, "forecast")
-        rows = [(level, "copy", c) for level, c in zip(self.levels, copy)]
-        rows += [(level, "forecast", f) for level, f in zip(self.levels, forecast) if level < 1.0]
-        levels, modes, ms = zip(*sorted(rows))
-        return levels, modes, ms
+        kept = self.step_ms(calls_per_step, slopes=True)
+        rows = [(level, "copy", c, k) for level, c, k in zip(self.levels, copy, kept)]
+        rows += [(level, "forecast", f, f) for level, f in zip(self.levels, forecast) if level < 1.0]
+        levels, modes, ms, kept = zip(*sorted(rows))
+        return levels, modes, ms, kept
 
     def predict(self, budgets: Sequence[float], calls_per_step: int = 1, reuse: Sequence[str] | None = None) -> float:
-        """Predicted milliseconds of a generation with these budgets (and per-step reuse modes)."""
-        copy = self.step_ms(calls_per_step)
-        forecast = self.step_ms(calls_per_step, "forecast") if reuse is not None and "forecast" in reuse else None
+        """Predicted milliseconds of a generation with these budgets (and per-step reuse modes).
+        A schedule that forecasts at some step keeps the slopes on every call, so each of its
+        copying and dense steps is priced with them kept."""
         modes = reuse or ("copy",) * len(budgets)
-        return sum((forecast if mode == "forecast" and b < 1.0 else copy)[self._level(b)]
-                   for b, mode in zip(budgets, modes))
+        forecasts = [mode == "forecast" and b < 1.0 for b, mode in zip(budgets, modes)]
+        if not any(forecasts):
+            copy = self.step_ms(calls_per_step)
+            return sum(copy[self._level(b)] for b in budgets)
+        kept, forecast = self.step_ms(calls_per_step, slopes=True), self.step_ms(calls_per_step, "forecast")
+        return sum((forecast if f else kept)[self._level(b)] for b, f in zip(budgets, forecasts))
 
     def prediction(self, budgets: Sequence[float], measured_ms: float, calls_per_step: int = 1,
                    reuse: Sequence[str] | None = None) -> Prediction:
@@ -227,7 +247,8 @@ class CostTable:
             "levels": list(self.levels),
             "latency_ms": list(self.latency_ms),
             "call_overhead_ms": self.call_overhead_ms,
-            **({"forecast_ms": list(self.forecast_ms)} if self.forecast_ms is not None else {}),
+            **({"forecast_ms": list(self.forecast_ms), "slopes_ms": list(self.slopes_ms)}
+               if self.forecast_ms is not None else {}),
             "meta": self.meta,
         }
 
@@ -239,6 +260,9 @@ class CostTable:
             raise CostTableError(
                 f"{source} has cost table version {data.get('version')!r}; this astraea reads version {VERSION}"
             )
+        if data.get("forecast_ms") is not None and data.get("slopes_ms") is None:
+            raise CostTableError(f"{source} prices forecasting steps but not copying ones with the slopes kept (measured "
+                                 "before astraea told the two apart); measure it again with `astraea profile --forecast`")
         return cls(
             key=CostKey.from_json(data["key"]),
             levels=tuple(data["levels"]),
@@ -246,6 +270,7 @@ class CostTable:
             call_overhead_ms=float(data.get("call_overhead_ms", 0.0)),  # tables measured before it: none
             meta=dict(data.get("meta") or {}),
             forecast_ms=tuple(data["forecast_ms"]) if data.get("forecast_ms") is not None else None,
+            slopes_ms=tuple(data["slopes_ms"]) if data.get("slopes_ms") is not None else None,
         )
 
     def save(self, path: str | os.PathLike) -> None:
@@ -267,12 +292,12 @@ def profiling_schedule(
 ) -> tuple[tuple[float, ...], tuple[tuple[float, str] | None, ...], tuple[str, ...] | None]:
     """One generation that visits every level `steps_per_level` times, in rounds: a dense step,
     then one step at each level (with `forecast`, each level below 1 once copying and once
-    forecasting). Returns the budgets, per step the (level, reuse) it measures (None for the
-    dense steps that open each round, which only refresh the caches), and the steps' reuse
-    modes (None without `forecast`). A level's samples are spread over the generation, so a
-    burst of load on the machine (another process, a CPU's other cores at work) lands on every
-    level alike instead of on one level's run of steps: the ratios between levels, which the
-    search relies on, stay right under load."""
+    forecasting, so every step keeps the slopes). Returns the budgets, per step the (level,
+    reuse) it measures (None for the dense steps that open each round, which only refresh the
+    caches), and the steps' reuse modes (None without `forecast`). A level's samples are spread
+    over the generation, so a burst of load on the machine (another process, a CPU's other
+    cores at work) lands on every level alike instead of on one level's run of steps: the
+    ratios between levels, which the search relies on, stay right under load."""
     modes = ("copy", "forecast") if forecast else ("copy",)
     visits = [(level, mode) for level in levels for mode in (modes if level < 1.0 else ("copy",))]
     measured = (None, *visits) * steps_per_level
@@ -291,7 +316,8 @@ def profile(
     forecast: bool = False,
 ) -> CostTable:
     """Measure the compiled transformer's call latency at each budget level on this device
-    (with `forecast`, also each level's when the step forecasts: the search may then choose it).
+    (with `forecast`, also, in generations of their own, each level's in a schedule that
+    forecasts, copying and forecasting: the search may then choose it).
 
     A first generation compiles and warms up; `repeats` more are timed call by call and each
     level's latency is the median of its `steps_per_level * repeats * calls_per_step` calls.
@@ -299,8 +325,35 @@ def profile(
     """
     levels = tuple(sorted({float(x) for x in levels}))
     check_levels(levels)  # before compiling and measuring, not after
-    budgets, measured, reuse = profiling_schedule(levels, steps_per_level, forecast)
     sparse = sparse or SparseModel(workload)
+    budgets, measured, reuse = profiling_schedule(levels, steps_per_level)
+    copying, walls = _time_visits(workload, sparse, budgets, measured, reuse, repeats)
+    forecasting = None
+    if forecast:
+        forecasting, _ = _time_visits(workload, sparse, *profiling_schedule(levels, steps_per_level, True), repeats)
+    calls = CostTable(
+        key=CostKey.here(sparse, workload),
+        levels=levels,
+        latency_ms=tuple(copying[level, "copy"] for level in levels),
+        forecast_ms=tuple(forecasting.get((level, "forecast"), forecasting[level, "copy"]) for level in levels)
+        if forecasting else None,
+        slopes_ms=tuple(forecasting[level, "copy"] for level in levels) if forecasting else None,
+    )
+    # What the calls' own timings leave out of the profiling generations' wall time, per call.
+    wall, calls_ms = statistics.median(walls), calls.predict(budgets, workload.calls_per_step, reuse)
+    return dataclasses.replace(
+        calls,
+        call_overhead_ms=max(0.0, (wall - calls_ms) / (len(budgets) * workload.calls_per_step)),
+        meta={"steps_per_level": steps_per_level, "repeats": repeats, "calls_per_step": workload.calls_per_step,
+              "profiling_generation": {"budgets": list(budgets), "wall_ms": walls, "calls_ms": calls_ms},
+              "forecasting_generation": forecast},
+    )
+
+
+def _time_visits(workload: Workload, sparse: SparseModel, budgets: tuple[float, ...], measured: tuple,
+                 reuse: tuple[str, ...] | None, repeats: int) -> tuple[dict, list[float]]:
+    """Runs a profiling generation (`profiling_schedule`) once untimed, then `repeats` times
+    with every call timed. Returns each visit's median milliseconds and the generations' walls."""
     sparse.set_schedule(budgets, reuse=reuse)
     timer = CallTimer(sparse.module, workload.device)
     workload.generate(timer, seed=0, num_steps=len(budgets))
@@ -318,20 +371,4 @@ def profile(
                 visit = measured[call // workload.calls_per_step]
                 if visit is not None:
                     samples[visit].append(ms)
-    median = {visit: statistics.median(ms) for visit, ms in samples.items()}
-    calls = CostTable(
-        key=CostKey.here(sparse, workload),
-        levels=levels,
-        latency_ms=tuple(median[level, "copy"] for level in levels),
-        forecast_ms=tuple(median.get((level, "forecast"), median[level, "copy"]) for level in levels) if forecast
-        else None,
-    )
-    # What the calls' own timings leave out of the profiling generations' wall time, per call.
-    wall, calls_ms = statistics.median(walls), calls.predict(budgets, workload.calls_per_step, reuse)
-    return dataclasses.replace(
-        calls,
-        call_overhead_ms=max(0.0, (wall - calls_ms) / (len(budgets) * workload.calls_per_step)),
-        meta={"steps_per_level": steps_per_level, "repeats": repeats, "calls_per_step": workload.calls_per_step,
-              "profiling_generation": {"budgets": list(budgets), "reuse": None if reuse is None else list(reuse),
-                                       "wall_ms": walls, "calls_ms": calls_ms}},
-    )
+    return {visit: statistics.median(ms) for visit, ms in samples.items()}, walls

@@ -31,6 +31,10 @@ class Space:
     limit_ms: the latency target every genome must meet.
     reuse: each choice's reuse mode ("copy" or "forecast"), where a level may appear once per
         mode; None: one choice per level, each step reusing as the backend's option says.
+    kept: with `reuse`, each choice's cost in a schedule that forecasts at some step, which keeps
+        the forecasts' slopes on every call it computes (a forecasting choice's own cost); None:
+        as `costs`. A genome's latency is the sum of one or the other, so it is not a plain sum
+        over steps: a genome that stops forecasting sheds the slopes' cost at every step.
     """
 
     levels: tuple[float, ...]
@@ -39,6 +43,7 @@ class Space:
     full_steps: int
     limit_ms: float
     reuse: tuple[str, ...] | None = None
+    kept: tuple[float, ...] | None = None
 
     def __post_init__(self):
         levels = tuple(float(x) for x in self.levels)
@@ -56,6 +61,10 @@ class Space:
                                   f"got {levels} with {self.reuse}")
         if len(self.costs) != len(levels):
             raise SearchError(f"{len(levels)} budget levels but {len(self.costs)} costs")
+        if self.kept is not None:
+            object.__setattr__(self, "kept", tuple(float(c) for c in self.kept))
+            if self.reuse is None or len(self.kept) != len(levels):
+                raise SearchError("the costs of a forecasting schedule's choices need reuse modes, one per choice")
         if self.num_steps < 1 or not 0 <= self.full_steps <= self.num_steps:
             raise SearchError(
                 f"need 1 <= num_steps and 0 <= full_steps <= num_steps, got {self.num_steps}, {self.full_steps}"
@@ -92,8 +101,15 @@ class Space:
         costs = np.asarray(self.costs)
         return np.array([a[np.argmin(costs[a])] for a in self._allowed])
 
+    @cached_property
+    def _forecasting(self) -> np.ndarray:
+        """Which choices forecast (a dense step forecasts nothing)."""
+        modes = self.reuse or ("copy",) * len(self.levels)
+        return np.array([m == "forecast" and level < 1.0 for level, m in zip(self.levels, modes)])
+
     def latency(self, genome: np.ndarray) -> float:
-        return float(np.asarray(self.costs)[genome].sum())
+        forecasts = self.kept is not None and self._forecasting[genome].any()
+        return float(np.asarray(self.kept if forecasts else self.costs)[genome].sum())
 
     def budgets(self, genome: np.ndarray) -> tuple[float, ...]:
         return tuple(self.levels[i] for i in genome)
@@ -140,7 +156,9 @@ def repair(space: Space, genome: np.ndarray, rng: np.random.Generator) -> np.nda
     costs = np.asarray(space.costs)
     floor = costs[space.cheapest()]
     spent = costs[genome]
-    while spent.sum() > space.limit_ms:
+    while space.latency(genome) > space.limit_ms:
+        if not (spent > floor).any():  # cheapest by each step's own cost; its latency is within the limit
+            return space.cheapest()
         # Lower a random step that has a strictly cheaper level to its next cheaper one;
         # measured costs need not be monotonic in the budget, so go by cost, not by level.
         step = rng.choice(np.flatnonzero(spent > floor))

@@ -42,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"cost table for model {table.key.model} on {table.key.device} ({table.key.dtype}), "
           f"ms per transformer call:")
     forecast = table.forecast_ms or (None,) * len(table.levels)
-    for level, ms, f in zip(table.levels, table.latency_ms, forecast):
+    slopes = table.slopes_ms or (None,) * len(table.levels)
+    for level, ms, f, kept in zip(table.levels, table.latency_ms, forecast, slopes):
         print(f"  budget {level:4.2f}: {ms:9.3f} ms  ({ms / table.call_ms(1.0):.2f} of dense)"
-              + ("" if f is None or level == 1.0 else f"; forecasting {f:9.3f} ms"))
+              + ("" if f is None else f"; in a forecasting schedule {kept:9.3f} ms copying"
+                 + ("" if level == 1.0 else f", {f:9.3f} ms forecasting")))
     print(f"  and {table.call_overhead_ms:.3f} ms per call around the calls (the sampler between them)")
     print(f"written to {args.output}")
     return 0

@@ -386,8 +386,8 @@ def search(
     steps, calls_per_step = workload.num_steps, workload.calls_per_step
     dense_ms = table.predict([1.0] * steps, calls_per_step)
     limit = target.limit_ms(dense_ms)
-    levels, modes, costs = table.choices(calls_per_step)  # with forecasting priced, each partial level twice
-    space = Space(levels, costs, steps, settings.full_steps, limit, modes)
+    levels, modes, costs, kept = table.choices(calls_per_step)  # with forecasting priced, each partial level twice
+    space = Space(levels, costs, steps, settings.full_steps, limit, modes, kept)
     evaluator = evaluator or Evaluator(workload, sparse)
     work_before = evaluator.stats()
     proxy, seeds = calibration.proxy, calibration.seeds

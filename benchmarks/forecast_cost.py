@@ -1,5 +1,6 @@
-"""What a forecasting step adds: moving every block's cache to its forecast and back, timed against
-the work of a skipped step that reuses the block caches (each block's input plus its cache).
+"""What forecasting adds: moving every block's cache to its forecast and back, timed against the
+work of a skipped step that reuses the block caches (each block's input plus its cache), and the
+slopes' upkeep on a computed call (dense, and recomputing half the tokens).
 
 A step that forecasts (`astraea/runtime/forecast.py`) runs `shift` before the graph and `unshift`
 after: per block, cache += slope * staleness and back, two passes over cache and slope. Fusing the
@@ -48,11 +49,22 @@ def main(argv=None) -> int:
         forecast.shift(states)
         forecast.unshift(states)
 
+    every = torch.arange(args.tokens, device=args.device).expand(args.batch, -1).contiguous()
+    half = torch.randperm(args.tokens, device=args.device)[: args.tokens // 2].sort().values.expand(args.batch, -1)
+
+    def slopes(idx):  # a computed call's upkeep of the slopes, around its merge
+        def run():
+            for state in states:
+                forecast.add_fresh(state, idx, forecast.start_slopes(state, idx))
+        return run
+
     skip_ms, around_ms = wall_ms(skip, args.device, repeats=10), wall_ms(around, args.device, repeats=10)
+    dense_ms, half_ms = (wall_ms(slopes(idx), args.device, repeats=10) for idx in (every, half.contiguous()))
     gigabytes = args.blocks * states[0].cache.numel() * states[0].cache.element_size() / 1e9
     print(f"{args.blocks} blocks x {shape} {args.dtype} on {args.device} ({gigabytes:.2f} GB of caches per branch): "
           f"a skipped step's blocks {skip_ms:.2f} ms; moving the caches to the forecast and back {around_ms:.2f} ms "
-          f"({around_ms / skip_ms:.2f}x the skip)")
+          f"({around_ms / skip_ms:.2f}x the skip); keeping the slopes on a dense call {dense_ms:.2f} ms, on a call "
+          f"recomputing half the tokens {half_ms:.2f} ms")
     return 0
 
 

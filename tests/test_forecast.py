@@ -61,7 +61,10 @@ def _selections(samples, steps, k=5, skips=(4, 7)):
     for s in range(steps):
         if s not in skips:
             chosen[s] = torch.stack([torch.randperm(N, generator=g)[:k].sort().values for _ in range(samples)])
-    chosen[1] = torch.arange(N).expand(samples, -1).contiguous()  # a second dense step: every slope known
+    every = torch.arange(N).expand(samples, -1).contiguous()
+    chosen[1] = every  # a second dense step: every slope known
+    if steps > 6:
+        chosen[6] = every  # a dense step over tokens of different staleness (the slopes' whole-tensor path)
     return chosen
 
 

@@ -59,9 +59,20 @@ def _rows(state: BlockState, idx: torch.Tensor) -> tuple:
     return batch, idx.expand(state.cache.shape[0], -1)
 
 
+def _every(state: BlockState, idx: torch.Tensor) -> bool:
+    """Whether `idx` holds every token (a dense call's, in order: selection picks fewer): then
+    whole tensors are updated in place, one pass each, where the rows' gather and scatter cost
+    several (most of the slopes' upkeep, which is most of what a forecasting schedule adds)."""
+    return idx.shape[-1] == state.cache.shape[1]
+
+
 def start_slopes(state: BlockState, idx: torch.Tensor) -> torch.Tensor:
     """Before the selection ages the tokens, for the rows `idx` about to be recomputed:
     slope = -cache / steps. Returns the steps [S, K, 1] since each was last computed."""
+    if _every(state, idx):
+        steps = (state.stale + 1).to(state.slope.dtype)[..., None]
+        torch.div(state.cache, -steps, out=state.slope)
+        return steps
     steps = (state.stale.gather(1, idx) + 1).to(state.slope.dtype)[..., None]
     at = _rows(state, idx)
     state.slope[at] = -state.cache[at] / steps
@@ -70,5 +81,8 @@ def start_slopes(state: BlockState, idx: torch.Tensor) -> torch.Tensor:
 
 def add_fresh(state: BlockState, idx: torch.Tensor, steps: torch.Tensor) -> None:
     """After the merge wrote the fresh contributions: slope += fresh / steps."""
+    if _every(state, idx):
+        state.slope.addcdiv_(state.cache, steps)
+        return
     at = _rows(state, idx)
     state.slope[at] = state.slope[at] + state.cache[at] / steps

@@ -140,8 +140,8 @@ class CostTable:
     device does not wait for), measured on the same generations.
 
     Where forecasting was measured (`profile(forecast=True)`), two more columns price a schedule
-    with a forecasting step, which keeps the forecasts' slopes on every call it computes (about
-    8% of a dense call on the reference model v2 at batch 8): `forecast_ms`, each level's latency
+    with a forecasting step, which keeps the forecasts' slopes on every call it computes (8% of
+    a dense call on the reference model v2, when first measured): `forecast_ms`, each level's latency
     when the step forecasts the tokens it does not recompute, and `slopes_ms`, when it copies
     them while the slopes are kept. `latency_ms` stays a copying schedule's, which keeps none."""
 
@@ -326,8 +326,8 @@ def profile(
     levels = tuple(sorted({float(x) for x in levels}))
     check_levels(levels)  # before compiling and measuring, not after
     sparse = sparse or SparseModel(workload)
-    budgets, measured, reuse = profiling_schedule(levels, steps_per_level)
-    copying, walls = _time_visits(workload, sparse, budgets, measured, reuse, repeats)
+    budgets, measured, _ = profiling_schedule(levels, steps_per_level)
+    copying, walls = _time_visits(workload, sparse, budgets, measured, None, repeats)
     forecasting = None
     if forecast:
         forecasting, _ = _time_visits(workload, sparse, *profiling_schedule(levels, steps_per_level, True), repeats)
@@ -340,7 +340,7 @@ def profile(
         slopes_ms=tuple(forecasting[level, "copy"] for level in levels) if forecasting else None,
     )
     # What the calls' own timings leave out of the profiling generations' wall time, per call.
-    wall, calls_ms = statistics.median(walls), calls.predict(budgets, workload.calls_per_step, reuse)
+    wall, calls_ms = statistics.median(walls), calls.predict(budgets, workload.calls_per_step)
     return dataclasses.replace(
         calls,
         call_overhead_ms=max(0.0, (wall - calls_ms) / (len(budgets) * workload.calls_per_step)),

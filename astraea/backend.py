@@ -12,7 +12,7 @@ import functools
 import logging
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -183,8 +183,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
     position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    skip_gm = reuse_blocks(gm).graph_module  # before lowering, which may change gm
-    lower_skip = functools.cache(functools.partial(lower, skip_gm, config, example_inputs, sparsify.inputs, device))
+    # The skip graph, copying or forecasting, each lowered on its first call; derived before lowering, which may change gm.
+    skip_gms = {forecasts: reuse_blocks(gm, forecasts).graph_module for forecasts in (False, True)}
+
+    @functools.cache
+    def lower_skip(forecasts: bool) -> Callable:
+        return lower(skip_gms[forecasts], config, example_inputs, sparsify.inputs, device, forecasts)
+
     graph_fn = lower(gm, config, example_inputs, sparsify.inputs, device)
     if clock is not None:  # one runner per instance of the block, all placed by the model's clock
         # the instance's own weight input; none where dynamo specialised the graph to one instance

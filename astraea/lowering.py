@@ -38,20 +38,24 @@ from .config import AstraeaConfig
 from .ops.signature import SparseBlockInputs
 from .ops.sparse import GRAPH_FUNCTIONS
 from .passes.regions import Region, cut
+from .runtime import forecast
 from .runtime.state import BlockState, cache_dtype
 
 log = logging.getLogger("astraea")  # its handler: astraea.backend
 
 
 def lower(
-    gm: fx.GraphModule, config: AstraeaConfig, example_inputs: list, blocks: list[SparseBlockInputs], device: torch.device
+    gm: fx.GraphModule, config: AstraeaConfig, example_inputs: list, blocks: list[SparseBlockInputs], device: torch.device,
+    forecasts: bool = False,
 ) -> Callable:
-    """`blocks`: the sparse blocks, whose runtime state the rewrite appended to the inputs."""
+    """`blocks`: the sparse blocks, whose runtime state the rewrite appended to the inputs;
+    `forecasts`: `gm` is the forecasting skip graph, which takes each block's slope and
+    staleness after them (`reuse_blocks(..., forecast=True)`)."""
     use_inductor = config.lowering == "inductor" or (config.lowering == "auto" and device.type == "cuda")
     if not config.regional:
         if not use_inductor:
             return gm
-        fake_mode, fakes = _fakes(config, example_inputs, blocks, device)
+        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, forecasts)
         return _inductor(gm, fakes, fake_mode, what=f"{len(gm.graph.nodes)} nodes")
     regions = cut(gm.graph)
     firsts: dict[str, Region] = {}
@@ -60,7 +64,7 @@ def lower(
     lowered = [r for r in firsts.values() if use_inductor and r.is_block]
     log.info("%d regions, %d distinct, %d to lower", len(regions), len(firsts), len(lowered))
     if lowered:
-        fake_mode, fakes = _fakes(config, example_inputs, blocks, device)
+        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, forecasts)
         _propagate(gm, fake_mode, fakes, until=lowered[-1].nodes[-1])
     distinct: dict[str, Callable] = {key: r.module(gm) for key, r in firsts.items()}
     for r in lowered:
@@ -81,19 +85,25 @@ def _propagate(gm: fx.GraphModule, fake_mode: FakeTensorMode, fakes: list, until
                 return
 
 
-def _fakes(config, example_inputs, blocks, device):
+def _fakes(config, example_inputs, blocks, device, forecasts=False):
     """Fake inputs of the rewritten graph: the model's, then each block's runtime inputs with
-    idx [S, K] of one symbolic K for all blocks (hinted below N), as the runner selects."""
+    idx [S, K] of one symbolic K for all blocks (hinted below N), as the runner selects; where
+    `forecasts` (the forecasting skip graph), then each block's slope and staleness."""
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC], constraint_sizes=[None] * 2)
     hint = torch.arange(max(2, blocks[0].shape[1] // 2), device=device).expand(blocks[0].samples, -1).contiguous()
     k = fake_mode.from_tensor(hint, symbolic_context=dynamic).shape[1]
+    states = []
     for b in blocks:
         with fake_mode:
             idx = torch.empty((b.samples, k), dtype=torch.int64, device=device)
-            state = BlockState.allocate(b.shape, cache_dtype(config, b.dtype), device, b.samples)
-        fakes += state.graph_inputs(idx)
+            states.append(BlockState.allocate(b.shape, cache_dtype(config, b.dtype), device, b.samples))
+        fakes += states[-1].graph_inputs(idx)
+    if forecasts:
+        with fake_mode:
+            forecast.allocate(states)
+        fakes += [t for state in states for t in state.forecast_inputs()]
     return fake_mode, fakes
 
 

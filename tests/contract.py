@@ -158,15 +158,16 @@ def check_regions(be, family, compiled) -> None:
     be.update(schedule=REGIONS_SCHEDULE)
     skip_graphs = {}  # runner -> the checker of its skip graph, once a step is skipped
 
-    def lower_checked(runner, lower):
+    def lower_checked(runner, lower, forecasts):
+        assert not forecasts, "REGIONS_SCHEDULE copies"
         if runner not in skip_graphs:
-            skip_graphs[runner] = SameAsWhole(lower())
+            skip_graphs[runner] = SameAsWhole(lower(forecasts))
         return skip_graphs[runner]
 
     for runner in be.runners:
         runner.records.clear()
         runner.graph_fn = SameAsWhole(runner.graph_fn)
-        runner.lower_skip = lambda runner=runner, lower=runner.lower_skip: lower_checked(runner, lower)
+        runner.lower_skip = lambda forecasts, runner=runner, lower=runner.lower_skip: lower_checked(runner, lower, forecasts)
     sample(family, compiled, steps=len(REGIONS_SCHEDULE))
     for runner in be.runners:
         skipped = sum(r.tokens == 0 for r in runner.records)

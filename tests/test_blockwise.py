@@ -49,6 +49,27 @@ def test_blocks_compute_what_the_whole_model_computes(name):
         assert {record.budget for record in fewer.records} == {1.0}
 
 
+def test_forecasting_steps_compute_what_the_whole_model_computes():
+    """Skipped and partial steps that forecast (the skip graph's forecasting form, the caches
+    moved around a partial call) give the whole-model compile's output, block by block."""
+    schedule = astraea.Schedule(budgets=(1.0, 1.0, 0.0, 0.5, 0.0), reuse=("copy", "copy", "forecast", "forecast",
+                                                                           "forecast"))
+    steps = len(schedule.budgets)
+
+    def whole(schedule):
+        torch._dynamo.reset()
+        family = FAMILIES["wan"]()
+        return sample(family, torch.compile(family.model, backend=astraea.backend(schedule=schedule, skip="blocks")),
+                      steps=steps)
+
+    forecasting = whole(schedule)
+    torch._dynamo.reset()
+    family = FAMILIES["wan"]()
+    astraea.compile_blocks(family.model, schedule=schedule, skip="blocks")
+    torch.testing.assert_close(sample(family, family.model, steps=steps), forecasting, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(whole(dataclasses.replace(schedule, reuse=None)), forecasting, atol=1e-5)  # it forecast
+
+
 def test_one_graph_serves_every_block_of_a_class():
     """Wan: one compiled graph (one runner) for every block, with one instance per block,
     each with its own caches; deeper models add instances, not graphs."""

@@ -54,8 +54,8 @@ def recording(runner, sink: dict):
     """Wrap the runner's whole-step-skip graph so that each call's inputs and outputs land in `sink`."""
     lower = runner.lower_skip
 
-    def lower_recording():
-        fn = sink["graph"] = lower()
+    def lower_recording(forecasts):
+        fn = sink["graph"] = lower(forecasts)
 
         def run(*args):
             sink["args"] = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
@@ -95,6 +95,45 @@ def test_blocks_skip_adds_each_cache_to_the_fresh_input(make):
     assert not attention, attention
 
 
+@pytest.mark.parametrize("make, options", [(wan, {}), (hunyuan, {}), (wan, {"lowering": "inductor"}),
+                                           (wan, {"lowering": "inductor", "regional": False})],
+                         ids=["wan", "hunyuan", "wan, Inductor by regions", "wan, Inductor whole"])
+def test_a_forecasting_skip_adds_each_blocks_forecast_to_the_fresh_input(make, options):
+    """The skip graph's forecasting form: each block adds cache + slope * staleness, read in the
+    graph (nothing moves the caches around the call), after two dense steps made the slopes."""
+    family = make()
+    schedule = Schedule(budgets=(1.0, 1.0, 0.0), reuse=("copy", "copy", "forecast"))
+    be, model = compiled(family, schedule=schedule, skip="blocks", **options)
+    x = [torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    cond = family.conditions[0]
+
+    def generate():
+        with torch.no_grad():
+            return [family.call(model, xi, torch.tensor([t]), cond) for xi, t in zip(x, (900.0, 800.0, 700.0))]
+
+    generate()  # compiles
+    runner, seen = be.runners[0], {}
+    runner.reset()
+    recording(runner, seen)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        generate()
+    assert [r.tokens for r in runner.records[-3:]] == [runner.num_tokens, runner.num_tokens, 0]
+    sparse = [b for b in runner.report.blocks if b.sparse]
+    n_inputs = sum(n.op == "placeholder" for n in runner.dense_gm.graph.nodes)
+    per_block, forecasts = seen["args"][n_inputs:n_inputs + 4 * len(sparse)], seen["args"][n_inputs + 4 * len(sparse):]
+    assert len(forecasts) == 2 * len(sparse)
+    reused = {}
+    for name, move in (("copy", 0.0), ("forecast", 1.0)):
+        caches = {b.end: (b.start, per_block[4 * i + 1] + move * forecasts[2 * i] * forecasts[2 * i + 1][..., None])
+                  for i, b in enumerate(sparse)}
+        with torch.no_grad():
+            reused[name] = _BlocksReused(runner.dense_gm, caches).run(*seen["args"][:n_inputs])
+    torch.testing.assert_close(tuple(seen["out"]), tuple(reused["forecast"]), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(reused["forecast"][0], reused["copy"][0], atol=1e-4)  # the slopes moved it
+    # The caches themselves are left as the dense steps wrote them.
+    torch.testing.assert_close(runner.branches[0].blocks[0].cache, per_block[1], atol=0, rtol=0)
+
+
 def test_output_skip_returns_the_previous_output():
     family = wan()
     be, model = compiled(family, schedule=[1.0, 0.0], skip="output")
@@ -117,7 +156,7 @@ def test_skip_mode_changes_without_recompiling_and_costs_little():
             dense, _ = count_flops(family.call, family.model, x, torch.tensor([900.0]), family.conditions[0])
             family.call(model, x, torch.tensor([900.0]), family.conditions[0])
             lower = runner.lower_skip
-            runner.lower_skip = lambda: counting(lower(), counted)
+            runner.lower_skip = lambda forecasts: counting(lower(forecasts), counted)
             family.call(model, x, torch.tensor([800.0]), family.conditions[0])
     assert len(counted) == 1 and 0 < counted[0] < 0.2 * dense
 

@@ -22,6 +22,11 @@ class BlockInputs(NamedTuple):
     lse: Any  # [S, N] each token's attention log-sum-exp
 
 
+# What the forecasting form of the skip graph (passes/skip.py) takes after every block's
+# BlockInputs: each block's slope [B, N, D] and staleness [S, N] (runtime/forecast.py), in turn.
+FORECAST_INPUTS = ("slope", "stale")
+
+
 def call_arg(node: fx.Node, name: str):
     """The argument `name` of a call to a registered op, however it was passed."""
     if name in node.kwargs:

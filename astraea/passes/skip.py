@@ -7,6 +7,11 @@ blocks' work is skipped. The second is what TeaCache and MagCache reuse (the res
 the whole block stack), here per block and per token, from the caches the sparse steps keep
 anyway. This pass derives that graph from the sparse one: each `astraea::merge_rows(x, ...)`
 becomes `x + cache`, and whatever only fed the blocks' fresh rows is dead code.
+
+Its forecasting form adds each block's forecast instead, `x + (cache + slope * staleness)`
+(runtime/forecast.py), reading the slope and staleness as inputs of its own: one pass over
+them inside the graph, where moving every cache to its forecast and back around the graph
+call cost 4.6 times the skip's own work (`benchmarks/forecast_cost.py`, 81 frames on an H200).
 """
 
 from __future__ import annotations
@@ -18,18 +23,33 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops  # noqa: F401  (registers torch.ops.astraea.*)
-from ..ops.signature import call_arg
+from ..ops.signature import FORECAST_INPUTS, call_arg
 
 
-def reuse_blocks(sparse_gm: fx.GraphModule) -> PassResult:
+def reuse_blocks(sparse_gm: fx.GraphModule, forecast: bool = False) -> PassResult:
     """A copy of `sparse_gm` whose sparse blocks add their cache to their input and compute
     nothing else. Same signature (the per-block index and score inputs go unread), so the
-    runner calls it as it calls the sparse graph."""
+    runner calls it as it calls the sparse graph; with `forecast`, each block adds its
+    forecast, and the graph takes each block's `FORECAST_INPUTS` after the others."""
     gm = copy.deepcopy(sparse_gm)
     graph = gm.graph
     merges = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.astraea.merge_rows]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    merges.sort(key=lambda merge: placeholders.index(call_arg(merge, "cache")))  # the order the runner feeds them
+    last = placeholders[-1]
     for merge in merges:
         x, cache = call_arg(merge, "x"), call_arg(merge, "cache")
+        if forecast:
+            block = call_arg(merge, "cache").name.removesuffix("_cache")
+            inputs = []
+            for name in FORECAST_INPUTS:
+                with graph.inserting_after(last):
+                    last = graph.placeholder(f"{block}_{name}")
+                inputs.append(last)
+            slope, stale = inputs
+            with graph.inserting_before(merge):
+                ahead = graph.call_function(torch.mul, (slope, graph.call_method("unsqueeze", (stale, -1))))
+                cache = graph.call_function(torch.add, (cache, ahead))
         with graph.inserting_before(merge):
             cast = graph.call_method("type_as", (cache, x))
             reused = graph.call_function(torch.add, (x, cast))

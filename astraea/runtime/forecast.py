@@ -14,11 +14,14 @@ step may forecast:
   cached one is old; after the merge wrote the fresh contribution, slope += fresh / steps
   (`add_fresh`): the slope is the last difference per step, and nothing the size of a block's
   rows is kept in between;
-- a step that forecasts moves every cached contribution on by its slope times its staleness
-  (`shift`, after the selection has reset the recomputed rows' staleness to 0, so they move by
-  nothing), runs the graph, which reads the forecast where it read the copy (the merge, and
-  the skip graph), and moves them back (`unshift`). The graph is unchanged, so a step's mode
-  switches without recompiling.
+- a skipped step that forecasts runs the skip graph's forecasting form, which adds each
+  block's cache plus slope times staleness to its input, reading them in the graph
+  (passes/skip.py; lowered on the first such step, as the copying form on the first skip);
+- a partial step that forecasts moves every cached contribution on by its slope times its
+  staleness (`shift`, after the selection has reset the recomputed rows' staleness to 0, so
+  they move by nothing), runs the graph, whose merge reads the forecast where it read the
+  copy, and moves them back (`unshift`). The graph is unchanged, so a step's mode switches
+  without recompiling.
 
 Two equal contributions leave the slope at zero (the forecast is the copy); a contribution
 linear in the step index is forecast exactly from its second computation on. The first call of

@@ -63,7 +63,7 @@ class SparseRunner:
         stream: int = 0,
     ):
         self.graph_fn = graph_fn
-        self.lower_skip = lower_skip  # the whole-step-skip graph, lowered on the first call
+        self.lower_skip = lower_skip  # (forecasts) -> the whole-step-skip graph, copying or forecasting
         self.dense_gm = dense_gm  # the graph before the rewrite, kept for checks and explain
         self.report = report
         self.blocks = blocks
@@ -152,8 +152,8 @@ class SparseRunner:
 
     def _reuse_blocks(self, ctx: BranchState, inputs: tuple, forecasting: bool) -> tuple[tuple, int]:
         """The device work of a skipped step: every block adds its cache (its forecast, when
-        forecasting) to its input."""
-        return _forecast_around(forecasting, ctx, lambda: _call(self.lower_skip(), ctx, self.all_tokens, inputs)), 0
+        forecasting: the skip graph's forecasting form reads the slopes) to its input."""
+        return _call(self.lower_skip(forecasting), ctx, self.all_tokens, inputs, forecasting), 0
 
     def _record(self, record: CallRecord) -> None:
         """Keep what the call did; the oldest records go past RECORDS_KEPT, so that a
@@ -217,9 +217,12 @@ def _forecast_around(forecasting: bool, ctx: BranchState, run: Callable[[], tupl
     return out
 
 
-def _call(graph: Callable, ctx: BranchState, indices: list, inputs: tuple) -> tuple:
-    """Run a form of the rewritten graph: the model's inputs, then each block's runtime inputs."""
+def _call(graph: Callable, ctx: BranchState, indices: list, inputs: tuple, forecasts: bool = False) -> tuple:
+    """Run a form of the rewritten graph: the model's inputs, then each block's runtime inputs
+    (and, for the forecasting skip graph, then each block's slope and staleness)."""
     extra = [t for state, idx in zip(ctx.blocks, indices) for t in state.graph_inputs(idx)]
+    if forecasts:
+        extra += [t for state in ctx.blocks for t in state.forecast_inputs()]
     out = graph(*inputs, *extra)
     return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 

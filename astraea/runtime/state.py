@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import AstraeaConfig
-from ..ops.signature import BlockInputs
+from ..ops.signature import FORECAST_INPUTS, BlockInputs
 
 
 def cache_dtype(config: AstraeaConfig, hidden_dtype: torch.dtype) -> torch.dtype:
@@ -44,6 +44,10 @@ class BlockState:
     def graph_inputs(self, idx: torch.Tensor) -> BlockInputs:
         """This block's inputs of the rewritten graph, selecting the rows `idx`."""
         return BlockInputs(idx=idx, cache=self.cache, change=self.change, lse=self.lse)
+
+    def forecast_inputs(self) -> tuple[torch.Tensor, ...]:
+        """This block's inputs of the forecasting skip graph, beyond `graph_inputs`."""
+        return tuple(getattr(self, name) for name in FORECAST_INPUTS)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())

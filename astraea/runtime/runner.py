@@ -208,7 +208,8 @@ def _one_step_staler(ctx: BranchState) -> None:
 
 
 def _forecast_around(forecasting: bool, ctx: BranchState, run: Callable[[], tuple]) -> tuple:
-    """`run()` with the caches moved to their forecasts for it, where the call forecasts."""
+    """`run()` with the caches moved to their forecasts for it, where the call forecasts (a
+    partial call; a skipped one runs the skip graph's forecasting form, which reads them)."""
     if not forecasting:
         return run()
     forecast.shift(ctx.blocks)

@@ -21,7 +21,9 @@ from .config import AstraeaConfig, ConfigError
 from .lowering import lower
 from .passes import AnalyseTokens, SparsifyBlocks
 from .passes.skip import reuse_blocks
+from .passes.slopes import keep_slopes
 from .passes.token_axis import is_module_state
+from .ops.signature import MERGE_SLOPE_INPUTS, SKIP_SLOPE_INPUTS
 
 
 def _progress_log() -> logging.Logger:
@@ -183,12 +185,19 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
     position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    # The skip graph, copying or forecasting, each lowered on its first call; derived before lowering, which may change gm.
+    # The skip graph, copying or forecasting, and the sparse graph's forms that keep the forecasts' slopes, each
+    # lowered on its first call; derived before lowering, which may change gm.
     skip_gms = {forecasts: reuse_blocks(gm, forecasts).graph_module for forecasts in (False, True)}
+    slope_gms = {forecasts: keep_slopes(gm, forecasts).graph_module for forecasts in (False, True)}
 
     @functools.cache
     def lower_skip(forecasts: bool) -> Callable:
-        return lower(skip_gms[forecasts], config, example_inputs, sparsify.inputs, device, forecasts)
+        return lower(skip_gms[forecasts], config, example_inputs, sparsify.inputs, device,
+                     SKIP_SLOPE_INPUTS if forecasts else ())
+
+    @functools.cache
+    def lower_slopes(forecasts: bool) -> Callable:
+        return lower(slope_gms[forecasts], config, example_inputs, sparsify.inputs, device, MERGE_SLOPE_INPUTS)
 
     graph_fn = lower(gm, config, example_inputs, sparsify.inputs, device)
     if clock is not None:  # one runner per instance of the block, all placed by the model's clock
@@ -196,10 +205,10 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         weight = next((i for i, n in enumerate(placeholders) if is_module_state(n)), None)
         shapes = tuple(tuple(b.shape) for b in sparsify.inputs)
         runner = BlockInstances(clock, report, config, weight, shapes, lambda branches, config, instance: SparseRunner(
-            graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip, cuda_graphs=False,
+            graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip, lower_slopes, cuda_graphs=False,
             branches=branches, stream=instance))
     else:
-        runner = PlacedRunner(graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip,
+        runner = PlacedRunner(graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip, lower_slopes,
                               timestep_position=position, announcements=announcements_for(example_inputs))
     if owner is not None:
         owner.runners.append(runner)

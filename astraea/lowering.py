@@ -46,16 +46,16 @@ log = logging.getLogger("astraea")  # its handler: astraea.backend
 
 def lower(
     gm: fx.GraphModule, config: AstraeaConfig, example_inputs: list, blocks: list[SparseBlockInputs], device: torch.device,
-    forecasts: bool = False,
+    slope_inputs: tuple[str, ...] = (),
 ) -> Callable:
     """`blocks`: the sparse blocks, whose runtime state the rewrite appended to the inputs;
-    `forecasts`: `gm` is the forecasting skip graph, which takes each block's slope and
-    staleness after them (`reuse_blocks(..., forecast=True)`)."""
+    `slope_inputs`: what a form of the graph that uses the forecasts' slopes takes of each
+    block after them (ops/signature.py)."""
     use_inductor = config.lowering == "inductor" or (config.lowering == "auto" and device.type == "cuda")
     if not config.regional:
         if not use_inductor:
             return gm
-        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, forecasts)
+        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, slope_inputs)
         return _inductor(gm, fakes, fake_mode, what=f"{len(gm.graph.nodes)} nodes")
     regions = cut(gm.graph)
     firsts: dict[str, Region] = {}
@@ -64,7 +64,7 @@ def lower(
     lowered = [r for r in firsts.values() if use_inductor and r.is_block]
     log.info("%d regions, %d distinct, %d to lower", len(regions), len(firsts), len(lowered))
     if lowered:
-        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, forecasts)
+        fake_mode, fakes = _fakes(config, example_inputs, blocks, device, slope_inputs)
         _propagate(gm, fake_mode, fakes, until=lowered[-1].nodes[-1])
     distinct: dict[str, Callable] = {key: r.module(gm) for key, r in firsts.items()}
     for r in lowered:
@@ -85,25 +85,26 @@ def _propagate(gm: fx.GraphModule, fake_mode: FakeTensorMode, fakes: list, until
                 return
 
 
-def _fakes(config, example_inputs, blocks, device, forecasts=False):
+def _fakes(config, example_inputs, blocks, device, slope_inputs=()):
     """Fake inputs of the rewritten graph: the model's, then each block's runtime inputs with
-    idx [S, K] of one symbolic K for all blocks (hinted below N), as the runner selects; where
-    `forecasts` (the forecasting skip graph), then each block's slope and staleness."""
+    idx [S, K] of one symbolic K for all blocks (hinted below N), as the runner selects; then
+    each block's `slope_inputs` (a span is [S, K] too)."""
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fakes = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC], constraint_sizes=[None] * 2)
     hint = torch.arange(max(2, blocks[0].shape[1] // 2), device=device).expand(blocks[0].samples, -1).contiguous()
     k = fake_mode.from_tensor(hint, symbolic_context=dynamic).shape[1]
-    states = []
+    states, spans = [], []
     for b in blocks:
         with fake_mode:
             idx = torch.empty((b.samples, k), dtype=torch.int64, device=device)
             states.append(BlockState.allocate(b.shape, cache_dtype(config, b.dtype), device, b.samples))
+            spans.append(torch.empty(idx.shape, dtype=torch.float32, device=device))
         fakes += states[-1].graph_inputs(idx)
-    if forecasts:
+    if slope_inputs:
         with fake_mode:
             forecast.allocate(states)
-        fakes += [t for state in states for t in state.forecast_inputs()]
+        fakes += [t for state, span in zip(states, spans) for t in state.slope_inputs(slope_inputs, span)]
     return fake_mode, fakes
 
 

@@ -33,7 +33,9 @@ class _RecordAll(fx.Interpreter):
         if n.op == "call_function" and n.target is torch.ops.astraea.merge_rows:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             x, _, idx, cache = args[:4]
-            before = cache.clone()
+            before = cache.clone()  # what the rows not recomputed reuse: the cache, or its forecast
+            if kwargs.get("forecast"):
+                before = cache + kwargs["slope"] * kwargs["stale"][..., None]
             y = self.call_function(n.target, args, kwargs)
             self.blocks.append({"x": x, "y": y, "idx": idx, "cache_before": before})
             return y
@@ -67,13 +69,13 @@ def whole_graph(graph_fn) -> torch.fx.GraphModule:
 class ContractChecker:
     """Stands in for a runner's graph and checks the contract on every call it runs.
 
-    Install with `runner.graph_fn = ContractChecker(runner)`; `checked` counts the blocks
-    checked, `segments` the small-segment tensors checked, and `selected` records the indices
-    of each call.
+    Install with `runner.graph_fn = ContractChecker(runner)` (or on another form of the graph,
+    `ContractChecker(runner, graph)`); `checked` counts the blocks checked, `segments` the
+    small-segment tensors checked, and `selected` records the indices of each call.
     """
 
-    def __init__(self, runner, atol=1e-5, rtol=1e-5):
-        self.gm, self.dense_gm, self.report = whole_graph(runner.graph_fn), runner.dense_gm, runner.report
+    def __init__(self, runner, graph=None, atol=1e-5, rtol=1e-5):
+        self.gm, self.dense_gm, self.report = whole_graph(graph or runner.graph_fn), runner.dense_gm, runner.report
         self.num_inputs = sum(n.op == "placeholder" for n in self.dense_gm.graph.nodes)
         self.atol, self.rtol = atol, rtol
         self.checked, self.segments, self.selected = 0, 0, []

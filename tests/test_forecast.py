@@ -18,9 +18,10 @@ B, N, D = 2, 12, 4
 
 def _run(contribution, selections, samples, modes=None):
     """Drive one block's state as the runner does, with the real merge op: step 0 fills the
-    cache, later steps recompute the rows `selections[s]` ([S, K]; None for a skipped step),
+    cache, later steps recompute the rows `selections[s]` ([S, K]; None for a skipped step,
+    which the merge serves with no rows, as the skip graph does), keeping the slopes and
     forecasting where `modes[s]` says so (every step by default). Returns, per step, what the
-    graph read for the rows it did not recompute, and their true contribution."""
+    merge gave the rows it did not recompute, and their true contribution."""
     state = BlockState.allocate((B, N, D), torch.float32, "cpu", samples)
     x = torch.randn(B, N, D, generator=torch.Generator().manual_seed(0))
     every = torch.arange(N).expand(samples, -1).contiguous()
@@ -31,27 +32,19 @@ def _run(contribution, selections, samples, modes=None):
         if step > 0:
             forecast.allocate([state])
         if idx is None:
+            idx = torch.empty(samples, 0, dtype=torch.long)
             state.stale.add_(1)
-            if forecasting:
-                forecast.shift([state])
-            read.append((state.cache.clone(), fresh, torch.ones(B, N, dtype=torch.bool)))
-            if forecasting:
-                forecast.unshift([state])
-            continue
-        reused = torch.ones(B, N, dtype=torch.bool).scatter_(1, (every if step == 0 else idx).expand(B, -1), False)
-        idx = every if step == 0 else idx
-        steps = forecast.start_slopes(state, idx) if step > 0 else None
-        mark_selected(state, idx)
-        if forecasting:
-            forecast.shift([state])
-        read.append((state.cache[reused], fresh[reused], reused))
+        elif step == 0:
+            idx = every
+        span = forecast.span(state, idx) if step > 0 else None
+        if idx.shape[1]:
+            mark_selected(state, idx)
+        reused = torch.ones(B, N, dtype=torch.bool).scatter_(1, idx.expand(B, -1), False)
         at = (torch.arange(B)[:, None], idx.expand(B, -1))
-        rows = x[at] + fresh[at]
-        torch.ops.astraea.merge_rows(x, rows.contiguous(), idx, state.cache, state.change, None, state.lse)
-        if forecasting:
-            forecast.unshift([state])
-        if steps is not None:
-            forecast.add_fresh(state, idx, steps)
+        rows = (x[at] + fresh[at]).contiguous()
+        slopes = (state.slope, state.stale, span, forecasting) if step > 0 else ()
+        y = torch.ops.astraea.merge_rows(x, rows, idx, state.cache, state.change, None, state.lse, *slopes)
+        read.append(((y - x)[reused], fresh[reused], reused))
     return read
 
 
@@ -126,12 +119,16 @@ def test_switching_reuse_recompiles_nothing_and_recomputed_rows_keep_the_contrac
     cache = sum(s.cache.numel() * s.cache.element_size() for b in runner.branches.values() for s in b.blocks)
     assert runner.cache_bytes() >= 2 * cache  # the slopes count: one more cache-sized tensor per block and branch
 
-    # the contract: the selected rows equal the dense block, the others are x plus the forecast
-    graph_fn = runner.graph_fn
-    checker = runner.graph_fn = ContractChecker(runner)
+    # the contract: the selected rows equal the dense block, the others are x plus the forecast; a
+    # generation's first call runs the copying graph, the others the forms that keep the slopes
+    graph_fn, lower_slopes = runner.graph_fn, runner.lower_slopes
+    checkers = {"first": ContractChecker(runner)}
+    runner.graph_fn = checkers["first"]
+    runner.lower_slopes = lambda forecasts: checkers.setdefault(forecasts, ContractChecker(runner, lower_slopes(forecasts)))
     torch.testing.assert_close(sample(family, compiled, steps=6), forecast_out)
-    assert checker.checked == 5 * 2 * be.reports[0].num_sparse_blocks  # five graph calls (one skip), two branches
-    runner.graph_fn = graph_fn
+    calls = {name: c.checked // be.reports[0].num_sparse_blocks for name, c in checkers.items()}
+    assert calls == {"first": 2, False: 2, True: 6}  # per branch: the first call, a dense one, three forecasting
+    runner.graph_fn, runner.lower_slopes = graph_fn, lower_slopes
 
     be.update(reuse="copy")
     copy_out = sample(family, compiled, steps=6)

@@ -256,6 +256,39 @@ def test_merge_matches_reference(x_dtype, cache_dtype, with_lse, per_sample):
     _check_merge(x, rows, idx, cache, change, lse_rows if with_lse else None, lse_state)
 
 
+@pytest.mark.parametrize("x_dtype, cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("forecast", [False, True], ids=["keeping slopes", "forecasting"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_merge_with_slopes_matches_reference_and_the_definition(x_dtype, cache_dtype, forecast, per_sample):
+    """Each recomputed row's slope is (new - old) / span, the others' slopes untouched; a
+    forecasting merge gives the rows not recomputed x + cache + slope * stale."""
+    B, N, D, K = 2, 70, 96, 29
+    idx = _selections(B if per_sample else 1, N, K, seed=9)
+    x, rows, idx, cache, change, lse_rows, lse_state = _merge_inputs(B, N, D, 3, idx, x_dtype, cache_dtype)
+    g = torch.Generator().manual_seed(4)
+    S = idx.shape[0]
+    slope = torch.randn(B, N, D, generator=g).to(DEVICE, cache_dtype)
+    stale = torch.randint(0, 5, (S, N), generator=g, dtype=torch.int32).to(DEVICE)
+    span = torch.randint(1, 5, (S, K), generator=g).float().to(DEVICE)
+    outs = {}
+    for name, merge in (("kernel", merge_rows), ("reference", merge_rows_reference)):
+        state = [t.clone() for t in (cache, change, lse_state, slope)]
+        y = merge(x, rows, idx, state[0], state[1], lse_rows, state[2], state[3], stale, span, forecast)
+        outs[name] = (y, state)
+    half = x_dtype != torch.float32
+    tol = dict(atol=2e-2, rtol=1.6e-2) if half else dict(atol=1e-5, rtol=1e-5)
+    for got, want in zip((outs["kernel"][0], *outs["kernel"][1]), (outs["reference"][0], *outs["reference"][1])):
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+    y, (new_cache, _, _, new_slope) = outs["reference"]
+    chosen = torch.zeros(B, N, dtype=torch.bool, device=x.device).scatter_(1, idx.expand(B, -1), True)
+    assert torch.equal(new_slope[~chosen], slope[~chosen])
+    fresh = rows.float() - _rows_at(x, idx).float()
+    expected = (fresh - _rows_at(cache, idx).float()) / span.expand(B, -1)[..., None]
+    torch.testing.assert_close(_rows_at(new_slope, idx).float(), expected, **tol)
+    reused = cache.float() + (slope.float() * stale[..., None].float() if forecast else 0.0)
+    torch.testing.assert_close(y.float()[~chosen], (x.float() + reused.to(x_dtype).float())[~chosen], **tol)
+
+
 def test_merge_keeps_each_samples_scores_apart():
     """Per sample, a token's change and LSE are its own sample's, not the batch's mean."""
     idx = torch.tensor([[0, 1], [1, 2]])

@@ -7,7 +7,7 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn; cached contributions are clampe
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
 
-def check_merge_args(x, rows, idx, cache, change, lse_rows, lse_state) -> None:
+def check_merge_args(x, rows, idx, cache, change, lse_rows, lse_state, slope=None, stale=None, span=None) -> None:
     """The shapes and dtypes merge_rows takes (both paths check them: a wrong shape must not broadcast)."""
     if x.dim() != 3:
         raise ValueError(f"merge_rows: x must be [B, N, D], got {tuple(x.shape)}")
@@ -34,8 +34,17 @@ def check_merge_args(x, rows, idx, cache, change, lse_rows, lse_state) -> None:
     for name, t in (("change", change), ("lse_state", lse_state), ("lse_rows", lse_rows)):
         if t is not None and t.dtype != torch.float32:
             raise TypeError(f"merge_rows: {name} must be float32, got {t.dtype}")
+    if (slope is None) != (stale is None) or (slope is None) != (span is None):
+        raise ValueError("merge_rows: slope, stale and span come together (the forecasts' slopes kept) or not at all")
+    if slope is not None:
+        if slope.shape != x.shape or slope.dtype != cache.dtype or cache.dtype == torch.float8_e4m3fn:
+            raise ValueError(f"merge_rows: slope must be {tuple(x.shape)} in the cache's dtype (not float8), got "
+                             f"{tuple(slope.shape)} {slope.dtype}")
+        if stale.shape != (S, N) or stale.dtype != torch.int32 or span.shape != (S, K) or span.dtype != torch.float32:
+            raise ValueError(f"merge_rows: stale must be [S, N] = {[S, N]} int32 and span [S, K] = {[S, K]} float32, "
+                             f"got {tuple(stale.shape)} {stale.dtype} and {tuple(span.shape)} {span.dtype}")
     named = (("x", x), ("rows", rows), ("idx", idx), ("cache", cache), ("change", change),
-             ("lse_rows", lse_rows), ("lse_state", lse_state))
+             ("lse_rows", lse_rows), ("lse_state", lse_state), ("slope", slope), ("stale", stale), ("span", span))
     for name, t in named:
         if t is None:
             continue
@@ -45,15 +54,20 @@ def check_merge_args(x, rows, idx, cache, change, lse_rows, lse_state) -> None:
             raise ValueError(f"merge_rows: {name} on {t.device}, x on {x.device}")
 
 
-def merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state):
+def merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state, slope=None, stale=None, span=None,
+                         forecast=False):
     """Plain PyTorch merge_rows: the CPU path, and what the Triton kernel must match."""
-    check_merge_args(x, rows, idx, cache, change, lse_rows, lse_state)
+    check_merge_args(x, rows, idx, cache, change, lse_rows, lse_state, slope, stale, span)
     batch, shared = torch.arange(x.shape[0], device=x.device)[:, None], idx.shape[0] == 1
     at = (batch, idx.expand(x.shape[0], -1))  # [B, K] rows of [B, N, ...]
-    y = x + cache.to(x.dtype)
+    reused = cache.float() + slope.float() * stale[..., None].float() if forecast else cache
+    y = x + reused.to(x.dtype)
     y[at] = rows
     new = rows.float() - x[at].float()
-    moved = (new - cache[at].float()).norm(dim=-1)  # [B, K]
+    moved = new - cache[at].float()
+    if slope is not None:  # the last difference per step, from the steps since each row was last computed
+        slope[at] = (moved / span.expand(x.shape[0], -1)[..., None]).to(slope.dtype)
+    moved = moved.norm(dim=-1)  # [B, K]
     change.scatter_(1, idx, moved.mean(0, keepdim=True) if shared else moved)
     if cache.dtype == torch.float8_e4m3fn:
         new = new.clamp(-FP8_MAX, FP8_MAX)

@@ -22,9 +22,13 @@ class BlockInputs(NamedTuple):
     lse: Any  # [S, N] each token's attention log-sum-exp
 
 
-# What the forecasting form of the skip graph (passes/skip.py) takes after every block's
-# BlockInputs: each block's slope [B, N, D] and staleness [S, N] (runtime/forecast.py), in turn.
-FORECAST_INPUTS = ("slope", "stale")
+# Beyond every block's BlockInputs, the forms of the graph that use the forecasts' slopes
+# (runtime/forecast.py) take, block after block: the skip graph's forecasting form
+# (passes/skip.py), the block's slope [B, N, D] and staleness [S, N]; the sparse graph's forms
+# that keep the slopes (passes/slopes.py), those and the span [S, K], the steps since each
+# selected row was last computed.
+SKIP_SLOPE_INPUTS = ("slope", "stale")
+MERGE_SLOPE_INPUTS = ("slope", "stale", "span")
 
 
 def call_arg(node: fx.Node, name: str):

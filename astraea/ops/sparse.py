@@ -107,7 +107,7 @@ def _(q, k, v, scale=None, attn_mask=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
-@torch.library.custom_op("astraea::merge_rows", mutates_args=("cache", "change", "lse_state"))
+@torch.library.custom_op("astraea::merge_rows", mutates_args=("cache", "change", "lse_state", "slope"))
 def merge_rows(
     x: torch.Tensor,
     rows: torch.Tensor,
@@ -116,24 +116,33 @@ def merge_rows(
     change: torch.Tensor,
     lse_rows: torch.Tensor | None,
     lse_state: torch.Tensor,
+    slope: torch.Tensor | None = None,
+    stale: torch.Tensor | None = None,
+    span: torch.Tensor | None = None,
+    forecast: bool = False,
 ) -> torch.Tensor:
     """Block output: fresh `rows` at `idx`, `x + cache` elsewhere; refresh cache and scores.
 
     x: [B, N, D] block input; rows: [B, K, D]; idx: [S, K] (S = B: each sample's own rows, or
     1: the same rows for the batch); cache: [B, N, D]; change, lse_state: [S, N]. With S = 1
-    the scores are the batch's means.
+    the scores are the batch's means. Where the forecasts' slopes are kept (runtime/forecast.py):
+    slope [B, N, D] in the cache's dtype, each recomputed row's refreshed in the same pass as its
+    cache; stale [S, N] the tokens' staleness after this call's selection; span [S, K] the steps
+    since each recomputed row was last computed; with `forecast`, the rows not recomputed get
+    `x + cache + slope * stale`.
     """
+    if forecast and slope is None:
+        raise ValueError("merge_rows: forecasting needs the slopes (slope, stale, span)")
     x, rows = x.contiguous(), rows.contiguous()
     lse_rows = lse_rows.contiguous() if lse_rows is not None else None
+    merge = merge_rows_reference
     if x.is_cuda:
-        from astraea.kernels.merge import merge_rows as merge_rows_kernel
-
-        return merge_rows_kernel(x, rows, idx, cache, change, lse_rows, lse_state)
-    return merge_rows_reference(x, rows, idx, cache, change, lse_rows, lse_state)
+        from astraea.kernels.merge import merge_rows as merge
+    return merge(x, rows, idx, cache, change, lse_rows, lse_state, slope, stale, span, forecast)
 
 
 @merge_rows.register_fake
-def _(x, rows, idx, cache, change, lse_rows, lse_state):
+def _(x, rows, idx, cache, change, lse_rows, lse_state, slope=None, stale=None, span=None, forecast=False):
     return x.new_empty(x.shape)  # contiguous, as both paths return it whatever x's strides
 
 

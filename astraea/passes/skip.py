@@ -23,32 +23,24 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops  # noqa: F401  (registers torch.ops.astraea.*)
-from ..ops.signature import FORECAST_INPUTS, call_arg
+from ..ops.signature import SKIP_SLOPE_INPUTS, call_arg
+from .slopes import merges_with_slope_inputs
 
 
 def reuse_blocks(sparse_gm: fx.GraphModule, forecast: bool = False) -> PassResult:
     """A copy of `sparse_gm` whose sparse blocks add their cache to their input and compute
     nothing else. Same signature (the per-block index and score inputs go unread), so the
     runner calls it as it calls the sparse graph; with `forecast`, each block adds its
-    forecast, and the graph takes each block's `FORECAST_INPUTS` after the others."""
+    forecast, and the graph takes each block's `SKIP_SLOPE_INPUTS` after the others."""
     gm = copy.deepcopy(sparse_gm)
     graph = gm.graph
-    merges = [n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.astraea.merge_rows]
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    merges.sort(key=lambda merge: placeholders.index(call_arg(merge, "cache")))  # the order the runner feeds them
-    last = placeholders[-1]
-    for merge in merges:
+    placed = merges_with_slope_inputs(graph, SKIP_SLOPE_INPUTS if forecast else ())
+    for merge, inputs in placed:
         x, cache = call_arg(merge, "x"), call_arg(merge, "cache")
         if forecast:
-            block = call_arg(merge, "cache").name.removesuffix("_cache")
-            inputs = []
-            for name in FORECAST_INPUTS:
-                with graph.inserting_after(last):
-                    last = graph.placeholder(f"{block}_{name}")
-                inputs.append(last)
-            slope, stale = inputs
             with graph.inserting_before(merge):
-                ahead = graph.call_function(torch.mul, (slope, graph.call_method("unsqueeze", (stale, -1))))
+                steps = graph.call_method("unsqueeze", (inputs["stale"], -1))
+                ahead = graph.call_function(torch.mul, (inputs["slope"], steps))
                 cache = graph.call_function(torch.add, (cache, ahead))
         with graph.inserting_before(merge):
             cast = graph.call_method("type_as", (cache, x))
@@ -59,4 +51,4 @@ def reuse_blocks(sparse_gm: fx.GraphModule, forecast: bool = False) -> PassResul
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()
-    return PassResult(gm, bool(merges))
+    return PassResult(gm, bool(placed))

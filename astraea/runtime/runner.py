@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from ..config import AstraeaConfig
-from ..ops.signature import SparseBlockInputs
+from ..ops.signature import MERGE_SLOPE_INPUTS, SKIP_SLOPE_INPUTS, SparseBlockInputs
 from ..passes import Report
 from . import forecast
 from .call_graphs import CallGraphs
@@ -57,13 +57,15 @@ class SparseRunner:
         blocks: list[SparseBlockInputs],
         config: AstraeaConfig,
         device: torch.device,
-        lower_skip: Callable[[], Callable],
+        lower_skip: Callable[[bool], Callable],
+        lower_slopes: Callable[[bool], Callable],
         cuda_graphs: bool = True,
         branches: dict[int, BranchState] | None = None,
         stream: int = 0,
     ):
         self.graph_fn = graph_fn
         self.lower_skip = lower_skip  # (forecasts) -> the whole-step-skip graph, copying or forecasting
+        self.lower_slopes = lower_slopes  # (forecasts) -> the sparse graph keeping the slopes, copying or forecasting
         self.dense_gm = dense_gm  # the graph before the rewrite, kept for checks and explain
         self.report = report
         self.blocks = blocks
@@ -134,26 +136,25 @@ class SparseRunner:
         """The device work of a call: select each block's tokens, run the rewritten graph.
         Returns the outputs and the tokens each block recomputed."""
         slopes = self._slopes(ctx)
-        indices, spans = [], []
+        indices, extra = [], []
         for state, every in zip(ctx.blocks, self.all_tokens):
             if k < self.num_tokens:  # a dense step needs no scores
                 score = scores(state, self.config, self.generator)
                 idx = select(score, k, self.config, self.report.token_grid)
             else:
                 idx = every
-            if slopes:
-                spans.append(forecast.start_slopes(state, idx))
+            if slopes:  # the merge refreshes the recomputed rows' slopes over the steps since they were computed
+                extra += state.slope_inputs(MERGE_SLOPE_INPUTS, forecast.span(state, idx))
             mark_selected(state, idx)
             indices.append(idx)
-        out = _forecast_around(forecasting, ctx, lambda: _call(self.graph_fn, ctx, indices, inputs))
-        for state, idx, steps in zip(ctx.blocks, indices, spans):
-            forecast.add_fresh(state, idx, steps)
-        return out, int(indices[0].shape[-1])
+        graph = self.lower_slopes(forecasting) if slopes else self.graph_fn
+        return _call(graph, ctx, indices, inputs, extra), int(indices[0].shape[-1])
 
     def _reuse_blocks(self, ctx: BranchState, inputs: tuple, forecasting: bool) -> tuple[tuple, int]:
         """The device work of a skipped step: every block adds its cache (its forecast, when
         forecasting: the skip graph's forecasting form reads the slopes) to its input."""
-        return _call(self.lower_skip(forecasting), ctx, self.all_tokens, inputs, forecasting), 0
+        extra = [t for state in ctx.blocks for t in state.slope_inputs(SKIP_SLOPE_INPUTS)] if forecasting else []
+        return _call(self.lower_skip(forecasting), ctx, self.all_tokens, inputs, extra), 0
 
     def _record(self, record: CallRecord) -> None:
         """Keep what the call did; the oldest records go past RECORDS_KEPT, so that a
@@ -207,24 +208,11 @@ def _one_step_staler(ctx: BranchState) -> None:
     torch._foreach_add_([state.stale for state in ctx.blocks], 1)
 
 
-def _forecast_around(forecasting: bool, ctx: BranchState, run: Callable[[], tuple]) -> tuple:
-    """`run()` with the caches moved to their forecasts for it, where the call forecasts (a
-    partial call; a skipped one runs the skip graph's forecasting form, which reads them)."""
-    if not forecasting:
-        return run()
-    forecast.shift(ctx.blocks)
-    out = run()
-    forecast.unshift(ctx.blocks)
-    return out
-
-
-def _call(graph: Callable, ctx: BranchState, indices: list, inputs: tuple, forecasts: bool = False) -> tuple:
-    """Run a form of the rewritten graph: the model's inputs, then each block's runtime inputs
-    (and, for the forecasting skip graph, then each block's slope and staleness)."""
+def _call(graph: Callable, ctx: BranchState, indices: list, inputs: tuple, slope_inputs: list) -> tuple:
+    """Run a form of the rewritten graph: the model's inputs, then each block's runtime inputs,
+    then what a form that uses the slopes takes of each block (`slope_inputs`, in order)."""
     extra = [t for state, idx in zip(ctx.blocks, indices) for t in state.graph_inputs(idx)]
-    if forecasts:
-        extra += [t for state in ctx.blocks for t in state.forecast_inputs()]
-    out = graph(*inputs, *extra)
+    out = graph(*inputs, *extra, *slope_inputs)
     return tuple(out) if isinstance(out, (list, tuple)) else (out,)
 
 

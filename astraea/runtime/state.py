@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import AstraeaConfig
-from ..ops.signature import FORECAST_INPUTS, BlockInputs
+from ..ops.signature import BlockInputs
 
 
 def cache_dtype(config: AstraeaConfig, hidden_dtype: torch.dtype) -> torch.dtype:
@@ -45,9 +45,10 @@ class BlockState:
         """This block's inputs of the rewritten graph, selecting the rows `idx`."""
         return BlockInputs(idx=idx, cache=self.cache, change=self.change, lse=self.lse)
 
-    def forecast_inputs(self) -> tuple[torch.Tensor, ...]:
-        """This block's inputs of the forecasting skip graph, beyond `graph_inputs`."""
-        return tuple(getattr(self, name) for name in FORECAST_INPUTS)
+    def slope_inputs(self, names: tuple[str, ...], span: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """This block's inputs `names` (ops/signature.py) of a form of the graph that uses the
+        slopes, beyond `graph_inputs`; `span`: this call's, where the form takes it."""
+        return tuple(span if name == "span" else getattr(self, name) for name in names)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())

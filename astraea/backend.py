@@ -185,19 +185,19 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
     position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    # The skip graph, copying or forecasting, and the sparse graph's forms that keep the forecasts' slopes, each
-    # lowered on its first call; derived before lowering, which may change gm.
-    skip_gms = {forecasts: reuse_blocks(gm, forecasts).graph_module for forecasts in (False, True)}
-    slope_gms = {forecasts: keep_slopes(gm, forecasts).graph_module for forecasts in (False, True)}
+    # The skip graph, copying or forecasting, and the sparse graph's forms that keep the forecasts' slopes: each
+    # derived and lowered on its first call, from a copy of the rewritten graph taken before lowering changes it.
+    rewritten = copy.deepcopy(gm)
 
     @functools.cache
     def lower_skip(forecasts: bool) -> Callable:
-        return lower(skip_gms[forecasts], config, example_inputs, sparsify.inputs, device,
+        return lower(reuse_blocks(rewritten, forecasts).graph_module, config, example_inputs, sparsify.inputs, device,
                      SKIP_SLOPE_INPUTS if forecasts else ())
 
     @functools.cache
     def lower_slopes(forecasts: bool) -> Callable:
-        return lower(slope_gms[forecasts], config, example_inputs, sparsify.inputs, device, MERGE_SLOPE_INPUTS)
+        return lower(keep_slopes(rewritten, forecasts).graph_module, config, example_inputs, sparsify.inputs, device,
+                     MERGE_SLOPE_INPUTS)
 
     graph_fn = lower(gm, config, example_inputs, sparsify.inputs, device)
     if clock is not None:  # one runner per instance of the block, all placed by the model's clock

@@ -12,7 +12,7 @@ table's prediction, and times the decode of one batch, the fixed work no schedul
     python benchmarks/schedule_latency.py --model reference-v2 --steps 30 --batch 8 --skip output \\
         benchmarks/results/search_reference-v2_30steps_h200_batch8_skip-output_*.json --out <folder>
     python benchmarks/schedule_latency.py --steps 30 --batch 8 --skip blocks --forecast \\
-        benchmarks/results/search_reference-v2_30steps_h200_batch8_forecast_*x.json --out <folder>
+        benchmarks/results/reference-v2-h200/forecast_search/search_*_forecast_*x.json --out <folder>
 
 Writes `schedule_latency.json` and `.md` in `--out`, each after every schedule (a run cut off keeps
 what it measured).

@@ -11,7 +11,7 @@ becomes `x + cache`, and whatever only fed the blocks' fresh rows is dead code.
 Its forecasting form adds each block's forecast instead, `x + (cache + slope * staleness)`
 (runtime/forecast.py), reading the slope and staleness as inputs of its own: one pass over
 them inside the graph, where moving every cache to its forecast and back around the graph
-call cost 4.6 times the skip's own work (`benchmarks/forecast_cost.py`, 81 frames on an H200).
+call cost 4.6 times an eager skip's work (`benchmarks/forecast_cost.py`, 81 frames on an H200).
 """
 
 from __future__ import annotations

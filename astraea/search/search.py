@@ -153,9 +153,10 @@ def evolve(
 
     def evaluate(genomes: list[np.ndarray]) -> list[Candidate]:
         for g in genomes:
-            if space.key(g) not in archive:
+            key = space.key(g)
+            if key not in archive:
                 budgets, reuse = space.budgets(g), space.modes(g)
-                archive[space.key(g)] = Candidate(budgets, space.latency(g), score(budgets, reuse), reuse)
+                archive[key] = Candidate(budgets, space.latency(g), score(budgets, reuse), reuse)
                 _save(checkpoint, problem, start["done"], start["population"], start["rng"], archive)
             bar.update(1)
         return [archive[space.key(g)] for g in genomes]

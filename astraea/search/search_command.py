@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--costs", required=True, help="cost table (JSON); measured and written when missing")
     parser.add_argument("--forecast", action="store_true",
                         help="a table measured here also prices forecasting steps, so the search chooses copy or "
-                             "forecast per step (a table that priced them is searched so whatever this says)")
+                             "forecast per step (a table loaded from --costs is searched as it was measured)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--speedup", type=float, help="target speedup over the dense schedule")
     target.add_argument("--latency-ms", type=float, help="target latency of a generation's transformer calls")

@@ -132,7 +132,7 @@ class AstraeaConfig:
     @property
     def forecasts(self) -> bool:
         """Whether any step may forecast: the blocks then keep a slope per token from the start."""
-        return self.reuse == "forecast" or self.schedule.forecasts
+        return self.schedule.forecasts(self.reuse)
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)

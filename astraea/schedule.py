@@ -117,11 +117,13 @@ class Schedule:
             return None
         return self.reuse[_span(self.times, time) if self.times is not None else step]
 
-    @property
-    def forecasts(self) -> bool:
+    def forecasts(self, default: str = "copy") -> bool:
         """Whether some step forecasts: one that recomputes less than every token, in "forecast"
-        mode (a dense step's mode forecasts nothing, so it alone keeps no slopes)."""
-        return self.reuse is not None and any(m == "forecast" and b < 1.0 for b, m in zip(self.budgets, self.reuse))
+        mode, its own or else `default` (the backend's option). A dense step forecasts nothing,
+        so a schedule that forecasts only there keeps no slopes."""
+        budgets = (self.constant,) if self.constant is not None else self.budgets
+        modes = self.reuse or (default,) * len(budgets)
+        return any(m == "forecast" and b < 1.0 for b, m in zip(budgets, modes))
 
     def check_steps(self, num_steps: int) -> None:
         """Refuse a run of `num_steps` steps that a step-indexed schedule does not cover."""

@@ -223,6 +223,19 @@ def test_the_evaluator_scores_a_schedule_again_under_other_options():
 
 
 def test_a_schedule_forecasts_only_where_a_step_recomputes_less_than_every_token():
-    assert not Schedule(budgets=(1.0, 1.0), reuse=("forecast", "forecast")).forecasts  # keeps no slopes for nothing
-    assert Schedule(budgets=(1.0, 0.5), reuse=("copy", "forecast")).forecasts
-    assert not Schedule(budgets=(1.0, 0.5), reuse=("forecast", "copy")).forecasts
+    assert not Schedule(budgets=(1.0, 1.0), reuse=("forecast", "forecast")).forecasts()  # keeps no slopes for nothing
+    assert Schedule(budgets=(1.0, 0.5), reuse=("copy", "forecast")).forecasts()
+    assert not Schedule(budgets=(1.0, 0.5), reuse=("forecast", "copy")).forecasts()
+    # Steps with no mode of their own take the backend's option.
+    assert Schedule(budgets=(1.0, 0.0)).forecasts("forecast") and not Schedule(budgets=(1.0, 0.0)).forecasts()
+    assert Schedule(constant=0.5).forecasts("forecast") and not Schedule(constant=1.0).forecasts("forecast")
+
+
+def test_the_forecast_option_keeps_slopes_only_where_a_step_can_forecast():
+    from astraea.config import AstraeaConfig
+
+    dense = AstraeaConfig(schedule=Schedule(constant=1.0), reuse="forecast", cache_dtype="float8_e4m3fn")
+    assert not dense.forecasts  # nothing to forecast, so the float8 caches are fine
+    with pytest.raises(ConfigError, match="float8_e4m3fn caches cannot"):
+        dense.replace(schedule=Schedule(constant=0.5))
+    assert AstraeaConfig(schedule=Schedule(constant=0.5), reuse="forecast").forecasts

@@ -3,12 +3,16 @@ under test). On a machine without a GPU they run through the Triton interpreter 
 conftest.py), which is slow: shapes stay near 100 tokens and head dims at or below 64."""
 import importlib
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from astraea.kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
+from tests import gpu_compile
 
 # The package exports the function under the module's name; reach the module itself.
 ga_module = importlib.import_module("astraea.kernels.gathered_attention")
@@ -287,6 +291,21 @@ def test_merge_with_slopes_matches_reference_and_the_definition(x_dtype, cache_d
     torch.testing.assert_close(_rows_at(new_slope, idx).float(), expected, **tol)
     reused = cache.float() + (slope.float() * stale[..., None].float() if forecast else 0.0)
     torch.testing.assert_close(y.float()[~chosen], (x.float() + reused.to(x_dtype).float())[~chosen], **tol)
+
+
+def test_merge_compiles_for_the_gpu_in_every_form():
+    """The kernel as `merge_rows` launches it, compiled for an H100/H200 (sm_90) by Triton's own
+    compiler and ptxas, no GPU needed: the interpreter runs Python, not Triton's code generation,
+    and the forms that keep slopes and forecast had run only there. In a process of its own:
+    the interpreter's patches break code generation in the process that uses it."""
+    if not gpu_compile.can_compile():
+        pytest.skip("this Triton has no CUDA back end with ptxas")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "tests.gpu_compile"], env=env, capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for form in gpu_compile.MERGE_FORMS:
+        assert f"{form}: sm_90 binary of" in done.stdout
 
 
 def test_merge_keeps_each_samples_scores_apart():

@@ -18,6 +18,7 @@ memory pool; the rest is a call's activations); the compile stages as astraea lo
 
     python benchmarks/first_generation.py --frames 9 21          # 33 and 81 video frames
     python benchmarks/first_generation.py --frames 9 --variants astraea-regional dense-regional
+    python benchmarks/first_generation.py --frames 9 21 --compile-caches /tmp/fg --resume   # again after a time limit
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -127,12 +129,21 @@ def _write(path: str, result: dict) -> None:
 def driver(args) -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     here = os.path.abspath(__file__)
+    done_before = set()
+    if args.resume and os.path.exists(args.out):
+        done_before = {(r["frames"], r["variant"], r["cache"]) for r in map(json.loads, open(args.out))}
+    root = args.compile_caches or tempfile.mkdtemp(prefix="first_generation_")
     for frames in args.frames:
         for variant in args.variants:
-            caches = tempfile.mkdtemp(prefix=f"first_{variant}_{frames}_")
+            caches = os.path.join(root, f"{variant}_{frames}")
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                        TRITON_CACHE_DIR=os.path.join(caches, "triton"))
             for cache in args.caches if variant != "eager" else ("cold",):
+                if (frames, variant, cache) in done_before:
+                    print(f"{variant} {frames} {cache}: recorded in {args.out}", flush=True)
+                    continue
+                if cache == "cold" and os.path.exists(caches):
+                    shutil.rmtree(caches)  # a cold start starts from empty caches
                 command = [sys.executable, here, "--child", "--variant", variant, "--cache", cache, "--frames", str(frames),
                            "--height", str(args.height), "--width", str(args.width), "--out", args.out + ".part"]
                 started = time.perf_counter()
@@ -173,6 +184,10 @@ def main() -> None:
     parser.add_argument("--caches", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
                         help="cold: empty Inductor and Triton caches; warm: a second process on the cold one's")
     parser.add_argument("--out", default="benchmarks/results/first_generation.jsonl")
+    parser.add_argument("--compile-caches", help="folder of each variant's Inductor and Triton caches (default: a new "
+                        "temporary one); the same folder lets --resume run a warm start after another command's cold one")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the runs --out already records: a run split over several commands on one machine")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--cache", choices=("cold", "warm"), help=argparse.SUPPRESS)

@@ -71,6 +71,8 @@ def main(argv=None) -> int:
     parser.add_argument("--generations", type=int, default=SearchSettings().generations)
     parser.add_argument("--minutes", type=float, help="start no search generation after this many minutes")
     parser.add_argument("--no-decode", dest="decode", action="store_false", help="score latents, not decoded videos")
+    parser.add_argument("--decode-candidates", action="store_true",
+                        help="decode every candidate, not only the confirmed ones and the held-out seeds")
     parser.add_argument("--out", required=True, help="folder for the schedule, its tables and tune.json")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
@@ -80,6 +82,7 @@ def main(argv=None) -> int:
     result = astraea.tune(pipe, prompts, speedup=args.speedup, num_inference_steps=args.steps,
                           output=os.path.join(args.out, "schedule.json"), seeds=args.seeds, held_out=args.held_out,
                           settings=SearchSettings(generations=args.generations, minutes=args.minutes), decode=args.decode,
+                          decode_candidates=args.decode_candidates,
                           height=args.height, width=args.width, num_frames=args.frames, guidance_scale=5.0)
     wall_s = time.perf_counter() - start
     search = result.searches["transformer"]

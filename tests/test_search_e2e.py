@@ -132,6 +132,29 @@ def test_resuming_at_a_shared_prefix_matches_running_from_scratch(workload, spar
     assert resumed.contribution.rel_l2 == pytest.approx(scratch.contribution.rel_l2, rel=1e-4)
 
 
+def test_a_score_on_the_latents_decodes_nothing_and_a_later_one_on_frames_decodes(workload, sparse, monkeypatch):
+    """The search may score candidates on the latents and only the confirmed ones on frames:
+    a latent score decodes no frames, a frame score of the same schedule generates it again
+    with them, and a frame score then serves a latent request without a generation."""
+    decoded = []
+
+    def decoder(latent):
+        decoded.append(latent)
+        return latent[:, :3].float()  # frames of the latent's first channels: enough to compare
+
+    monkeypatch.setattr(workload, "decoder", decoder)
+    evaluator = Evaluator(workload, sparse)
+    evaluator.reference(0)  # the dense reference is decoded once, whatever is asked of it later
+    budgets = (1.0, 0.5, 0.0, 0.5, 0.0, 0.5)
+    before = len(decoded)
+    latents = evaluator(budgets, [0], decoded=False)
+    assert latents.decoded is None and len(decoded) == before and evaluator.generations == 1
+    frames = evaluator(budgets, [0])
+    assert frames.decoded is not None and len(decoded) == before + 1 and evaluator.generations == 2
+    assert frames.contribution == latents.contribution  # the same generation, scored again
+    assert evaluator(budgets, [0], decoded=False) == latents and evaluator.generations == 2
+
+
 def test_searches_for_several_targets_share_one_evaluator(workload, sparse, table):
     """The second search reuses the first's dense references and scores, and reports only its
     own work."""

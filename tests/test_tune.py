@@ -72,8 +72,11 @@ def test_the_schedule_meets_the_target_and_beats_the_uniform_one_on_held_out_see
         assert schedule.on_time_axis and len(schedule.times) == meta["num_steps"]
         held = result.held_out[slot]
         assert held.seeds == (3, 4)
-        # scored on the pipeline's decoded frames, against its own dense output
+        # scored on the pipeline's decoded frames, against its own dense output; the search's
+        # candidates on the latents, the confirmed ones on the frames too
         assert held.chosen.decoded is not None
+        assert all(c.fidelity.decoded is None for c in result.searches[slot].candidates)
+        assert result.searches[slot].chosen.fidelity.decoded is not None and meta["proxy_decoded"] is False
         uniform = result.searches[slot].uniform
         # better where the search chose another schedule than the uniform one (it keeps the uniform
         # one when nothing beat it on the calibration seeds)

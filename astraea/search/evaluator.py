@@ -20,6 +20,7 @@ A candidate costs one sparse generation per seed; the search asks for hundreds. 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from typing import Sequence
@@ -64,22 +65,28 @@ class Evaluator:
         self.steps_shareable = 0
 
     def __call__(self, budgets: Sequence[float], seeds: Sequence[int],
-                 reuse: Sequence[str] | None = None) -> FidelityReport:
+                 reuse: Sequence[str] | None = None, decoded: bool = True) -> FidelityReport:
         """Mean fidelity over `seeds` of the schedule `budgets` (with each step's `reuse` mode,
-        where given)."""
+        where given); on the latents alone unless `decoded` (then on the frames too, where the
+        workload has a decoder or decodes its own generations)."""
         budgets = tuple(float(b) for b in budgets)
         if len(budgets) != self.workload.num_steps:
             raise ValueError(f"schedule has {len(budgets)} steps, the workload {self.workload.num_steps}")
         reuse = None if reuse is None else tuple(reuse)
         plan = budgets if reuse is None else tuple(zip(budgets, reuse))  # what keys a schedule and its prefixes
         options = json.dumps(self.sparse.options, sort_keys=True)
+        decoded = decoded and self.workload.decodes
+        reports = []
         for seed in seeds:
-            if (plan, seed, options) not in self._scores:
+            report = self._scores.get((plan, seed, options))
+            if report is None or (decoded and report.decoded is None):
                 reference = self.reference(seed)
-                run = self._generate(budgets, reuse, plan, seed, options)
-                self._scores[plan, seed, options] = fidelity([run], [reference], self.workload.decoder,
-                                                             [reference.decoded])
-        return FidelityReport.mean([self._scores[plan, seed, options] for seed in seeds])
+                run = self._generate(budgets, reuse, plan, seed, options, decoded)
+                report = self._scores[plan, seed, options] = fidelity(
+                    [run], [reference], self.workload.decoder if decoded else None,
+                    [reference.decoded if decoded else None])
+            reports.append(report if decoded else dataclasses.replace(report, decoded=None))
+        return FidelityReport.mean(reports)
 
     def reference(self, seed: int) -> Trajectory:
         """The dense trajectory of `seed`, with its decoded frames when the generation decoded
@@ -105,15 +112,17 @@ class Evaluator:
         return {**counts, "shared_fraction": counts["steps_shared"] / steps,
                 "shareable_fraction": counts["steps_shareable"] / steps}
 
-    def _generate(self, budgets: tuple[float, ...], reuse, plan: tuple, seed: int, options: str) -> Trajectory:
-        """One sparse generation; prefixes (of `plan`: the budgets, with the reuse modes where
-        given) are shared between runs of one seed and one set of backend options (`run` keys them)."""
+    def _generate(self, budgets: tuple[float, ...], reuse, plan: tuple, seed: int, options: str,
+                  decoded: bool) -> Trajectory:
+        """One sparse generation (with its frames where `decoded`, if the workload decodes its
+        own); prefixes (of `plan`: the budgets, with the reuse modes where given) are shared
+        between runs of one seed and one set of backend options (`run` keys them)."""
         run = (seed, options)
         start = self._resume_point(budgets, plan, run)
         first = start[0] if start is not None else 0
         self.sparse.set_schedule(budgets, self.workload.step_times(), reuse)
         keep = self._snapshotter(budgets, plan, run, first)
-        trajectory = self.workload.generate(self.sparse.module, seed, start=start, on_step=keep)
+        trajectory = self.workload.generate(self.sparse.module, seed, start=start, on_step=keep, decode=decoded)
         self.generations += 1
         self.steps_run += len(budgets) - first
         self.steps_shared += first

@@ -112,14 +112,19 @@ class PipelineWorkload:
         """The keyword arguments of the transformer's first call in the probe."""
         return dict(self.example)
 
+    @property
+    def decodes(self) -> bool:
+        """Whether fidelity can be scored on frames: the generations decode themselves."""
+        return self.decode
+
     @torch.no_grad()
     def generate(self, transformer: Callable, seed: int, *, num_steps: int | None = None, start=None,
-                 on_step=None) -> Trajectory:
+                 on_step=None, decode: bool = True) -> Trajectory:
         """One pipeline call with `transformer` in the tuned slot (in every slot for a run of
-        `num_steps` steps, as profiling asks for)."""
+        `num_steps` steps, as profiling asks for), decoded where `decode` and the workload decodes."""
         if start is not None or on_step is not None:
             raise PipelineError("a pipeline's generation cannot start part-way")
-        return self._call(transformer, seed, num_steps, decode=self.decode)[0]
+        return self._call(transformer, seed, num_steps, decode=decode and self.decode)[0]
 
     def time_generation(self, transformer: Callable, seed: int, num_steps: int | None = None) -> float:
         """Milliseconds of the denoising loop, from the transformer's first call to the end of

@@ -26,13 +26,15 @@ def plot_search(
     path: str | os.PathLike,
 ) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), width_ratios=(3, 2))
+    proxy_view = _view(candidates[0]) if candidates else "none"
     left.scatter([c.latency_ms for c in candidates], [c.score for c in candidates], s=12, alpha=0.4,
-                 color="tab:gray", label=f"evaluated ({len(candidates)}, proxy seeds)")
+                 color="tab:gray", label=f"evaluated ({len(candidates)}, proxy seeds, {proxy_view})")
     front = pareto_front(candidates)
     left.plot([c.latency_ms for c in front], [c.score for c in front], "-o", ms=4, color="tab:blue",
               label="Pareto front")
     left.scatter([chosen.latency_ms], [chosen.score], s=90, marker="*", color="tab:red", zorder=3,
-                 label=f"chosen: {dense_ms / chosen.latency_ms:.2f}x, {chosen.score:.2f} dB (all seeds)")
+                 label=f"chosen: {dense_ms / chosen.latency_ms:.2f}x, {chosen.score:.2f} dB (all seeds, "
+                       f"{_view(chosen)})")
     if uniform is not None:
         left.scatter([uniform.latency_ms], [uniform.score], s=60, marker="s", color="tab:orange", zorder=3,
                      label=f"uniform {uniform.budgets[-1]:g}: {uniform.score:.2f} dB (all seeds)")
@@ -49,3 +51,9 @@ def plot_search(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _view(candidate: Candidate) -> str:
+    """What a candidate was scored on: a search may score its candidates on the latents and
+    confirm the best of them on decoded frames."""
+    return "latents" if candidate.fidelity.decoded is None else "decoded"

@@ -95,11 +95,17 @@ class Target:
 @dataclass(frozen=True)
 class Calibration:
     """The seeds fidelity is scored on: every candidate on the first `proxy_seeds`, the
-    `confirm` best again on all of them, and the best of those is chosen."""
+    `confirm` best again on all of them, and the best of those is chosen.
+
+    `decode_proxy`: score the candidates on decoded frames, where the workload has them; when
+    False, on the latents (the model's contribution), and only the confirmation decodes: a
+    decode and its comparison cost a fifth of a candidate in `tune` on the Wan2.1-1.3B shape.
+    """
 
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     proxy_seeds: int = 1
     confirm: int = 3  # each costs a generation per seed beyond the proxy ones: 3 of them hold tune under 15 minutes
+    decode_proxy: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(self.seeds))
@@ -394,8 +400,10 @@ def search(
     proxy, seeds = calibration.proxy, calibration.seeds
 
     candidates = evolve(
-        space, lambda budgets, reuse: evaluator(budgets, proxy, reuse), settings, checkpoint=checkpoint,
-        problem={"seeds": list(proxy), "options": sparse.options}, progress=progress,
+        space, lambda budgets, reuse: evaluator(budgets, proxy, reuse, decoded=calibration.decode_proxy), settings,
+        checkpoint=checkpoint, progress=progress,
+        problem={"seeds": list(proxy), "options": sparse.options,
+                 **({} if calibration.decode_proxy else {"scored_on": "latents"})},
         ratios=magnitude_ratios(workload, proxy[0]),
     )
     uniform = _best_uniform(space, evaluator, seeds)
@@ -430,6 +438,7 @@ def search(
                 "uniform": uniform.to_json() if uniform else None,
                 "seeds": list(seeds),
                 "proxy_seeds": list(proxy),
+                "proxy_decoded": calibration.decode_proxy and workload.decodes,  # else scored on the latents
                 "num_steps": steps,
                 "levels": list(table.levels),  # the budgets a step could take ([0, 1]: whole steps only)
                 "forecast": modes is not None,  # whether a step could forecast

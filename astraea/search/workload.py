@@ -108,6 +108,11 @@ class Workload:
     resumable = True
 
     @property
+    def decodes(self) -> bool:
+        """Whether fidelity can be scored on frames: there is a decoder."""
+        return self.decoder is not None
+
+    @property
     def calls_per_step(self) -> int:
         """Transformer calls per step: two with classifier-free guidance (cond and uncond)."""
         return 2 if self.guidance != 1.0 else 1
@@ -162,12 +167,15 @@ class Workload:
         num_steps: int | None = None,
         start: tuple[int, torch.Tensor] | None = None,
         on_step: Callable[[int, torch.Tensor], None] | None = None,
+        decode: bool = True,
     ) -> Trajectory:
         """Run the sampler with `transformer` (the model itself, or a compiled or timed copy).
 
         num_steps: overrides the workload's step count (profiling runs short generations).
         start: (step, latent) to resume a generation at `step` from the latent entering it.
         on_step: called with (step, latent entering it) before every step.
+        decode: ignored: this sampler returns latents, and fidelity decodes them with `decoder`
+            where it scores frames (a pipeline's generation decodes itself).
         """
         num_steps = num_steps or self.num_steps
         noise, cond, uncond = self.inputs(seed)

@@ -1,5 +1,6 @@
-"""Compile a Triton kernel, exactly as its launcher launches it, for an H100/H200 (sm_90) without a
-GPU: Triton's own compiler down to ptxas's binary. The interpreter the CPU tests run kernels in
+"""Compile the Triton kernels, as their launchers launch them, for an H100/H200 (sm_90) without a
+GPU: Triton's own compiler down to ptxas's binary, and the shared memory each block asks for
+(over the limit, the launch fails on the GPU). The interpreter the CPU tests run kernels in
 executes Python and never exercises Triton's code generation, where a kernel can fail that the
 interpreter runs fine. Run as `python -m tests.gpu_compile FORM...` in a process without
 TRITON_INTERPRET (its patches break code generation in the process that uses it).
@@ -25,6 +26,15 @@ MERGE_FORMS = {
     "forecasting": (torch.bfloat16, True, True, False),
     "forecasting-fp32-per-sample": (torch.float32, True, True, True),
 }
+
+
+# The attention kernel as `gathered_attention` launches it on a GPU: (dtype, head dim, TMA loads).
+ATTENTION_FORMS = {
+    "attention-bf16-d64-tma": (torch.bfloat16, 64, True), "attention-bf16-d128-tma": (torch.bfloat16, 128, True),
+    "attention-bf16-d128": (torch.bfloat16, 128, False), "attention-fp32-d64": (torch.float32, 64, False),
+    "attention-fp32-d128-tma": (torch.float32, 128, True),
+}
+SHARED_BYTES = 232_448  # the most shared memory a block may use on an H100/H200 (227 KB); over it, a launch fails
 
 
 def can_compile() -> bool:
@@ -80,18 +90,42 @@ def compile_merge(form: str, tokens: int = 70, width: int = 96, selected: int = 
     return compile_launch(kernel, launch.args, launch.kwargs)
 
 
+def compile_attention(form: str):
+    """The attention kernel with the tiles, stages and dot precision `gathered_attention` picks on
+    a GPU for `form` (ATTENTION_FORMS); the launch's scalars are strides and sizes (i32) and the scale."""
+    attention = importlib.import_module("astraea.kernels.gathered_attention")
+    dtype, head_dim, tma = ATTENTION_FORMS[form]
+    kernel, tiles = attention._gathered_attention_kernel, attention.tiles(dtype, tma)
+    options = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
+    pointer = "*" + TRITON_TYPES[dtype]
+    signature = {name: pointer for name in ("Q", "K", "V", "Out")} | {"KB": "*fp32", "Lse": "*fp32"}
+    signature |= {name: "i32" for name in kernel.arg_names[6:19]} | {"qk_scale": "fp32"}
+    constants = dict(HAS_BIAS=False, HEAD_DIM=head_dim, USE_TMA=tma, UPCAST=False,
+                     DOT_PRECISION=attention._dot_precision(dtype, head_dim), **tiles)
+    signature |= {name: "constexpr" for name in constants}
+    signature = {name: signature[name] for name in kernel.arg_names}
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget(*TARGET), options=options)
+
+
 def main(forms: list[str]) -> int:
     if os.environ.get("TRITON_INTERPRET"):
         raise SystemExit("run without TRITON_INTERPRET: the interpreter's patches break code generation")
     failed = []
-    for form in forms or list(MERGE_FORMS):
+    for form in forms or [*MERGE_FORMS, *ATTENTION_FORMS]:
         try:
-            binary = compile_merge(form).asm["cubin"]
+            compiled = compile_merge(form) if form in MERGE_FORMS else compile_attention(form)
+            shared = compiled.metadata.shared
+            if shared > SHARED_BYTES:
+                raise RuntimeError(f"uses {shared} bytes of shared memory, over the {SHARED_BYTES} a block may have")
         except Exception as error:  # every form is tried; the report names each failure
             failed.append(form)
             print(f"{form}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             continue
-        print(f"{form}: sm_90 binary of {len(binary)} bytes", flush=True)
+        print(f"{form}: sm_90 binary of {len(compiled.asm['cubin'])} bytes, {shared} bytes of shared memory", flush=True)
     return 1 if failed else 0
 
 

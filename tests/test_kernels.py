@@ -293,18 +293,19 @@ def test_merge_with_slopes_matches_reference_and_the_definition(x_dtype, cache_d
     torch.testing.assert_close(y.float()[~chosen], (x.float() + reused.to(x_dtype).float())[~chosen], **tol)
 
 
-def test_merge_compiles_for_the_gpu_in_every_form():
-    """The kernel as `merge_rows` launches it, compiled for an H100/H200 (sm_90) by Triton's own
-    compiler and ptxas, no GPU needed: the interpreter runs Python, not Triton's code generation,
-    and the forms that keep slopes and forecast had run only there. In a process of its own:
-    the interpreter's patches break code generation in the process that uses it."""
+def test_the_kernels_compile_for_the_gpu_within_its_shared_memory():
+    """Each kernel as its launcher launches it on a GPU, compiled for an H100/H200 (sm_90) by
+    Triton's own compiler and ptxas, no GPU needed: the interpreter runs Python, not Triton's
+    code generation (the merge's forms that keep slopes and forecast had run only there), and a
+    block over the shared memory the GPU has fails only at launch. In a process of its own: the
+    interpreter's patches break code generation in the process that uses it."""
     if not gpu_compile.can_compile():
         pytest.skip("this Triton has no CUDA back end with ptxas")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "tests.gpu_compile"], env=env, capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
-    for form in gpu_compile.MERGE_FORMS:
+    for form in (*gpu_compile.MERGE_FORMS, *gpu_compile.ATTENTION_FORMS):
         assert f"{form}: sm_90 binary of" in done.stdout
 
 

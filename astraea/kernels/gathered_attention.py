@@ -160,7 +160,9 @@ def _dot_precision(dtype: torch.dtype, head_dim: int) -> str:
     them on tensor cores; "ieee" runs on the FMA units, and on an H200 took 1 ms a call on
     the reference model (head dim 64), 120x PyTorch's fp32 attention. Three-product dots are
     checked on the H200 at head dims 32 and 64 only: at 16 and 128 the kernel test failed
-    there with a Triton runtime error not yet diagnosed, so those keep "ieee"."""
+    there with a Triton runtime error, so those keep "ieee". At 128 it is shared memory: with
+    these tiles the three-product dot asks for 256 KB a block, over the 227 KB an H200 has
+    (compiled for sm_90 without a GPU by tests/gpu_compile.py); at 16 it is not diagnosed."""
     if dtype != torch.float32:
         return "tf32"  # ignored: half-precision dots run at their own precision
     return "tf32x3" if head_dim in (32, 64) else "ieee"

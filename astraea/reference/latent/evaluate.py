@@ -52,11 +52,16 @@ def generate_clips(transformer, vae, encoder, prompts: list[Prompt], num_steps: 
 
 
 @torch.no_grad()
-def evaluate(vae, transformer, encoder, count: int, steps: int, guidance: float, batch_size: int, seed: int = 0) -> dict:
+def evaluate(vae, transformer, encoder, count: int, steps: int, guidance: float, batch_size: int, seed: int = 0,
+             reconstruct: bool = True) -> dict:
+    """The checks on generated clips and, where `reconstruct`, on the autoencoder's
+    reconstructions of the rendered ones (which depend on neither the transformer nor the sampler)."""
     scenes = sample_scenes(np.random.default_rng(PROMPT_SEED), count)
     prompts = scenes.prompts()
     device = next(transformer.parameters()).device
     generated = generate_clips(transformer, vae, encoder, prompts, steps, guidance, seed, batch_size)
+    if not reconstruct:
+        return {"prompts": count, "steps": steps, "guidance": guidance, "generated": score(generated, prompts, check_clip)}
     reconstructed, squared, peak = [], 0.0, -1.0
     for i in range(0, count, batch_size):
         clips = render(_rows(scenes, slice(i, min(i + batch_size, count))), device)
@@ -83,13 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--generated-only", action="store_true",
+                        help="skip the autoencoder's reconstructions (the same whatever the transformer or sampler)")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
     if args.weights is None:
         models = load_latent_reference(args.device, dtype)
     else:
         models = load_latent_reference(args.device, dtype, path=args.weights, expected_sha256=None)
-    result = evaluate(*models, args.prompts, args.steps, args.guidance, args.batch_size)
+    result = evaluate(*models, args.prompts, args.steps, args.guidance, args.batch_size,
+                      reconstruct=not args.generated_only)
     print(json.dumps(result, indent=1), flush=True)
     if args.json:
         command = " ".join(["python -m astraea.reference.latent.evaluate", *(sys.argv[1:] if argv is None else argv)])

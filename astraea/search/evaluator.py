@@ -4,7 +4,9 @@ A candidate costs one sparse generation per seed; the search asks for hundreds. 
 - the dense reference of each seed is generated once, on the original uncompiled model (what
   a user compares against), and decoded once;
 - a (schedule, seed) pair is generated once per set of backend options (changed with
-  `SparseModel.update`); a search revisits many schedules;
+  `SparseModel.update`); a search revisits many schedules. A score on the latents alone
+  decodes nothing (a search's candidates; `tune` decodes only the ones it confirms); asked
+  for on frames later, the pair is generated again with them;
 - shared trajectory prefixes: schedules with the same leading budgets follow the same
   trajectory up to where they differ. The backend's per-block caches cannot be saved and
   restored, but a dense step recomputes every token, and two dense steps in a row leave

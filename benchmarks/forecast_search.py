@@ -20,7 +20,7 @@ import time
 import torch
 
 from astraea.config import AstraeaConfig
-from astraea.search import Calibration, CostTable, Evaluator, SearchSettings, SparseModel, Target, profile, search
+from astraea.search import Calibration, Evaluator, SearchSettings, SparseModel, Target, load_or_profile, search
 from astraea.search.models import reference
 
 HELD_OUT = (100, 101, 102, 103)
@@ -40,8 +40,7 @@ def main(argv=None) -> int:
     workload = reference(args.model, num_steps=args.steps, device=args.device, batch=args.batch)
     sparse = SparseModel(workload, AstraeaConfig(skip="blocks"))
     costs = os.path.join(args.out, "costs.json")
-    table = CostTable.load(costs) if os.path.exists(costs) else profile(workload, sparse=sparse, forecast=True)
-    table.save(costs)
+    table = load_or_profile(costs, workload, sparse, forecast=True)
     spaces = {"copy": table.copying(), "copy or forecast": table}
     evaluator, rows = Evaluator(workload, sparse), []
     for speedup in args.speedups:

@@ -23,7 +23,7 @@ import numpy as np
 
 from astraea.search import models
 from astraea.search import sparse as backend_options
-from astraea.search.costs import CostKey, CostTable, profile
+from astraea.search.costs import load_or_profile
 from astraea.search.ea import Space
 from astraea.search.evaluator import Evaluator
 from astraea.search.search import Calibration, SearchSettings, Target, initial_population, magnitude_ratios
@@ -57,12 +57,7 @@ def main(argv=None) -> int:
     if not workload.decodes:
         raise SystemExit(f"{args.model} has no decoder: there are no decoded clips to compare the latents with")
     sparse = backend_options.from_arguments(workload, args)
-    if args.costs and os.path.exists(args.costs):
-        table = CostTable.load(args.costs, expect=CostKey.here(sparse, workload))
-    else:
-        table = profile(workload, sparse=sparse)
-        if args.costs:
-            table.save(args.costs)
+    table = load_or_profile(args.costs, workload, sparse)
     steps, calls = workload.num_steps, workload.calls_per_step
     dense_ms = table.predict([1.0] * steps, calls)
     levels, _, costs, _ = table.copying().choices(calls)

@@ -30,7 +30,7 @@ import time
 import torch
 
 from astraea.config import SKIPS, AstraeaConfig
-from astraea.search import Calibration, CostTable, Evaluator, SearchSettings, SparseModel, Target, profile, search
+from astraea.search import Calibration, Evaluator, SearchSettings, SparseModel, Target, load_or_profile, search
 from astraea.search.models import reference
 
 SPACES = ("every-level", "whole-steps")  # the levels a search may use: all of the table's, or only 0 and 1
@@ -67,12 +67,7 @@ def main(argv=None) -> int:
     skip = f"_skip-{args.skip}" if args.skip != AstraeaConfig().skip else ""
     forecast = "_forecast" if args.forecast else ""
     stem = os.path.join(args.out, f"search_reference-v2_{args.steps}steps_{args.tag}{batch}{skip}{forecast}")
-    costs = f"{stem}_costs.json"
-    if os.path.exists(costs):
-        table = CostTable.load(costs)
-    else:
-        table = profile(workload, sparse=sparse, forecast=args.forecast)
-        table.save(costs)
+    table = load_or_profile(f"{stem}_costs.json", workload, sparse, forecast=args.forecast)
     # In the log too: a device call may return the log and lose the table file.
     steps_ms = table.step_ms(workload.calls_per_step)
     print("cost table, ms per step: " + ", ".join(f"{level:g}: {ms:.2f}" for level, ms in zip(table.levels, steps_ms)),

@@ -17,7 +17,7 @@ import os
 
 from astraea.search import models
 from astraea.search import sparse as backend_options
-from astraea.search.costs import CostKey, CostTable, profile
+from astraea.search.costs import load_or_profile
 from astraea.search.evaluator import Evaluator
 from astraea.search.search import Calibration, SearchSettings, Target, search
 from tables import write_results
@@ -43,12 +43,7 @@ def main(argv=None) -> int:
     args.steps = args.run
     run_workload = models.from_arguments(args)
     sparse = backend_options.from_arguments(run_workload, args)  # one compile: budgets are data
-    if args.costs and os.path.exists(args.costs):
-        table = CostTable.load(args.costs, expect=CostKey.here(sparse, run_workload))
-    else:
-        table = profile(run_workload, sparse=sparse)
-        if args.costs:
-            table.save(args.costs)
+    table = load_or_profile(args.costs, run_workload, sparse)
     settings = SearchSettings(generations=args.generations)
     calibration = Calibration(seeds=tuple(range(args.seeds)))
     results = {}

@@ -1,5 +1,6 @@
 """Profile and search on a tiny random Wan model through the real backend, API and CLI."""
 
+import dataclasses
 import json
 import math
 import statistics
@@ -12,7 +13,7 @@ from astraea.cli import main
 from astraea.schedule import Schedule
 from astraea.search import (
     Calibration, CostKey, CostTable, CostTableError, Evaluator, SearchError, SearchSettings, SparseModel, Target,
-    fidelity, profile, Space, random_wan, search,
+    fidelity, load_or_profile, profile, Space, random_wan, search,
 )
 
 LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -130,6 +131,16 @@ def test_resuming_at_a_shared_prefix_matches_running_from_scratch(workload, spar
     scratch = Evaluator(workload, sparse, share_prefixes=False)(second, [0])
     assert resumed.contribution.psnr == pytest.approx(scratch.contribution.psnr, abs=1e-3)
     assert resumed.contribution.rel_l2 == pytest.approx(scratch.contribution.rel_l2, rel=1e-4)
+
+
+def test_a_saved_table_is_loaded_for_its_own_setting_only(workload, sparse, table, tmp_path):
+    path = tmp_path / "costs.json"
+    table.save(path)
+    assert load_or_profile(path, workload, sparse) == table  # loaded, not measured again
+    elsewhere = dataclasses.replace(table, key=dataclasses.replace(table.key, device="another machine"))
+    elsewhere.save(path)
+    with pytest.raises(CostTableError, match="another machine"):
+        load_or_profile(path, workload, sparse)
 
 
 def test_a_score_on_the_latents_decodes_nothing_and_a_later_one_on_frames_decodes(workload, sparse, monkeypatch):

@@ -8,7 +8,7 @@ evolutionary search that writes a schedule file.
 """
 
 from .candidates import Candidate, pareto_front
-from .costs import DEFAULT_LEVELS, CostKey, CostTable, CostTableError, Prediction, profile
+from .costs import DEFAULT_LEVELS, CostKey, CostTable, CostTableError, Prediction, load_or_profile, profile
 from .ea import SearchError, Space
 from .evaluator import Evaluator
 from .fidelity import Fidelity, FidelityReport, fidelity
@@ -20,6 +20,6 @@ from .workload import Trajectory, Workload, random_text
 __all__ = [
     "Calibration", "Candidate", "CostKey", "CostTable", "CostTableError", "DEFAULT_LEVELS", "Evaluator", "Fidelity",
     "FidelityReport", "Prediction", "SearchError", "SearchResult", "SearchSettings", "Space", "SparseModel",
-    "Trajectory", "Workload", "evolve", "fidelity", "pareto_front", "profile", "random_text", "random_wan",
+    "Trajectory", "Workload", "evolve", "fidelity", "load_or_profile", "pareto_front", "profile", "random_text", "random_wan",
     "reference", "search", "Target",
 ]

@@ -350,6 +350,19 @@ def profile(
     )
 
 
+def load_or_profile(path: str | os.PathLike | None, workload: Workload, sparse: SparseModel,
+                    forecast: bool = False) -> CostTable:
+    """The table saved at `path`, refused (naming what differs) if it was measured for another
+    setting than `sparse` on `workload` here; else one measured now and saved there (with no
+    `path`, measured and not saved)."""
+    if path is not None and os.path.exists(path):
+        return CostTable.load(path, expect=CostKey.here(sparse, workload))
+    table = profile(workload, sparse=sparse, forecast=forecast)
+    if path is not None:
+        table.save(path)
+    return table
+
+
 def _time_visits(workload: Workload, sparse: SparseModel, budgets: tuple[float, ...], measured: tuple,
                  reuse: tuple[str, ...] | None, repeats: int) -> tuple[dict, list[float]]:
     """Runs a profiling generation (`profiling_schedule`) once untimed, then `repeats` times

@@ -97,15 +97,17 @@ class Calibration:
     """The seeds fidelity is scored on: every candidate on the first `proxy_seeds`, the
     `confirm` best again on all of them, and the best of those is chosen.
 
-    `decode_proxy`: score the candidates on decoded frames, where the workload has them; when
-    False, on the latents (the model's contribution), and only the confirmation decodes: a
-    decode and its comparison cost a fifth of a candidate in `tune` on the Wan2.1-1.3B shape.
+    `decode_proxy`: score every candidate on decoded frames too, where the workload has them;
+    by default the candidates are scored on the latents (the model's contribution) and only the
+    confirmation decodes: a decode and its comparison cost a fifth of a candidate in `tune` on
+    the Wan2.1-1.3B shape, and on reference v2 the two views rank a search's starting schedules
+    alike (Spearman 0.94; benchmarks/NOTES.md).
     """
 
     seeds: tuple[int, ...] = (0, 1, 2, 3)
     proxy_seeds: int = 1
     confirm: int = 3  # each costs a generation per seed beyond the proxy ones: 3 of them hold tune under 15 minutes
-    decode_proxy: bool = True
+    decode_proxy: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "seeds", tuple(self.seeds))
@@ -403,7 +405,7 @@ def search(
         space, lambda budgets, reuse: evaluator(budgets, proxy, reuse, decoded=calibration.decode_proxy), settings,
         checkpoint=checkpoint, progress=progress,
         problem={"seeds": list(proxy), "options": sparse.options,
-                 **({} if calibration.decode_proxy else {"scored_on": "latents"})},
+                 **({"scored_on": "latents"} if workload.decodes and not calibration.decode_proxy else {})},
         ratios=magnitude_ratios(workload, proxy[0]),
     )
     uniform = _best_uniform(space, evaluator, seeds)

@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated calibration seeds (default: 0,1,2,3)")
     parser.add_argument("--proxy-seeds", type=int, default=1, help="seeds every candidate is scored on")
     parser.add_argument("--confirm", type=int, default=Calibration().confirm, help="best candidates rescored on all seeds")
+    parser.add_argument("--decode-candidates", action="store_true",
+                        help="score every candidate on decoded clips, not only the confirmed ones (slower)")
     parser.add_argument("--levels", type=levels, default=None,
                         help="comma-separated budgets a step may take, among the cost table's (default: all of them; "
                              "0,1: whole steps only, dense or skipped)")
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     plot = args.plot or os.path.splitext(args.output)[0] + ".png"
     result = search(
         workload, table, Target(args.speedup, args.latency_ms),
-        calibration=Calibration(args.seeds, args.proxy_seeds, args.confirm), settings=settings,
+        calibration=Calibration(args.seeds, args.proxy_seeds, args.confirm, args.decode_candidates), settings=settings,
         sparse=compiled, checkpoint=args.checkpoint, progress=not args.no_progress,
     )
     result.save(args.output)

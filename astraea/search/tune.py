@@ -130,7 +130,8 @@ def tune(
             say(f"tune: searching {name} ({workloads[name].num_steps} steps, {workloads[name].calls_per_step} "
                 f"calls each) for {_describe(target)}")
             evaluator = Evaluator(workloads[name], sparse[name])
-            result = search(workloads[name], tables[name], share, calibration=Calibration(tuple(range(seeds)), decode_proxy=decode_candidates),
+            calibration = Calibration(tuple(range(seeds)), decode_proxy=decode_candidates)
+            result = search(workloads[name], tables[name], share, calibration=calibration,
                             settings=settings, sparse=sparse[name], evaluator=evaluator,
                             checkpoint=f"{stem}.{name}.checkpoint.json", progress=progress)
             report = _held_out(evaluator, result, tuple(range(seeds, seeds + held_out))) if held_out else None

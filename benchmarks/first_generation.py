@@ -184,8 +184,9 @@ def main() -> None:
     parser.add_argument("--caches", nargs="+", choices=("cold", "warm"), default=["cold", "warm"],
                         help="cold: empty Inductor and Triton caches; warm: a second process on the cold one's")
     parser.add_argument("--out", default="benchmarks/results/first_generation.jsonl")
-    parser.add_argument("--compile-caches", help="folder of each variant's Inductor and Triton caches (default: a new "
-                        "temporary one); the same folder lets --resume run a warm start after another command's cold one")
+    parser.add_argument("--compile-caches",
+                        help="folder of each variant's Inductor and Triton caches (default: a new temporary one); the "
+                             "same folder lets --resume run a warm start after another command's cold one")
     parser.add_argument("--resume", action="store_true",
                         help="skip the runs --out already records: a run split over several commands on one machine")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

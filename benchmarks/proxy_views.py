@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     backend_options.add_arguments(parser)
     parser.add_argument("--speedup", type=float, default=2.0, help="the target the population is drawn for")
     parser.add_argument("--costs", help="cost table to load, or to write when missing")
-    parser.add_argument("--size", type=int, default=24, help="the population drawn (each distinct schedule in it is scored)")
+    parser.add_argument("--size", type=int, default=24,
+                        help="the population drawn (each distinct schedule in it is scored)")
     parser.add_argument("--seed", type=int, default=0, help="the generations' seed (the search's proxy seed)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)

@@ -77,7 +77,8 @@ def compile_merge(form: str, tokens: int = 70, width: int = 96, selected: int = 
     idx = torch.stack([torch.randperm(tokens, generator=g)[:selected] for _ in range(samples)])
     x, rows = torch.randn(batch, tokens, width).bfloat16(), torch.randn(batch, selected, width).bfloat16()
     cache = torch.zeros(batch, tokens, width).to(cache_dtype)
-    change, lse_state, lse_rows = torch.zeros(samples, tokens), torch.zeros(samples, tokens), torch.zeros(batch, 3, selected)
+    change, lse_state = torch.zeros(samples, tokens), torch.zeros(samples, tokens)
+    lse_rows = torch.zeros(batch, 3, selected)
     extra = ()
     if slopes:
         extra = (torch.zeros(batch, tokens, width).to(cache_dtype), torch.zeros(samples, tokens, dtype=torch.int32),
@@ -126,7 +127,8 @@ def main(forms: list[str]) -> int:
             failed.append(form)
             print(f"{form}: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
             continue
-        print(f"{form}: sm_90 binary of {len(compiled.asm['cubin'])} bytes, {shared} bytes of shared memory", flush=True)
+        print(f"{form}: sm_90 binary of {len(compiled.asm['cubin'])} bytes, {shared} bytes of shared memory",
+              flush=True)
     return 1 if failed else 0
 
 

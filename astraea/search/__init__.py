@@ -20,6 +20,6 @@ from .workload import Trajectory, Workload, random_text
 __all__ = [
     "Calibration", "Candidate", "CostKey", "CostTable", "CostTableError", "DEFAULT_LEVELS", "Evaluator", "Fidelity",
     "FidelityReport", "Prediction", "SearchError", "SearchResult", "SearchSettings", "Space", "SparseModel",
-    "Trajectory", "Workload", "evolve", "fidelity", "load_or_profile", "pareto_front", "profile", "random_text", "random_wan",
-    "reference", "search", "Target",
+    "Trajectory", "Workload", "evolve", "fidelity", "load_or_profile", "pareto_front", "profile", "random_text",
+    "random_wan", "reference", "search", "Target",
 ]

@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     plot = args.plot or os.path.splitext(args.output)[0] + ".png"
     result = search(
         workload, table, Target(args.speedup, args.latency_ms),
-        calibration=Calibration(args.seeds, args.proxy_seeds, args.confirm, args.decode_candidates), settings=settings,
+        calibration=Calibration(args.seeds, args.proxy_seeds, args.confirm, args.decode_candidates),
+        settings=settings,
         sparse=compiled, checkpoint=args.checkpoint, progress=not args.no_progress,
     )
     result.save(args.output)

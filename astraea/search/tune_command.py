@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-decode", dest="decode", action="store_false",
                         help="score latents only, never decoding a generation")
     parser.add_argument("--decode-candidates", action="store_true",
-                        help="decode every candidate the search scores, not only the confirmed ones and the held-out seeds")
+                        help="decode every candidate the search scores, not only the confirmed ones and the "
+                             "held-out seeds")
     parser.add_argument("--forecast", action="store_true",
                         help="let the search choose, per step, whether the tokens not recomputed copy or forecast")
     add_settings(parser)
@@ -77,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     config = sparse.config_from_arguments(args)
     result = tune(pipe, prompts, speedup=args.speedup, latency_ms=args.latency_ms, num_inference_steps=args.steps,
                   output=args.output, seeds=args.seeds, held_out=args.held_out, settings=settings, config=config,
-                  decode=args.decode, decode_candidates=args.decode_candidates, forecast=args.forecast, progress=not args.no_progress, **call_kwargs)
+                  decode=args.decode, decode_candidates=args.decode_candidates, forecast=args.forecast,
+                  progress=not args.no_progress, **call_kwargs)
     for name, schedule in result.schedules.items():
         meta, held = schedule.meta["search"], result.held_out[name]
         print(f"{name}: {' '.join(f'{b:g}' for b in schedule.budgets)}")

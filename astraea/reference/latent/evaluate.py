@@ -61,7 +61,8 @@ def evaluate(vae, transformer, encoder, count: int, steps: int, guidance: float,
     device = next(transformer.parameters()).device
     generated = generate_clips(transformer, vae, encoder, prompts, steps, guidance, seed, batch_size)
     if not reconstruct:
-        return {"prompts": count, "steps": steps, "guidance": guidance, "generated": score(generated, prompts, check_clip)}
+        return {"prompts": count, "steps": steps, "guidance": guidance,
+                "generated": score(generated, prompts, check_clip)}
     reconstructed, squared, peak = [], 0.0, -1.0
     for i in range(0, count, batch_size):
         clips = render(_rows(scenes, slice(i, min(i + batch_size, count))), device)

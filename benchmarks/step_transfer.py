@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from astraea.search import models
 from astraea.search import sparse as backend_options
@@ -66,8 +67,7 @@ def main(argv=None) -> int:
                   {"args": vars(args), "held_out": list(HELD_OUT), "device": table.key.device, "rows": rows,
                    "searched_schedule": list(moved.budgets)},
                   f"A schedule searched at {args.searched} steps, run at {args.run}",
-                  f"`python benchmarks/step_transfer.py --model {args.model} --searched {args.searched} --run {args.run} "
-                  f"--speedup {args.speedup:g} --seeds {args.seeds} --generations {args.generations}` on "
+                  f"`python benchmarks/step_transfer.py {' '.join(sys.argv[1:] if argv is None else argv)}` on "
                   f"{table.key.device}; held-out seeds {list(HELD_OUT)}, {view}.",
                   [f"schedule at {args.run} steps", "predicted speedup", "PSNR dB", "SSIM"],
                   [[name, f"{r['predicted_speedup']:.2f}x", f"{r['psnr']:.2f}", f"{r['ssim']:.3f}"]

@@ -48,6 +48,13 @@ def same_structure(stored: str, current: str) -> bool:
     return stored == current or ("-" not in stored and stored == current.split("-")[0])
 
 
+def forecasting_steps(budgets: Sequence[float], reuse: Sequence[str]) -> list[bool]:
+    """Which steps forecast: those that recompute less than every token in "forecast" mode (a
+    dense step's mode forecasts nothing). A schedule with one of them keeps the forecasts'
+    slopes on every call; the runtime, the cost tables and the search all ask this."""
+    return [m == "forecast" and b < 1.0 for b, m in zip(budgets, reuse)]
+
+
 def check_budget(value: Any, where: str = "budget") -> float:
     """Return `value` as a float in [0, 1] or raise a ScheduleError naming the problem."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -122,8 +129,7 @@ class Schedule:
         mode, its own or else `default` (the backend's option). A dense step forecasts nothing,
         so a schedule that forecasts only there keeps no slopes."""
         budgets = (self.constant,) if self.constant is not None else self.budgets
-        modes = self.reuse or (default,) * len(budgets)
-        return any(m == "forecast" and b < 1.0 for b, m in zip(budgets, modes))
+        return any(forecasting_steps(budgets, self.reuse or (default,) * len(budgets)))
 
     def check_steps(self, num_steps: int) -> None:
         """Refuse a run of `num_steps` steps that a step-indexed schedule does not cover."""

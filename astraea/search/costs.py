@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from ..jsonfile import load_json, save_json
-from ..schedule import OPTIONS_BEFORE_THEY_EXISTED, same_structure
+from ..schedule import OPTIONS_BEFORE_THEY_EXISTED, forecasting_steps, same_structure
 from .sparse import SparseModel
 from .timing import CallTimer
 from .workload import Workload
@@ -216,8 +216,7 @@ class CostTable:
         """Predicted milliseconds of a generation with these budgets (and per-step reuse modes).
         A schedule that forecasts at some step keeps the slopes on every call, so each of its
         copying and dense steps is priced with them kept."""
-        modes = reuse or ("copy",) * len(budgets)
-        forecasts = [mode == "forecast" and b < 1.0 for b, mode in zip(budgets, modes)]
+        forecasts = forecasting_steps(budgets, reuse or ("copy",) * len(budgets))
         if not any(forecasts):
             copy = self.step_ms(calls_per_step)
             return sum(copy[self._level(b)] for b in budgets)

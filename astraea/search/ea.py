@@ -16,6 +16,8 @@ from functools import cached_property
 
 import numpy as np
 
+from ..schedule import forecasting_steps
+
 
 class SearchError(ValueError):
     """A search that cannot run as asked: impossible target, bad levels, bad checkpoint."""
@@ -104,8 +106,7 @@ class Space:
     @cached_property
     def _forecasting(self) -> np.ndarray:
         """Which choices forecast (a dense step forecasts nothing)."""
-        modes = self.reuse or ("copy",) * len(self.levels)
-        return np.array([m == "forecast" and level < 1.0 for level, m in zip(self.levels, modes)])
+        return np.array(forecasting_steps(self.levels, self.reuse or ("copy",) * len(self.levels)))
 
     def latency(self, genome: np.ndarray) -> float:
         forecasts = self.kept is not None and self._forecasting[genome].any()

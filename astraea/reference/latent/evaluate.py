@@ -79,6 +79,32 @@ def evaluate(vae, transformer, encoder, count: int, steps: int, guidance: float,
             "reconstruction_peak": peak}  # the brightest decoded value; palette colours reach 1
 
 
+@torch.no_grad()
+def prompt_use(vae, transformer, encoder, count: int, times: tuple[float, ...] = (0.3, 0.5, 0.7, 0.9),
+               batch_size: int = 4, seed: int = 1) -> dict:
+    """Does the transformer read its prompts? Its velocity loss on rendered held-out clips,
+    noised to each of `times` with one draw of noise (from `seed`), given each clip's own
+    prompt, the next clip's and the empty prompt. A model that ignores its prompts scores the
+    three alike; one that reads them scores its own prompt lowest."""
+    scenes = sample_scenes(np.random.default_rng(PROMPT_SEED), count)
+    device = next(transformer.parameters()).device
+    clips = encode(vae, render(scenes, device))
+    texts = [p.text for p in scenes.prompts()]
+    prompts = {"own": texts, "another clip's": texts[-1:] + texts[:-1], "empty": [""] * count}
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    losses = {}
+    for t in times:
+        x = torch.lerp(clips, noise, t)
+        for name, chosen in prompts.items():
+            velocity = torch.cat([transformer(
+                hidden_states=x[i : i + batch_size].to(transformer.dtype),
+                timestep=torch.full((len(x[i : i + batch_size]),), t * 1000.0, device=device),
+                encoder_hidden_states=encoder.encode(chosen[i : i + batch_size]), return_dict=False)[0].float()
+                for i in range(0, count, batch_size)])
+            losses.setdefault(name, {})[t] = (velocity - (noise - clips)).square().mean().item()
+    return {"prompts": count, "noise_seed": seed, "velocity_loss": losses}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", type=Path, default=None,
@@ -91,14 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--generated-only", action="store_true",
                         help="skip the autoencoder's reconstructions (the same whatever the transformer or sampler)")
+    parser.add_argument("--prompt-use", action="store_true",
+                        help="instead of generating: the velocity loss on noised held-out clips with their own "
+                             "prompt, another clip's and none (does the transformer read its prompts?)")
     args = parser.parse_args(argv)
     dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
     if args.weights is None:
         models = load_latent_reference(args.device, dtype)
     else:
         models = load_latent_reference(args.device, dtype, path=args.weights, expected_sha256=None)
-    result = evaluate(*models, args.prompts, args.steps, args.guidance, args.batch_size,
-                      reconstruct=not args.generated_only)
+    if args.prompt_use:
+        result = prompt_use(*models, args.prompts)
+    else:
+        result = evaluate(*models, args.prompts, args.steps, args.guidance, args.batch_size,
+                          reconstruct=not args.generated_only)
     print(json.dumps(result, indent=1), flush=True)
     if args.json:
         command = " ".join(["python -m astraea.reference.latent.evaluate", *(sys.argv[1:] if argv is None else argv)])

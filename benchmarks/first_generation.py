@@ -129,10 +129,11 @@ def _write(path: str, result: dict) -> None:
 def driver(args) -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     here = os.path.abspath(__file__)
-    done_before = set()
+    root = os.path.abspath(args.compile_caches or tempfile.mkdtemp(prefix="first_generation_"))
+    done_before = set()  # this run's, known by its caches' folder: --out keeps earlier runs' rows too
     if args.resume and os.path.exists(args.out):
-        done_before = {(r["frames"], r["variant"], r["cache"]) for r in map(json.loads, open(args.out))}
-    root = args.compile_caches or tempfile.mkdtemp(prefix="first_generation_")
+        done_before = {(r["frames"], r["variant"], r["cache"]) for r in map(json.loads, open(args.out))
+                       if r.get("compile_caches") == root}
     for frames in args.frames:
         for variant in args.variants:
             caches = os.path.join(root, f"{variant}_{frames}")
@@ -152,7 +153,7 @@ def driver(args) -> None:
                 if done.returncode:
                     print(done.stderr[-3000:], flush=True)
                 else:
-                    _write(args.out, json.loads(done.stdout.strip().splitlines()[-1]))
+                    _write(args.out, {**json.loads(done.stdout.strip().splitlines()[-1]), "compile_caches": root})
     report(args.out)
 
 
@@ -188,7 +189,8 @@ def main() -> None:
                         help="folder of each variant's Inductor and Triton caches (default: a new temporary one); the "
                              "same folder lets --resume run a warm start after another command's cold one")
     parser.add_argument("--resume", action="store_true",
-                        help="skip the runs --out already records: a run split over several commands on one machine")
+                        help="skip the runs --out already records with these --compile-caches: a run split over "
+                             "several commands on one machine")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--cache", choices=("cold", "warm"), help=argparse.SUPPRESS)

@@ -7,7 +7,7 @@ HunyuanVideo keep them), fused or separate q/k/v, joint text-video attention (`j
 HunyuanVideo's double blocks; "single" runs one block over the concatenated tokens, as
 HunyuanVideo's single blocks), text before or after the video, attention through SDPA or
 written out by hand (matmul, softmax, matmul), or linear (a key/value summary over every
-token); and `mixing` puts an
+token); heads split and merged with einops, as research code writes them; and `mixing` puts an
 op that is not token-wise into one block (a reduction over tokens, a roll along tokens, a
 linear map over the token axis, a cumulative sum), which astraea must leave dense.
 """
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 MIXING = (None, "mean", "roll", "token_linear", "cumsum")
@@ -41,6 +42,7 @@ class Knobs:
     text_first: bool = False
     written_attention: bool = False  # softmax(q k^T * scale) v written out, as research code does
     linear_attention: bool = False  # self-attention as relu(q) (relu(k)^T v), normalised (Sana-Video)
+    einops: bool = False  # heads split (fused q/k/v too) and merged by einops.rearrange
 
 
 class Block(nn.Module):
@@ -76,8 +78,14 @@ class Block(nn.Module):
         return (q @ summary) / (norm + 1e-6)
 
     def heads(self, x):
+        if self.k.einops:
+            return rearrange(x, "b n (h d) -> b h n d", h=self.k.heads)
         b, n, _ = x.shape
         return x.view(b, n, self.k.heads, -1).transpose(1, 2)
+
+    def merged(self, a):
+        """[B, H, N, d] -> [B, N, H * d]"""
+        return rearrange(a, "b h n d -> b n (h d)") if self.k.einops else a.transpose(1, 2).flatten(2)
 
     def forward(self, x, temb, ctx, cos, sin):
         if self.k.joint == "dual":
@@ -89,12 +97,11 @@ class Block(nn.Module):
         h = self.norm1(x)
         if k.modulation:
             h = h * (1 + scale) + shift
-        q, key, v = self.qkv(h).chunk(3, dim=-1) if k.fused_qkv else (self.to_q(h), self.to_k(h), self.to_v(h))
-        q, key, v = self.heads(q), self.heads(key), self.heads(v)
+        q, key, v = self.qkv_heads(h)
         if k.rope:
             q = q * cos + q.flip(-1) * sin
             key = key * cos + key.flip(-1) * sin
-        a = self.self_attend(q, key, v).transpose(1, 2).flatten(2)
+        a = self.merged(self.self_attend(q, key, v))
         a = self.out(a)
         x = x + (a * gate if k.gated else a)
         if k.mixing and self.index == k.mixing_block:
@@ -102,7 +109,7 @@ class Block(nn.Module):
         if k.cross:
             cq = self.heads(self.cross_q(self.norm2(x)))
             ck, cv = (self.heads(t) for t in self.cross_kv(ctx).chunk(2, dim=-1))
-            x = x + self.cross_out(self.attend(cq, ck, cv).transpose(1, 2).flatten(2))
+            x = x + self.cross_out(self.merged(self.attend(cq, ck, cv)))
         h = self.norm3(x)
         if k.modulation:
             h = h * (1 + c_scale) + c_shift
@@ -110,6 +117,8 @@ class Block(nn.Module):
         return x + (f * c_gate if k.gated else f)
 
     def qkv_heads(self, h):
+        if self.k.fused_qkv and self.k.einops:
+            return tuple(rearrange(self.qkv(h), "b n (three h d) -> three b h n d", three=3, h=self.k.heads))
         if self.k.fused_qkv:
             return tuple(self.heads(t) for t in self.qkv(h).chunk(3, dim=-1))
         return self.heads(self.to_q(h)), self.heads(self.to_k(h)), self.heads(self.to_v(h))
@@ -139,7 +148,7 @@ class Block(nn.Module):
         q, key = self.rope(q, cos, sin), self.rope(key, cos, sin)
         tq, tk, tv = (self.heads(t) for t in self.txt_qkv(self.txt_norm(txt)).chunk(3, dim=-1))
         a = self.self_attend(self.joined(q, tq, 2), self.joined(key, tk, 2), self.joined(v, tv, 2))
-        a, ta = self.parted(a.transpose(1, 2).flatten(2), x.shape[1], 1)
+        a, ta = self.parted(self.merged(a), x.shape[1], 1)
         x = x + (self.out(a) * gate if self.k.gated else self.out(a))
         if self.k.mixing and self.index == self.k.mixing_block:
             x = self.mix(x)
@@ -161,7 +170,7 @@ class Block(nn.Module):
         q, key, v = self.qkv_heads(h)
         (qv, qt), (kv, kt) = self.parted(q, n, 2), self.parted(key, n, 2)
         q, key = self.joined(self.rope(qv, cos, sin), qt, 2), self.joined(self.rope(kv, cos, sin), kt, 2)
-        a = self.out(self.self_attend(q, key, v).transpose(1, 2).flatten(2))
+        a = self.out(self.merged(self.self_attend(q, key, v)))
         joint = joint + (a * gate if self.k.gated else a)
         h = self.norm3(joint)
         if self.k.modulation:

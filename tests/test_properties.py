@@ -22,6 +22,7 @@ def knobs(draw):
         rope=draw(st.booleans()), rope_rows=draw(st.booleans()), fused_qkv=draw(st.booleans()), mixing=draw(st.sampled_from(MIXING)),
         mixing_block=draw(st.integers(0, depth - 1)), joint=draw(st.sampled_from([None, "dual", "single"])),
         text_first=draw(st.booleans()), written_attention=draw(st.booleans()), linear_attention=draw(st.booleans()),
+        einops=draw(st.booleans()),
     )
 
 

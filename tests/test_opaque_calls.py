@@ -1,0 +1,115 @@
+"""Calls dynamo keeps opaque are inlined: research code written with einops (which registers its
+functions with `allow_in_graph` before 0.8.2, the version the tests install) goes sparse, and a
+call that cannot be replayed exactly stays as it is, the model still correct."""
+
+import einops
+import pytest
+import torch
+import torch.fx as fx
+
+import astraea
+from astraea.passes.opaque_calls import inline_opaque_calls
+from tests.contract import ContractChecker
+from tests.generated import GeneratedDiT, Knobs
+from tests.test_written_attention import _inputs
+
+
+def _graph_of(fn, *args) -> fx.GraphModule:
+    """The graph dynamo hands a backend for `fn(*args)`."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=keep, fullgraph=True)(*args)
+    return graphs[0]
+
+
+def _opaque(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__module__", "").startswith(("einops", __name__))]
+
+
+@pytest.mark.parametrize("joint", [None, "dual", "single"])
+def test_a_dit_written_with_einops_goes_sparse_and_keeps_the_contract(joint):
+    k = Knobs(einops=True, fused_qkv=True, joint=joint)
+    torch.manual_seed(0)
+    model = GeneratedDiT(k).eval()
+    if einops.__version__ < "0.8.2":  # what the pass is for: dynamo leaves einops' calls whole
+        assert _opaque(_graph_of(model, *_inputs(k)))
+    torch._dynamo.reset()
+    report = astraea.explain(model, *_inputs(k))
+    assert report.num_sparse_blocks == report.num_blocks == k.depth, str(report)
+    torch._dynamo.reset()
+    be = astraea.backend(schedule=[1.0, 0.5, 0.25])
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*_inputs(k)), model(*_inputs(k)), rtol=1e-5, atol=1e-5)
+        runner = be.runners[0]
+        runner.reset()
+        checker = runner.graph_fn = ContractChecker(runner, atol=1e-4, rtol=1e-4)
+        for step in range(3):
+            compiled(*_inputs(k, step))
+    assert checker.checked == 3 * k.depth
+
+
+@torch._dynamo.allow_in_graph
+def heads_first(x, heads):
+    """A user's own opaque helper: [B, N, H * d] -> [B, H, N, d], through a view, a property and a method."""
+    b, n, _ = x.shape
+    return x.reshape(b, n, heads, -1).mT.transpose(-1, -2).contiguous()
+
+
+@torch._dynamo.allow_in_graph
+def two_halves(x):
+    return x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+
+
+@torch._dynamo.allow_in_graph
+def scaled_in_place(x):
+    return x.clone().mul_(2)
+
+
+def test_an_opaque_call_is_replaced_by_the_ops_it_runs():
+    x = torch.randn(2, 6, 8)
+    gm = _graph_of(lambda t: heads_first(t, 2) * 3, x)
+    assert len(_opaque(gm)) == 1
+    assert inline_opaque_calls(gm) == 1
+    assert not _opaque(gm)
+    calls = [(n.op, n.target) for n in gm.graph.nodes if n.op.startswith("call")]
+    assert ("call_method", "reshape") in calls and ("call_method", "contiguous") in calls
+    assert ("call_function", getattr) in calls  # .mT, as dynamo writes a property read
+    torch.testing.assert_close(gm(x)[0], heads_first(x, 2) * 3, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fn", [two_halves, scaled_in_place], ids=["two outputs", "in place"])
+def test_a_call_that_cannot_be_replayed_stays_as_it_is(fn):
+    x = torch.randn(2, 6, 8)
+    gm = _graph_of(lambda t: fn(t), x)
+    before = gm.code
+    assert inline_opaque_calls(gm) == 0
+    assert gm.code == before
+
+
+def test_a_model_with_a_call_left_opaque_still_equals_eager():
+    """The call stays whole, after the blocks, which still go sparse; at budget 1.0 the output is the model's."""
+
+    class Halves(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = GeneratedDiT(Knobs(einops=True))
+
+        def forward(self, latent, timestep, context):
+            a, b = two_halves(self.inner(latent, timestep, context))
+            return torch.cat([b, a], dim=-1)
+
+    torch.manual_seed(0)
+    model = Halves().eval()
+    torch._dynamo.reset()
+    assert astraea.explain(model, *_inputs(Knobs())).num_sparse_blocks == 2
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=astraea.backend(schedule=1.0))
+    with torch.no_grad():
+        for step in range(2):
+            torch.testing.assert_close(compiled(*_inputs(Knobs(), step)), model(*_inputs(Knobs(), step)), rtol=1e-5, atol=1e-5)

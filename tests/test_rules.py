@@ -394,6 +394,10 @@ X_SPLIT_CHANNELS = token(2, 9, 2, 2)
     (Call("reshape", FOLDED, 12, 12), (0, VIDEO.fold())),
     (Call("reshape", X, 18, 4), "reshape that splits or merges the token axis"),  # joint axes do not fold
     (Call(torch.flatten, X), "reshape that splits or merges the token axis"),
+    # Complex RoPE: the trailing (real, imaginary) pair dropped, then added back.
+    (Call(torch.view_as_complex, X_SPLIT_CHANNELS), (1, JOINT)),
+    (Call(torch.view_as_real, token(2, 9, 2, dtype=torch.complex64)), (1, JOINT)),
+    (Call(torch.view_as_complex, token(2, 2, 9, 2, dim=2)), (2, JOINT)),
 ))
 def test_reshape(call, expected):
     """The axis is followed through a shape change to the output dim holding the same rows."""

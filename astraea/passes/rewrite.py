@@ -62,7 +62,7 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         replaced[block.end] = merged
         # The next block's start: gathered like any stream node.
         axis.tdim[merged] = axis.tdim[block.end]
-        merged.meta["example_value"] = block.end.meta.get("example_value")
+        merged.meta["example_value"] = _contiguous(block.end.meta.get("example_value"))
         merged.meta[BLOCK_END] = block.module
         for node in reversed(block.row_nodes):
             graph.erase_node(node)
@@ -263,3 +263,13 @@ def _sizes_with_free_token_dim(node: fx.Node, axis: TokenAxis) -> list[int]:
     sizes = list(shape_of(node))
     sizes[axis.tdim[node]] = -1
     return sizes
+
+
+def _contiguous(value):
+    """The value merge_rows returns for a block whose dense output is `value`: contiguous, whatever
+    the dense block's strides (AnyFlow's blocks keep their input's transposed layout). Region keys
+    read it: a block fed by another block's merge is not the first block fed by the embeddings."""
+    if not isinstance(value, torch.Tensor) or value.is_contiguous():
+        return value
+    with getattr(value, "fake_mode", None) or torch.no_grad():
+        return value.contiguous()

@@ -320,11 +320,12 @@ for _name, (_position, _default) in {
 
 
 # ---- layout ops ----------------------------------------------------------------------------
-@register(torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze,
-          methods=sorted(RESHAPE_METHODS) + ["expand", "expand_as"])
+@register(torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, torch.view_as_complex,
+          torch.view_as_real, methods=sorted(RESHAPE_METHODS) + ["expand", "expand_as"])
 def reshape(p, node):
     """Follow the axis through a shape change: it is the output dim of the same length whose
-    preceding dims hold the same number of elements as the input's."""
+    preceding dims hold the same number of elements as the input's (view_as_complex drops the
+    trailing (real, imaginary) pair, view_as_real adds it: complex RoPE)."""
     x = node.args[0]
     t, ins, outs = p.td(x), shape_of(x), shape_of(node)
     if outs is None:

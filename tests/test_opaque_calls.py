@@ -83,6 +83,25 @@ def test_an_opaque_call_is_replaced_by_the_ops_it_runs():
     torch.testing.assert_close(gm(x)[0], heads_first(x, 2) * 3, rtol=0, atol=0)
 
 
+EINOPS_CALLS = {  # what research code writes with einops besides splitting heads
+    "repeat (Latte's text over frames)": lambda t: einops.repeat(t, "b n d -> (b f) n d", f=3) * 2,
+    "repeat (a new axis)": lambda t: einops.repeat(t, "b n d -> b h n d", h=4).sum(-1),
+    "reduce (pooling)": lambda t: einops.reduce(t, "b (n p) d -> b n d", "mean", p=2) + 1,
+    "einsum": lambda t: einops.einsum(t, t, "b n d, b m d -> b n m") - 1,
+    "rearrange of a list": lambda t: einops.rearrange([t, t], "two b n d -> b n (two d)"),
+}
+
+
+@pytest.mark.parametrize("fn", EINOPS_CALLS.values(), ids=EINOPS_CALLS.keys())
+def test_einops_calls_are_inlined(fn):
+    x = torch.randn(2, 6, 8)
+    gm = _graph_of(fn, x)
+    assert len(_opaque(gm)) == (einops.__version__ < "0.8.2")
+    inline_opaque_calls(gm)
+    assert not _opaque(gm)
+    torch.testing.assert_close(gm(x)[0], fn(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("fn", [two_halves, scaled_in_place], ids=["two outputs", "in place"])
 def test_a_call_that_cannot_be_replayed_stays_as_it_is(fn):
     x = torch.randn(2, 6, 8)

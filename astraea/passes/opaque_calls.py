@@ -11,8 +11,8 @@ under a `TorchFunctionMode` that records every torch function and tensor method 
 replaces the node with those calls: the same ops, as dynamo would have traced them had it gone
 inside. A call is left as it is when it cannot be replayed exactly: an argument that is not a
 tensor of static shape, a tensor the recording did not produce (made outside torch) or an
-object a graph cannot hold, a write in place, an output that is not one tensor, or an error
-while running it (a value that depends on the data, for one).
+object a graph cannot hold, a write in place, an output that is neither a tensor nor a tuple read
+item by item, or an error while running it (a value that depends on the data, for one).
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def _inline(graph: fx.Graph, node: fx.Node) -> int:
             result = node.target(*args, **kwargs)
     except Exception:  # a call that does not run on example values stays opaque
         return 0
-    if not isinstance(result, torch.Tensor):
+    uses = _uses(node, result)
+    if uses is None:
         return 0
     made: dict[int, fx.Node] = {id(v): a for a, v in values.items()}
     new: list[fx.Node] = []
@@ -104,14 +105,30 @@ def _inline(graph: fx.Graph, node: fx.Node) -> int:
                 item.meta = {**node.meta, "example_value": o}
                 new.append(item)
                 made[id(o)] = item
-    keep = id(result) in made
+    keep = all(id(value) in made for _, value in uses)
     if keep:
-        node.replace_all_uses_with(made[id(result)])
+        for user, value in uses:
+            (user or node).replace_all_uses_with(made[id(value)])
+            if user is not None:
+                graph.erase_node(user)
         graph.erase_node(node)
     for n in reversed(new):
         if not keep or not n.users:
             graph.erase_node(n)
     return int(keep)
+
+
+def _uses(node: fx.Node, result) -> list[tuple[fx.Node | None, torch.Tensor]] | None:
+    """What replaces the call's uses: its one tensor (None: every use), or for a tuple (einops'
+    `pack` and `unpack`) the tensor each `getitem` user reads; None where neither holds."""
+    if isinstance(result, torch.Tensor):
+        return [(None, result)]
+    if not isinstance(result, (tuple, list)) or not all(
+        u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in node.users
+    ):
+        return None
+    uses = [(u, result[u.args[1]]) for u in node.users]
+    return uses if all(isinstance(value, torch.Tensor) for _, value in uses) else None
 
 
 def _mutates(func, kwargs) -> bool:

@@ -50,9 +50,11 @@ class _Recorder(TorchFunctionMode):
     def __init__(self):
         super().__init__()
         self.calls: list[tuple] = []
+        self.writes = False  # a write in place (the aliases it changes are not followed)
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.writes |= _mutates(func, kwargs)
         out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor) or (
             isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out)
@@ -79,17 +81,15 @@ def _inline(graph: fx.Graph, node: fx.Node) -> int:
     except Exception:  # a call that does not run on example values stays opaque
         return 0
     uses = _uses(node, result)
-    if uses is None:
+    if uses is None or recorder.writes:
         return 0
     made: dict[int, fx.Node] = {id(v): a for a, v in values.items()}
     new: list[fx.Node] = []
     with graph.inserting_before(node):
         for func, call_args, call_kwargs, out in recorder.calls:
             leaves = tree_flatten((call_args, call_kwargs))[0]
-            if _mutates(func, call_kwargs) or any(
-                id(t) not in made if isinstance(t, torch.Tensor) else not _constant(t) for t in leaves
-            ):  # a write (the aliases it changes are not followed), a tensor from outside the
-                made.clear()  # recording, or an object a graph cannot hold
+            if any(id(t) not in made if isinstance(t, torch.Tensor) else not _constant(t) for t in leaves):
+                made.clear()  # a tensor from outside the recording, or an object a graph cannot hold
                 break
             call_args, call_kwargs = tree_map(lambda t: made[id(t)] if isinstance(t, torch.Tensor) else t,
                                               (call_args, call_kwargs))
@@ -133,7 +133,8 @@ def _uses(node: fx.Node, result) -> list[tuple[fx.Node | None, torch.Tensor]] | 
 
 def _mutates(func, kwargs) -> bool:
     name = getattr(func, "__name__", "")
-    return "out" in kwargs or name.startswith("__i") or (name.endswith("_") and not name.endswith("__"))
+    return "out" in kwargs or name in ("__setitem__", "__delitem__") or name.startswith("__i") or (
+        name.endswith("_") and not name.endswith("__"))
 
 
 def _constant(value) -> bool:

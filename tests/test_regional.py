@@ -65,13 +65,13 @@ def test_a_block_fed_another_layout_gets_its_own_lowering(make):
     """AnyFlow's and HunyuanVideo's embeddings hand the first block the video transposed ([B, N,
     C] with the channels outermost), and each block's merge hands the next a contiguous tensor:
     code Inductor lowered for the first block checks its input strides and refused the second's.
-    The keys tell the two apart, and every budget equals the eager lowering."""
+    The keys tell the two apart, and a budget below 1 equals the eager lowering."""
     outs, graphs = {}, {}
     for lowering in ("eager", "inductor"):
         family = make()
         torch._dynamo.reset()
-        be = astraea.backend(schedule=[1.0, 0.5, 0.25], lowering=lowering)
-        outs[lowering] = sample(family, torch.compile(family.model, backend=be), steps=3)
+        be = astraea.backend(schedule=[1.0, 0.25], lowering=lowering)
+        outs[lowering] = sample(family, torch.compile(family.model, backend=be), steps=2)
         graphs[lowering] = be.runners[0].graph_fn
     blocks = [r for r in cut(graphs["inductor"].graph_module.graph) if r.is_block]
     assert blocks[0].key != blocks[1].key

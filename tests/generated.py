@@ -221,3 +221,11 @@ class GeneratedDiT(nn.Module):
             if self.k.joint:
                 x, context = x
         return self.proj_out(self.norm_out(x))
+
+
+def example_inputs(k: Knobs, step: int = 0, seed: int = 0, context_tokens: int = 5):
+    """(latent, timestep, context) of one call at denoising step `step`."""
+    g = torch.Generator().manual_seed(seed)
+    latent = torch.randn(1, k.tokens, 4, generator=g) + 0.1 * step
+    return latent, torch.tensor([1000.0 - 100 * step]), torch.randn(1, context_tokens, 16, generator=g)
+

@@ -215,8 +215,10 @@ def inductor_line(case: Case, budgets=(1.0, 0.5, 0.25)) -> str:
                     outs = f"{lowering} lowering failed: {type(e).__name__}: {_clean(str(e))[:200]}"
                     break
         if isinstance(outs, dict):
-            outs = f"{(torch.linalg.norm(outs['inductor'] - outs['eager']) / torch.linalg.norm(outs['eager'])).item():.1e}"
-        cells.append(("compile_blocks " if blocks else f"whole ({sum(r.num_sparse_blocks for r in be.reports)} sparse) ") + outs)
+            distance = torch.linalg.norm(outs["inductor"] - outs["eager"]) / torch.linalg.norm(outs["eager"])
+            outs = f"{distance.item():.1e}"
+        how = "compile_blocks" if blocks else f"whole ({sum(r.num_sparse_blocks for r in be.reports)} sparse)"
+        cells.append(f"{how} {outs}")
     torch._dynamo.reset()
     return f"{case.label}, Inductor against eager lowering, relative distance: " + "; ".join(cells)
 

@@ -9,16 +9,15 @@ import torch.fx as fx
 
 import astraea
 from astraea.passes.opaque_calls import inline_opaque_calls
-from tests.contract import ContractChecker
-from tests.generated import GeneratedDiT, Knobs
-from tests.test_written_attention import _inputs
+from tests.contract import check_generated
+from tests.generated import GeneratedDiT, Knobs, example_inputs
 
 
 def _graph_of(fn, *args) -> fx.GraphModule:
     """The graph dynamo hands a backend for `fn(*args)`."""
     graphs = []
 
-    def keep(gm, example_inputs):
+    def keep(gm, inputs):
         graphs.append(gm)
         return gm
 
@@ -28,30 +27,17 @@ def _graph_of(fn, *args) -> fx.GraphModule:
 
 
 def _opaque(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "__module__", "").startswith(("einops", __name__))]
+    """The calls dynamo kept whole: einops', and this file's `allow_in_graph` helpers."""
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and getattr(n.target, "__module__", "").startswith(("einops", __name__))]
 
 
 @pytest.mark.parametrize("joint", [None, "dual", "single"])
 def test_a_dit_written_with_einops_goes_sparse_and_keeps_the_contract(joint):
     k = Knobs(einops=True, fused_qkv=True, joint=joint)
-    torch.manual_seed(0)
-    model = GeneratedDiT(k).eval()
     if einops.__version__ < "0.8.2":  # what the pass is for: dynamo leaves einops' calls whole
-        assert _opaque(_graph_of(model, *_inputs(k)))
-    torch._dynamo.reset()
-    report = astraea.explain(model, *_inputs(k))
-    assert report.num_sparse_blocks == report.num_blocks == k.depth, str(report)
-    torch._dynamo.reset()
-    be = astraea.backend(schedule=[1.0, 0.5, 0.25])
-    compiled = torch.compile(model, backend=be)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(*_inputs(k)), model(*_inputs(k)), rtol=1e-5, atol=1e-5)
-        runner = be.runners[0]
-        runner.reset()
-        checker = runner.graph_fn = ContractChecker(runner, atol=1e-4, rtol=1e-4)
-        for step in range(3):
-            compiled(*_inputs(k, step))
-    assert checker.checked == 3 * k.depth
+        assert _opaque(_graph_of(GeneratedDiT(k).eval(), *example_inputs(k)))
+    check_generated(k)
 
 
 @torch._dynamo.allow_in_graph
@@ -153,9 +139,10 @@ def test_a_model_with_a_call_left_opaque_still_equals_eager():
     torch.manual_seed(0)
     model = Noisy().eval()
     torch._dynamo.reset()
-    assert astraea.explain(model, *_inputs(Knobs())).num_sparse_blocks == 2
+    assert astraea.explain(model, *example_inputs(Knobs())).num_sparse_blocks == 2
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=astraea.backend(schedule=1.0))
     with torch.no_grad():
         for step in range(2):
-            torch.testing.assert_close(compiled(*_inputs(Knobs(), step)), model(*_inputs(Knobs(), step)), rtol=1e-5, atol=1e-5)
+            inputs = example_inputs(Knobs(), step)
+            torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)

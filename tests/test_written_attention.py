@@ -9,39 +9,14 @@ import torch.nn.functional as F
 
 import astraea
 from astraea.passes.written_attention import collapse_written_attention
-from tests.contract import ContractChecker
-from tests.generated import GeneratedDiT, Knobs
-
-CONTEXT_TOKENS = 5
-
-
-def _inputs(k: Knobs, step: int = 0, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    latent = torch.randn(1, k.tokens, 4, generator=g) + 0.1 * step
-    return latent, torch.tensor([1000.0 - 100 * step]), torch.randn(1, CONTEXT_TOKENS, 16, generator=g)
-
+from tests.contract import check_generated
+from tests.generated import Knobs
 
 @pytest.mark.parametrize("joint", [None, "dual", "single"])
 def test_written_attention_goes_sparse_and_keeps_the_contract(joint):
     """The generated DiT with attention written out: every block sparse, exact at budget 1.0,
     and the per-block contract at budgets below 1 (self-, cross- and joint attention)."""
-    k = Knobs(written_attention=True, joint=joint)
-    torch.manual_seed(0)
-    model = GeneratedDiT(k).eval()
-    torch._dynamo.reset()
-    report = astraea.explain(model, *_inputs(k))
-    assert report.num_sparse_blocks == report.num_blocks == k.depth, str(report)
-    torch._dynamo.reset()
-    be = astraea.backend(schedule=[1.0, 0.5, 0.25])
-    compiled = torch.compile(model, backend=be)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(*_inputs(k)), model(*_inputs(k)), rtol=1e-5, atol=1e-5)
-        runner = be.runners[0]
-        runner.reset()
-        checker = runner.graph_fn = ContractChecker(runner, atol=1e-4, rtol=1e-4)
-        for step in range(3):
-            compiled(*_inputs(k, step))
-    assert checker.checked == 3 * k.depth
+    check_generated(Knobs(written_attention=True, joint=joint))
 
 
 class Written(nn.Module):

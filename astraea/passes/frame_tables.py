@@ -1,0 +1,133 @@
+"""Per-frame modulation written on frames: give its tables a row per token, so the analysis can follow it.
+
+Models that denoise each frame at its own noise level (diffusion forcing, autoregressive video:
+SANA-WM, and research code such as CausVid's and Self-Forcing's causal Wan) modulate the tokens of
+each frame with that frame's table, writing it by splitting the token axis into frames:
+
+    h = (norm(x).unflatten(1, (F, P)) * (1 + scale) + shift).flatten(1, 2)   # scale, shift [B, F, 1, C]
+
+To the token rules the split is a reshape that splits the token axis, and the block runs dense.
+This pass finds each such run (a split of one dim into (F, P), element-wise ops whose other operands
+have one row per frame or per sample, and the merge back to the split's input shape) and rewrites it
+on the unsplit tensor, each table expanded to a row per token (`table.expand(..., F, P, C).flatten`):
+the same values, now a per-token table the rewrite gathers with the selected rows, as it does Wan
+2.2's per-token timesteps. A run with any other use of a split value is left as it is.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._pytree import tree_flatten
+
+from .rules import shape_of
+
+SPLITS = {("call_method", "unflatten"), ("call_method", "view"), ("call_method", "reshape"),
+          ("call_function", torch.reshape), ("call_function", torch.unflatten)}
+MERGES = {("call_method", "flatten"), ("call_method", "view"), ("call_method", "reshape"),
+          ("call_function", torch.reshape), ("call_function", torch.flatten)}
+ELEMENTWISE = {("call_function", f) for f in (operator.add, operator.sub, operator.mul, operator.truediv,
+                                              torch.add, torch.sub, torch.mul, torch.div)} | {
+    ("call_method", m) for m in ("add", "sub", "mul", "div", "type_as", "float", "half", "bfloat16", "to")}
+
+
+def unsplit_frame_tables(gm: fx.GraphModule) -> int:
+    """Rewrite each per-frame run in `gm` on the unsplit tokens; returns how many."""
+    done = sum(_unsplit(gm.graph, node) for node in list(gm.graph.nodes) if _split_dim(node) is not None)
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
+
+
+def _key(node: fx.Node):
+    return node.op, node.target
+
+
+def _split_dim(node: fx.Node) -> int | None:
+    """d where `node` reshapes [..., N, ...] into [..., F, P, ...] (F, P > 1) at dim d >= 1."""
+    if node.op not in ("call_method", "call_function") or _key(node) not in SPLITS or not node.args:
+        return None
+    ins, outs = shape_of(node.args[0]), shape_of(node)
+    if ins is None or outs is None or len(outs) != len(ins) + 1:
+        return None
+    for d in range(1, len(ins)):
+        if ins[:d] == outs[:d] and ins[d + 1:] == outs[d + 2:] and ins[d] == outs[d] * outs[d + 1] \
+                and outs[d] > 1 and outs[d + 1] > 1:
+            return d
+    return None
+
+
+def _unsplit(graph: fx.Graph, split: fx.Node) -> int:
+    d, whole, parts = _split_dim(split), shape_of(split.args[0]), shape_of(split)
+    run, merges, frontier = [split], [], [split]
+    while frontier:
+        for user in list(frontier.pop().users):
+            if user in run or user in merges:
+                continue
+            if _key(user) in MERGES and shape_of(user) == whole and user.args[0] in run:
+                merges.append(user)
+            elif _key(user) in ELEMENTWISE and shape_of(user) == parts and all(
+                a in run or _per_frame(a, parts, d) for a in user.all_input_nodes
+            ):
+                run.append(user)
+                frontier.append(user)
+            else:
+                return 0  # a split value read otherwise: the run stays as written
+    if not merges:
+        return 0
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    run.sort(key=order.get)
+    unsplit = {split: split.args[0]}
+    for node in run[1:]:
+        with graph.inserting_before(node):
+            args = fx.node.map_arg(node.args, lambda a: unsplit.get(a) or _per_token(graph, a, parts, d, node.meta))
+            kwargs = fx.node.map_arg(node.kwargs, lambda a: unsplit.get(a) or _per_token(graph, a, parts, d, node.meta))
+            unsplit[node] = _node(graph, node.op, node.target, args, kwargs, node.meta)
+    for merge in merges:
+        merge.replace_all_uses_with(unsplit[merge.args[0]])
+    for node in merges + run[::-1]:
+        graph.erase_node(node)
+    return 1
+
+
+def _per_frame(a: fx.Node, parts: tuple, d: int) -> bool:
+    """A tensor broadcast over the split shape with one row per frame (or one for all), per sample."""
+    shape = shape_of(a)
+    if shape is None or len(shape) > len(parts):
+        return False
+    shape = (1,) * (len(parts) - len(shape)) + shape
+    return shape[d + 1] == 1 and all(s in (1, p) for s, p in zip(shape, parts))
+
+
+def _per_token(graph: fx.Graph, a, parts: tuple, d: int, meta: dict):
+    """The per-frame tensor `a` with a row per token: [..., F, 1, ...] -> [..., F * P, ...], in the
+    module of its consumer (`meta`), where the analysis places it."""
+    if not isinstance(a, fx.Node):
+        return a
+    shape = shape_of(a)
+    lead = len(parts) - len(shape)
+    if lead:
+        a = _node(graph, "call_method", "reshape", (a, (1,) * lead + shape), {}, meta)
+        shape = (1,) * lead + shape
+    if shape[d] == 1:  # one row for every frame: it broadcasts over the tokens as it is
+        return _node(graph, "call_method", "flatten", (a, d, d + 1), {}, meta)
+    sizes = [-1] * len(shape)
+    sizes[d + 1] = parts[d + 1]
+    expanded = _node(graph, "call_method", "expand", (a, *sizes), {}, meta)
+    return _node(graph, "call_method", "flatten", (expanded, d, d + 1), {}, meta)
+
+
+def _node(graph: fx.Graph, op: str, target, args, kwargs, meta) -> fx.Node:
+    """A new node with dynamo's example value, computed on the fake values of its inputs."""
+    node = graph.create_node(op, target, args, kwargs)
+    values = fx.node.map_arg((args, kwargs), lambda a: a.meta["example_value"])
+    fakes = [v for v in tree_flatten(values)[0] if isinstance(v, FakeTensor)]
+    call = (lambda *a, **k: getattr(a[0], target)(*a[1:], **k)) if op == "call_method" else target
+    with fakes[0].fake_mode if fakes else torch.no_grad():
+        value = call(*values[0], **values[1])
+    node.meta = {**meta, "example_value": value}
+    return node

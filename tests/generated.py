@@ -7,7 +7,8 @@ HunyuanVideo keep them), fused or separate q/k/v, joint text-video attention (`j
 HunyuanVideo's double blocks; "single" runs one block over the concatenated tokens, as
 HunyuanVideo's single blocks), text before or after the video, attention through SDPA or
 written out by hand (matmul, softmax, matmul), or linear (a key/value summary over every
-token); heads split and merged with einops, as research code writes them; and `mixing` puts an
+token); heads split and merged with einops, as research code writes them; per-frame adaLN tables
+applied to the tokens split into frames (diffusion forcing); and `mixing` puts an
 op that is not token-wise into one block (a reduction over tokens, a roll along tokens, a
 linear map over the token axis, a cumulative sum), which astraea must leave dense.
 """
@@ -43,6 +44,7 @@ class Knobs:
     written_attention: bool = False  # softmax(q k^T * scale) v written out, as research code does
     linear_attention: bool = False  # self-attention as relu(q) (relu(k)^T v), normalised (Sana-Video)
     einops: bool = False  # heads split (fused q/k/v too) and merged by einops.rearrange
+    frames: int = 1  # > 1: per-frame adaLN tables, applied to the tokens split into frames (no joint)
 
 
 class Block(nn.Module):
@@ -59,6 +61,7 @@ class Block(nn.Module):
         self.cross_q, self.cross_kv, self.cross_out = nn.Linear(w, w), nn.Linear(16, 2 * w), nn.Linear(w, w)
         self.ff = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(approximate="tanh"), nn.Linear(2 * w, w))
         self.mod = nn.Parameter(torch.randn(1, 6, w) / w**0.5)
+        self.frame_mod = nn.Parameter(torch.randn(1, k.frames, 6, w) / w**0.5) if k.frames > 1 else None
         self.token_mix = nn.Parameter(torch.randn(k.tokens, k.tokens) / k.tokens)
         if k.joint == "dual":
             self.txt_norm, self.txt_qkv, self.txt_out = nn.LayerNorm(w), nn.Linear(w, 3 * w), nn.Linear(w, w)
@@ -93,17 +96,20 @@ class Block(nn.Module):
         if self.k.joint == "single":
             return self.single(x, ctx, temb, cos, sin)
         k = self.k
-        shift, scale, gate, c_shift, c_scale, c_gate = (self.mod + temb[:, None]).chunk(6, dim=1)
+        if k.frames > 1:  # each [B, F, 1, C]: a table per frame (diffusion forcing)
+            shift, scale, gate, c_shift, c_scale, c_gate = (self.frame_mod + temb[:, None, None]).chunk(6, dim=2)
+        else:
+            shift, scale, gate, c_shift, c_scale, c_gate = (self.mod + temb[:, None]).chunk(6, dim=1)
         h = self.norm1(x)
         if k.modulation:
-            h = h * (1 + scale) + shift
+            h = self.framed(h, lambda f: f * (1 + scale) + shift)
         q, key, v = self.qkv_heads(h)
         if k.rope:
             q = q * cos + q.flip(-1) * sin
             key = key * cos + key.flip(-1) * sin
         a = self.merged(self.self_attend(q, key, v))
         a = self.out(a)
-        x = x + (a * gate if k.gated else a)
+        x = x + (self.framed(a, lambda f: f * gate) if k.gated else a)
         if k.mixing and self.index == k.mixing_block:
             x = self.mix(x)
         if k.cross:
@@ -112,9 +118,15 @@ class Block(nn.Module):
             x = x + self.cross_out(self.merged(self.attend(cq, ck, cv)))
         h = self.norm3(x)
         if k.modulation:
-            h = h * (1 + c_scale) + c_shift
+            h = self.framed(h, lambda f: f * (1 + c_scale) + c_shift)
         f = self.ff(h)
-        return x + (f * c_gate if k.gated else f)
+        return x + (self.framed(f, lambda t: t * c_gate) if k.gated else f)
+
+    def framed(self, x, fn):
+        """fn of x split into frames [B, F, N / F, C], back as [B, N, C]; fn of x with one frame."""
+        if self.k.frames == 1:
+            return fn(x)
+        return fn(x.unflatten(1, (self.k.frames, -1))).flatten(1, 2)
 
     def qkv_heads(self, h):
         if self.k.fused_qkv and self.k.einops:

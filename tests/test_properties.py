@@ -16,11 +16,14 @@ from tests.generated import MIXING, GeneratedDiT, Knobs
 def knobs(draw):
     heads = draw(st.sampled_from([1, 2, 4]))
     depth = draw(st.integers(1, 3))
+    joint = draw(st.sampled_from([None, "dual", "single"]))
+    frames = 1 if joint else draw(st.sampled_from([1, 1, 2, 3]))  # per-frame tables split the video tokens only
     return Knobs(
-        depth=depth, width=heads * draw(st.sampled_from([4, 8])), heads=heads, tokens=draw(st.integers(6, 40)),
+        depth=depth, width=heads * draw(st.sampled_from([4, 8])), heads=heads,
+        tokens=frames * draw(st.integers(max(2, 6 // frames), 40 // frames)), frames=frames,
         cross=draw(st.booleans()), modulation=draw(st.booleans()), gated=draw(st.booleans()),
         rope=draw(st.booleans()), rope_rows=draw(st.booleans()), fused_qkv=draw(st.booleans()), mixing=draw(st.sampled_from(MIXING)),
-        mixing_block=draw(st.integers(0, depth - 1)), joint=draw(st.sampled_from([None, "dual", "single"])),
+        mixing_block=draw(st.integers(0, depth - 1)), joint=joint,
         text_first=draw(st.booleans()), written_attention=draw(st.booleans()), linear_attention=draw(st.booleans()),
         einops=draw(st.booleans()),
     )
@@ -102,6 +105,7 @@ def test_sparse_blocks_do_not_depend_on_the_token_count(k, collide):
             "context_dim": 16, "heads": k.heads}[collide]
     assume(not (k.joint and k.mixing and max(size, 2) <= CONTEXT_TOKENS))
     assume(not (k.linear_attention and max(size, 2) < k.width // k.heads))
+    assume(max(size, 2) % k.frames == 0)
     torch._dynamo.reset()
     torch.manual_seed(0)
     expected = _sparse_blocks(k)

@@ -14,6 +14,7 @@ from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .blocks import Block, find_blocks
 from .frame_tables import unsplit_frame_tables
+from .multihead import expand_multihead_attention
 from .opaque_calls import inline_opaque_calls
 from .report import BlockReport, Report, make_report
 from ..ops.signature import SparseBlockInputs
@@ -32,8 +33,8 @@ class AnalyseTokens(PassBase):
     """Analysis pass: records a frozen `Report` (and its details).
 
     Its one change to the graph is normalising: calls dynamo keeps opaque (einops before 0.8.2)
-    are replaced by the torch ops they run, per-frame modulation written on frames gets tables
-    with a row per token, sequence-parallel (Ulysses) attention is collapsed
+    are replaced by the torch ops they run, `nn.MultiheadAttention`'s call is written out around
+    one SDPA, per-frame modulation written on frames gets tables with a row per token, sequence-parallel (Ulysses) attention is collapsed
     into a single op, so that it reads as self-attention on this rank's tokens, and attention
     written out by hand (softmax of q k^T, times v) into one SDPA.
 
@@ -49,9 +50,10 @@ class AnalyseTokens(PassBase):
         self.timestep: fx.Node | None = None
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        ranks, written, inlined, frames = 1, 0, 0, 0
+        ranks, written, inlined, frames, multihead = 1, 0, 0, 0, 0
         try:
             inlined = inline_opaque_calls(gm)
+            multihead = expand_multihead_attention(gm)
             frames = unsplit_frame_tables(gm)
             ranks = collapse_ulysses_attention(gm)
             written = collapse_written_attention(gm)
@@ -66,7 +68,7 @@ class AnalyseTokens(PassBase):
             for b in self.blocks:
                 b.reason = b.reason or "model has no timestep input to tell steps apart"
         self.report = make_report(gm, self.axis, self.blocks, reason, self.timestep, ranks)
-        return PassResult(gm, ranks > 1 or written > 0 or inlined > 0 or frames > 0)
+        return PassResult(gm, ranks > 1 or written > 0 or inlined + frames + multihead > 0)
 
 
 class SparsifyBlocks(PassBase):

@@ -20,9 +20,8 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._pytree import tree_flatten
 
+from .fake_values import node_with_value
 from .rules import shape_of
 
 SPLITS = {("call_method", "unflatten"), ("call_method", "view"), ("call_method", "reshape"),
@@ -86,7 +85,7 @@ def _unsplit(graph: fx.Graph, split: fx.Node) -> int:
         with graph.inserting_before(node):
             args = fx.node.map_arg(node.args, lambda a: unsplit.get(a) or _per_token(graph, a, parts, d, node.meta))
             kwargs = fx.node.map_arg(node.kwargs, lambda a: unsplit.get(a) or _per_token(graph, a, parts, d, node.meta))
-            unsplit[node] = _node(graph, node.op, node.target, args, kwargs, node.meta)
+            unsplit[node] = node_with_value(graph, node.op, node.target, args, kwargs, node.meta)
     for merge in merges:
         merge.replace_all_uses_with(unsplit[merge.args[0]])
     for node in merges + run[::-1]:
@@ -111,23 +110,11 @@ def _per_token(graph: fx.Graph, a, parts: tuple, d: int, meta: dict):
     shape = shape_of(a)
     lead = len(parts) - len(shape)
     if lead:
-        a = _node(graph, "call_method", "reshape", (a, (1,) * lead + shape), {}, meta)
+        a = node_with_value(graph, "call_method", "reshape", (a, (1,) * lead + shape), {}, meta)
         shape = (1,) * lead + shape
     if shape[d] == 1:  # one row for every frame: it broadcasts over the tokens as it is
-        return _node(graph, "call_method", "flatten", (a, d, d + 1), {}, meta)
+        return node_with_value(graph, "call_method", "flatten", (a, d, d + 1), {}, meta)
     sizes = [-1] * len(shape)
     sizes[d + 1] = parts[d + 1]
-    expanded = _node(graph, "call_method", "expand", (a, *sizes), {}, meta)
-    return _node(graph, "call_method", "flatten", (expanded, d, d + 1), {}, meta)
-
-
-def _node(graph: fx.Graph, op: str, target, args, kwargs, meta) -> fx.Node:
-    """A new node with dynamo's example value, computed on the fake values of its inputs."""
-    node = graph.create_node(op, target, args, kwargs)
-    values = fx.node.map_arg((args, kwargs), lambda a: a.meta["example_value"])
-    fakes = [v for v in tree_flatten(values)[0] if isinstance(v, FakeTensor)]
-    call = (lambda *a, **k: getattr(a[0], target)(*a[1:], **k)) if op == "call_method" else target
-    with fakes[0].fake_mode if fakes else torch.no_grad():
-        value = call(*values[0], **values[1])
-    node.meta = {**meta, "example_value": value}
-    return node
+    expanded = node_with_value(graph, "call_method", "expand", (a, *sizes), {}, meta)
+    return node_with_value(graph, "call_method", "flatten", (expanded, d, d + 1), {}, meta)

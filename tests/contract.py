@@ -177,25 +177,28 @@ def check_regions(be, family, compiled) -> None:
         assert skipped > 0 and skip_graphs[runner].calls == skipped
 
 
-def check_generated(k) -> None:
-    """The generated DiT of knobs `k` (tests/generated.py): every block sparse, exact at budget 1.0,
-    and the per-block contract at budgets 0.5 and 0.25."""
-    from tests.generated import GeneratedDiT, example_inputs
-
-    torch.manual_seed(0)
-    model = GeneratedDiT(k).eval()
+def check_sparse_model(model, inputs, blocks: int) -> None:
+    """`model` (eval) with `blocks` blocks, called as `model(*inputs(step))`: every block sparse, exact at
+    budget 1.0, and the per-block contract at budgets 0.5 and 0.25."""
     torch._dynamo.reset()
-    report = astraea.explain(model, *example_inputs(k))
-    assert report.num_sparse_blocks == report.num_blocks == k.depth, str(report)
+    report = astraea.explain(model, *inputs(0))
+    assert report.num_sparse_blocks == report.num_blocks == blocks, str(report)
     torch._dynamo.reset()
     be = astraea.backend(schedule=[1.0, 0.5, 0.25])
     compiled = torch.compile(model, backend=be)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(*example_inputs(k)), model(*example_inputs(k)), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(compiled(*inputs(0)), model(*inputs(0)), rtol=1e-5, atol=1e-5)
         runner = be.runners[0]
         runner.reset()
         checker = runner.graph_fn = ContractChecker(runner, atol=1e-4, rtol=1e-4)
         for step in range(3):
-            compiled(*example_inputs(k, step))
-    assert checker.checked == 3 * k.depth
+            compiled(*inputs(step))
+    assert checker.checked == 3 * blocks
 
+
+def check_generated(k) -> None:
+    """`check_sparse_model` on the generated DiT of knobs `k` (tests/generated.py)."""
+    from tests.generated import GeneratedDiT, example_inputs
+
+    torch.manual_seed(0)
+    check_sparse_model(GeneratedDiT(k).eval(), lambda step: example_inputs(k, step), k.depth)

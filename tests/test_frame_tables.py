@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import astraea
 from astraea.passes.frame_tables import unsplit_frame_tables
-from tests.contract import ContractChecker
+from tests.contract import check_sparse_model
 
 FRAMES, PER_FRAME, WIDTH = 3, 8, 32
 
@@ -66,20 +65,7 @@ def _inputs(step: int, seed: int = 0):
 def test_per_frame_tables_go_sparse_and_keep_the_contract(split):
     torch.manual_seed(0)
     model = FrameDiT(split).eval()
-    torch._dynamo.reset()
-    report = astraea.explain(model, *_inputs(0))
-    assert report.num_sparse_blocks == report.num_blocks == 2, str(report)
-    torch._dynamo.reset()
-    be = astraea.backend(schedule=[1.0, 0.5, 0.25])
-    compiled = torch.compile(model, backend=be)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(*_inputs(0)), model(*_inputs(0)), rtol=1e-5, atol=1e-5)
-        runner = be.runners[0]
-        runner.reset()
-        checker = runner.graph_fn = ContractChecker(runner, atol=1e-4, rtol=1e-4)
-        for step in range(3):
-            compiled(*_inputs(step))
-    assert checker.checked == 3 * 2
+    check_sparse_model(model, _inputs, 2)
 
 
 def test_a_split_read_otherwise_is_left_as_written():

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import astraea
 from astraea.passes.multihead import expand_multihead_attention
-from tests.contract import ContractChecker
+from tests.contract import check_sparse_model
 
 WIDTH, TOKENS, TEXT_DIM = 32, 24, 16
 
@@ -58,20 +57,7 @@ def _inputs(step: int):
 def test_a_dit_on_multihead_attention_goes_sparse_and_keeps_the_contract(batch_first):
     torch.manual_seed(0)
     model = MhaDiT(batch_first).eval()
-    torch._dynamo.reset()
-    report = astraea.explain(model, *_inputs(0))
-    assert report.num_sparse_blocks == report.num_blocks == 2, str(report)
-    torch._dynamo.reset()
-    be = astraea.backend(schedule=[1.0, 0.5, 0.25])
-    compiled = torch.compile(model, backend=be)
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(*_inputs(0)), model(*_inputs(0)), rtol=1e-5, atol=1e-5)
-        runner = be.runners[0]
-        runner.reset()
-        checker = runner.graph_fn = ContractChecker(runner, atol=1e-4, rtol=1e-4)
-        for step in range(3):
-            compiled(*_inputs(step))
-    assert checker.checked == 3 * 2
+    check_sparse_model(model, _inputs, 2)
 
 
 def test_a_masked_call_stays_whole():

@@ -14,7 +14,6 @@ from __future__ import annotations
 import inspect
 import operator
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 

@@ -98,13 +98,14 @@ def test_sparse_blocks_do_not_depend_on_the_token_count(k, collide):
     Not where a joint model's video stream is cut by an op that mixes its tokens and the text
     is as long as the video or longer: the text then explains as many attentions or more, and
     the analysis may follow it (a known limit, benchmarks/NOTES.md). Nor where linear attention
-    meets fewer tokens than its head dim: its normaliser, q times the keys summed over tokens,
-    contracts the head dims of two tensors as a summary contracts tokens, and a tie goes to the
-    longer axis (reached where the heads are split by one 5-d reshape, as einops writes it)."""
+    meets no more tokens than its head dim (in either model): its normaliser, q times the keys
+    summed over tokens, contracts the head dims of two tensors as a summary contracts tokens, and
+    a tie goes to the longer axis (reached where the heads are split by one 5-d reshape, as einops
+    writes it)."""
     size = {"width": k.width, "head_dim": k.width // k.heads, "ffn": 2 * k.width, "context": CONTEXT_TOKENS,
             "context_dim": 16, "heads": k.heads}[collide]
     assume(not (k.joint and k.mixing and max(size, 2) <= CONTEXT_TOKENS))
-    assume(not (k.linear_attention and max(size, 2) < k.width // k.heads))
+    assume(not (k.linear_attention and min(k.tokens, max(size, 2)) <= k.width // k.heads))
     assume(max(size, 2) % k.frames == 0)
     torch._dynamo.reset()
     torch.manual_seed(0)

@@ -9,14 +9,20 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._pytree import tree_flatten
 
 
+def fake_mode_of(values):
+    """The one fake mode the fake tensors among `values` belong to (dynamo's: a backend may run
+    under another), or None where there is none or more than one."""
+    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, FakeTensor)}
+    return next(iter(modes.values())) if len(modes) == 1 else None
+
+
 def node_with_value(graph: fx.Graph, op: str, target, args, kwargs, meta: dict) -> fx.Node:
     """A node of `op` and `target` at the graph's insertion point, its value computed on the fake
     values of its inputs; `meta` (a node's, for its module path) with that value."""
     node = graph.create_node(op, target, args, kwargs)
     values = fx.node.map_arg((args, kwargs), lambda a: a.meta["example_value"])
-    fakes = [v for v in tree_flatten(values)[0] if isinstance(v, FakeTensor)]
     call = (lambda *a, **k: getattr(a[0], target)(*a[1:], **k)) if op == "call_method" else target
-    with fakes[0].fake_mode if fakes else torch.no_grad():
+    with fake_mode_of(tree_flatten(values)[0]) or torch.no_grad():
         value = call(*values[0], **values[1])
     node.meta = {**meta, "example_value": value}
     return node

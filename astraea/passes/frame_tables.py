@@ -16,21 +16,18 @@ the same values, now a per-token table the rewrite gathers with the selected row
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
 from .fake_values import node_with_value
-from .rules import shape_of
+from .rules import DTYPE_FROM_SECOND, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, RESHAPE_METHODS, shape_of
 
-SPLITS = {("call_method", "unflatten"), ("call_method", "view"), ("call_method", "reshape"),
-          ("call_function", torch.reshape), ("call_function", torch.unflatten)}
-MERGES = {("call_method", "flatten"), ("call_method", "view"), ("call_method", "reshape"),
-          ("call_function", torch.reshape), ("call_function", torch.flatten)}
-ELEMENTWISE = {("call_function", f) for f in (operator.add, operator.sub, operator.mul, operator.truediv,
-                                              torch.add, torch.sub, torch.mul, torch.div)} | {
-    ("call_method", m) for m in ("add", "sub", "mul", "div", "type_as", "float", "half", "bfloat16", "to")}
+# Reshapes (a split when the rank grows by one, a merge when the split's input shape comes back)
+# and element-wise ops: the token rules' own lists.
+RESHAPES = {("call_method", m) for m in RESHAPE_METHODS} | {
+    ("call_function", f) for f in (torch.reshape, torch.flatten, torch.unflatten)}
+ELEMENTWISE = {("call_function", f) for f in ELEMENTWISE_FUNCTIONS} | {
+    ("call_method", m) for m in (*ELEMENTWISE_METHODS, *DTYPE_FROM_SECOND)}
 
 
 def unsplit_frame_tables(gm: fx.GraphModule) -> int:
@@ -48,7 +45,7 @@ def _key(node: fx.Node):
 
 def _split_dim(node: fx.Node) -> int | None:
     """d where `node` reshapes [..., N, ...] into [..., F, P, ...] (F, P > 1) at dim d >= 1."""
-    if node.op not in ("call_method", "call_function") or _key(node) not in SPLITS or not node.args:
+    if node.op not in ("call_method", "call_function") or _key(node) not in RESHAPES or not node.args:
         return None
     ins, outs = shape_of(node.args[0]), shape_of(node)
     if ins is None or outs is None or len(outs) != len(ins) + 1:
@@ -67,7 +64,7 @@ def _unsplit(graph: fx.Graph, split: fx.Node) -> int:
         for user in list(frontier.pop().users):
             if user in run or user in merges:
                 continue
-            if _key(user) in MERGES and shape_of(user) == whole and user.args[0] in run:
+            if _key(user) in RESHAPES and shape_of(user) == whole and user.args[0] in run:
                 merges.append(user)
             elif _key(user) in ELEMENTWISE and shape_of(user) == parts and all(
                 a in run or _per_frame(a, parts, d) for a in user.all_input_nodes

@@ -23,9 +23,10 @@ import types
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
+
+from .fake_values import fake_mode_of
 
 KEPT_MODULES = ("torch", "astraea")  # their functions in a graph are ops the rules know, or ours
 
@@ -70,7 +71,7 @@ def _inline(graph: fx.Graph, node: fx.Node) -> int:
         if not isinstance(value, torch.Tensor) or any(isinstance(s, torch.SymInt) for s in value.shape):
             return 0
         values[a] = value
-    fake_mode = _fake_mode(values.values())
+    fake_mode = fake_mode_of(values.values())
     if fake_mode is None:
         return 0
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), values.__getitem__)
@@ -142,12 +143,6 @@ def _constant(value) -> bool:
     return value is None or value is Ellipsis or isinstance(
         value, (bool, int, float, str, slice, torch.dtype, torch.device, torch.layout, torch.memory_format)
     )
-
-
-def _fake_mode(values):
-    """The fake mode the example values belong to (dynamo's; a backend may run under another)."""
-    modes = {id(v.fake_mode): v.fake_mode for v in values if isinstance(v, FakeTensor)}
-    return next(iter(modes.values())) if len(modes) == 1 else None
 
 
 def _as_graph_call(func, args) -> tuple[str, object, tuple]:

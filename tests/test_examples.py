@@ -26,4 +26,4 @@ def test_own_model_goes_sparse_exact_at_budget_one():
     half = own_model.main(["--budget", "0.5", "--steps", "3"])
     n = half["num_tokens"]
     assert half["tokens"] == [n, n // 2, n // 2]
-    assert 0 < half["distance"] < 0.1
+    assert 0 < half["distance"] < 0.03  # 0.011 measured: a tenth of the clip off would fail it

@@ -97,7 +97,7 @@ def check_compiled():
     """The library's ops (which launch these kernels) inside an Inductor graph give the eager results."""
     def f(q, k, v, x, fresh, idx, cache, change, lse_state):
         out, lse = torch.ops.astraea.sparse_attention(q, k, v)
-        y = torch.ops.astraea.merge_rows(x, fresh * 2, idx, cache, change, lse, lse_state)
+        y = torch.ops.astraea.merge_rows(x, fresh * 2, idx, cache, change, lse, lse_state, None, None, None)
         return out + 1, y
 
     x, fresh, idx, cache, change, _, lse_state = merge_inputs(1, 999, 256, 4, 300, torch.bfloat16)

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
         def run():
             for s in states:
-                slopes = () if mode == "copy" else (s.slope, s.stale, span, mode == "forecast")
+                slopes = (None, None, None) if mode == "copy" else (s.slope, s.stale, span, mode == "forecast")
                 torch.ops.astraea.merge_rows(x, rows, idx, s.cache, s.change, None, s.lse, *slopes)
         return run
 

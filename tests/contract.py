@@ -35,7 +35,8 @@ class _RecordAll(fx.Interpreter):
             x, _, idx, cache = args[:4]
             before = cache.clone()  # what the rows not recomputed reuse: the cache, or its forecast
             if kwargs.get("forecast"):
-                before = cache + kwargs["slope"] * kwargs["stale"][..., None]
+                slope, stale = args[7:9]
+                before = cache + slope * stale[..., None]
             y = self.call_function(n.target, args, kwargs)
             self.blocks.append({"x": x, "y": y, "idx": idx, "cache_before": before})
             return y

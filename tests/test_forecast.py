@@ -42,7 +42,7 @@ def _run(contribution, selections, samples, modes=None):
         reused = torch.ones(B, N, dtype=torch.bool).scatter_(1, idx.expand(B, -1), False)
         at = (torch.arange(B)[:, None], idx.expand(B, -1))
         rows = (x[at] + fresh[at]).contiguous()
-        slopes = (state.slope, state.stale, span, forecasting) if step > 0 else ()
+        slopes = (state.slope, state.stale, span, forecasting) if step > 0 else (None, None, None)
         y = torch.ops.astraea.merge_rows(x, rows, idx, state.cache, state.change, None, state.lse, *slopes)
         read.append(((y - x)[reused], fresh[reused], reused))
     return read

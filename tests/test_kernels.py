@@ -168,7 +168,7 @@ def test_library_ops_compile_to_what_they_compute_eagerly():
 
     def f(q, k, v, x, rows, idx, cache, change, lse_state):
         out, lse = torch.ops.astraea.sparse_attention(q, k, v)
-        y = torch.ops.astraea.merge_rows(x, rows * 2, idx, cache, change, lse, lse_state)
+        y = torch.ops.astraea.merge_rows(x, rows * 2, idx, cache, change, lse, lse_state, None, None, None)
         return out + 1, y
 
     q, k, v = _qkv(1, 2, 3, 30, 32, torch.float32, seed=8)
@@ -374,7 +374,8 @@ def test_merge_op_fake_matches_real_on_strided_inputs():
     B, N, D, K = 1, 8, 4, 3
     x = torch.randn(B, D, N).transpose(1, 2)  # [B, N, D], not contiguous
     idx = torch.tensor([[0, 3, 5]])
-    args = (x, torch.randn(B, K, D), idx, torch.zeros(B, N, D), torch.zeros(1, N), torch.randn(B, 2, K), torch.zeros(1, N))
+    args = (x, torch.randn(B, K, D), idx, torch.zeros(B, N, D), torch.zeros(1, N), torch.randn(B, 2, K), torch.zeros(1, N),
+            None, None, None)
     torch.library.opcheck(torch.ops.astraea.merge_rows, args, test_utils=("test_faketensor", "test_schema"))
     assert torch.ops.astraea.merge_rows(*args).is_contiguous()
 
@@ -396,3 +397,18 @@ def test_attention_key_bias(batch_bias):
     dropped, _ = gathered_attention_reference(q.double(), k[:, :, :40].double(), v[:, :, :40].double(),
                                               key_bias=bias[:, :40].double())
     torch.testing.assert_close(ref_out, dropped)  # -inf keys are as good as absent
+
+
+def test_every_argument_an_op_writes_is_required():
+    """torch 2.11's ADInplaceOrView kernel of a custom op finds the arguments it writes by position
+    among those passed; a call leaving one to its default drops it on the way to Python and fails
+    there ("tuple index out of range", the whole backend with it). torch 2.13 fills defaults in
+    first, so only the schema shows the hazard on this machine."""
+    import astraea.ops  # noqa: F401  (registers torch.ops.astraea.*)
+
+    for name in torch.ops.astraea:
+        for overload in getattr(torch.ops.astraea, name).overloads():
+            schema = getattr(getattr(torch.ops.astraea, name), overload)._schema
+            written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
+            defaulted = [a.name for a in schema.arguments if a.name in written and a.has_default_value()]
+            assert not defaulted, f"astraea::{name} writes {defaulted}, which have defaults"

@@ -29,6 +29,7 @@ class BlockInputs(NamedTuple):
 # selected row was last computed.
 SKIP_SLOPE_INPUTS = ("slope", "stale")
 MERGE_SLOPE_INPUTS = ("slope", "stale", "span")
+NO_SLOPES = (None,) * len(MERGE_SLOPE_INPUTS)  # a merge's slope inputs in the copying graph
 
 
 def call_arg(node: fx.Node, name: str):
@@ -38,6 +39,21 @@ def call_arg(node: fx.Node, name: str):
     op = node.target if isinstance(node.target, torch._ops.OpOverload) else node.target.default
     names = [a.name for a in op._schema.arguments]
     return node.args[names.index(name)]
+
+
+def set_call_args(node: fx.Node, **values) -> None:
+    """Set arguments of a call to a registered op by name, where they were passed positionally or
+    by keyword; an argument not passed yet is passed by keyword."""
+    op = node.target if isinstance(node.target, torch._ops.OpOverload) else node.target.default
+    names = [a.name for a in op._schema.arguments]
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for name, value in values.items():
+        at = names.index(name)
+        if at < len(args):
+            args[at] = value
+        else:
+            kwargs[name] = value
+    node.args, node.kwargs = tuple(args), kwargs
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,9 @@ def _(q, k, v, scale=None, attn_mask=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
+# Every argument it writes is required, None included: torch 2.11's ADInplaceOrView kernel of a
+# custom op finds the written arguments by position among those passed, and a call that leaves
+# one to its default (dropped from the call as it reaches Python) fails there with an IndexError.
 @torch.library.custom_op("astraea::merge_rows", mutates_args=("cache", "change", "lse_state", "slope"))
 def merge_rows(
     x: torch.Tensor,
@@ -116,9 +119,9 @@ def merge_rows(
     change: torch.Tensor,
     lse_rows: torch.Tensor | None,
     lse_state: torch.Tensor,
-    slope: torch.Tensor | None = None,
-    stale: torch.Tensor | None = None,
-    span: torch.Tensor | None = None,
+    slope: torch.Tensor | None,
+    stale: torch.Tensor | None,
+    span: torch.Tensor | None,
     forecast: bool = False,
 ) -> torch.Tensor:
     """Block output: fresh `rows` at `idx`, `x + cache` elsewhere; refresh cache and scores.
@@ -129,7 +132,7 @@ def merge_rows(
     slope [B, N, D] in the cache's dtype, each recomputed row's refreshed in the same pass as its
     cache; stale [S, N] the tokens' staleness after this call's selection; span [S, K] the steps
     since each recomputed row was last computed; with `forecast`, the rows not recomputed get
-    `x + cache + slope * stale`.
+    `x + cache + slope * stale`. Without slopes the three are None.
     """
     if forecast and slope is None:
         raise ValueError("merge_rows: forecasting needs the slopes (slope, stale, span)")
@@ -142,7 +145,7 @@ def merge_rows(
 
 
 @merge_rows.register_fake
-def _(x, rows, idx, cache, change, lse_rows, lse_state, slope=None, stale=None, span=None, forecast=False):
+def _(x, rows, idx, cache, change, lse_rows, lse_state, slope, stale, span, forecast=False):
     return x.new_empty(x.shape)  # contiguous, as both paths return it whatever x's strides
 
 

@@ -30,7 +30,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
-from ..ops.signature import BlockInputs, SparseBlockInputs
+from ..ops.signature import NO_SLOPES, BlockInputs, SparseBlockInputs
 from ..ops.sparse import gather_folded_tokens, gather_tokens, segment_rows, split_rows
 from .blocks import Block
 from . import rules
@@ -134,7 +134,8 @@ class _SparseCopy:
         with graph.inserting_before(end.next):
             merged = graph.call_function(
                 torch.ops.astraea.merge_rows,
-                (start, end, self.inputs.idx, self.inputs.cache, self.inputs.change, lse_rows, self.inputs.lse),
+                (start, end, self.inputs.idx, self.inputs.cache, self.inputs.change, lse_rows, self.inputs.lse,
+                 *NO_SLOPES),
             )
         return merged, self.shared_because
 

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops  # noqa: F401  (registers torch.ops.astraea.*)
-from ..ops.signature import MERGE_SLOPE_INPUTS, call_arg
+from ..ops.signature import MERGE_SLOPE_INPUTS, call_arg, set_call_args
 
 
 def merges_with_slope_inputs(graph: fx.Graph, names: tuple[str, ...]) -> list[tuple[fx.Node, dict]]:
@@ -40,7 +40,7 @@ def keep_slopes(sparse_gm: fx.GraphModule, forecast: bool) -> PassResult:
     gm = copy.deepcopy(sparse_gm)
     placed = merges_with_slope_inputs(gm.graph, MERGE_SLOPE_INPUTS)
     for merge, inputs in placed:
-        merge.kwargs = {**merge.kwargs, **inputs, "forecast": forecast}
+        set_call_args(merge, **inputs, forecast=forecast)
     gm.graph.lint()
     gm.recompile()
     return PassResult(gm, bool(placed))

@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score every candidate on decoded clips, not only the confirmed ones (slower)")
     parser.add_argument("--levels", type=levels, default=None,
                         help="comma-separated budgets a step may take, among the cost table's (default: all of them; "
-                             "0,1: whole steps only, dense or skipped)")
+                             "0,1: whole steps only, dense or skipped); a table measured here measures only these")
     add_settings(parser)
 
 
@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         table = CostTable.load(args.costs)
     else:
         print(f"no cost table at {args.costs}: measuring one")
-        table = profile(workload, sparse=compiled, forecast=args.forecast)
+        table = profile(workload, sparse=compiled, forecast=args.forecast,
+                        **({"levels": args.levels} if args.levels is not None else {}))
         table.save(args.costs)
     if args.levels is not None:
         table = table.only(args.levels)

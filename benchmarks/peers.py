@@ -350,13 +350,20 @@ def main() -> None:
     parser.add_argument("--regional", action="store_true",
                         help="also on a CPU: dense regional compile, and every diffusers cache on a transformer compiled "
                              "with compile_repeated_blocks() (always on a GPU)")
+    parser.add_argument("--compiled-dense", nargs="+", choices=sorted(COMPILED_DENSE.values()),
+                        help="the compiled dense baselines to measure (default: all three on a GPU, regional with "
+                             "--regional; at 81 frames of the Wan shape the whole-graph compile alone takes ~100 s); "
+                             "without regional, no cache runs on a regionally compiled transformer")
+    parser.add_argument("--baseline-repeats", type=int,
+                        help="generations timed per dense baseline, their median taken (default: 3 on a GPU, where one "
+                             "eager generation of the small reference model once took 1.4x the others; else --repeats)")
     parser.add_argument("--only", metavar="REGEX", type=re.compile,
                         help="besides the dense baselines, run only the methods whose names match, and add their rows "
                              "to the results already at the output path")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the table and plot of an earlier run's results")
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if args.repeats < 1 or (args.baseline_repeats is not None and args.baseline_repeats < 1):
+        parser.error(f"--repeats and --baseline-repeats must be at least 1, got {args.repeats}, {args.baseline_repeats}")
     if args.replot:
         return replot(args.replot)
     if args.model in SUBJECTS and args.batch != 1:
@@ -395,7 +402,7 @@ def main() -> None:
     # Each method is timed --repeats times; on a GPU the dense runs at least three times (one
     # eager generation of the small reference model once took 1.4x the others).
     repeats = args.repeats
-    baseline_repeats = max(repeats, 3 if gpu else 1)
+    baseline_repeats = args.baseline_repeats or max(repeats, 3 if gpu else 1)
     timer(generate(transformer))  # warm-up
     dense, dense_s, dense_gb, dense_calls = timer(generate(transformer), baseline_repeats)
     baselines, call_baselines = {"eager": dense_s}, {"eager": dense_calls}
@@ -408,8 +415,8 @@ def main() -> None:
         row = {"seconds": seconds, "dense_seconds": eager_s, "speedup": eager_s / seconds, "peak_gb": peak_gb,
                "transformer_seconds": calls_s, **subject.metrics(out, dense), **(extra or {}), "run": run}
         if gpu:
-            row["speedup_inductor"] = min(baselines[k] for k in COMPILED_DENSE.values()) / seconds
-            row["speedup_calls"] = min(call_baselines[k] for k in COMPILED_DENSE.values()) / calls_s
+            row["speedup_inductor"] = min(baselines[k] for k in COMPILED_DENSE.values() if k in baselines) / seconds
+            row["speedup_calls"] = min(call_baselines[k] for k in COMPILED_DENSE.values() if k in baselines) / calls_s
             own_s, own_out = own
             mine = row if own_out is dense else subject.metrics(out, own_out)
             row.update(speedup_own=own_s / seconds, psnr_own=mine["psnr"], ssim_own=mine["ssim"])
@@ -423,10 +430,13 @@ def main() -> None:
               {r["run"]: baselines if r["run"] == run else earlier["runs"][r["run"]] for r in rows.values()})
 
     # The dense baselines a user would compare with: the model under torch.compile, whole and by blocks.
-    regional = gpu or args.regional
+    chosen = set(args.compiled_dense or (COMPILED_DENSE.values() if gpu else ["regional"] if args.regional else []))
+    regional = (gpu or args.regional) and "regional" in chosen
     compiled_dense = {}
-    if gpu:
-        compiled_dense = {"dense Inductor": torch.compile(transformer), "dense Inductor, CUDA graphs": CapturedDense(transformer)}
+    if gpu and "inductor" in chosen:
+        compiled_dense["dense Inductor"] = torch.compile(transformer)
+    if gpu and "inductor_graphs" in chosen:
+        compiled_dense["dense Inductor, CUDA graphs"] = CapturedDense(transformer)
     if regional:
         compiled_dense["dense regional compile"] = regional_copy(transformer)
     measured = {}

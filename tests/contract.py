@@ -81,7 +81,10 @@ class ContractChecker:
         self.atol, self.rtol = atol, rtol
         self.checked, self.segments, self.selected = 0, 0, []
         analysis = AnalyseTokens()
-        analysis(copy.deepcopy(self.dense_gm))
+        # The dense graph as the analysis normalises it (subgraphs and opaque calls inlined,
+        # attention collapsed), whose node names the rewritten graph keeps: the one replayed.
+        self.normalised = copy.deepcopy(self.dense_gm)
+        analysis(self.normalised)
         sparse = [b for b in analysis.blocks if b.reason is None]
         assert [b.end.name for b in sparse] == [b.end for b in self.report.blocks if b.sparse]
         inside = {n.name for b in sparse for n in b.region}
@@ -100,7 +103,7 @@ class ContractChecker:
         sparse = [b for b in self.report.blocks if b.sparse]
         assert len(recorder.blocks) == len(sparse)
         starts = {b.start: rec["x"] for b, rec in zip(sparse, recorder.blocks)}
-        dense = _DenseReplay(self.dense_gm, recorder.values, starts, self.compute)
+        dense = _DenseReplay(self.normalised, recorder.values, starts, self.compute)
         dense.run(*args[: self.num_inputs])
         for b, rec in zip(sparse, recorder.blocks):
             x, y, idx = rec["x"], rec["y"], rec["idx"]

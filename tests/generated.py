@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -45,6 +46,8 @@ class Knobs:
     linear_attention: bool = False  # self-attention as relu(q) (relu(k)^T v), normalised (Sana-Video)
     einops: bool = False  # heads split (fused q/k/v too) and merged by einops.rearrange
     frames: int = 1  # > 1: per-frame adaLN tables, applied to the tokens split into frames (no joint)
+    wrapped: str | None = None  # "checkpoint": every block run under activation checkpointing, as research
+    # code often leaves it at inference; "region": the blocks' forward marked `nested_compile_region`
 
 
 class Block(nn.Module):
@@ -205,6 +208,10 @@ class Block(nn.Module):
         return x.cumsum(dim=1) / x.shape[1]
 
 
+class RegionBlock(Block):
+    forward = torch.compiler.nested_compile_region(Block.forward)
+
+
 class GeneratedDiT(nn.Module):
     def __init__(self, k: Knobs, channels: int = 4):
         super().__init__()
@@ -212,7 +219,7 @@ class GeneratedDiT(nn.Module):
         self.proj_in = nn.Linear(channels, k.width)
         self.time = nn.Linear(16, k.width)
         self.txt_in = nn.Linear(16, k.width) if k.joint else None
-        self.blocks = nn.ModuleList(Block(k, i) for i in range(k.depth))
+        self.blocks = nn.ModuleList((RegionBlock if k.wrapped == "region" else Block)(k, i) for i in range(k.depth))
         self.norm_out = nn.LayerNorm(k.width)
         self.proj_out = nn.Linear(k.width, channels)
         d = k.width // k.heads
@@ -229,7 +236,10 @@ class GeneratedDiT(nn.Module):
         if self.k.joint:
             context = self.txt_in(context)
         for block in self.blocks:
-            x = block(x, temb, context, self.cos, self.sin)
+            if self.k.wrapped == "checkpoint":
+                x = torch.utils.checkpoint.checkpoint(block, x, temb, context, self.cos, self.sin, use_reentrant=False)
+            else:
+                x = block(x, temb, context, self.cos, self.sin)
             if self.k.joint:
                 x, context = x
         return self.proj_out(self.norm_out(x))

@@ -25,7 +25,7 @@ def knobs(draw):
         rope=draw(st.booleans()), rope_rows=draw(st.booleans()), fused_qkv=draw(st.booleans()), mixing=draw(st.sampled_from(MIXING)),
         mixing_block=draw(st.integers(0, depth - 1)), joint=joint,
         text_first=draw(st.booleans()), written_attention=draw(st.booleans()), linear_attention=draw(st.booleans()),
-        einops=draw(st.booleans()),
+        einops=draw(st.booleans()), wrapped=draw(st.sampled_from([None, None, "checkpoint"] + ["region"] * (joint != "single"))),  # dynamo refuses a single-stream block's aliased outputs in a region
     )
 
 

@@ -17,6 +17,7 @@ from .frame_tables import unsplit_frame_tables
 from .multihead import expand_multihead_attention
 from .opaque_calls import inline_opaque_calls
 from .report import BlockReport, Report, make_report
+from .subgraph_calls import inline_subgraph_calls
 from ..ops.signature import SparseBlockInputs
 from .rewrite import rewrite_blocks
 from .timestep import find_timestep
@@ -32,8 +33,9 @@ __all__ = [
 class AnalyseTokens(PassBase):
     """Analysis pass: records a frozen `Report` (and its details).
 
-    Its one change to the graph is normalising: calls dynamo keeps opaque (einops before 0.8.2)
-    are replaced by the torch ops they run, `nn.MultiheadAttention`'s call is written out around
+    Its one change to the graph is normalising: blocks dynamo traced into subgraphs of their own
+    (activation checkpointing, `nested_compile_region`) are inlined, calls dynamo keeps opaque
+    (einops before 0.8.2) are replaced by the torch ops they run, `nn.MultiheadAttention`'s call is written out around
     one SDPA, per-frame modulation written on frames gets tables with a row per token, sequence-parallel (Ulysses) attention is collapsed
     into a single op, so that it reads as self-attention on this rank's tokens, and attention
     written out by hand (softmax of q k^T, times v) into one SDPA.
@@ -52,7 +54,7 @@ class AnalyseTokens(PassBase):
     def call(self, gm: fx.GraphModule) -> PassResult:
         ranks, written, inlined, frames, multihead = 1, 0, 0, 0, 0
         try:
-            inlined = inline_opaque_calls(gm)
+            inlined = inline_subgraph_calls(gm) + inline_opaque_calls(gm)
             multihead = expand_multihead_attention(gm)
             frames = unsplit_frame_tables(gm)
             ranks = collapse_ulysses_attention(gm)

@@ -1,0 +1,106 @@
+"""Inline the subgraphs dynamo calls through higher-order ops that only wrap them.
+
+Research code often runs every block under activation checkpointing, also at inference
+(`torch.utils.checkpoint.checkpoint(block, x, ...)` behind a flag set for training), and a
+model may mark its block's forward `torch.compiler.nested_compile_region`. Dynamo then traces
+each block into a subgraph of its own, called by one higher-order op node
+(`tag_activation_checkpoint`, `invoke_subgraph`, or a plain `wrap`): to the token rules that
+node is an unknown function, the token axis is lost at the first block, and the model runs
+dense. Checkpointing only changes what a backward pass recomputes, and the other two only how
+the code is compiled: each call computes what its subgraph computes on its operands. So the
+call is replaced by the subgraph's nodes, on the operands, as dynamo traces the block without
+the wrapper. Higher-order ops that change how the subgraph runs (autocast, grad mode, control
+flow) are left alone.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+
+def _wrappers() -> dict[object, int]:
+    """{op: index of its first operand}: each op's subgraph is its first argument; an
+    `invoke_subgraph` call names the subgraph next."""
+    ops = torch.ops.higher_order
+    found = {getattr(ops, name, None): first
+             for name, first in (("wrap", 1), ("tag_activation_checkpoint", 1), ("invoke_subgraph", 2))}
+    found.pop(None, None)
+    return found
+
+
+def inline_subgraph_calls(gm: fx.GraphModule) -> int:
+    """Replace each call of a wrapping higher-order op in `gm` by its subgraph's nodes (nested
+    ones too); returns how many calls were inlined."""
+    wrappers, inlined = _wrappers(), 0
+    while True:
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in wrappers]
+        done = sum(_inline(gm, call, wrappers[call.target]) for call in calls)
+        if not done:
+            break
+        inlined += done
+    if inlined:
+        gm.graph.eliminate_dead_code()
+        gm.delete_all_unused_submodules()
+        gm.graph.lint()
+        gm.recompile()
+    return inlined
+
+
+def _inline(gm: fx.GraphModule, call: fx.Node, first: int) -> int:
+    body = call.args[0]
+    if not (isinstance(body, fx.Node) and body.op == "get_attr"):
+        return 0
+    sub = gm.get_submodule(body.target)
+    if not isinstance(sub, fx.GraphModule):
+        return 0
+    placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    operands = call.args[first:]
+    (output,) = [n for n in sub.graph.nodes if n.op == "output"]
+    returned = output.args[0]
+    users = list(call.users)
+    if len(placeholders) != len(operands):
+        return 0
+    if isinstance(returned, (tuple, list)) and not all(
+        u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in users
+    ):
+        return 0  # a tuple read other than item by item: left whole
+    env: dict[fx.Node, object] = dict(zip(placeholders, operands))
+    graph = gm.graph
+    with graph.inserting_before(call):
+        for node in sub.graph.nodes:
+            if node.op in ("placeholder", "output"):
+                continue
+            if node.op == "get_attr":  # a constant or a nested subgraph of the body: moved up
+                name = _free_name(gm, f"{body.target}_{node.target}".replace(".", "_"))
+                gm.register_module(name, sub.get_submodule(node.target)) if isinstance(
+                    _attribute(sub, node.target), torch.nn.Module) else setattr(gm, name, _attribute(sub, node.target))
+                env[node] = copied = graph.get_attr(name)
+                copied.meta = dict(node.meta)
+                continue
+            env[node] = graph.node_copy(node, env.__getitem__)
+    mapped = fx.node.map_arg(returned, env.__getitem__)
+    if isinstance(returned, (tuple, list)):
+        for user in users:
+            user.replace_all_uses_with(mapped[user.args[1]])
+            graph.erase_node(user)
+    else:
+        call.replace_all_uses_with(mapped)
+    graph.erase_node(call)
+    return 1
+
+
+def _attribute(module: torch.nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _free_name(gm: fx.GraphModule, name: str) -> str:
+    candidate, i = name, 0
+    while hasattr(gm, candidate):
+        i += 1
+        candidate = f"{name}_{i}"
+    return candidate

@@ -40,11 +40,22 @@ class Written(nn.Module):
             return p @ v, p
         if self.form == "scaled_after_bias":  # (qk + bias) * c is not SDPA's qk * c + bias
             return ((q @ k.mT + bias) * 0.5).softmax(-1) @ v
+        if self.form.startswith("baddbmm"):  # diffusers' classic AttnProcessor: heads folded into the batch
+            b, h, n, _ = q.shape
+            qf, kf, vf = (t.flatten(0, 1) for t in (q, k, v))
+            if self.form == "baddbmm_empty_upcast":
+                s = torch.baddbmm(torch.empty(b * h, n, n, dtype=q.dtype), qf, kf.transpose(-1, -2), beta=0, alpha=d**-0.5)
+            else:  # the mask as baddbmm's input: added with beta 1, and not with 0.5
+                mask = bias.expand(b, h, 1, n).flatten(0, 1)
+                s = torch.baddbmm(mask, qf, kf.transpose(-1, -2), beta=0.5 if self.form == "baddbmm_half_beta" else 1,
+                                  alpha=d**-0.5)
+            return torch.bmm(s.float().softmax(dim=-1).to(q.dtype), vf).unflatten(0, (b, h))
         raise ValueError(self.form)
 
 
 @pytest.mark.parametrize("form, collapsed", [
     ("scaled", 1), ("divided_masked_dropout", 1), ("mT_unscaled", 1), ("returns_map", 0), ("scaled_after_bias", 0),
+    ("baddbmm_empty_upcast", 1), ("baddbmm_masked", 1), ("baddbmm_half_beta", 0),
 ])
 def test_forms_collapse_into_sdpa_with_the_same_values(form, collapsed):
     g = torch.Generator().manual_seed(0)
@@ -63,5 +74,68 @@ def test_forms_collapse_into_sdpa_with_the_same_values(form, collapsed):
     assert found == collapsed
     sdpa = [n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention]
     assert len(sdpa) == collapsed
-    assert not collapsed or not [n for n in gm.graph.nodes if n.target in (torch.softmax, "softmax")]
+    assert not collapsed or not [n for n in gm.graph.nodes if n.target in (torch.softmax, "softmax", torch.empty)]
     torch.testing.assert_close(out, module(q, k, v, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_diffusers_classic_attention_processor_keeps_the_contract(batch):
+    """Latte with every attention on diffusers' classic `AttnProcessor` (heads folded into the
+    batch, scores by `baddbmm`, an upcast softmax, `bmm`): its blocks go sparse and keep the
+    contract, each sample's LSE read as its own (they ran dense before: `baddbmm` unknown)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from tests.support_models import latte
+    from tests.test_contract import checked_run
+
+    family = latte(batch)
+    for module in family.model.modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(AttnProcessor())
+    be, checker = checked_run(family, 3, schedule=0.5)
+    report = be.reports[0]
+    assert report.num_sparse_blocks == report.num_blocks == 2
+    assert checker.checked == 6 * report.num_sparse_blocks
+
+
+class _FoldedBlock(nn.Module):
+    """Heads folded into the batch ([B * H, N, d], batch-major) and scores by `baddbmm`."""
+
+    def __init__(self, width=32, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mod, self.ff, self.norm = nn.Linear(width, 2 * width), nn.Linear(width, width), nn.LayerNorm(width)
+
+    def forward(self, x, temb):
+        b, n, w = x.shape
+        scale, shift = self.mod(temb)[:, None].chunk(2, dim=-1)
+        y = self.norm(x) * (1 + scale) + shift
+        q, k, v = (t.reshape(b, n, self.heads, -1).transpose(1, 2).flatten(0, 1) for t in self.qkv(y).chunk(3, -1))
+        s = torch.baddbmm(torch.empty(b * self.heads, n, n), q, k.transpose(-1, -2), beta=0, alpha=q.shape[-1] ** -0.5)
+        a = torch.bmm(s.softmax(dim=-1), v).unflatten(0, (b, self.heads)).transpose(1, 2).reshape(b, n, w)
+        x = x + self.out(a)
+        return x + self.ff(x)
+
+
+class _FoldedDiT(nn.Module):
+    def __init__(self, width=32):
+        super().__init__()
+        self.inp, self.time, self.outp = nn.Linear(4, width), nn.Linear(1, width), nn.Linear(width, 4)
+        self.blocks = nn.ModuleList(_FoldedBlock(width) for _ in range(2))
+
+    def forward(self, latent, timestep):
+        x, temb = self.inp(latent), self.time(timestep[:, None])
+        for block in self.blocks:
+            x = block(x, temb)
+        return self.outp(x)
+
+
+def test_heads_folded_into_the_batch_keep_a_selection_per_sample():
+    """Two samples, each with its own selection: the attention's LSE, [1, B * H, K] on the folded
+    heads, is read as [B, H, K] by the merge (it refused the folded shape before)."""
+    from tests.contract import check_sparse_model
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    latents = [torch.randn(2, 24, 4, generator=g) for _ in range(3)]
+    check_sparse_model(_FoldedDiT().eval(), lambda step: (latents[step], torch.tensor([900.0 - 300 * step] * 2)), 2)

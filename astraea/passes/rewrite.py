@@ -122,6 +122,7 @@ class _SparseCopy:
                         if not layout.only_video:
                             video = _rows_slice(layout, layout.video, layout.video + 1)
                             lse_rows = graph.call_function(operator.getitem, (lse_rows, (Ellipsis, video)))
+                        lse_rows = _unfolded(graph, lse_rows, q, block.start)
                 else:
                     copy = self.copy_node(node, remap)
             copy.meta["astraea_rows_of"] = node.name
@@ -264,6 +265,18 @@ def _sizes_with_free_token_dim(node: fx.Node, axis: TokenAxis) -> list[int]:
     sizes = list(shape_of(node))
     sizes[axis.tdim[node]] = -1
     return sizes
+
+
+def _unfolded(graph: fx.Graph, lse_rows: fx.Node, q: fx.Node, start: fx.Node) -> fx.Node:
+    """[B, H, K] from the LSE of an attention whose heads fold the batch in ([1, B * H, K]: heads
+    folded into the batch, `[B * H, N, d]`, as diffusers' classic processor and `(b h) n d` layouts
+    do; batch-major, as both fold it), so the merge reads each sample's own."""
+    start_shape, q_shape = shape_of(start), shape_of(q)
+    if start_shape is None or q_shape is None or q_shape[0] != 1 or start_shape[0] == 1:
+        return lse_rows
+    batch = start_shape[0]
+    flat = graph.call_method("flatten", (lse_rows, 0, 1))
+    return graph.call_method("unflatten", (flat, 0, (batch, -1)))
 
 
 def _contiguous(value):

@@ -8,10 +8,12 @@ token mixing, so such a model would run dense. This pass finds the pattern in th
     scores = matmul(q, kt)         # kt is k transposed in its last two dims
     scores = scores * c  or  / c   # any number of Python-number scalings (optional)
     scores = scores + bias         # an additive mask (optional; after the scalings, as SDPA adds it)
-    probs  = softmax(scores, -1)   # optionally cast, and dropout with p = 0
+    probs  = softmax(scores, -1)   # optionally cast before and after, and dropout with p = 0
     out    = matmul(probs, v)
 
-and replaces it with `F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=c)`,
+or, as diffusers' classic `AttnProcessor` and the research code built on it write the scores,
+`baddbmm(empty, q, kt, beta=0, alpha=c)` or `baddbmm(bias, q, kt, beta=1, alpha=c)` (heads
+folded into the batch, `[B * H, N, d]`), and replaces it with `F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=c)`,
 which computes the same function. Intermediate values used anywhere else (attention maps
 returned to the caller, for instance) leave the pattern as it is.
 """
@@ -31,6 +33,7 @@ CASTS = {"float", "to", "type_as", "half", "bfloat16"}
 MUL = {operator.mul, torch.mul, "mul"}
 DIV = {operator.truediv, torch.div, "div"}
 ADD = {operator.add, torch.add, "add"}
+BADDBMM = {torch.baddbmm, "baddbmm"}
 
 
 def collapse_written_attention(gm: fx.GraphModule) -> int:
@@ -66,23 +69,77 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
         elif _is(node, DIV) and _number(node.args[1]):
             scale, node = scale / node.args[1], node.args[0]
         elif _is(node, ADD) and bias is None and scale == 1.0 and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
-            node, bias = node.args if _is(node.args[0], MATMUL | MUL | DIV) else node.args[::-1]
+            node, bias = node.args if _is(node.args[0], MATMUL | MUL | DIV | BADDBMM) else node.args[::-1]
+        elif _is(node, CASTS) and len(node.args) == 1 and not node.kwargs:  # an upcast before the softmax
+            node = node.args[0]
         else:
             break
-    if not chain or chain[-1] is not node or not _is(node, MATMUL) or not isinstance(node.args[1], fx.Node) or _ndim(node) < 3:
+    if not chain or chain[-1] is not node or _ndim(node) < 3:
         return 0
-    q, kt = node.args
+    unused = None  # baddbmm's input when beta is 0: left without users
+    if _is(node, BADDBMM):
+        scores = _baddbmm_scores(node, bias is None and scale == 1.0)
+        if scores is None:
+            return 0
+        q, kt, alpha, added = scores
+        scale *= alpha
+        if node.args[0] is not added:
+            unused = node.args[0]
+        bias = added if added is not None else bias
+    elif _is(node, MATMUL) and isinstance(node.args[1], fx.Node):
+        q, kt = node.args
+    else:
+        return 0
     with graph.inserting_before(out):
         k = _untransposed(graph, kt)
+        folded = _ndim(q) == 3  # heads folded into the batch: SDPA on [1, B * H, N, d], as its CPU kernels need 4 dims
+        if folded:
+            q, k, v = (_method(graph, "unsqueeze", t, 0) for t in (q, k, v))
+            bias = _method(graph, "unsqueeze", bias, 0) if bias is not None and _ndim(bias) == 3 else bias
         kwargs = {"scale": float(scale)} | ({"attn_mask": bias} if bias is not None else {})
         sdpa = graph.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs)
-    sdpa.meta = dict(out.meta)
+        sdpa.meta = dict(out.meta)
+        if folded:
+            sdpa.meta["example_value"] = _value(out).unsqueeze(0) if _value(out) is not None else None
+            sdpa = _method(graph, "squeeze", sdpa, 0)
+            sdpa.meta = dict(out.meta)
     out.replace_all_uses_with(sdpa)
     for dead in [out, *reversed(probs), *chain]:
         graph.erase_node(dead)
     if k is not kt and not kt.users:
         graph.erase_node(kt)
+    if unused is not None and not unused.users and unused.op == "call_function" and unused.target is torch.empty:
+        graph.erase_node(unused)
     return 1
+
+
+def _baddbmm_scores(node: fx.Node, may_add: bool):
+    """(q, kt, alpha, bias or None) of `baddbmm(input, q, kt, beta=beta, alpha=alpha)` as attention
+    scores: input ignored (beta 0) or added as the mask (beta 1, where nothing scales the sum
+    after it: `may_add`); None for any other form."""
+    if len(node.args) != 3 or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if set(node.kwargs) - {"beta", "alpha"} or not (_number(alpha) and _number(beta)) or beta not in (0, 1):
+        return None
+    if beta == 1 and not may_add:
+        return None
+    return node.args[1], node.args[2], alpha, (node.args[0] if beta == 1 else None)
+
+
+def _value(node: fx.Node):
+    value = node.meta.get("example_value")
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _method(graph: fx.Graph, name: str, node: fx.Node, *args) -> fx.Node:
+    """`node.name(*args)` as a new node, with its example value where `node` has one."""
+    made = graph.call_method(name, (node, *args))
+    value = _value(node)
+    if value is not None:
+        with value.fake_mode if hasattr(value, "fake_mode") else torch.no_grad():
+            made.meta["example_value"] = getattr(value, name)(*args)
+    return made
 
 
 def _untransposed(graph: fx.Graph, kt: fx.Node) -> fx.Node:
@@ -93,12 +150,7 @@ def _untransposed(graph: fx.Graph, kt: fx.Node) -> fx.Node:
         return kt.args[0]
     if kt.op == "call_function" and kt.target is getattr and kt.args[1] == "mT":
         return kt.args[0]
-    k = graph.call_method("transpose", (kt, -2, -1))
-    value = kt.meta.get("example_value")
-    if value is not None:
-        with value.fake_mode if hasattr(value, "fake_mode") else torch.no_grad():
-            k.meta["example_value"] = value.transpose(-2, -1)
-    return k
+    return _method(graph, "transpose", kt, -2, -1)
 
 
 def _zero_dropout(node: fx.Node) -> bool:

@@ -21,6 +21,7 @@ import torch.fx as fx
 import astraea
 from astraea.flops import count_flops, counting
 from astraea.passes import AnalyseTokens
+from astraea.passes.rewrite import VIDEO_SEGMENT
 from tests.models import sample
 
 
@@ -38,7 +39,13 @@ class _RecordAll(fx.Interpreter):
                 slope, stale = args[7:9]
                 before = cache + slope * stale[..., None]
             y = self.call_function(n.target, args, kwargs)
-            self.blocks.append({"x": x, "y": y, "idx": idx, "cache_before": before})
+            # A joint stream (text joined to the video from block to block): the merge reads the
+            # video segment of the block's input, `start[part]`.
+            source, part = n.args[0], None
+            if source.meta.get(VIDEO_SEGMENT):
+                source, part = source.args
+            self.blocks.append({"x": x, "y": y, "idx": idx, "cache_before": before,
+                                "start": self.values[source.name] if part is not None else x, "part": part})
             return y
         value = super().run_node(n)
         self.values[n.name] = value
@@ -102,12 +109,13 @@ class ContractChecker:
         out = recorder.run(*args)
         sparse = [b for b in self.report.blocks if b.sparse]
         assert len(recorder.blocks) == len(sparse)
-        starts = {b.start: rec["x"] for b, rec in zip(sparse, recorder.blocks)}
+        starts = {b.start: rec["start"] for b, rec in zip(sparse, recorder.blocks)}
         dense = _DenseReplay(self.normalised, recorder.values, starts, self.compute)
         dense.run(*args[: self.num_inputs])
         for b, rec in zip(sparse, recorder.blocks):
             x, y, idx = rec["x"], rec["y"], rec["idx"]
             expected, reused = dense.values[b.end], x + rec["cache_before"].to(x.dtype)
+            expected = expected if rec["part"] is None else expected[rec["part"]]
             chosen = torch.zeros(x.shape[:2], dtype=torch.bool).scatter_(1, idx.expand(x.shape[0], -1), True)
             torch.testing.assert_close(y[chosen], expected[chosen], atol=self.atol, rtol=self.rtol)
             torch.testing.assert_close(y[~chosen], reused[~chosen], atol=self.atol, rtol=self.rtol)

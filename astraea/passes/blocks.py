@@ -86,11 +86,9 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         chain.append(idom[chain[-1]])
     chain.reverse()
     full_chain = chain
-    # Block boundaries: [batch, tokens, channels] tensors of the video tokens alone (not joined
-    # to text, not regrouped into the batch by factorised attention).
-    chain = [c for c in chain if axis.tdim.get(c) == 1 and len(shape_of(c) or ()) == 3 and axis.layout_of(c).only_video]
     attentions = [s for s in axis.self_attention if s in reachable]
     attentions += [s for s in axis.linear_attention if any(a in reachable for a in s.all_input_nodes)]
+    chain, joint = _boundaries(full_chain, attentions, axis, order)
     if not attentions:
         lost = next((f"token axis lost: {r}" for r in map(axis.opaque, gm.graph.nodes) if r), None)
         return [], "; ".join(r for r in (axis.reason, lost) if r) or "no self-attention along the token stream"
@@ -101,7 +99,8 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         note = f"{len(lost_attention)} attention(s) run dense, token axis lost: {axis.opaque(lost_attention[0])}"
     position = {}
     for s in attentions:
-        before = [i for i, c in enumerate(chain) if order[c] < order[s]]
+        before = [i for i, c in enumerate(chain) if order[c] < order[s]
+                  and (s in joint or axis.layout_of(c).only_video)]
         if before:
             position[s] = before[-1]
     starts = sorted(set(position.values()))
@@ -109,6 +108,9 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
     for j, p in enumerate(starts):
         if j + 1 < len(starts):
             end = starts[j + 1]
+            kind = axis.layout_of(chain[p]).only_video
+            if axis.layout_of(chain[end]).only_video != kind:  # the stream joins or leaves text between the two
+                end = max((i for i in range(p + 1, end) if axis.layout_of(chain[i]).only_video == kind), default=end)
         elif len(starts) > 1 and (within := _end_after_modules(
                 chain, p, _block_modules(position, p, starts[-2], blocks[-1].region), video, order)):
             end = within
@@ -121,6 +123,39 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
         _fill(block, deps, tokens, axis, order)
         blocks.append(block)
     return blocks, note
+
+
+def _boundaries(full_chain, attentions, axis: TokenAxis, order: dict) -> tuple[list, set]:
+    """The stream nodes a block may start or end at, and the attentions whose blocks start at a
+    joint one. Boundaries are [batch, tokens, channels] tensors of the video tokens alone (not
+    regrouped into the batch by factorised attention); and where the stream carries small
+    segments joined to the video tokens from block to block (text or registers concatenated
+    once before the blocks, as research code often writes single-stream blocks), the joint
+    tensors along that stretch, their video segment sparse and the others computed in full.
+    A block is joint when the stream is joint from before its attention to the next one (for
+    the last, when the block before it is joint too)."""
+    def three_d(c):
+        return axis.tdim.get(c) == 1 and len(shape_of(c) or ()) == 3 and not axis.layout_of(c).folded
+
+    plain = [c for c in full_chain if three_d(c) and axis.layout_of(c).only_video]
+    joint = [c for c in full_chain if three_d(c) and axis.layout_of(c).has_video and c not in set(plain)]
+    ordered = sorted(attentions, key=order.get)
+    fired, kept = set(), set()
+    for i, s in enumerate(ordered):
+        last_plain = max((order[c] for c in plain if order[c] < order[s]), default=-1)
+        previous = order[ordered[i - 1]] if i else -1
+        before = [c for c in joint if max(last_plain, previous) < order[c] < order[s]]
+        if not before:
+            continue
+        if i + 1 < len(ordered):
+            through = not any(order[s] < order[c] < order[ordered[i + 1]] for c in plain)
+        else:
+            through = i > 0 and ordered[i - 1] in fired
+        if through:
+            fired.add(s)
+            upto = min((order[c] for c in plain if order[c] > order[s]), default=len(order))
+            kept.update(c for c in joint if order[before[0]] <= order[c] < upto)
+    return [c for c in full_chain if c in kept or c in set(plain)], fired
 
 
 def _block_modules(position: dict, p: int, q: int, previous_region) -> set[tuple[str, ...]]:

@@ -40,6 +40,10 @@ from .rules import DTYPE_FROM_SECOND, sdpa_args, shape_of
 from .token_axis import TokenAxis
 
 SIZED_METHODS = {"view", "reshape", "expand"}
+# node meta: on a joint stream's block input's video segment, True; on the cat that rebuilds the
+# stream after the merge, (the merged video segment's position among its parts, its first row, its
+# end, the stream's rows)
+VIDEO_SEGMENT = "astraea_video_segment"
 # The sparse form of each self-attention op, and the keyword arguments it carries over;
 # any other (an SDPA) becomes astraea::sparse_attention.
 SPARSE_ATTENTION = {torch.ops.astraea.ulysses_attention: (torch.ops.astraea.ulysses_sparse_attention, ("group",))}
@@ -62,12 +66,16 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         replaced[block.end] = merged
         # The next block's start: gathered like any stream node.
         axis.tdim[merged] = axis.tdim[block.end]
+        if block.end in axis.layout:
+            axis.layout[merged] = axis.layout[block.end]
         merged.meta["example_value"] = _contiguous(block.end.meta.get("example_value"))
         merged.meta[BLOCK_END] = block.module
         for node in reversed(block.row_nodes):
             graph.erase_node(node)
         dtype = block.start.meta["example_value"].dtype
-        inputs.append(SparseBlockInputs(block.index, block.module, shape_of(block.start), dtype, shared_because))
+        shape, layout = shape_of(block.start), axis.layout_of(block.start)
+        cached = (shape[0], layout.sizes[layout.video], shape[2])  # the video tokens' rows: a joint stream's too
+        inputs.append(SparseBlockInputs(block.index, block.module, cached, dtype, shared_because))
     graph.lint()
     gm.recompile()
     return PassResult(gm, bool(inputs)), inputs
@@ -132,12 +140,26 @@ class _SparseCopy:
                     if user not in region:
                         self.leave(node, user)
         end = self.copies[block.end]
+        layout = axis.layout_of(block.start)
         with graph.inserting_before(end.next):
+            x, rows = start, end
+            if not layout.only_video:  # a joint stream: the video segment merged, the others as computed
+                video = layout.video
+                x = graph.call_function(operator.getitem, (start, (slice(None), _rows_slice(
+                    Layout(layout.sizes, None), video, video + 1))))
+                x.meta[VIDEO_SEGMENT] = True
+                rows = graph.call_function(operator.getitem, (end, (slice(None), _rows_slice(layout, video, video + 1))))
             merged = graph.call_function(
                 torch.ops.astraea.merge_rows,
-                (start, end, self.inputs.idx, self.inputs.cache, self.inputs.change, lse_rows, self.inputs.lse,
+                (x, rows, self.inputs.idx, self.inputs.cache, self.inputs.change, lse_rows, self.inputs.lse,
                  *NO_SLOPES),
             )
+            if not layout.only_video:
+                parts = [graph.call_function(operator.getitem, (end, (slice(None), _rows_slice(layout, i, j))))
+                         for i, j in ((0, video), (video + 1, len(layout.sizes))) if i < j]
+                merged = graph.call_function(torch.cat, ([*parts[:video and 1], merged, *parts[video and 1:]], 1))
+                offset = sum(layout.sizes[:video])  # the merged video segment: which part, and its rows
+                merged.meta[VIDEO_SEGMENT] = (min(video, 1), offset, offset + layout.sizes[video], layout.total)
         return merged, self.shared_because
 
     def copy_node(self, node, remap) -> fx.Node:

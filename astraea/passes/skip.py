@@ -17,6 +17,7 @@ call cost 4.6 times an eager skip's work (`benchmarks/forecast_cost.py`, 81 fram
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
@@ -24,7 +25,49 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops  # noqa: F401  (registers torch.ops.astraea.*)
 from ..ops.signature import SKIP_SLOPE_INPUTS, call_arg
+from .rewrite import VIDEO_SEGMENT
 from .slopes import merges_with_slope_inputs
+
+
+def _video_read_directly(graph: fx.Graph) -> None:
+    """On a joint stream each block reads its video segment back out of a concatenation (the
+    model's join of text and video, or the stream the last merge rebuilt): read that part itself,
+    so that the small segments, which only feed the blocks' attention and are dropped at the
+    end, are dead code in the skip graph."""
+    for stream in list(graph.nodes):
+        parts = _cat_parts(stream)
+        if not parts:
+            continue
+        for user in list(stream.users):
+            index = user.args[1] if user.target is operator.getitem and len(user.args) == 2 else None
+            if isinstance(index, tuple) and len(index) == 2 and index[0] == slice(None) and isinstance(index[1], slice):
+                rows = index[1].indices(parts[-1][2])[:2]
+                found = next((p for p, a, b in parts if (a, b) == rows and index[1].step in (None, 1)), None)
+                if found is not None:
+                    user.replace_all_uses_with(found)
+
+
+def _cat_parts(stream: fx.Node) -> list[tuple[fx.Node, int, int]]:
+    """(part, first row, end) of a concatenation along the rows (dim 1) whose parts' row counts are
+    known: the merge's rebuilt joint stream (its video segment's rows recorded by the rewrite, the
+    small segments' the rest), or the model's own join of text and video."""
+    if stream.op != "call_function" or stream.target is not torch.cat:
+        return []
+    pieces, dim = stream.args[0], stream.args[1] if len(stream.args) > 1 else stream.kwargs.get("dim", 0)
+    if dim != 1:
+        return []
+    if isinstance(stream.meta.get(VIDEO_SEGMENT), tuple):
+        part, start, stop, total = stream.meta[VIDEO_SEGMENT]
+        bounds = [(0, start), (start, stop), (stop, total)][1 - part: 1 - part + len(pieces)]
+        return [(p, a, b) for p, (a, b) in zip(pieces, bounds)]
+    out, at = [], 0
+    for piece in pieces:
+        value = piece.meta.get("example_value") if isinstance(piece, fx.Node) else None
+        if not isinstance(value, torch.Tensor) or value.dim() < 2:
+            return []
+        out.append((piece, at, at + int(value.shape[1])))
+        at += int(value.shape[1])
+    return out
 
 
 def reuse_blocks(sparse_gm: fx.GraphModule, forecast: bool = False) -> PassResult:
@@ -48,6 +91,7 @@ def reuse_blocks(sparse_gm: fx.GraphModule, forecast: bool = False) -> PassResul
         reused.meta = dict(merge.meta)
         merge.replace_all_uses_with(reused)
         graph.erase_node(merge)
+    _video_read_directly(graph)
     graph.eliminate_dead_code()
     graph.lint()
     gm.recompile()

@@ -205,6 +205,12 @@ def test_cli_profile_then_search(workload, table, tmp_path, capsys):
     whole = Schedule.load(tmp_path / "w.json")
     assert set(whole.budgets) <= {0.0, 1.0} and whole.meta["search"]["levels"] == [0.0, 1.0]
     assert Schedule.load(tmp_path / "s.json").meta["search"]["levels"] == list(table.levels)
+    # No table yet: the search measures one, only at the levels it may take
+    fresh = tmp_path / "fresh.json"
+    assert main(["search", *model, "--costs", str(fresh), "--speedup", "1.3", "--seeds", "0", "--levels", "0,0.5,1",
+                 "--population", "2", "--offspring", "1", "--generations", "0", "--confirm", "1",
+                 "-o", str(tmp_path / "f.json"), "--no-progress"]) == 0
+    assert CostTable.load(fresh).levels == (0.0, 0.5, 1.0)
 
     other = tmp_path / "other.json"
     assert main(["profile", *model, "--levels", "0,1", "--steps-per-level", "1", "--repeats", "1",

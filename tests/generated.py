@@ -5,7 +5,9 @@ modulation, gated residuals, RoPE tables (with a batch dim or without, as CogVid
 HunyuanVideo keep them), fused or separate q/k/v, joint text-video attention (`joint`:
 "dual" keeps separate text weights and one attention over the concatenation, as CogVideoX and
 HunyuanVideo's double blocks; "single" runs one block over the concatenated tokens, as
-HunyuanVideo's single blocks), text before or after the video, attention through SDPA or
+HunyuanVideo's single blocks; "once" joins the text to the video once before the blocks, which
+all run over the joint tokens until the video is split out after the last, as the original
+HunyuanVideo and Flux-style code write their single-stream stretch), text before or after the video, attention through SDPA or
 written out by hand (matmul, softmax, matmul), or linear (a key/value summary over every
 token); heads split and merged with einops, as research code writes them; per-frame adaLN tables
 applied to the tokens split into frames (diffusion forcing); and `mixing` puts an
@@ -40,7 +42,7 @@ class Knobs:
     fused_qkv: bool = False
     mixing: str | None = None
     mixing_block: int = 0
-    joint: str | None = None  # None, "dual" or "single"
+    joint: str | None = None  # None, "dual", "single" or "once" (RoPE then off: its tables cover the video)
     text_first: bool = False
     written_attention: bool = False  # softmax(q k^T * scale) v written out, as research code does
     linear_attention: bool = False  # self-attention as relu(q) (relu(k)^T v), normalised (Sana-Video)
@@ -61,7 +63,7 @@ class Block(nn.Module):
         self.qkv = nn.Linear(w, 3 * w) if k.fused_qkv else None
         self.to_q, self.to_k, self.to_v = (None, None, None) if k.fused_qkv else (nn.Linear(w, w), nn.Linear(w, w), nn.Linear(w, w))
         self.out = nn.Linear(w, w)
-        self.cross_q, self.cross_kv, self.cross_out = nn.Linear(w, w), nn.Linear(16, 2 * w), nn.Linear(w, w)
+        self.cross_q, self.cross_kv, self.cross_out = nn.Linear(w, w), nn.Linear(w if k.joint == "once" else 16, 2 * w), nn.Linear(w, w)
         self.ff = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(approximate="tanh"), nn.Linear(2 * w, w))
         self.mod = nn.Parameter(torch.randn(1, 6, w) / w**0.5)
         self.frame_mod = nn.Parameter(torch.randn(1, k.frames, 6, w) / w**0.5) if k.frames > 1 else None
@@ -107,7 +109,7 @@ class Block(nn.Module):
         if k.modulation:
             h = self.framed(h, lambda f: f * (1 + scale) + shift)
         q, key, v = self.qkv_heads(h)
-        if k.rope:
+        if k.rope and k.joint != "once":
             q = q * cos + q.flip(-1) * sin
             key = key * cos + key.flip(-1) * sin
         a = self.merged(self.self_attend(q, key, v))
@@ -235,13 +237,18 @@ class GeneratedDiT(nn.Module):
         x = self.proj_in(latent)
         if self.k.joint:
             context = self.txt_in(context)
+        n = x.shape[1]
+        if self.k.joint == "once":
+            x = torch.cat([context, x] if self.k.text_first else [x, context], dim=1)
         for block in self.blocks:
             if self.k.wrapped == "checkpoint":
                 x = torch.utils.checkpoint.checkpoint(block, x, temb, context, self.cos, self.sin, use_reentrant=False)
             else:
                 x = block(x, temb, context, self.cos, self.sin)
-            if self.k.joint:
+            if self.k.joint in ("dual", "single"):
                 x, context = x
+        if self.k.joint == "once":
+            x = x[:, -n:] if self.k.text_first else x[:, :n]
         return self.proj_out(self.norm_out(x))
 
 

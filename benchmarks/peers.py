@@ -352,8 +352,8 @@ def main() -> None:
                              "with compile_repeated_blocks() (always on a GPU)")
     parser.add_argument("--compiled-dense", nargs="+", choices=sorted(COMPILED_DENSE.values()),
                         help="the compiled dense baselines to measure (default: all three on a GPU, regional with "
-                             "--regional; at 81 frames of the Wan shape the whole-graph compile alone takes ~100 s); "
-                             "without regional, no cache runs on a regionally compiled transformer")
+                             "--regional, none otherwise; at 81 frames of the Wan shape the whole-graph compile alone "
+                             "takes ~100 s); with regional, every cache also runs on a regionally compiled transformer")
     parser.add_argument("--baseline-repeats", type=int,
                         help="generations timed per dense baseline, their median taken (default: 3 on a GPU, where one "
                              "eager generation of the small reference model once took 1.4x the others; else --repeats)")
@@ -362,6 +362,8 @@ def main() -> None:
                              "to the results already at the output path")
     parser.add_argument("--replot", metavar="JSON", help="only redraw the table and plot of an earlier run's results")
     args = parser.parse_args()
+    if args.compiled_dense and "inductor_graphs" in args.compiled_dense and not args.device.startswith("cuda"):
+        parser.error("--compiled-dense inductor_graphs replays CUDA graphs: it needs --device cuda")
     if args.repeats < 1 or (args.baseline_repeats is not None and args.baseline_repeats < 1):
         parser.error(f"--repeats and --baseline-repeats must be at least 1, got {args.repeats}, {args.baseline_repeats}")
     if args.replot:
@@ -431,11 +433,11 @@ def main() -> None:
 
     # The dense baselines a user would compare with: the model under torch.compile, whole and by blocks.
     chosen = set(args.compiled_dense or (COMPILED_DENSE.values() if gpu else ["regional"] if args.regional else []))
-    regional = (gpu or args.regional) and "regional" in chosen
+    regional = "regional" in chosen
     compiled_dense = {}
-    if gpu and "inductor" in chosen:
+    if "inductor" in chosen:
         compiled_dense["dense Inductor"] = torch.compile(transformer)
-    if gpu and "inductor_graphs" in chosen:
+    if "inductor_graphs" in chosen:
         compiled_dense["dense Inductor, CUDA graphs"] = CapturedDense(transformer)
     if regional:
         compiled_dense["dense regional compile"] = regional_copy(transformer)
@@ -570,7 +572,7 @@ def write(rows: dict, model: str, out: str, setting: str, columns, baselines: di
 
     clock = " (GPU wall time)" if gpu else " (CPU wall time)"
     panels = [(speedups[0][1], speedups[0][0] + clock, "psnr", columns[0][0] + " against dense eager")]
-    if speedups[1][1] == "speedup_calls":  # what the methods change, without the decode and prompts they share
+    if len(speedups) > 1 and speedups[1][1] == "speedup_calls":  # what the methods change, without the decode and prompts they share
         panels.append(("speedup_calls", "transformer calls' speedup over the fastest dense compiled" + clock, "psnr",
                        columns[0][0] + " against dense eager"))
     elif own:

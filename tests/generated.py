@@ -258,3 +258,30 @@ def example_inputs(k: Knobs, step: int = 0, seed: int = 0, context_tokens: int =
     latent = torch.randn(1, k.tokens, 4, generator=g) + 0.1 * step
     return latent, torch.tensor([1000.0 - 100 * step]), torch.randn(1, context_tokens, 16, generator=g)
 
+
+
+class BlockStack(nn.Module):
+    """A minimal DiT around hand-written blocks, each called as `block(x, temb)` (under activation
+    checkpointing where `checkpointed`): latents [B, N, 4] to the blocks' width, a timestep
+    embedding, the blocks, and back."""
+
+    def __init__(self, blocks, width: int, checkpointed: bool = False):
+        super().__init__()
+        self.inp, self.time, self.outp = nn.Linear(4, width), nn.Linear(1, width), nn.Linear(width, 4)
+        self.blocks, self.checkpointed = nn.ModuleList(blocks), checkpointed
+
+    def forward(self, latent, timestep):
+        x, temb = self.inp(latent), self.time(timestep[:, None])
+        for block in self.blocks:
+            if self.checkpointed:
+                x = torch.utils.checkpoint.checkpoint(block, x, temb, use_reentrant=False)
+            else:
+                x = block(x, temb)
+        return self.outp(x)
+
+
+def stack_inputs(tokens: int, batch: int = 2, steps: int = 3):
+    """`step -> (latent, timestep)` for a `BlockStack`: fresh latents per step, the time going down."""
+    g = torch.Generator().manual_seed(1)
+    latents = [torch.randn(batch, tokens, 4, generator=g) for _ in range(steps)]
+    return lambda step: (latents[step], torch.full((batch,), 900.0 - 300 * step))

@@ -8,6 +8,7 @@ from torch import nn
 
 from astraea.passes.multihead import expand_multihead_attention
 from tests.contract import check_sparse_model
+from tests.graphs import graph_of
 
 WIDTH, TOKENS, TEXT_DIM = 32, 24, 16
 
@@ -63,13 +64,5 @@ def test_a_dit_on_multihead_attention_goes_sparse_and_keeps_the_contract(batch_f
 def test_a_masked_call_stays_whole():
     attn = nn.MultiheadAttention(WIDTH, 2, batch_first=True).eval()
     mask = torch.rand(TOKENS, TOKENS) > 0.5
-    graphs = []
-
-    def keep(gm, inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.compile(lambda h: attn(h, h, h, attn_mask=mask)[0], backend=keep)(torch.randn(1, TOKENS, WIDTH))
-    assert expand_multihead_attention(graphs[0]) == 0
+    gm = graph_of(lambda h: attn(h, h, h, attn_mask=mask)[0], torch.randn(1, TOKENS, WIDTH))
+    assert expand_multihead_attention(gm) == 0

@@ -5,29 +5,16 @@ call that cannot be replayed exactly stays as it is, the model still correct."""
 import einops
 import pytest
 import torch
-import torch.fx as fx
 from packaging.version import Version
 
 import astraea
 from astraea.passes.opaque_calls import inline_opaque_calls
 from tests.contract import check_generated
+from tests.graphs import graph_of
 from tests.generated import GeneratedDiT, Knobs, example_inputs
 
 
 OPAQUE_EINOPS = Version(einops.__version__) < Version("0.8.2")  # registered with allow_in_graph
-
-
-def _graph_of(fn, *args) -> fx.GraphModule:
-    """The graph dynamo hands a backend for `fn(*args)`."""
-    graphs = []
-
-    def keep(gm, inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=keep, fullgraph=True)(*args)
-    return graphs[0]
 
 
 def _opaque(gm):
@@ -40,7 +27,7 @@ def _opaque(gm):
 def test_a_dit_written_with_einops_goes_sparse_and_keeps_the_contract(joint):
     k = Knobs(einops=True, fused_qkv=True, joint=joint)
     if OPAQUE_EINOPS:  # what the pass is for: dynamo leaves einops' calls whole
-        assert _opaque(_graph_of(GeneratedDiT(k).eval(), *example_inputs(k)))
+        assert _opaque(graph_of(GeneratedDiT(k).eval(), *example_inputs(k)))
     check_generated(k)
 
 
@@ -76,7 +63,7 @@ def scaled_in_place(x):
 
 def test_a_tuple_read_item_by_item_is_inlined():
     x = torch.randn(2, 6, 8)
-    gm = _graph_of(lambda t: two_halves(t)[1] * 2 + two_halves(t)[0], x)
+    gm = graph_of(lambda t: two_halves(t)[1] * 2 + two_halves(t)[0], x)
     assert inline_opaque_calls(gm) == 2
     assert not _opaque(gm)
     torch.testing.assert_close(gm(x)[0], x[..., 4:] * 2 + x[..., :4], rtol=0, atol=0)
@@ -84,7 +71,7 @@ def test_a_tuple_read_item_by_item_is_inlined():
 
 def test_an_opaque_call_is_replaced_by_the_ops_it_runs():
     x = torch.randn(2, 6, 8)
-    gm = _graph_of(lambda t: heads_first(t, 2) * 3, x)
+    gm = graph_of(lambda t: heads_first(t, 2) * 3, x)
     assert len(_opaque(gm)) == 1
     assert inline_opaque_calls(gm) == 1
     assert not _opaque(gm)
@@ -112,7 +99,7 @@ EINOPS_CALLS = {  # what research code writes with einops besides splitting head
 @pytest.mark.parametrize("fn", EINOPS_CALLS.values(), ids=EINOPS_CALLS.keys())
 def test_einops_calls_are_inlined(fn):
     x = torch.randn(2, 6, 8)
-    gm = _graph_of(fn, x)
+    gm = graph_of(fn, x)
     assert bool(_opaque(gm)) == OPAQUE_EINOPS
     inline_opaque_calls(gm)
     assert not _opaque(gm)
@@ -123,7 +110,7 @@ def test_einops_calls_are_inlined(fn):
                          ids=["a generator", "in place", "an item set"])
 def test_a_call_that_cannot_be_replayed_stays_as_it_is(fn):
     x = torch.randn(2, 6, 8)
-    gm = _graph_of(lambda t: fn(t), x)
+    gm = graph_of(lambda t: fn(t), x)
     before = gm.code
     assert inline_opaque_calls(gm) == 0
     assert gm.code == before

@@ -4,26 +4,13 @@ inlined graph computes what the wrapped one did, and control flow is left alone.
 
 import pytest
 import torch
-import torch.fx as fx
 import torch.utils.checkpoint
 from torch import nn
 
 from astraea.passes.subgraph_calls import inline_subgraph_calls
 from tests.contract import check_generated
-from tests.generated import GeneratedDiT, Knobs, example_inputs
-
-
-def _graph_of(fn, *args) -> fx.GraphModule:
-    """The graph dynamo hands a backend for `fn(*args)`."""
-    graphs = []
-
-    def keep(gm, inputs):
-        graphs.append(gm)
-        return gm
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=keep, fullgraph=True)(*args)
-    return graphs[0]
+from tests.graphs import graph_of
+from tests.generated import BlockStack, GeneratedDiT, Knobs, example_inputs, stack_inputs
 
 
 def _wrappers(gm) -> list[str]:
@@ -86,33 +73,17 @@ class _Block(nn.Module):
         return x + self.mlp(x)
 
 
-class _NestedModel(nn.Module):
-    def __init__(self, width=16):
-        super().__init__()
-        self.inp, self.time, self.out = nn.Linear(4, width), nn.Linear(1, width), nn.Linear(width, 4)
-        self.blocks = nn.ModuleList(_Block(width) for _ in range(2))
-
-    def forward(self, latent, timestep):
-        x, temb = self.inp(latent), self.time(timestep[:, None])
-        for block in self.blocks:
-            x = torch.utils.checkpoint.checkpoint(block, x, temb, use_reentrant=False)
-        return self.out(x)
-
-
 def test_nested_wrappers_are_inlined_to_the_last():
     """A checkpointed attention inside a checkpointed block: the inner subgraph, an attribute of
     the outer one, moves up with it and is inlined in turn; the model goes sparse."""
     from tests.contract import check_sparse_model
 
     torch.manual_seed(0)
-    model = _NestedModel().eval()
-    g = torch.Generator().manual_seed(1)
-    latents = [torch.randn(2, 10, 4, generator=g) for _ in range(3)]
-    with torch.no_grad():
-        gm = _graph_of(model, latents[0], torch.tensor([900.0, 900.0]))
+    model, inputs = BlockStack([_Block(16), _Block(16)], 16, checkpointed=True).eval(), stack_inputs(10)
+    gm = graph_of(model, *inputs(0))
     assert len(_wrappers(gm)) == 2
     assert inline_subgraph_calls(gm) == 4 and _wrappers(gm) == []
-    check_sparse_model(model, lambda step: (latents[step], torch.tensor([900.0 - 300 * step] * 2)), 2)
+    check_sparse_model(model, inputs, 2)
 
 
 def test_control_flow_is_left_alone():
@@ -123,10 +94,11 @@ def test_control_flow_is_left_alone():
         return torch.cond(x.sum() > 0, lambda t: t * 2, lambda t: t - 1, (x,)) + 1
 
     x = torch.randn(3)
-    gm = _graph_of(f, x)
+    gm = graph_of(f, x)
     before = _wrappers(gm)
     assert before and inline_subgraph_calls(gm) == 0 and _wrappers(gm) == before
-    torch.testing.assert_close(gm(x)[0] if isinstance(gm(x), tuple) else gm(x), f(x))
+    (out,) = gm(x)
+    torch.testing.assert_close(out, f(x))
 
 
 def test_inlined_blocks_lower_with_inductor_as_they_run_eagerly():

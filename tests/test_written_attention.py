@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import astraea
 from astraea.passes.written_attention import collapse_written_attention
 from tests.contract import check_generated
-from tests.generated import Knobs
+from tests.generated import BlockStack, Knobs, stack_inputs
 
 @pytest.mark.parametrize("joint", [None, "dual", "single"])
 def test_written_attention_goes_sparse_and_keeps_the_contract(joint):
@@ -117,25 +117,10 @@ class _FoldedBlock(nn.Module):
         return x + self.ff(x)
 
 
-class _FoldedDiT(nn.Module):
-    def __init__(self, width=32):
-        super().__init__()
-        self.inp, self.time, self.outp = nn.Linear(4, width), nn.Linear(1, width), nn.Linear(width, 4)
-        self.blocks = nn.ModuleList(_FoldedBlock(width) for _ in range(2))
-
-    def forward(self, latent, timestep):
-        x, temb = self.inp(latent), self.time(timestep[:, None])
-        for block in self.blocks:
-            x = block(x, temb)
-        return self.outp(x)
-
-
 def test_heads_folded_into_the_batch_keep_a_selection_per_sample():
     """Two samples, each with its own selection: the attention's LSE, [1, B * H, K] on the folded
     heads, is read as [B, H, K] by the merge (it refused the folded shape before)."""
     from tests.contract import check_sparse_model
 
     torch.manual_seed(0)
-    g = torch.Generator().manual_seed(1)
-    latents = [torch.randn(2, 24, 4, generator=g) for _ in range(3)]
-    check_sparse_model(_FoldedDiT().eval(), lambda step: (latents[step], torch.tensor([900.0 - 300 * step] * 2)), 2)
+    check_sparse_model(BlockStack([_FoldedBlock(32), _FoldedBlock(32)], 32).eval(), stack_inputs(24), 2)

@@ -138,7 +138,7 @@ def _boundaries(full_chain, attentions, axis: TokenAxis, order: dict) -> tuple[l
         return axis.tdim.get(c) == 1 and len(shape_of(c) or ()) == 3 and not axis.layout_of(c).folded
 
     plain = [c for c in full_chain if three_d(c) and axis.layout_of(c).only_video]
-    joint = [c for c in full_chain if three_d(c) and axis.layout_of(c).has_video and c not in set(plain)]
+    joint = [c for c in full_chain if three_d(c) and axis.layout_of(c).has_video and not axis.layout_of(c).only_video]
     ordered = sorted(attentions, key=order.get)
     fired, kept = set(), set()
     for i, s in enumerate(ordered):
@@ -155,7 +155,8 @@ def _boundaries(full_chain, attentions, axis: TokenAxis, order: dict) -> tuple[l
             fired.add(s)
             upto = min((order[c] for c in plain if order[c] > order[s]), default=len(order))
             kept.update(c for c in joint if order[before[0]] <= order[c] < upto)
-    return [c for c in full_chain if c in kept or c in set(plain)], fired
+    kept.update(plain)
+    return [c for c in full_chain if c in kept], fired
 
 
 def _block_modules(position: dict, p: int, q: int, previous_region) -> set[tuple[str, ...]]:

@@ -18,11 +18,14 @@ def fake_mode_of(values):
 
 def node_with_value(graph: fx.Graph, op: str, target, args, kwargs, meta: dict) -> fx.Node:
     """A node of `op` and `target` at the graph's insertion point, its value computed on the fake
-    values of its inputs; `meta` (a node's, for its module path) with that value."""
+    values of its inputs; `meta` (a node's, for its module path) with that value, or without one
+    where an input has none (a node an earlier pass added)."""
     node = graph.create_node(op, target, args, kwargs)
+    node.meta = {k: v for k, v in meta.items() if k != "example_value"}
+    if any(isinstance(a, fx.Node) and a.meta.get("example_value") is None for a in tree_flatten((args, kwargs))[0]):
+        return node
     values = fx.node.map_arg((args, kwargs), lambda a: a.meta["example_value"])
     call = (lambda *a, **k: getattr(a[0], target)(*a[1:], **k)) if op == "call_method" else target
     with fake_mode_of(tree_flatten(values)[0]) or torch.no_grad():
-        value = call(*values[0], **values[1])
-    node.meta = {**meta, "example_value": value}
+        node.meta["example_value"] = call(*values[0], **values[1])
     return node

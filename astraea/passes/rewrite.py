@@ -40,10 +40,7 @@ from .rules import DTYPE_FROM_SECOND, sdpa_args, shape_of
 from .token_axis import TokenAxis
 
 SIZED_METHODS = {"view", "reshape", "expand"}
-# node meta: on a joint stream's block input's video segment, True; on the cat that rebuilds the
-# stream after the merge, (the merged video segment's position among its parts, its first row, its
-# end, the stream's rows)
-VIDEO_SEGMENT = "astraea_video_segment"
+VIDEO_SEGMENT = "astraea_video_segment"  # node meta: the video segment of a joint stream's block input, merged
 # The sparse form of each self-attention op, and the keyword arguments it carries over;
 # any other (an SDPA) becomes astraea::sparse_attention.
 SPARSE_ATTENTION = {torch.ops.astraea.ulysses_attention: (torch.ops.astraea.ulysses_sparse_attention, ("group",))}
@@ -140,27 +137,35 @@ class _SparseCopy:
                     if user not in region:
                         self.leave(node, user)
         end = self.copies[block.end]
-        layout = axis.layout_of(block.start)
+        layout, joint = axis.layout_of(block.start), not axis.layout_of(block.start).only_video
         with graph.inserting_before(end.next):
             x, rows = start, end
-            if not layout.only_video:  # a joint stream: the video segment merged, the others as computed
-                video = layout.video
-                x = graph.call_function(operator.getitem, (start, (slice(None), _rows_slice(
-                    Layout(layout.sizes, None), video, video + 1))))
+            if joint:  # a joint stream: its video segment merged, the small segments as computed
+                x = graph.call_function(operator.getitem, (start, _segment(layout, layout.video)))
                 x.meta[VIDEO_SEGMENT] = True
-                rows = graph.call_function(operator.getitem, (end, (slice(None), _rows_slice(layout, video, video + 1))))
+                rows = graph.call_function(operator.getitem, (end, (slice(None), _rows_slice(layout, layout.video,
+                                                                                               layout.video + 1))))
             merged = graph.call_function(
                 torch.ops.astraea.merge_rows,
                 (x, rows, self.inputs.idx, self.inputs.cache, self.inputs.change, lse_rows, self.inputs.lse,
                  *NO_SLOPES),
             )
-            if not layout.only_video:
-                parts = [graph.call_function(operator.getitem, (end, (slice(None), _rows_slice(layout, i, j))))
-                         for i, j in ((0, video), (video + 1, len(layout.sizes))) if i < j]
-                merged = graph.call_function(torch.cat, ([*parts[:video and 1], merged, *parts[video and 1:]], 1))
-                offset = sum(layout.sizes[:video])  # the merged video segment: which part, and its rows
-                merged.meta[VIDEO_SEGMENT] = (min(video, 1), offset, offset + layout.sizes[video], layout.total)
+            if joint:
+                merged = graph.call_function(torch.cat, (self.stream_parts(layout, end, merged), 1))
         return merged, self.shared_because
+
+    def stream_parts(self, layout: Layout, end: fx.Node, merged: fx.Node) -> list[fx.Node]:
+        """The segments of a joint stream after its block: each small one from the block's rows form,
+        the video from the merge; each with its dense value, so the skip graph can tell which rows a
+        later slice of the stream reads."""
+        dense, parts = self.block.end.meta.get("example_value"), []
+        for i in range(len(layout.sizes)):
+            part = merged if i == layout.video else self.graph.call_function(
+                operator.getitem, (end, (slice(None), _rows_slice(layout, i, i + 1))))
+            if isinstance(dense, torch.Tensor):
+                part.meta["example_value"] = _contiguous(dense[_segment(layout, i)])
+            parts.append(part)
+        return parts
 
     def copy_node(self, node, remap) -> fx.Node:
         args = fx.node.map_arg(node.args, remap)
@@ -287,6 +292,12 @@ def _sizes_with_free_token_dim(node: fx.Node, axis: TokenAxis) -> list[int]:
     sizes = list(shape_of(node))
     sizes[axis.tdim[node]] = -1
     return sizes
+
+
+def _segment(layout: Layout, i: int) -> tuple[slice, slice]:
+    """The index of segment `i` of a [batch, tokens, channels] tensor of `layout`."""
+    start = sum(layout.sizes[:i])
+    return slice(None), slice(start, start + layout.sizes[i])
 
 
 def _unfolded(graph: fx.Graph, lse_rows: fx.Node, q: fx.Node, start: fx.Node) -> fx.Node:

@@ -25,7 +25,6 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from .. import ops  # noqa: F401  (registers torch.ops.astraea.*)
 from ..ops.signature import SKIP_SLOPE_INPUTS, call_arg
-from .rewrite import VIDEO_SEGMENT
 from .slopes import merges_with_slope_inputs
 
 
@@ -49,17 +48,12 @@ def _video_read_directly(graph: fx.Graph) -> None:
 
 def _cat_parts(stream: fx.Node) -> list[tuple[fx.Node, int, int]]:
     """(part, first row, end) of a concatenation along the rows (dim 1) whose parts' row counts are
-    known: the merge's rebuilt joint stream (its video segment's rows recorded by the rewrite, the
-    small segments' the rest), or the model's own join of text and video."""
+    known (the model's join of text and video, or the stream a merge rebuilt)."""
     if stream.op != "call_function" or stream.target is not torch.cat:
         return []
     pieces, dim = stream.args[0], stream.args[1] if len(stream.args) > 1 else stream.kwargs.get("dim", 0)
     if dim != 1:
         return []
-    if isinstance(stream.meta.get(VIDEO_SEGMENT), tuple):
-        part, start, stop, total = stream.meta[VIDEO_SEGMENT]
-        bounds = [(0, start), (start, stop), (stop, total)][1 - part: 1 - part + len(pieces)]
-        return [(p, a, b) for p, (a, b) in zip(pieces, bounds)]
     out, at = [], 0
     for piece in pieces:
         value = piece.meta.get("example_value") if isinstance(piece, fx.Node) else None

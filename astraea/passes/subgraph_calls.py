@@ -75,8 +75,7 @@ def _inline(gm: fx.GraphModule, call: fx.Node, first: int) -> int:
                 continue
             if node.op == "get_attr":  # a constant or a nested subgraph of the body: moved up
                 name = _free_name(gm, f"{body.target}_{node.target}".replace(".", "_"))
-                gm.register_module(name, sub.get_submodule(node.target)) if isinstance(
-                    _attribute(sub, node.target), torch.nn.Module) else setattr(gm, name, _attribute(sub, node.target))
+                setattr(gm, name, operator.attrgetter(node.target)(sub))  # nn.Module registers a module
                 env[node] = copied = graph.get_attr(name)
                 copied.meta = dict(node.meta)
                 continue
@@ -90,12 +89,6 @@ def _inline(gm: fx.GraphModule, call: fx.Node, first: int) -> int:
         call.replace_all_uses_with(mapped)
     graph.erase_node(call)
     return 1
-
-
-def _attribute(module: torch.nn.Module, target: str):
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _free_name(gm: fx.GraphModule, name: str) -> str:

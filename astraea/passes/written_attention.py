@@ -13,8 +13,8 @@ token mixing, so such a model would run dense. This pass finds the pattern in th
 
 or, as diffusers' classic `AttnProcessor` and the research code built on it write the scores,
 `baddbmm(empty, q, kt, beta=0, alpha=c)` or `baddbmm(bias, q, kt, beta=1, alpha=c)` (heads
-folded into the batch, `[B * H, N, d]`), and replaces it with `F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=c)`,
-which computes the same function. Intermediate values used anywhere else (attention maps
+folded into the batch, `[B * H, N, d]`), and replaces it with
+`F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=c)`, which computes the same function. Intermediate values used anywhere else (attention maps
 returned to the caller, for instance) leave the pattern as it is.
 """
 
@@ -25,6 +25,8 @@ import operator
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+from .fake_values import node_with_value
 
 MATMUL = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
 SOFTMAX = {F.softmax, torch.softmax, "softmax"}
@@ -90,19 +92,19 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
         q, kt = node.args
     else:
         return 0
+    def new(op, target, *args, **kwargs):
+        return node_with_value(graph, op, target, args, kwargs, out.meta)
+
     with graph.inserting_before(out):
         k = _untransposed(graph, kt)
         folded = _ndim(q) == 3  # heads folded into the batch: SDPA on [1, B * H, N, d], as its CPU kernels need 4 dims
         if folded:
-            q, k, v = (_method(graph, "unsqueeze", t, 0) for t in (q, k, v))
-            bias = _method(graph, "unsqueeze", bias, 0) if bias is not None and _ndim(bias) == 3 else bias
+            q, k, v = (new("call_method", "unsqueeze", t, 0) for t in (q, k, v))
+            bias = new("call_method", "unsqueeze", bias, 0) if bias is not None and _ndim(bias) == 3 else bias
         kwargs = {"scale": float(scale)} | ({"attn_mask": bias} if bias is not None else {})
-        sdpa = graph.call_function(F.scaled_dot_product_attention, (q, k, v), kwargs)
-        sdpa.meta = dict(out.meta)
+        sdpa = new("call_function", F.scaled_dot_product_attention, q, k, v, **kwargs)
         if folded:
-            sdpa.meta["example_value"] = _value(out).unsqueeze(0) if _value(out) is not None else None
-            sdpa = _method(graph, "squeeze", sdpa, 0)
-            sdpa.meta = dict(out.meta)
+            sdpa = new("call_method", "squeeze", sdpa, 0)
     out.replace_all_uses_with(sdpa)
     for dead in [out, *reversed(probs), *chain]:
         graph.erase_node(dead)
@@ -127,21 +129,6 @@ def _baddbmm_scores(node: fx.Node, may_add: bool):
     return node.args[1], node.args[2], alpha, (node.args[0] if beta == 1 else None)
 
 
-def _value(node: fx.Node):
-    value = node.meta.get("example_value")
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _method(graph: fx.Graph, name: str, node: fx.Node, *args) -> fx.Node:
-    """`node.name(*args)` as a new node, with its example value where `node` has one."""
-    made = graph.call_method(name, (node, *args))
-    value = _value(node)
-    if value is not None:
-        with value.fake_mode if hasattr(value, "fake_mode") else torch.no_grad():
-            made.meta["example_value"] = getattr(value, name)(*args)
-    return made
-
-
 def _untransposed(graph: fx.Graph, kt: fx.Node) -> fx.Node:
     """k from k^T: the transpose's input when kt is a transpose of the last two dims, else a
     new transpose of kt."""
@@ -150,7 +137,7 @@ def _untransposed(graph: fx.Graph, kt: fx.Node) -> fx.Node:
         return kt.args[0]
     if kt.op == "call_function" and kt.target is getattr and kt.args[1] == "mT":
         return kt.args[0]
-    return _method(graph, "transpose", kt, -2, -1)
+    return node_with_value(graph, "call_method", "transpose", (kt, -2, -1), {}, kt.meta)
 
 
 def _zero_dropout(node: fx.Node) -> bool:

@@ -45,7 +45,18 @@ def summarise(reports: list[Report], break_reasons: list) -> Report:
     return dataclasses.replace(best, graphs=graphs, graph_breaks=breaks)
 
 
+# Breaks a dynamo flag removes, by the start of dynamo's reason, and the flag as a user sets it
+# (with it, Mochi's per-sample `nonzero` of the text mask stays in the graph and its blocks go sparse).
+FLAG_FOR_BREAK = {
+    "Dynamic shape operator": "torch._dynamo.config.capture_dynamic_output_shape_ops = True",
+    "Data dependent operator": "torch._dynamo.config.capture_scalar_outputs = True",
+}
+
+
 def _graph_break(reason) -> str:
     frame = reason.user_stack[-1] if reason.user_stack else None
     where = f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno} " if frame else ""
-    return f"{where}({' '.join(str(reason.reason).split())[:160]})"
+    text = " ".join(str(reason.reason).split())
+    flag = next((f for start, f in FLAG_FOR_BREAK.items() if text.startswith(start)), None)
+    hint = f"{flag} keeps it in the graph: " if flag else ""
+    return f"{where}({hint}{text[:160]})"

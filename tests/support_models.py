@@ -46,6 +46,16 @@ class Case:
     label: str  # the table's row: the class name, plus the variant if any
     cls: str  # the diffusers class name
     build: Callable[[], SupportFamily]
+    dynamo: tuple = ()  # (name, value) of dynamo config flags a user sets for this row
+
+    @property
+    def id(self) -> str:
+        """The case's test id: its factory, and the flags it runs with."""
+        return "-".join([self.build.__name__, *(name for name, _ in self.dynamo)])
+
+    def traced(self):
+        """The context its compiles and calls run in: dynamo with the row's flags."""
+        return torch._dynamo.config.patch(**dict(self.dynamo))
 
 
 def _family(name, model, latent_shape, conditions, inputs, pick=lambda out: out[0]) -> SupportFamily:
@@ -375,17 +385,20 @@ def ltx2() -> SupportFamily:
 
 
 def mochi() -> SupportFamily:
+    """Mochi: each sample attends over the video and its valid text tokens only, gathered with
+    `torch.nonzero` of its text mask (here 6 of 8 valid, one gap: not only padding at the end),
+    the result padded back to the joint length; dynamo splits the graph there by default."""
     torch.manual_seed(0)
     model = diffusers.MochiTransformer3DModel(
         patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2, pooled_projection_dim=16,
         in_channels=4, qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=16, activation_fn="swiglu",
         max_sequence_length=TEXT_LEN,
     )
-    mask = torch.ones(1, TEXT_LEN, dtype=torch.bool)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 0]], dtype=torch.bool)
 
     def inputs(x, t, e):
         return dict(
-            hidden_states=x, encoder_hidden_states=e, timestep=_bt(t, x), encoder_attention_mask=mask,
+            hidden_states=x, encoder_hidden_states=e, timestep=_bt(t, x), encoder_attention_mask=mask.expand(x.shape[0], -1),
             return_dict=False,
         )
 
@@ -912,6 +925,8 @@ CASES: list[Case] = [
     Case("LTXVideoTransformer3DModel", "LTXVideoTransformer3DModel", ltx),
     Case("LTX2VideoTransformer3DModel", "LTX2VideoTransformer3DModel", ltx2),
     Case("MochiTransformer3DModel", "MochiTransformer3DModel", mochi),
+    Case("MochiTransformer3DModel (capture_dynamic_output_shape_ops)", "MochiTransformer3DModel", mochi,
+         dynamo=(("capture_dynamic_output_shape_ops", True),)),
     Case("EasyAnimateTransformer3DModel", "EasyAnimateTransformer3DModel", easyanimate),
     Case("HunyuanVideoTransformer3DModel", "HunyuanVideoTransformer3DModel", hunyuan_video),
     Case("HunyuanVideoFramepackTransformer3DModel", "HunyuanVideoFramepackTransformer3DModel", hunyuan_framepack),

@@ -76,7 +76,7 @@ def compile_whole(case: Case) -> WholeModel:
     be = astraea.backend(schedule=1.0)
     watch = ExplainWithBackend(be)  # dynamo's graph break reasons, around astraea's backend
     compiled = torch.compile(family.model, backend=watch)
-    with warnings.catch_warnings(), torch.no_grad():
+    with case.traced(), warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # "runs dense, because ..." for the classes the analysis leaves dense
         # First, the call astraea.explain would trace, on a model no call has run yet: a module
         # that caches on its first call (Wan-Animate 2's masks) traces otherwise afterwards.
@@ -124,7 +124,7 @@ def compile_blocks_cell(case: Case) -> str:
         family = case.build()
         x = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(0))
         args = (x, torch.tensor([500.0]), family.conditions[0])
-        with warnings.catch_warnings(), torch.no_grad():
+        with case.traced(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             eager = family.call(family.model, *args)
             be = astraea.compile_blocks(family.model, schedule=1.0)
@@ -201,7 +201,7 @@ def inductor_line(case: Case, budgets=(1.0, 0.5, 0.25)) -> str:
         for lowering in ("eager", "inductor"):
             family = case.build()
             torch._dynamo.reset()
-            with warnings.catch_warnings(), torch.no_grad():
+            with case.traced(), warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 try:
                     if blocks:

@@ -2,8 +2,12 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 import astraea
+from astraea.ops.sparse import pad_channels
 from tests.models import sample, wan
 
 
@@ -29,3 +33,54 @@ def test_inductor_lowering_matches_eager_and_serves_every_budget(batch, regional
         assert all(step[0] is graph for step in inductor.runners[0].graph_fn.steps[1:4])
     assert not isinstance(graph, torch.fx.GraphModule)  # really lowered
     assert {b.samples for b in inductor.runners[0].blocks} == {batch}
+
+
+@pytest.mark.parametrize("widths", [(0, 112), (1, 2), (0, 0, 0, 0, 2, 0), (-1, 3)])
+def test_the_rows_form_of_a_pad_keeps_the_rows_symbolic(widths):
+    """aten's pad reads every size as a number, which fixed K at the lowering's hint (SANA-WM pads
+    its head dim to 128 for FlashAttention: the lowered code then refused every other budget)."""
+    x = torch.randn(1, 2, 5, 16)
+    torch.testing.assert_close(pad_channels(x, widths, None), F.pad(x, widths), rtol=0, atol=0)
+    torch.testing.assert_close(pad_channels(x, widths, 2.0), F.pad(x, widths, value=2.0), rtol=0, atol=0)
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    rows = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.STATIC, DimDynamic.DYNAMIC,
+                                                   DimDynamic.STATIC], constraint_sizes=[None] * 4)
+    fake = mode.from_tensor(x, symbolic_context=rows)
+    with mode:
+        padded = pad_channels(fake, widths, None)
+    assert not env.replacements and isinstance(padded.shape[2], torch.SymInt)
+
+
+class PaddedHeads(torch.nn.Module):
+    """Two blocks whose attention pads the head dim to a size the kernels take, and slices it back."""
+
+    def __init__(self):
+        super().__init__()
+        self.time = torch.nn.Linear(1, 16)
+        self.qkv = torch.nn.ModuleList([torch.nn.Linear(16, 48) for _ in range(2)])
+        self.out = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
+
+    def forward(self, x, t):
+        shift = self.time(t[:, None])[:, None]
+        for qkv, out in zip(self.qkv, self.out):
+            q, k, v = (F.pad(h, (0, 8)) for h in qkv(x + shift).unflatten(-1, (3, 2, 8)).transpose(1, 3).unbind(2))
+            a = F.scaled_dot_product_attention(q, k, v)[..., :8]
+            x = x + out(a.transpose(1, 2).flatten(2))
+        return x
+
+
+def test_a_padded_head_dim_lowers_once_for_every_budget():
+    torch.manual_seed(0)
+    model, x = PaddedHeads().eval(), torch.randn(1, 12, 16)
+    outs = {}
+    for lowering in ("eager", "inductor"):
+        torch._dynamo.reset()
+        be = astraea.backend(schedule=[1.0, 0.5, 0.25, 0.75], lowering=lowering)
+        compiled = torch.compile(model, backend=be)
+        with torch.no_grad():
+            outs[lowering] = [compiled(x + 0.1 * i, torch.tensor([900.0 - 100 * i])) for i in range(4)]
+        assert be.reports[0].num_sparse_blocks == 2
+    torch._dynamo.reset()
+    for got, expected in zip(outs["inductor"], outs["eager"]):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -367,6 +367,17 @@ def test_along_dims(call, expected):
     assert verdict(follow(call)) == expected
 
 
+@pytest.mark.parametrize("call, expected", cases(
+    (Call(F.pad, Q, (0, 4)), (2, JOINT)),  # a head dim padded to a size the kernels take
+    (Call(torch._C._nn.pad, X, (1, 1, 0, 0)), (1, JOINT)),
+    (Call(F.pad, X, (0, 0, 0, 2)), "call_function pad (out) pads the token axis"),
+    (Call(F.pad, Q, pad=(0, 0, 1, 0)), "call_function pad (out) pads the token axis"),
+))
+def test_pad(call, expected):
+    """Padding channel dims is token-wise; padding the token axis adds tokens."""
+    assert verdict(follow(call)) == expected
+
+
 # ---- layout ops ----------------------------------------------------------------------------------
 X_SPLIT_CHANNELS = token(2, 9, 2, 2)
 
@@ -444,6 +455,8 @@ SPLIT = (VIDEO, TEXT)  # X split at the boundary of its segments
     (Call(torch.split, X, [6, 3], 1), ((1, 1), SPLIT)),
     (Call("split", X, [6, 3], dim=1), ((1, 1), SPLIT)),
     (Call("tensor_split", X, [6], 1), ((1, 1), SPLIT)),
+    (Call("split_with_sizes", X, (6, 3), dim=1), ((1, 1), SPLIT)),  # Mochi's attention output
+    (Call(torch.split_with_sizes, X, [2, 2], -1), ((1, 1), (JOINT, JOINT))),
     (Call("split", X, 3, 1), "split along the token axis that cuts a segment (video 6+3 at 0:3)"),
     (Call(torch.chunk, X, 2, 1), "split along the token axis that cuts a segment (video 6+3 at 0:5)"),
     (Call(torch.unbind, X, 1), "split along the token axis"),

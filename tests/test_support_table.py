@@ -43,11 +43,12 @@ def test_readme_table_has_every_row_in_order():
     assert [lines[2 + order.index(label)] for label in unlisted] == list(unlisted.values()), REGENERATE
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.build.__name__ for case in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_class_at_budget_one_and_its_row(case):
     whole = compile_whole(case)
     assert whole.error <= 1e-5, f"{case.label}: budget 1.0 differs from eager, relative error {whole.error:.3g}"
-    check_regions(whole.backend, whole.family, whole.compiled)
+    with case.traced():
+        check_regions(whole.backend, whole.family, whole.compiled)
     fresh = row(case, whole)
     assert "MISMATCH" not in fresh.each_block, fresh.each_block
     line = {label_of(line): line for line in readme_rows()}.get(case.label)

@@ -41,6 +41,22 @@ def gather_folded_tokens(x: torch.Tensor, dim: int, idx: torch.Tensor, n: int) -
     return grouped.flatten(dim, dim + 1)
 
 
+def pad_channels(x: torch.Tensor, widths: tuple, value: float | None = None) -> torch.Tensor:
+    """`F.pad(x, widths, value=value)` with zeros or `value` for a rows form, where the pad
+    spares the token axis (a head dim padded to a size the attention kernels take). Written as
+    concatenations: the fake kernel of aten's `constant_pad_nd` reads every size as a number,
+    which would fix the number of selected rows in the lowered code."""
+    for i in range(0, len(widths), 2):
+        dim = x.dim() - 1 - i // 2
+        before, after = widths[i], widths[i + 1]
+        if before < 0 or after < 0:
+            x = x.narrow(dim, max(-before, 0), x.shape[dim] - max(-before, 0) - max(-after, 0))
+            before, after = max(before, 0), max(after, 0)
+        fill = [x.new_full((*x.shape[:dim], n, *x.shape[dim + 1:]), value or 0) for n in (before, after)]
+        x = torch.cat([fill[0], x, fill[1]], dim) if before or after else x
+    return x
+
+
 def split_rows(x: torch.Tensor, dim: int, bounds: list) -> tuple:
     """A split of `x` along `dim` at the given slices (a split of a joint tensor's rows form)."""
     lead = (slice(None),) * dim
@@ -61,7 +77,7 @@ def segment_rows(idx: torch.Tensor, sizes: tuple, video: int) -> torch.Tensor:
 
 
 # The plain functions a rewritten graph calls (Inductor traces through them).
-GRAPH_FUNCTIONS = (gather_tokens, gather_folded_tokens, segment_rows, split_rows)
+GRAPH_FUNCTIONS = (gather_tokens, gather_folded_tokens, segment_rows, split_rows, pad_channels)
 
 
 @torch.library.custom_op("astraea::sparse_attention", mutates_args=())

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
 from .blocks import Block, find_blocks
+from .compacted_attention import expand_compacted_attention
 from .frame_tables import unsplit_frame_tables
 from .multihead import expand_multihead_attention
 from .opaque_calls import inline_opaque_calls
@@ -37,8 +38,9 @@ class AnalyseTokens(PassBase):
     (activation checkpointing, `nested_compile_region`) are inlined, calls dynamo keeps opaque
     (einops before 0.8.2) are replaced by the torch ops they run, `nn.MultiheadAttention`'s call is written out around
     one SDPA, per-frame modulation written on frames gets tables with a row per token, sequence-parallel (Ulysses) attention is collapsed
-    into a single op, so that it reads as self-attention on this rank's tokens, and attention
-    written out by hand (softmax of q k^T, times v) into one SDPA.
+    into a single op, so that it reads as self-attention on this rank's tokens, attention
+    written out by hand (softmax of q k^T, times v) into one SDPA, and attention over the valid
+    text rows gathered by `nonzero` (Mochi) into masked attention of static shape.
 
     `steps_placed_outside`: the graph is a block compiled on its own, whose calls the model's
     clock places (`astraea.compile_blocks`), so it needs no timestep input.
@@ -58,7 +60,7 @@ class AnalyseTokens(PassBase):
             multihead = expand_multihead_attention(gm)
             frames = unsplit_frame_tables(gm)
             ranks = collapse_ulysses_attention(gm)
-            written = collapse_written_attention(gm)
+            written = collapse_written_attention(gm) + expand_compacted_attention(gm)
             self.axis = find_token_axis(gm)
             self.blocks, reason = find_blocks(gm, self.axis)
         except Exception as e:  # a graph the analysis cannot read runs dense, saying why

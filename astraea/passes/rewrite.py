@@ -31,7 +31,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
 from ..ops.signature import NO_SLOPES, BlockInputs, SparseBlockInputs
-from ..ops.sparse import gather_folded_tokens, gather_tokens, segment_rows, split_rows
+from ..ops.sparse import gather_folded_tokens, gather_tokens, pad_channels, segment_rows, split_rows
 from .blocks import Block
 from . import rules
 from .layout import Layout
@@ -180,6 +180,9 @@ class _SparseCopy:
             args = (args[0], *_sizes_with_free_token_dim(node, axis))
         elif node.op == "call_function" and node.target is torch.reshape:
             args = (args[0], tuple(_sizes_with_free_token_dim(node, axis)))
+        elif node.target in rules.PAD and rules.pad_arguments(node)[1] == "constant":
+            widths, _, value = rules.pad_arguments(node)
+            return self.graph.call_function(pad_channels, (args[0], widths, value), name=f"{node.name}_rows")
         return self.graph.create_node(node.op, node.target, args, kwargs, name=f"{node.name}_rows")
 
     def remap(self, a, *, tables, keep, consumer):

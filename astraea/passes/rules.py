@@ -319,6 +319,29 @@ for _name, (_position, _default) in {
     register(*_functions, methods=(_name,))(along_dims(_position, _default))
 
 
+PAD = (F.pad, torch._C._nn.pad)
+
+
+def pad_arguments(node: fx.Node) -> tuple:
+    """(widths, mode, value) of an F.pad node."""
+    def arg(position, name, default):
+        return node.kwargs.get(name, node.args[position] if len(node.args) > position else default)
+    return arg(1, "pad", None), arg(2, "mode", "constant"), arg(3, "value", None)
+
+
+@register(*PAD)
+def pad(p, node):
+    """Padding the channel dims (a head dim padded to a size the attention kernels take) is
+    token-wise; padding the token axis adds tokens no selection knows of."""
+    x = node.args[0]
+    t, nd = p.td(x), len(shape_of(x))
+    widths = pad_arguments(node)[0]
+    padded = {nd - 1 - i // 2 for i, w in enumerate(widths) if not isinstance(w, int) or w}
+    if t in padded:
+        raise Mix(f"{describe(node)} pads the token axis")
+    return t
+
+
 # ---- layout ops ----------------------------------------------------------------------------
 @register(torch.reshape, torch.flatten, torch.unflatten, torch.squeeze, torch.unsqueeze, torch.view_as_complex,
           torch.view_as_real, methods=sorted(RESHAPE_METHODS) + ["expand", "expand_as"])
@@ -380,8 +403,8 @@ def permute(p, node):
     return perm.index(t)
 
 
-@register(torch.chunk, torch.split, torch.unbind, torch.tensor_split,
-          methods=("chunk", "split", "unbind", "tensor_split"))
+@register(torch.chunk, torch.split, torch.split_with_sizes, torch.unbind, torch.tensor_split,
+          methods=("chunk", "split", "split_with_sizes", "unbind", "tensor_split"))
 def split(p, node):
     """Splits along channels keep the axis in every piece; a split along the token axis is
     followed where it cuts exactly at segment boundaries (text from video)."""
@@ -465,7 +488,27 @@ def getitem(p, node):
     if covered is not None:
         p.r.layout[node] = covered[1]
         return covered[0]
+    picked = _small_segment_rows(p, src, t, ndim, index, node)
+    if picked is not None:
+        return picked
     raise Mix(f"indexing along the token axis ({p.layout(src).describe()} rows)")
+
+
+def _small_segment_rows(p, src, t: int, ndim: int, index, node) -> int | None:
+    """Rows picked out of a tensor of small segments only (text), by a slice or an index
+    tensor along the token axis and nothing else advanced: every row of such a tensor is
+    computed, so any may be picked; the pick is one small segment."""
+    layout, part = p.layout(src), token_index(t, ndim, index)
+    others = [i for i in normalise_index(index, ndim) if i is not part]
+    if layout.has_video or layout.folded or any(isinstance(i, fx.Node) for i in others):
+        return None
+    if not isinstance(part, slice) and not (isinstance(part, fx.Node) and len(shape_of(part) or ()) == 1):
+        return None
+    out, shape = index_axis(t, ndim, _whole_token_dim(t, ndim, index)), shape_of(node)
+    if out is None or shape is None:
+        return None
+    p.r.layout[node] = Layout((shape[out],), None)
+    return out
 
 
 def _segment_slice(p, src, t: int, ndim: int, index):

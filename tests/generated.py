@@ -44,7 +44,7 @@ class Knobs:
     mixing_block: int = 0
     joint: str | None = None  # None, "dual", "single" or "once" (RoPE then off: its tables cover the video)
     text_first: bool = False
-    written_attention: bool = False  # softmax(q k^T * scale) v written out, as research code does
+    written_attention: bool = False  # softmax(q k^T * scale) v written out, as research code does (einsum with einops)
     linear_attention: bool = False  # self-attention as relu(q) (relu(k)^T v), normalised (Sana-Video)
     einops: bool = False  # heads split (fused q/k/v too) and merged by einops.rearrange
     frames: int = 1  # > 1: per-frame adaLN tables, applied to the tokens split into frames (no joint)
@@ -75,6 +75,9 @@ class Block(nn.Module):
     def attend(self, q, k, v):
         if not self.k.written_attention:
             return F.scaled_dot_product_attention(q, k, v)
+        if self.k.einops:  # as einops code writes it: products by torch.einsum
+            scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) * q.shape[-1] ** -0.5
+            return torch.einsum("b h i j, b h j d -> b h i d", scores.softmax(dim=-1), v)
         return (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1) @ v
 
     def self_attend(self, q, k, v):

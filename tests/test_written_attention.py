@@ -12,11 +12,12 @@ from astraea.passes.written_attention import collapse_written_attention
 from tests.contract import check_generated
 from tests.generated import BlockStack, Knobs, stack_inputs
 
-@pytest.mark.parametrize("joint", [None, "dual", "single"])
-def test_written_attention_goes_sparse_and_keeps_the_contract(joint):
-    """The generated DiT with attention written out: every block sparse, exact at budget 1.0,
-    and the per-block contract at budgets below 1 (self-, cross- and joint attention)."""
-    check_generated(Knobs(written_attention=True, joint=joint))
+@pytest.mark.parametrize("joint, einops", [(None, False), ("dual", False), ("single", False), (None, True), ("dual", True)])
+def test_written_attention_goes_sparse_and_keeps_the_contract(joint, einops):
+    """The generated DiT with attention written out (its products by torch.einsum where it uses
+    einops): every block sparse, exact at budget 1.0, and the per-block contract at budgets below
+    1 (self-, cross- and joint attention)."""
+    check_generated(Knobs(written_attention=True, joint=joint, einops=einops))
 
 
 class Written(nn.Module):
@@ -40,6 +41,15 @@ class Written(nn.Module):
             return p @ v, p
         if self.form == "scaled_after_bias":  # (qk + bias) * c is not SDPA's qk * c + bias
             return ((q @ k.mT + bias) * 0.5).softmax(-1) @ v
+        if self.form == "einsum":  # as lucidrains-style research code writes it
+            s = torch.einsum("b h i d, b h j d -> b h i j", q, k) * d**-0.5
+            return torch.einsum("b h i j, b h j d -> b h i d", s.softmax(dim=-1), v)
+        if self.form == "einsum_prescaled_folded":  # q scaled first; heads folded into the batch
+            qf, kf, vf = (t.flatten(0, 1) for t in (q * d**-0.5, k, v))
+            p = torch.einsum("...id,...jd->...ij", qf, kf).softmax(-1)
+            return torch.einsum("...ij,...jd->...id", p, vf).unflatten(0, q.shape[:2])
+        if self.form == "einsum_keys_attend":  # scores transposed: each key's softmax over the queries
+            return torch.einsum("bhji,bhjd->bhid", torch.einsum("bhid,bhjd->bhji", q, k).softmax(-1), v)
         if self.form.startswith("baddbmm"):  # diffusers' classic AttnProcessor: heads folded into the batch
             b, h, n, _ = q.shape
             qf, kf, vf = (t.flatten(0, 1) for t in (q, k, v))
@@ -56,6 +66,7 @@ class Written(nn.Module):
 @pytest.mark.parametrize("form, collapsed", [
     ("scaled", 1), ("divided_masked_dropout", 1), ("mT_unscaled", 1), ("returns_map", 0), ("scaled_after_bias", 0),
     ("baddbmm_empty_upcast", 1), ("baddbmm_masked", 1), ("baddbmm_half_beta", 0),
+    ("einsum", 1), ("einsum_prescaled_folded", 1), ("einsum_keys_attend", 0),
 ])
 def test_forms_collapse_into_sdpa_with_the_same_values(form, collapsed):
     g = torch.Generator().manual_seed(0)
@@ -74,7 +85,8 @@ def test_forms_collapse_into_sdpa_with_the_same_values(form, collapsed):
     assert found == collapsed
     sdpa = [n for n in gm.graph.nodes if n.target is F.scaled_dot_product_attention]
     assert len(sdpa) == collapsed
-    assert not collapsed or not [n for n in gm.graph.nodes if n.target in (torch.softmax, "softmax", torch.empty)]
+    assert not collapsed or not [n for n in gm.graph.nodes if n.target in (torch.softmax, "softmax", torch.empty,
+                                                                             torch.functional.einsum)]
     torch.testing.assert_close(out, module(q, k, v, bias), rtol=1e-5, atol=1e-5)
 
 

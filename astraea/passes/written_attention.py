@@ -21,6 +21,7 @@ returned to the caller, for instance) leave the pattern as it is.
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx as fx
@@ -36,6 +37,7 @@ MUL = {operator.mul, torch.mul, "mul"}
 DIV = {operator.truediv, torch.div, "div"}
 ADD = {operator.add, torch.add, "add"}
 BADDBMM = {torch.baddbmm, "baddbmm"}
+EINSUM = {torch.einsum, torch.functional.einsum}
 
 
 def collapse_written_attention(gm: fx.GraphModule) -> int:
@@ -57,10 +59,11 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
     ):
         probs.append(user)
     out = _only_user(probs[-1])
-    if out is None or not _is(out, MATMUL) or out.args[0] is not probs[-1]:
+    product = _product(out, "probs") if out is not None else None
+    if product is None or product[0] is not probs[-1]:
         return 0
     chain = []  # from the softmax's input back to q @ k^T, each used only by the one before
-    v = out.args[1]
+    v = product[1]
     scale, bias, node = 1.0, None, softmax.args[0]
     while isinstance(node, fx.Node) and _only_user(node) is not None:
         chain.append(node)
@@ -71,7 +74,7 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
         elif _is(node, DIV) and _number(node.args[1]):
             scale, node = scale / node.args[1], node.args[0]
         elif _is(node, ADD) and bias is None and scale == 1.0 and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
-            node, bias = node.args if _is(node.args[0], MATMUL | MUL | DIV | BADDBMM) else node.args[::-1]
+            node, bias = node.args if _is(node.args[0], MATMUL | MUL | DIV | BADDBMM | EINSUM) else node.args[::-1]
         elif _is(node, CASTS) and len(node.args) == 1 and not node.kwargs:  # an upcast before the softmax
             node = node.args[0]
         else:
@@ -88,15 +91,15 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
         if node.args[0] is not added:
             unused = node.args[0]
         bias = added if added is not None else bias
-    elif _is(node, MATMUL) and isinstance(node.args[1], fx.Node):
-        q, kt = node.args
+    elif _product(node, "scores") is not None:
+        q, kt = _product(node, "scores")
     else:
         return 0
     def new(op, target, *args, **kwargs):
         return node_with_value(graph, op, target, args, kwargs, out.meta)
 
     with graph.inserting_before(out):
-        k = _untransposed(graph, kt)
+        k = kt if _is(node, EINSUM) else _untransposed(graph, kt)  # an einsum's scores take k as it is
         folded = _ndim(q) == 3  # heads folded into the batch: SDPA on [1, B * H, N, d], as its CPU kernels need 4 dims
         if folded:
             q, k, v = (new("call_method", "unsqueeze", t, 0) for t in (q, k, v))
@@ -113,6 +116,27 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
     if unused is not None and not unused.users and unused.op == "call_function" and unused.target is torch.empty:
         graph.erase_node(unused)
     return 1
+
+
+def _product(node: fx.Node, kind: str) -> tuple[fx.Node, fx.Node] | None:
+    """The operands of a batched product of attention: `kind` "scores", q k^T (a matmul of q and
+    k^T, or an einsum `...id,...jd->...ij` of q and k); "probs", p v (a matmul, or an einsum
+    `...ij,...jd->...id`); None for anything else."""
+    if _is(node, MATMUL):
+        return tuple(node.args) if len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) else None
+    if not _is(node, EINSUM) or node.kwargs or len(node.args) != 3 or not isinstance(node.args[0], str):
+        return None
+    equation, a, b = node.args
+    terms = re.fullmatch(r"([^,]+),([^,]+)->(.+)", equation.replace(" ", ""))
+    if terms is None or not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    (x, y, z), batch = terms.groups(), terms.group(3)[:-2]
+    last = set(x[-2:] + y[-2:])
+    if not all(t[:-2] == batch and len(t) == len(batch) + 2 for t in (x, y, z)) or len(last) != 3 or last & set(batch):
+        return None
+    i, c = x[-2:]
+    wanted = (y[-2] + c, i + y[-2]) if kind == "scores" else (c + y[-1], i + y[-1])
+    return (a, b) if (y[-2:], z[-2:]) == wanted else None
 
 
 def _baddbmm_scores(node: fx.Node, may_add: bool):

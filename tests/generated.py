@@ -48,6 +48,7 @@ class Knobs:
     linear_attention: bool = False  # self-attention as relu(q) (relu(k)^T v), normalised (Sana-Video)
     einops: bool = False  # heads split (fused q/k/v too) and merged by einops.rearrange
     frames: int = 1  # > 1: per-frame adaLN tables, applied to the tokens split into frames (no joint)
+    grouped_query: bool = False  # self-attention with half the key/value heads (SDPA's enable_gqa), where heads are even
     wrapped: str | None = None  # "checkpoint": every block run under activation checkpointing, as research
     # code often leaves it at inference; "region": the blocks' forward marked `nested_compile_region`
 
@@ -81,6 +82,9 @@ class Block(nn.Module):
         return (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1) @ v
 
     def self_attend(self, q, k, v):
+        if self.k.grouped_query and q.shape[1] % 2 == 0 and not (self.k.linear_attention or self.k.written_attention):
+            # half the key/value heads, each shared by two query heads
+            return F.scaled_dot_product_attention(q, k[:, ::2], v[:, ::2], enable_gqa=True)
         if not self.k.linear_attention:
             return self.attend(q, k, v)
         q, k = F.relu(q), F.relu(k)

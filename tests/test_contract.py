@@ -125,3 +125,13 @@ def test_low_precision_caches_keep_contract(cache_dtype):
     be, checker = checked_run(wan(), 3, schedule=0.5, cache_dtype=cache_dtype)
     assert checker.checked == 6 * be.reports[0].num_sparse_blocks
     assert be.runners[0].branches[0].blocks[0].cache.dtype == getattr(torch, cache_dtype)
+
+
+@pytest.mark.parametrize("joint", [None, "dual"])
+def test_grouped_query_attention_keeps_contract(joint):
+    """SDPA with `enable_gqa` (fewer key/value heads than query heads): its keys and values are
+    repeated over the query heads for the sparse kernel."""
+    from tests.contract import check_generated
+    from tests.generated import Knobs
+
+    check_generated(Knobs(heads=4, width=32, grouped_query=True, joint=joint))

@@ -84,8 +84,10 @@ GRAPH_FUNCTIONS = (gather_tokens, gather_folded_tokens, segment_rows, split_rows
 def sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, attn_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [B, H, K, d] selected queries; k, v: [B, H, N, d]; attn_mask (bool or additive)
-    broadcasts to [B, H, K, N]. Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
+    """q: [B, H, K, d] selected queries; k, v: [B, H, N, d], a key head per query head (the
+    rewrite repeats grouped-query keys); attn_mask (bool or additive) broadcasts to [B, H, K, N].
+    Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
+    _check_heads(q, k, v)
     key_bias = _key_bias(attn_mask, k.shape[2])
     if q.is_cuda and (attn_mask is None or key_bias is not None):
         from astraea.kernels.gathered_attention import gathered_attention
@@ -120,7 +122,14 @@ def _key_bias(mask: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
 
 @sparse_attention.register_fake
 def _(q, k, v, scale=None, attn_mask=None):
+    _check_heads(q, k, v)
     return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+def _check_heads(q, k, v) -> None:
+    """The kernel reads key head h for query head h: fewer key heads would read past them."""
+    torch._check(k.shape[1] == q.shape[1] == v.shape[1],
+                 lambda: f"sparse_attention takes a key/value head per query head: q {list(q.shape)}, k {list(k.shape)}")
 
 
 # Every argument it writes is required, None included: torch 2.11's ADInplaceOrView kernel of a

@@ -336,8 +336,6 @@ def _unsupported_attention(node: fx.Node) -> str | None:
         return "dropout"
     if kw.get("is_causal", False):
         return "a causal mask"
-    if kw.get("enable_gqa", False):
-        return "grouped-query attention"
     return None
 
 

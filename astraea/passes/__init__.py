@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
+from .attention_arguments import name_attention_options
 from .blocks import Block, find_blocks
 from .compacted_attention import expand_compacted_attention
 from .frame_tables import unsplit_frame_tables
@@ -40,7 +41,8 @@ class AnalyseTokens(PassBase):
     one SDPA, per-frame modulation written on frames gets tables with a row per token, sequence-parallel (Ulysses) attention is collapsed
     into a single op, so that it reads as self-attention on this rank's tokens, attention
     written out by hand (softmax of q k^T, times v) into one SDPA, and attention over the valid
-    text rows gathered by `nonzero` (Mochi) into masked attention of static shape.
+    text rows gathered by `nonzero` (Mochi) into masked attention of static shape; SDPA's options
+    passed by position are passed by keyword.
 
     `steps_placed_outside`: the graph is a block compiled on its own, whose calls the model's
     clock places (`astraea.compile_blocks`), so it needs no timestep input.
@@ -57,7 +59,7 @@ class AnalyseTokens(PassBase):
         ranks, written, inlined, frames, multihead = 1, 0, 0, 0, 0
         try:
             inlined = inline_subgraph_calls(gm) + inline_opaque_calls(gm)
-            multihead = expand_multihead_attention(gm)
+            multihead = expand_multihead_attention(gm) + name_attention_options(gm)
             frames = unsplit_frame_tables(gm)
             ranks = collapse_ulysses_attention(gm)
             written = collapse_written_attention(gm) + expand_compacted_attention(gm)

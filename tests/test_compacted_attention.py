@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from astraea.passes.compacted_attention import expand_compacted_attention
+from tests.contract import check_sparse_model
 from tests.support_models import mochi
 
 MASKS = [  # 8 text tokens: all valid, padding at the end, gaps, none valid
@@ -79,3 +80,28 @@ def test_only_the_whole_pattern_is_rewritten(variant):
     assert bool(kept) == (variant is not None)
     expected = module(q, text, mask)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+
+class Called(torch.nn.Module):
+    """Mochi called with positional inputs, as the contract checker calls a model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, text, t, mask):
+        return self.model(hidden_states=x, encoder_hidden_states=text, timestep=t, encoder_attention_mask=mask,
+                          return_dict=False)[0]
+
+
+def test_mochi_keeps_the_contract_with_a_mask_per_sample(family):
+    """Two samples with their own text masks (each attention loops over the batch): every block
+    sparse, exact at budget 1.0, the block contract at 0.5 and 0.25."""
+    def inputs(step):
+        g = torch.Generator().manual_seed(step)
+        mask = torch.tensor([MASKS[2], MASKS[1]], dtype=torch.bool)
+        return (torch.randn(2, *family.latent_shape[1:], generator=g), torch.randn(2, 8, 32, generator=g),
+                torch.full((2,), 900.0 - 100 * step), mask)
+
+    with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
+        check_sparse_model(Called(family.model).eval(), inputs, 2)

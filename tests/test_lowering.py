@@ -8,6 +8,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 
 import astraea
 from astraea.ops.sparse import pad_channels
+from tests.contract import check_sparse_model
 from tests.models import sample, wan
 
 
@@ -52,27 +53,34 @@ def test_the_rows_form_of_a_pad_keeps_the_rows_symbolic(widths):
     assert not env.replacements and isinstance(padded.shape[2], torch.SymInt)
 
 
-class PaddedHeads(torch.nn.Module):
-    """Two blocks whose attention pads the head dim to a size the kernels take, and slices it back."""
+class Padded(torch.nn.Module):
+    """Two blocks whose attention pads the head dim to a size the kernels take, and slices it back;
+    with `tokens`, the token count rounded up to a multiple of 8 too (zero rows, sliced off after)."""
 
-    def __init__(self):
+    def __init__(self, tokens: bool):
         super().__init__()
+        self.tokens = tokens
         self.time = torch.nn.Linear(1, 16)
         self.qkv = torch.nn.ModuleList([torch.nn.Linear(16, 48) for _ in range(2)])
         self.out = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(2)])
 
     def forward(self, x, t):
         shift = self.time(t[:, None])[:, None]
+        n = x.shape[1]
         for qkv, out in zip(self.qkv, self.out):
-            q, k, v = (F.pad(h, (0, 8)) for h in qkv(x + shift).unflatten(-1, (3, 2, 8)).transpose(1, 3).unbind(2))
+            h = x + shift
+            h = F.pad(h, (0, 0, 0, -n % 8)) if self.tokens else h
+            q, k, v = (F.pad(h, (0, 8)) for h in qkv(h).unflatten(-1, (3, 2, 8)).transpose(1, 3).unbind(2))
             a = F.scaled_dot_product_attention(q, k, v)[..., :8]
-            x = x + out(a.transpose(1, 2).flatten(2))
+            x = x + out(a.transpose(1, 2).flatten(2)[:, :n])
         return x
 
 
-def test_a_padded_head_dim_lowers_once_for_every_budget():
+@pytest.mark.parametrize("tokens", [False, True])
+def test_padding_lowers_once_for_every_budget_and_keeps_the_contract(tokens):
     torch.manual_seed(0)
-    model, x = PaddedHeads().eval(), torch.randn(1, 12, 16)
+    model, x = Padded(tokens).eval(), torch.randn(1, 12, 16)
+    check_sparse_model(model, lambda step: (x + 0.1 * step, torch.tensor([900.0 - 100 * step])), 2)
     outs = {}
     for lowering in ("eager", "inductor"):
         torch._dynamo.reset()

@@ -370,11 +370,16 @@ def test_along_dims(call, expected):
 @pytest.mark.parametrize("call, expected", cases(
     (Call(F.pad, Q, (0, 4)), (2, JOINT)),  # a head dim padded to a size the kernels take
     (Call(torch._C._nn.pad, X, (1, 1, 0, 0)), (1, JOINT)),
-    (Call(F.pad, X, (0, 0, 0, 2)), "call_function pad (out) pads the token axis"),
-    (Call(F.pad, Q, pad=(0, 0, 1, 0)), "call_function pad (out) pads the token axis"),
+    (Call(F.pad, X, (0, 0, 0, 2)), (1, Layout((6, 3, 2), 0))),  # padding rows: a segment computed in full
+    (Call(F.pad, Q, pad=(0, 2, 1, 0)), (2, Layout((1, 6, 3), 1))),
+    (Call(F.pad, X, (0, 0, 1, 0), "reflect"), "call_function pad (out) pads the token axis other than with "
+                                               "constant rows at its ends"),
+    (Call(F.pad, X, (0, 0, -1, 0)), "call_function pad (out) pads the token axis other than with constant rows at "
+                                    "its ends"),
 ))
 def test_pad(call, expected):
-    """Padding channel dims is token-wise; padding the token axis adds tokens."""
+    """Padding channel dims is token-wise; constant rows added at the ends of the token axis are
+    segments of their own (as text joined to the video)."""
     assert verdict(follow(call)) == expected
 
 

@@ -332,13 +332,22 @@ def pad_arguments(node: fx.Node) -> tuple:
 @register(*PAD)
 def pad(p, node):
     """Padding the channel dims (a head dim padded to a size the attention kernels take) is
-    token-wise; padding the token axis adds tokens no selection knows of."""
+    token-wise. Constant padding of the token axis (its length rounded up for a kernel or a
+    sequence-parallel split) joins segments of padding rows to its ends, computed in full like
+    text; any other padding of it mixes tokens."""
     x = node.args[0]
     t, nd = p.td(x), len(shape_of(x))
-    widths = pad_arguments(node)[0]
+    widths, mode, _ = pad_arguments(node)
     padded = {nd - 1 - i // 2 for i, w in enumerate(widths) if not isinstance(w, int) or w}
-    if t in padded:
-        raise Mix(f"{describe(node)} pads the token axis")
+    if t not in padded:
+        return t
+    at = 2 * (nd - 1 - t)
+    before, after = widths[at], widths[at + 1] if at + 1 < len(widths) else 0
+    layout = p.layout(x)
+    if mode != "constant" or layout.folded or not all(isinstance(w, int) and w >= 0 for w in (before, after)):
+        raise Mix(f"{describe(node)} pads the token axis other than with constant rows at its ends")
+    parts = [Layout((w,), None) for w in (before,) if w] + [layout] + [Layout((w,), None) for w in (after,) if w]
+    p.r.layout[node] = parts[0].concat(*parts[1:])
     return t
 
 

@@ -57,6 +57,12 @@ def pad_channels(x: torch.Tensor, widths: tuple, value: float | None = None) -> 
     return x
 
 
+def frame_positions(idx: torch.Tensor, frames: int) -> torch.Tensor:
+    """[S, K / F]: the positions selected in every frame, from the rows `idx` [S, K] of a flat
+    stream of F frames that select the same positions, frame-major (the first frame's rows)."""
+    return idx[:, : idx.shape[1] // frames]
+
+
 def split_rows(x: torch.Tensor, dim: int, bounds: list) -> tuple:
     """A split of `x` along `dim` at the given slices (a split of a joint tensor's rows form)."""
     lead = (slice(None),) * dim
@@ -77,7 +83,7 @@ def segment_rows(idx: torch.Tensor, sizes: tuple, video: int) -> torch.Tensor:
 
 
 # The plain functions a rewritten graph calls (Inductor traces through them).
-GRAPH_FUNCTIONS = (gather_tokens, gather_folded_tokens, segment_rows, split_rows, pad_channels)
+GRAPH_FUNCTIONS = (gather_tokens, gather_folded_tokens, segment_rows, split_rows, pad_channels, frame_positions)
 
 
 @torch.library.custom_op("astraea::sparse_attention", mutates_args=())

@@ -100,7 +100,7 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
     position = {}
     for s in attentions:
         before = [i for i, c in enumerate(chain) if order[c] < order[s]
-                  and (s in joint or axis.layout_of(c).only_video)]
+                  and (s in joint or _video_alone(axis, c))]
         if before:
             position[s] = before[-1]
     starts = sorted(set(position.values()))
@@ -108,9 +108,9 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
     for j, p in enumerate(starts):
         if j + 1 < len(starts):
             end = starts[j + 1]
-            kind = axis.layout_of(chain[p]).only_video
-            if axis.layout_of(chain[end]).only_video != kind:  # the stream joins or leaves text between the two
-                end = max((i for i in range(p + 1, end) if axis.layout_of(chain[i]).only_video == kind), default=end)
+            kind = _video_alone(axis, chain[p])
+            if _video_alone(axis, chain[end]) != kind:  # the stream joins or leaves text between the two
+                end = max((i for i in range(p + 1, end) if _video_alone(axis, chain[i]) == kind), default=end)
         elif len(starts) > 1 and (within := _end_after_modules(
                 chain, p, _block_modules(position, p, starts[-2], blocks[-1].region), video, order)):
             end = within
@@ -125,6 +125,11 @@ def find_blocks(gm: fx.GraphModule, axis: TokenAxis) -> tuple[list[Block], str |
     return blocks, note
 
 
+def _video_alone(axis: TokenAxis, node: fx.Node) -> bool:
+    """A stream tensor of the video tokens alone: a flat stream of (frame, position) pairs too."""
+    return axis.layout_of(node).unfold().only_video
+
+
 def _boundaries(full_chain, attentions, axis: TokenAxis, order: dict) -> tuple[list, set]:
     """The stream nodes a block may start or end at, and the attentions whose blocks start at a
     joint one. Boundaries are [batch, tokens, channels] tensors of the video tokens alone (not
@@ -134,11 +139,12 @@ def _boundaries(full_chain, attentions, axis: TokenAxis, order: dict) -> tuple[l
     tensors along that stretch, their video segment sparse and the others computed in full.
     A block is joint when the stream is joint from before its attention to the next one (for
     the last, when the block before it is joint too)."""
-    def three_d(c):
-        return axis.tdim.get(c) == 1 and len(shape_of(c) or ()) == 3 and not axis.layout_of(c).folded
+    def three_d(c):  # a token axis folded into dim 1 holds (frame, position) pairs: a flat stream
+        return axis.tdim.get(c) == 1 and len(shape_of(c) or ()) == 3
 
-    plain = [c for c in full_chain if three_d(c) and axis.layout_of(c).only_video]
-    joint = [c for c in full_chain if three_d(c) and axis.layout_of(c).has_video and not axis.layout_of(c).only_video]
+    plain = [c for c in full_chain if three_d(c) and _video_alone(axis, c)]
+    joint = [c for c in full_chain if three_d(c) and axis.layout_of(c).has_video and not axis.layout_of(c).folded
+             and not axis.layout_of(c).only_video]
     ordered = sorted(attentions, key=order.get)
     fired, kept = set(), set()
     for i, s in enumerate(ordered):
@@ -163,16 +169,22 @@ def _block_modules(position: dict, p: int, q: int, previous_region) -> set[tuple
     """The module paths of the block whose attention follows chain[p], from the block before it
     (whose attention follows chain[q]): the attention's path up to the part that numbers the
     block ('transformer_blocks.1'), and every module of the previous block's region numbered at
-    that depth, renumbered (a Latte layer's temporal block beside its spatial one)."""
+    that depth, renumbered (a Latte layer's temporal block beside its spatial one; the layers
+    after it in the same list, shifted as far as the attention's: STDiT's temporal layer after
+    its spatial one)."""
     mine = next(module_path(s) for s, at in position.items() if at == p)
     other = next(module_path(s) for s, at in position.items() if at == q)
     i = next((i for i, (a, b) in enumerate(zip(mine, other)) if a != b), None)
     if i is None:
         return set()
     modules = {tuple(mine[: i + 1])}
+    shift = int(mine[i]) - int(other[i]) if mine[i].isdigit() and other[i].isdigit() else None
     for path in map(module_path, previous_region):
         if len(path) > i and path[i] == other[i]:
             modules.add(tuple(path[:i]) + (mine[i],))
+        elif shift is not None and len(path) > i and path[:i] == other[:i] and path[i].isdigit():
+            # the same list's other layers (an STDiT pair: a spatial, then a temporal layer)
+            modules.add(tuple(path[:i]) + (str(int(path[i]) + shift),))
     return modules
 
 

@@ -49,6 +49,9 @@ class Report:
     graphs: tuple[GraphOutcome, ...] = ()  # when dynamo split the call: every graph, this one included
     graph_breaks: tuple[str, ...] = ()  # where dynamo split it, and why
     every_token: tuple[str, ...] = ()  # token mixing outside attention, run on every token between blocks
+    # The tokens are (frame, position) pairs of a flat stream that attention regroups by frame
+    # (factorised attention): a selection takes whole positions, the same in every frame.
+    whole_positions: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -108,6 +111,7 @@ def make_report(
         structure_hash=structure_hash(gm),
         ulysses_ranks=ulysses_ranks,
         every_token=_mixing_outside_attention(axis),
+        whole_positions=axis.frames > 1,
     )
 
 

@@ -31,7 +31,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
 from ..ops.signature import NO_SLOPES, BlockInputs, SparseBlockInputs
-from ..ops.sparse import gather_folded_tokens, gather_tokens, pad_channels, segment_rows, split_rows
+from ..ops.sparse import frame_positions, gather_folded_tokens, gather_tokens, pad_channels, segment_rows, split_rows
 from .blocks import Block
 from . import rules
 from .layout import Layout
@@ -71,7 +71,8 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
             graph.erase_node(node)
         dtype = block.start.meta["example_value"].dtype
         shape, layout = shape_of(block.start), axis.layout_of(block.start)
-        cached = (shape[0], layout.sizes[layout.video], shape[2])  # the video tokens' rows: a joint stream's too
+        # the video tokens' rows: a joint stream's too, every (frame, position) pair of a flat one
+        cached = (shape[0], shape[1] if layout.folded else layout.sizes[layout.video], shape[2])
         inputs.append(SparseBlockInputs(block.index, block.module, cached, dtype, shared_because))
     graph.lint()
     gm.recompile()
@@ -129,7 +130,7 @@ class _SparseCopy:
                         if not layout.only_video:
                             video = _rows_slice(layout, layout.video, layout.video + 1)
                             lse_rows = graph.call_function(operator.getitem, (lse_rows, (Ellipsis, video)))
-                        lse_rows = _unfolded(graph, lse_rows, q, block.start)
+                        lse_rows = _unfolded(graph, lse_rows, q, block.start, axis.frames)
                 else:
                     copy = self.copy_node(node, remap)
             copy.meta["astraea_rows_of"] = node.name
@@ -139,7 +140,8 @@ class _SparseCopy:
                     if user not in region:
                         self.leave(node, user)
         end = self.copies[block.end]
-        layout, joint = axis.layout_of(block.start), not axis.layout_of(block.start).only_video
+        layout = axis.layout_of(block.start)
+        joint = not layout.unfold().only_video  # a flat stream of frames merges whole
         with graph.inserting_before(end.next):
             x, rows = start, end
             if joint:  # a joint stream: its video segment merged, the small segments as computed
@@ -203,18 +205,29 @@ class _SparseCopy:
         """`node`'s rows for the selection, along `dim` (its token axis, of `layout`)."""
         if not layout.has_video:
             return node  # small segments only: every row is computed
-        if layout.folded:  # a table with a row per (sample, token); one selection for the batch
-            return self.graph.call_function(gather_folded_tokens, (node, dim, self.inputs.idx, layout.total))
+        if layout.folded:  # a row per (sample or frame, token); one selection for the batch
+            return self.graph.call_function(gather_folded_tokens, (node, dim, self.positions(), layout.total))
         if self.shared_because is None and not _batch_leads(node, dim, consumer, self.batch):
             self.shared_because = f"{node.name} {list(shape_of(node) or ())} has no batch on dim 0 to gather its tokens per sample"
         if (node, dim) not in self.gathered:
             self.gathered[node, dim] = self.graph.call_function(gather_tokens, (node, dim, self.index(layout)))
         return self.gathered[node, dim]
 
+    def positions(self) -> fx.Node:
+        """The selected tokens as positions in a frame: idx itself, or, where the token source
+        is a flat stream of frames (every frame selecting the same positions, frame-major), the
+        first frame's rows."""
+        if self.axis.frames == 1:
+            return self.inputs.idx
+        if "positions" not in self.indices:
+            with self.graph.inserting_after(self.inputs.idx):
+                self.indices["positions"] = self.graph.call_function(frame_positions, (self.inputs.idx, self.axis.frames))
+        return self.indices["positions"]
+
     def index(self, layout: Layout) -> fx.Node:
         """The rows of `layout` to compute: the selected video rows, every row of the others."""
         if layout.only_video:
-            return self.inputs.idx
+            return self.inputs.idx if layout.total == self.axis.num_tokens else self.positions()
         if layout not in self.indices:
             with self.graph.inserting_after(self.inputs.idx):
                 self.indices[layout] = self.graph.call_function(segment_rows, (self.inputs.idx, layout.sizes, layout.video))
@@ -313,11 +326,16 @@ def _heads_repeated(graph: fx.Graph, kv: fx.Node, q: fx.Node) -> fx.Node:
     return graph.call_method("repeat_interleave", (kv, groups, -3)) if groups > 1 else kv
 
 
-def _unfolded(graph: fx.Graph, lse_rows: fx.Node, q: fx.Node, start: fx.Node) -> fx.Node:
+def _unfolded(graph: fx.Graph, lse_rows: fx.Node, q: fx.Node, start: fx.Node, frames: int) -> fx.Node:
     """[B, H, K] from the LSE of an attention whose heads fold the batch in ([1, B * H, K]: heads
     folded into the batch, `[B * H, N, d]`, as diffusers' classic processor and `(b h) n d` layouts
-    do; batch-major, as both fold it), so the merge reads each sample's own."""
+    do; batch-major, as both fold it), so the merge reads each sample's own; or whose batch holds
+    the frames of a flat stream ([B * F, H, K / F]: factorised attention's `(b t) s c`), as
+    [B, H, K] in the selection's frame-major order."""
     start_shape, q_shape = shape_of(start), shape_of(q)
+    if frames > 1 and start_shape is not None and q_shape is not None and q_shape[0] == start_shape[0] * frames:
+        per_frame = graph.call_method("unflatten", (lse_rows, 0, (start_shape[0], frames)))
+        return graph.call_method("flatten", (graph.call_method("transpose", (per_frame, 1, 2)), 2))
     if start_shape is None or q_shape is None or q_shape[0] != 1 or start_shape[0] == 1:
         return lse_rows
     batch = start_shape[0]

@@ -37,6 +37,9 @@ PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "movedim"}
 PERMUTE_FUNCTIONS = {torch.permute, torch.transpose, torch.swapaxes, torch.movedim}
 
 
+SPLIT = "reshape that splits or merges the token axis"
+
+
 class Mix(Exception):
     """Raised by a rule when its op mixes tokens or cannot be followed."""
 
@@ -368,16 +371,22 @@ def reshape(p, node):
     for j, size in enumerate(outs):
         if size == n and math.prod(outs[:j]) == before:
             return j
-    layout = p.layout(x)
-    rest_in, rest_out = math.prod(ins[t + 1:]), math.prod(outs[1:])
-    if layout.only_video and t > 0 and outs[0] == before * n and rest_out == rest_in:
-        p.r.layout[node] = layout.fold()  # [B, ..., N, F, C] -> [B * ... * N, F, C]: factorised attention
-        return 0
-    if layout.folded and t == 0 and len(outs) > 1 and outs[1] == layout.total and outs[0] * outs[1] == n \
-            and math.prod(outs[2:]) == rest_in:
-        p.r.layout[node] = layout.unfold()  # and back: [B * N, F, C] -> [B, N, F, C]
-        return 1
-    raise Mix("reshape that splits or merges the token axis")
+    layout, rest_in = p.layout(x), math.prod(ins[t + 1:])
+    for j, size in enumerate(outs):
+        if math.prod(outs[j + 1:]) != rest_in:
+            continue
+        # The token dim merged with dims before it into one, the tokens fastest: factorised
+        # attention, [B, S, F, C] -> [B * S, F, C] (positions into the batch), or [B, F, S, C]
+        # -> [B, F * S, C] (a flat stream of (frame, position) pairs)
+        if layout.only_video and size > n and size % n == 0 and math.prod(outs[:j]) * size == before * n \
+                and before % math.prod(outs[:j]) == 0:
+            p.r.layout[node] = layout.fold()
+            return j
+        # And back: a folded dim split with the tokens as its last factor
+        if layout.folded and size == layout.total and j > 0 and math.prod(outs[:j + 1]) == before * n:
+            p.r.layout[node] = layout.unfold()
+            return j
+    raise Mix(SPLIT)
 
 
 @register(methods=("repeat",))

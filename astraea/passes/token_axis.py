@@ -25,6 +25,7 @@ attention) become segments of the axis (`layout.py`), always computed in full.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ import torch.fx as fx
 
 from .layout import Layout
 from .rules import SDPA, Mix, broadcast, describe, rule_for, sdpa_args, shape_of
+from .rules import SPLIT
+from .rules import reshape as RESHAPE_RULE
 
 MAX_SOURCE_TRIES = 32  # (tensor, dim) candidates propagated before giving up
 NO_ATTENTION = ("no self-attention: no attention op (scaled_dot_product_attention or Ulysses attention) "
@@ -77,6 +80,13 @@ class TokenAxis:
     joins: list = field(default_factory=list)
     mutations: list = field(default_factory=list)
     reason: str | None = None
+
+    @property
+    def frames(self) -> int:
+        """Frames the token source folds with its positions (a flat stream of factorised
+        attention, `_candidates`); 1 for a token axis of tokens alone."""
+        layout = self.layout.get(self.source)
+        return self.num_tokens // layout.total if isinstance(layout, Layout) and layout.folded else 1
 
     def is_token(self, node) -> bool:
         """A tensor (int axis) or tuple of tensors (tuple of axes) with a followed token axis."""
@@ -135,16 +145,40 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
     return best
 
 
-def _candidates(tensors, order: dict) -> list[tuple[fx.Node, int]]:
-    """(tensor, dim) to try as the token source: [batch, tokens, channels] tensors first (the
-    shape of a transformer's residual stream; a latent grid or a positional table before it
-    only reaches the tokens through a reshape), earliest first among them."""
+def _candidates(tensors, order: dict) -> list[tuple[fx.Node, int, int | None]]:
+    """(tensor, dim, None) to try as the token source: [batch, tokens, channels] tensors first
+    (the shape of a transformer's residual stream; a latent grid or a positional table before it
+    only reaches the tokens through a reshape), earliest first among them. (A try may add the
+    same tensor as a flat stream of frames: `_best_try`.)"""
     return [
-        (source, dim)
+        (source, dim, None)
         for source in sorted(tensors, key=lambda n: (len(shape_of(n) or ()) != 3, order[n]))
         if not is_module_state(source) and len(shape_of(source) or ()) >= 3
         for dim, size in enumerate(shape_of(source)) if dim > 0 and size > 1
     ]
+
+
+def _folds(nodes) -> dict[int, set[int]]:
+    """For each dim size some reshape in the graph splits, the sizes of the last factor it
+    splits it into (the positions, when it regroups a flat stream of frames: `[B, F * S, C]` as
+    `[B, F, S, C]`, or at once as `[B * F, S, C]`)."""
+    found: dict[int, set[int]] = {}
+    for node in nodes:
+        if node.op not in ("call_method", "call_function") or rule_for(node) is not RESHAPE_RULE or not node.args:
+            continue
+        ins, outs = shape_of(node.args[0]), shape_of(node)
+        if not ins or not outs:
+            continue
+        for k, n in enumerate(ins):
+            for j, size in enumerate(outs):
+                if 1 < size < n and n % size == 0 and math.prod(outs[:j + 1]) == math.prod(ins[:k + 1]) \
+                        and math.prod(outs[:j]) != math.prod(ins[:k]):
+                    found.setdefault(n, set()).add(size)
+    return found
+
+
+def _positions(layout) -> int | None:
+    return layout.total if isinstance(layout, Layout) and layout.folded else None
 
 
 def _mixes(trial: TokenAxis | None) -> bool:
@@ -157,16 +191,27 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
     (a block compiled on its own returns its text stream too, so only the length tells the
     video, the many tokens, from the text: CogVideoX)."""
     best, best_score, covered, tried = None, None, set(), 0
-    for source, dim in tries:
-        if (source, dim) in covered:
+    folds, tries = None, list(reversed(tries))
+    while tries:
+        source, dim, positions = tries.pop()
+        if (source, dim, positions) in covered:
             continue  # an earlier try reached this tensor with this axis: it would find the same
         if tried == MAX_SOURCE_TRIES:
             break
-        tried += 1
-        trial = TokenAxis(num_tokens=shape_of(source)[dim], source=source, grid=_grid(source, dim))
+        tried += positions is None  # a flat-stream try is the one before's second reading
+        size = shape_of(source)[dim]
+        grid = _grid(source, dim) if positions is None else (size // positions, positions)
+        trial = TokenAxis(num_tokens=size, source=source, grid=grid)
         trial.tdim[source] = dim
+        if positions is not None:
+            trial.layout[source] = Layout.of_video(positions).fold()
         _Propagator(trial).run(nodes[order[source] + 1:])
-        covered |= {(n, t) for n, t in trial.tdim.items() if isinstance(t, int)}
+        covered |= {(n, t, _positions(trial.layout.get(n))) for n, t in trial.tdim.items() if isinstance(t, int)}
+        if positions is None and not _mixes(trial) and any(isinstance(t, Opaque) and SPLIT in t for t in trial.tdim.values()):
+            # no attention reached, the axis lost where a reshape splits the tokens: factorised attention
+            # on a flat stream? Next, the same source as (frame, position) pairs, for each split of its size
+            folds = _folds(nodes) if folds is None else folds
+            tries += [(source, dim, n) for n in sorted(folds.get(size, ()), reverse=True)]
         explained = sum(isinstance(trial.tdim.get(a), int) for a in attentions)
         score = (_mixes(trial) and _output_carries_source(trial, nodes, order), len(trial.self_attention),
                  explained, trial.num_tokens if _mixes(trial) else 0)

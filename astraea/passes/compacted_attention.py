@@ -68,7 +68,8 @@ def _match(nonzero: fx.Node):
         return None
     indices = [u for u in nonzero.users if u.op in ("call_method", "call_function") and u.target in INDEX_SHAPING]
     gathers = [g for i in indices for g in i.users]
-    if not indices or not all(_index_node(g) is i and _gathered_dim(g, i) is not None for i in indices for g in i.users):
+    if not indices or not all(_index_node(g) is i and _gathered_dim(g, i) is not None
+                              for i in indices for g in i.users):
         return None
     joins = {}
     for g in gathers:
@@ -175,8 +176,8 @@ def _rewrite(graph: fx.Graph, nonzero, mask, indices, gathers, joins, pads) -> N
     meta = nonzero.meta
     with graph.inserting_before(nonzero):
         valid = node_with_value(graph, "call_function", torch.ne, (mask, 0), {}, meta)
-        invalid = node_with_value(graph, "call_method", "int", (node_with_value(graph, "call_function", torch.logical_not,
-                                                                                  (valid,), {}, meta),), {}, meta)
+        not_valid = node_with_value(graph, "call_function", torch.logical_not, (valid,), {}, meta)
+        invalid = node_with_value(graph, "call_method", "int", (not_valid,), {}, meta)
         order = node_with_value(graph, "call_function", torch.argsort, (invalid,), {"stable": True}, meta)
         keep = node_with_value(graph, "call_function", operator.getitem, (valid, order), {}, meta)
     for g in gathers:

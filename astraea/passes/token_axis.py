@@ -177,6 +177,10 @@ def _folds(nodes) -> dict[int, set[int]]:
     return found
 
 
+def _lost_at_split(trial: TokenAxis) -> bool:
+    return any(isinstance(t, Opaque) and SPLIT in t for t in trial.tdim.values())
+
+
 def _positions(layout) -> int | None:
     return layout.total if isinstance(layout, Layout) and layout.folded else None
 
@@ -189,7 +193,8 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
     """The try that explains the most: a token mixing that reaches the output, then the most
     self-attentions, then the most attentions with a token axis; ties go to the longer axis
     (a block compiled on its own returns its text stream too, so only the length tells the
-    video, the many tokens, from the text: CogVideoX)."""
+    video, the many tokens, from the text: CogVideoX). A try that reaches no attention because
+    a reshape splits its tokens is followed by the same source read as a flat stream of frames."""
     best, best_score, covered, tried = None, None, set(), 0
     folds, tries = None, list(reversed(tries))
     while tries:
@@ -198,7 +203,8 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
             continue  # an earlier try reached this tensor with this axis: it would find the same
         if tried == MAX_SOURCE_TRIES:
             break
-        tried += positions is None  # a flat-stream try is the one before's second reading
+        if positions is None:  # a flat-stream try is the one before's second reading
+            tried += 1
         size = shape_of(source)[dim]
         grid = _grid(source, dim) if positions is None else (size // positions, positions)
         trial = TokenAxis(num_tokens=size, source=source, grid=grid)
@@ -207,9 +213,10 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
             trial.layout[source] = Layout.of_video(positions).fold()
         _Propagator(trial).run(nodes[order[source] + 1:])
         covered |= {(n, t, _positions(trial.layout.get(n))) for n, t in trial.tdim.items() if isinstance(t, int)}
-        if positions is None and not _mixes(trial) and any(isinstance(t, Opaque) and SPLIT in t for t in trial.tdim.values()):
-            # no attention reached, the axis lost where a reshape splits the tokens: factorised attention
-            # on a flat stream? Next, the same source as (frame, position) pairs, for each split of its size
+        if positions is None and not _mixes(trial) and _lost_at_split(trial):
+            # no attention reached, the axis lost where a reshape splits the tokens: factorised
+            # attention on a flat stream? Next, the same source as (frame, position) pairs, for
+            # each split of its size
             folds = _folds(nodes) if folds is None else folds
             tries += [(source, dim, n) for n in sorted(folds.get(size, ()), reverse=True)]
         explained = sum(isinstance(trial.tdim.get(a), int) for a in attentions)

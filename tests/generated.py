@@ -49,6 +49,9 @@ class Knobs:
     einops: bool = False  # heads split (fused q/k/v too) and merged by einops.rearrange
     frames: int = 1  # > 1: per-frame adaLN tables, applied to the tokens split into frames (no joint)
     grouped_query: bool = False  # self-attention with half the key/value heads (SDPA's enable_gqa), where heads are even
+    # > 0: factorised attention on a flat stream of that many frames (STDiT): even blocks attend
+    # within each frame, odd ones across frames at each position (no joint text, RoPE or frame tables)
+    factorised: int = 0
     wrapped: str | None = None  # "checkpoint": every block run under activation checkpointing, as research
     # code often leaves it at inference; "region": the blocks' forward marked `nested_compile_region`
 
@@ -115,12 +118,12 @@ class Block(nn.Module):
         h = self.norm1(x)
         if k.modulation:
             h = self.framed(h, lambda f: f * (1 + scale) + shift)
-        q, key, v = self.qkv_heads(h)
+        q, key, v = self.qkv_heads(self.regrouped(h) if k.factorised else h)
         if k.rope and k.joint != "once":
             q = q * cos + q.flip(-1) * sin
             key = key * cos + key.flip(-1) * sin
         a = self.merged(self.self_attend(q, key, v))
-        a = self.out(a)
+        a = self.out(self.ungrouped(a, x.shape[0]) if k.factorised else a)
         x = x + (self.framed(a, lambda f: f * gate) if k.gated else a)
         if k.mixing and self.index == k.mixing_block:
             x = self.mix(x)
@@ -133,6 +136,22 @@ class Block(nn.Module):
             h = self.framed(h, lambda f: f * (1 + c_scale) + c_shift)
         f = self.ff(h)
         return x + (self.framed(f, lambda t: t * c_gate) if k.gated else f)
+
+    def regrouped(self, x):
+        """[B, F * S, C] as [B * F, S, C] (attention within frames: even blocks) or [B * S, F, C]
+        (across frames: odd blocks)."""
+        frames, across = self.k.factorised, self.index % 2 == 1
+        if self.k.einops:
+            return rearrange(x, "b (f s) c -> (b s) f c" if across else "b (f s) c -> (b f) s c", f=frames)
+        x = x.unflatten(1, (frames, -1))
+        return (x.transpose(1, 2) if across else x).flatten(0, 1)
+
+    def ungrouped(self, x, batch):
+        frames, across = self.k.factorised, self.index % 2 == 1
+        if self.k.einops:
+            return rearrange(x, "(b s) f c -> b (f s) c" if across else "(b f) s c -> b (f s) c", b=batch)
+        x = x.unflatten(0, (batch, -1))
+        return (x.transpose(1, 2) if across else x).flatten(1, 2)
 
     def framed(self, x, fn):
         """fn of x split into frames [B, F, N / F, C], back as [B, N, C]; fn of x with one frame."""

@@ -17,22 +17,25 @@ from tests.generated import MIXING, GeneratedDiT, Knobs
 def knobs(draw):
     heads = draw(st.sampled_from([1, 2, 4]))
     depth = draw(st.integers(1, 3))
-    joint = draw(st.sampled_from([None, "dual", "single", "once"]))
-    frames = 1 if joint else draw(st.sampled_from([1, 1, 2, 3]))  # per-frame tables split the video tokens only
-    linear = draw(st.booleans())
+    factorised = draw(st.sampled_from([0, 0, 0, 0, 0, 2, 3]))  # frames of a flat stream (no text, tables or linear)
+    joint = None if factorised else draw(st.sampled_from([None, "dual", "single", "once"]))
+    frames = 1 if joint or factorised else draw(st.sampled_from([1, 1, 2, 3]))  # per-frame tables split the video tokens only
+    linear = not factorised and draw(st.booleans())
     # Text joined once, linear attention and cross-attention to the same text: the text explains as
     # many attentions as the video, and the analysis may follow it (the known limit of
     # test_sparse_blocks_do_not_depend_on_the_token_count)
     cross = draw(st.booleans()) and not (joint == "once" and linear)
     head_dim = draw(st.sampled_from([4, 8]))
+    rope = draw(st.booleans()) and not factorised  # RoPE's tables cover the flat stream
     # Linear attention meeting no more tokens than its head dim: the known limit that
     # test_sparse_blocks_do_not_depend_on_the_token_count excludes too
-    fewest = math.ceil((head_dim + 1 if linear else 6) / frames)
+    unit = max(frames, factorised)  # the tokens split evenly into frames
+    fewest = math.ceil((head_dim + 1 if linear else 6) / unit)
     return Knobs(
         depth=depth, width=heads * head_dim, heads=heads,
-        tokens=frames * draw(st.integers(max(2, fewest), 40 // frames)), frames=frames,
+        tokens=unit * draw(st.integers(max(2, fewest), 40 // unit)), frames=frames, factorised=factorised,
         cross=cross, modulation=draw(st.booleans()), gated=draw(st.booleans()),
-        rope=draw(st.booleans()), rope_rows=draw(st.booleans()), fused_qkv=draw(st.booleans()), mixing=draw(st.sampled_from([m for m in MIXING if not (joint == "once" and m == "token_linear")])),  # its matrix is video-sized
+        rope=rope, rope_rows=draw(st.booleans()), fused_qkv=draw(st.booleans()), mixing=draw(st.sampled_from([m for m in MIXING if not (joint == "once" and m == "token_linear")])),  # its matrix is video-sized
         mixing_block=draw(st.integers(0, depth - 1)), joint=joint,
         text_first=draw(st.booleans()), written_attention=draw(st.booleans()), linear_attention=linear,
         einops=draw(st.booleans()), grouped_query=draw(st.booleans()), wrapped=draw(st.sampled_from([None, None, "checkpoint"] + ["region"] * (joint != "single"))),  # dynamo refuses a single-stream block's aliased outputs in a region
@@ -71,8 +74,8 @@ def test_generated_models(k, budgets, batch, seed):
     compiled = torch.compile(model, backend=be)
     _run(model, compiled, k, [1.0], seed, batch)  # compile
     report = be.reports[0]
-    if k.mixing is None:
-        assert report.num_sparse_blocks == report.num_blocks == k.depth
+    if k.mixing is None:  # factorised: a block is a within-frame layer and the across-frames one after it
+        assert report.num_sparse_blocks == report.num_blocks == (k.depth + 1) // 2 if k.factorised else k.depth
     elif report.num_sparse_blocks:  # the op that mixes tokens never runs on selected rows only
         rows_ops = {n.target for n in whole_graph(be.runners[0].graph_fn).graph.nodes if "astraea_rows_of" in n.meta}
         assert not rows_ops & MIXING_OPS
@@ -82,7 +85,7 @@ def test_generated_models(k, budgets, batch, seed):
         checker = runner.graph_fn = ContractChecker(runner, atol=1e-4, rtol=1e-4)
         _run(model, compiled, k, [1.0] + budgets, seed, batch)
         # Per sample unless a gathered table lacks the batch dim.
-        per_sample = batch > 1 and not (k.rope and k.rope_rows and k.joint != "once")
+        per_sample = batch > 1 and not (k.rope and k.rope_rows and k.joint != "once") and not k.factorised
         assert k.mixing is not None or all(b.samples == (batch if per_sample else 1) for b in runner.blocks)
         assert checker.checked == (1 + len(budgets)) * report.num_sparse_blocks
         if k.joint in ("dual", "single") and k.depth > 1 and k.mixing is None:  # the text stream a block hands on is exact
@@ -116,7 +119,8 @@ def test_sparse_blocks_do_not_depend_on_the_token_count(k, collide):
             "context_dim": 16, "heads": k.heads}[collide]
     assume(not (k.joint and k.mixing and max(size, 2) <= CONTEXT_TOKENS))
     assume(not (k.linear_attention and min(k.tokens, max(size, 2)) <= k.width // k.heads))
-    assume(max(size, 2) % k.frames == 0)
+    assume(max(size, 2) % max(k.frames, k.factorised) == 0)
+    assume(not k.factorised or max(size, 2) >= 2 * k.factorised)  # a frame of one position regroups nothing
     torch._dynamo.reset()
     torch.manual_seed(0)
     expected = _sparse_blocks(k)

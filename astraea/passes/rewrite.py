@@ -95,6 +95,7 @@ class _SparseCopy:
         self.copies: dict[fx.Node, fx.Node] = {}
         self.gathered: dict[tuple, fx.Node] = {}
         self.indices: dict[Layout, fx.Node] = {}
+        self.frame_positions: fx.Node | None = None
         self.batch = shape_of(block.start)[0]
         self.shared_because: str | None = None
         if any(isinstance(axis.tdim.get(n), int) and (axis.tdim[n] == 0 or axis.layout_of(n).folded) for n in block.region):
@@ -219,10 +220,10 @@ class _SparseCopy:
         first frame's rows."""
         if self.axis.frames == 1:
             return self.inputs.idx
-        if "positions" not in self.indices:
+        if self.frame_positions is None:
             with self.graph.inserting_after(self.inputs.idx):
-                self.indices["positions"] = self.graph.call_function(frame_positions, (self.inputs.idx, self.axis.frames))
-        return self.indices["positions"]
+                self.frame_positions = self.graph.call_function(frame_positions, (self.inputs.idx, self.axis.frames))
+        return self.frame_positions
 
     def index(self, layout: Layout) -> fx.Node:
         """The rows of `layout` to compute: the selected video rows, every row of the others."""

@@ -79,6 +79,7 @@ def test_each_spatial_and_temporal_pair_goes_sparse_and_keeps_the_contract(einop
     model = STDiT(einops).eval()
     report = astraea.explain(model, *inputs_for(batch)(0))
     assert report.whole_positions and report.token_grid == (FRAMES, POSITIONS), str(report)
+    assert f"selects whole positions, the same in every one of the {FRAMES} frames" in str(report)
     check_sparse_model(model, inputs_for(batch), 2)
 
 

@@ -78,6 +78,9 @@ class Report:
             lines += [f"    graph break at {b}" for b in self.graph_breaks]
         if self.reason:
             lines.append(f"  dense: {self.reason}")
+        if self.whole_positions:
+            lines.append(f"  its attention regroups the tokens by frame: each step selects whole positions, the same in "
+                         f"every one of the {self.token_grid[0]} frames, whatever `group` says")
         lines += [f"  on every token, between blocks: {why}" for why in self.every_token]
         for b in self.blocks:
             where = b.module or f"block {b.index}"

@@ -194,7 +194,8 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
     self-attentions, then the most attentions with a token axis; ties go to the longer axis
     (a block compiled on its own returns its text stream too, so only the length tells the
     video, the many tokens, from the text: CogVideoX). A try that reaches no attention because
-    a reshape splits its tokens is followed by the same source read as a flat stream of frames."""
+    a reshape splits its tokens is followed by the same source read as a flat stream of frames,
+    which wins only with more self-attention than every plain reading."""
     best, best_score, covered, tried = None, None, set(), 0
     folds, tries = None, list(reversed(tries))
     while tries:
@@ -221,7 +222,7 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
             tries += [(source, dim, n) for n in sorted(folds.get(size, ()), reverse=True)]
         explained = sum(isinstance(trial.tdim.get(a), int) for a in attentions)
         score = (_mixes(trial) and _output_carries_source(trial, nodes, order), len(trial.self_attention),
-                 explained, trial.num_tokens if _mixes(trial) else 0)
+                 trial.frames == 1, explained, trial.num_tokens if _mixes(trial) else 0)
         if best_score is None or score > best_score:
             best, best_score = trial, score
     return best, best_score

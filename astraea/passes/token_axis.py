@@ -194,8 +194,8 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
     self-attentions, then the most attentions with a token axis; ties go to the longer axis
     (a block compiled on its own returns its text stream too, so only the length tells the
     video, the many tokens, from the text: CogVideoX). A try that reaches no attention because
-    a reshape splits its tokens is followed by the same source read as a flat stream of frames,
-    which wins only with more self-attention than every plain reading."""
+    a reshape splits its tokens is followed by the same source read as a flat stream of frames
+    (`_better` weighs the two readings)."""
     best, best_score, covered, tried = None, None, set(), 0
     folds, tries = None, list(reversed(tries))
     while tries:
@@ -222,10 +222,20 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
             tries += [(source, dim, n) for n in sorted(folds.get(size, ()), reverse=True)]
         explained = sum(isinstance(trial.tdim.get(a), int) for a in attentions)
         score = (_mixes(trial) and _output_carries_source(trial, nodes, order), len(trial.self_attention),
-                 trial.frames == 1, explained, trial.num_tokens if _mixes(trial) else 0)
-        if best_score is None or score > best_score:
+                 explained, trial.num_tokens if _mixes(trial) else 0)
+        if best is None or _better(trial, score, best, best_score, order):
             best, best_score = trial, score
     return best, best_score
+
+
+def _better(trial: TokenAxis, score: tuple, best: TokenAxis, best_score: tuple, order: dict) -> bool:
+    """Whether `trial` explains more than `best`. Between a flat-stream reading and a plain one,
+    which explain different tensors' axes (frames as tokens inside a temporal layer; a channel
+    dim a reshape splits), only the mixing and the self-attentions count, ties going to the
+    earlier source: the token stream starts before what it feeds."""
+    if (trial.frames > 1) == (best.frames > 1):
+        return score > best_score
+    return (*score[:2], -order[trial.source]) > (*best_score[:2], -order[best.source])
 
 
 def _output_carries_source(trial: TokenAxis, nodes: list, order: dict) -> bool:

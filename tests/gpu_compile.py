@@ -101,7 +101,7 @@ def compile_attention(form: str):
     options = {k: tiles.pop(k) for k in ("num_warps", "num_stages")}
     pointer = "*" + TRITON_TYPES[dtype]
     signature = {name: pointer for name in ("Q", "K", "V", "Out")} | {"KB": "*fp32", "Lse": "*fp32"}
-    signature |= {name: "i32" for name in kernel.arg_names[6:19]} | {"qk_scale": "fp32"}
+    signature |= {name: "i32" for name in kernel.arg_names[6:kernel.arg_names.index("qk_scale")]} | {"qk_scale": "fp32"}
     constants = dict(HAS_BIAS=False, HEAD_DIM=head_dim, USE_TMA=tma, UPCAST=False,
                      DOT_PRECISION=attention._dot_precision(dtype, head_dim), **tiles)
     signature |= {name: "constexpr" for name in constants}

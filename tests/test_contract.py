@@ -129,8 +129,8 @@ def test_low_precision_caches_keep_contract(cache_dtype):
 
 @pytest.mark.parametrize("joint", [None, "dual"])
 def test_grouped_query_attention_keeps_contract(joint):
-    """SDPA with `enable_gqa` (fewer key/value heads than query heads): its keys and values are
-    repeated over the query heads for the sparse kernel."""
+    """SDPA with `enable_gqa` (fewer key/value heads than query heads): the sparse attention reads
+    each group's key/value head as it is."""
     from tests.contract import check_generated
     from tests.generated import Knobs
 

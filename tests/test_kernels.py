@@ -78,6 +78,20 @@ def test_attention_shapes(case):
     _check_attention(q, k, v, None if idx is None else idx.to(DEVICE))
 
 
+@pytest.mark.parametrize("kv_heads", [1, 2])
+def test_attention_grouped_query_heads(kv_heads):
+    """Fewer key/value heads than query heads (SDPA's enable_gqa): each serves consecutive
+    query heads, read in place; the reference agrees with PyTorch's own grouped-query SDPA."""
+    q, _, _ = _qkv(2, 4, 40, 50, 32, torch.float32)
+    _, k, v = _qkv(2, kv_heads, 40, 50, 32, torch.float32, seed=1)
+    out, lse = _check_attention(q, k, v, torch.arange(0, 40, 3, device=DEVICE))
+    expected = torch.nn.functional.scaled_dot_product_attention(_rows(q, torch.arange(0, 40, 3, device=DEVICE)), k, v,
+                                                                enable_gqa=True)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="do not divide"):
+        gathered_attention(q, *_qkv(2, 3, 40, 50, 32, torch.float32)[1:])
+
+
 def test_attention_head_dims_16_and_128():
     for d in (16, 128):
         q, k, v = _qkv(1, 1, 40, 70, d, torch.float32, seed=d)

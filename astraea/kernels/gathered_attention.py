@@ -43,7 +43,7 @@ def _gathered_attention_kernel(
     stride_qb, stride_qh, stride_qm, stride_kbb,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    H, n_queries, n_keys, qk_scale,
+    H, kv_groups, n_queries, n_keys, qk_scale,
     HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_TMA: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -66,8 +66,9 @@ def _gathered_attention_kernel(
                 mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
+    hk = h // kv_groups  # grouped-query attention: consecutive query heads share a key/value head
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
     if USE_TMA:
         # Keys and values stream through the copy engine. Descriptors are built here, not on
         # the host, because torch's triton_op tracing cannot capture host descriptors. With
@@ -179,8 +180,9 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: Optional
     if k.shape != v.shape:
         raise ValueError(f"gathered_attention: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     B, H, _, d = q.shape
-    if (k.shape[0], k.shape[1], k.shape[3]) != (B, H, d):
-        raise ValueError(f"gathered_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B, H or d")
+    if (k.shape[0], k.shape[3]) != (B, d) or k.shape[1] == 0 or H % k.shape[1]:
+        raise ValueError(f"gathered_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B or d, or k's "
+                         "heads do not divide q's")
     if d < 16 or d > 128 or d & (d - 1):
         raise ValueError(f"gathered_attention: head dim must be a power of two in 16..128, got {d}")
     if k.shape[2] == 0:
@@ -207,7 +209,8 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: Optional[float] = None,
                        key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale + key_bias) v and its natural-log LSE, as ([B, H, K, d], [B, H, K]
-    fp32), for q [B, H, K, d] and k, v [B, H, N, d]. key_bias ([B or 1, N] fp32, -inf for a
+    fp32), for q [B, H, K, d] and k, v [B, H / G, N, d] (grouped-query attention: each key/value
+    head serves G consecutive query heads, as SDPA's `enable_gqa` reads them). key_bias ([B or 1, N] fp32, -inf for a
     masked key) is a key-padding mask as an additive bias, the same for every head and query
     (text padding in joint attention).
     """
@@ -226,7 +229,7 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             0 if key_bias is None or key_bias.shape[0] == 1 else key_bias.stride(0),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            H, n_queries, k.shape[2], scale * _LOG2E)
+            H, H // k.shape[1], n_queries, k.shape[2], scale * _LOG2E)
     consts = dict(HAS_BIAS=key_bias is not None, HEAD_DIM=d, USE_TMA=_use_tma(k, v),
                   DOT_PRECISION=_dot_precision(q.dtype, d))
 
@@ -252,6 +255,7 @@ def gathered_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     """Plain PyTorch in fp32 (fp64 for fp64 inputs): what the kernel must match, and the CPU
     path without Triton. Returns out in q's dtype and lse in the compute dtype."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     compute = torch.promote_types(q.dtype, torch.float32)
     s = torch.matmul(q.to(compute), k.to(compute).transpose(-1, -2)) * scale
     if key_bias is not None:

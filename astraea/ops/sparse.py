@@ -90,16 +90,17 @@ GRAPH_FUNCTIONS = (gather_tokens, gather_folded_tokens, segment_rows, split_rows
 def sparse_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None, attn_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q: [B, H, K, d] selected queries; k, v: [B, H, N, d], a key head per query head (the
-    rewrite repeats grouped-query keys); attn_mask (bool or additive) broadcasts to [B, H, K, N].
-    Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
+    """q: [B, H, K, d] selected queries; k, v: [B, H / G, N, d] (G > 1: grouped-query attention,
+    each key/value head serving G consecutive query heads, as SDPA's `enable_gqa`); attn_mask
+    (bool or additive) broadcasts to [B, H, K, N]. Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
     _check_heads(q, k, v)
     key_bias = _key_bias(attn_mask, k.shape[2])
     if q.is_cuda and (attn_mask is None or key_bias is not None):
         from astraea.kernels.gathered_attention import gathered_attention
 
-        out, lse = gathered_attention(q, k, v, scale=scale, key_bias=key_bias)
+        out, lse = gathered_attention(q, k, v, scale=scale, key_bias=key_bias)  # reads the groups' heads in place
         return out.contiguous(), lse.contiguous()
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # PyTorch's kernels below
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
     if q.is_cuda:  # a mask that differs between queries or heads
@@ -133,9 +134,9 @@ def _(q, k, v, scale=None, attn_mask=None):
 
 
 def _check_heads(q, k, v) -> None:
-    """The kernel reads key head h for query head h: fewer key heads would read past them."""
-    torch._check(k.shape[1] == q.shape[1] == v.shape[1],
-                 lambda: f"sparse_attention takes a key/value head per query head: q {list(q.shape)}, k {list(k.shape)}")
+    torch._check(k.shape[1] == v.shape[1] and q.shape[1] % k.shape[1] == 0,
+                 lambda: f"sparse_attention: the key/value heads must divide the query heads: q {list(q.shape)}, "
+                         f"k {list(k.shape)}, v {list(v.shape)}")
 
 
 # Every argument it writes is required, None included: torch 2.11's ADInplaceOrView kernel of a

@@ -121,8 +121,6 @@ class _SparseCopy:
                     extra = {name: node.kwargs[name] for name in carried}
                     if mask is not None:
                         extra["attn_mask"] = remap(mask)
-                    if node.kwargs.get("enable_gqa"):
-                        k, v = (_heads_repeated(graph, t, q) for t in (k, v))
                     pair = graph.call_function(op, (remap(q), k, v), {"scale": node.kwargs.get("scale"), **extra})
                     copy = graph.call_function(operator.getitem, (pair, 0))
                     if lse_rows is None:  # [B, H, query rows]: the video rows' part, for the scores
@@ -317,14 +315,6 @@ def _segment(layout: Layout, i: int) -> tuple[slice, slice]:
     """The index of segment `i` of a [batch, tokens, channels] tensor of `layout`."""
     start = sum(layout.sizes[:i])
     return slice(None), slice(start, start + layout.sizes[i])
-
-
-def _heads_repeated(graph: fx.Graph, kv: fx.Node, q: fx.Node) -> fx.Node:
-    """Keys or values of grouped-query attention (`enable_gqa`: fewer heads than the queries,
-    each shared by a group of consecutive query heads) repeated to one per query head, as SDPA
-    reads them; the sparse kernel takes one key head per query head."""
-    groups = shape_of(q)[-3] // shape_of(kv)[-3]
-    return graph.call_method("repeat_interleave", (kv, groups, -3)) if groups > 1 else kv
 
 
 def _unfolded(graph: fx.Graph, lse_rows: fx.Node, q: fx.Node, start: fx.Node, frames: int) -> fx.Node:

@@ -100,6 +100,17 @@ class SparseRunner:
             ctx.reset()
         self.generator.manual_seed(self.config.seed + self.stream)
 
+    @property
+    def config(self) -> AstraeaConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: AstraeaConfig) -> None:
+        """Selections take whole positions where the model regroups its tokens by frame
+        (factorised attention on a flat stream), whatever group the options name."""
+        self._config = config.replace(group="spatial") if self.report.whole_positions and config.group != "spatial" \
+            else config
+
     def reset(self) -> None:
         """Forget every branch's history: the next call starts a new generation."""
         self._new_generation()
@@ -140,7 +151,7 @@ class SparseRunner:
         for state, every in zip(ctx.blocks, self.all_tokens):
             if k < self.num_tokens:  # a dense step needs no scores
                 score = scores(state, self.config, self.generator)
-                idx = select(score, k, self.selection_config, self.report.token_grid)
+                idx = select(score, k, self.config, self.report.token_grid)
             else:
                 idx = every
             if slopes:  # the merge refreshes the recomputed rows' slopes over the steps since they were computed
@@ -163,18 +174,11 @@ class SparseRunner:
         if len(self.records) > RECORDS_KEPT:
             del self.records[: len(self.records) - RECORDS_KEPT]
 
-    @property
-    def selection_config(self):
-        """The config selections follow: whole positions where the model regroups its tokens by
-        frame (factorised attention on a flat stream), whatever group the options name."""
-        c = self.config
-        return dataclasses.replace(c, group="spatial") if self.report.whole_positions and c.group != "spatial" else c
-
     def _graph_key(self, branch: int, k: int, slopes: bool, forecasting: bool):
         """The key of a call's captured graph, or None where a call runs uncaptured: the random
         policy draws from a generator, and only single-token selection has been checked
         captured on a GPU ("run" and "spatial" groups are untested there)."""
-        c = self.selection_config
+        c = self.config
         if self.call_graphs is None or not c.cuda_graphs or c.policy == "random" or c.group != "token":
             return None
         return branch, k, c.policy, c.weight_signal, c.weight_penalty, slopes, forecasting

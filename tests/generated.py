@@ -123,7 +123,7 @@ class Block(nn.Module):
             q = q * cos + q.flip(-1) * sin
             key = key * cos + key.flip(-1) * sin
         a = self.merged(self.self_attend(q, key, v))
-        a = self.out(self.ungrouped(a, x.shape[0]) if k.factorised else a)
+        a = self.out(self.regrouped(a, x.shape[0]) if k.factorised else a)
         x = x + (self.framed(a, lambda f: f * gate) if k.gated else a)
         if k.mixing and self.index == k.mixing_block:
             x = self.mix(x)
@@ -137,21 +137,16 @@ class Block(nn.Module):
         f = self.ff(h)
         return x + (self.framed(f, lambda t: t * c_gate) if k.gated else f)
 
-    def regrouped(self, x):
+    def regrouped(self, x, batch: int | None = None):
         """[B, F * S, C] as [B * F, S, C] (attention within frames: even blocks) or [B * S, F, C]
-        (across frames: odd blocks)."""
-        frames, across = self.k.factorised, self.index % 2 == 1
+        (across frames: odd blocks); with `batch` (B), back."""
+        across, frames = self.index % 2 == 1, self.k.factorised
+        flat, grouped = "b (f s) c", "(b s) f c" if across else "(b f) s c"
         if self.k.einops:
-            return rearrange(x, "b (f s) c -> (b s) f c" if across else "b (f s) c -> (b f) s c", f=frames)
-        x = x.unflatten(1, (frames, -1))
-        return (x.transpose(1, 2) if across else x).flatten(0, 1)
-
-    def ungrouped(self, x, batch):
-        frames, across = self.k.factorised, self.index % 2 == 1
-        if self.k.einops:
-            return rearrange(x, "(b s) f c -> b (f s) c" if across else "(b f) s c -> b (f s) c", b=batch)
-        x = x.unflatten(0, (batch, -1))
-        return (x.transpose(1, 2) if across else x).flatten(1, 2)
+            return rearrange(x, f"{grouped} -> {flat}", b=batch) if batch else rearrange(x, f"{flat} -> {grouped}", f=frames)
+        x = x.unflatten(0, (batch, -1)) if batch else x.unflatten(1, (frames, -1))
+        x = x.transpose(1, 2) if across else x
+        return x.flatten(1, 2) if batch else x.flatten(0, 1)
 
     def framed(self, x, fn):
         """fn of x split into frames [B, F, N / F, C], back as [B, N, C]; fn of x with one frame."""

@@ -143,8 +143,7 @@ def _boundaries(full_chain, attentions, axis: TokenAxis, order: dict) -> tuple[l
         return axis.tdim.get(c) == 1 and len(shape_of(c) or ()) == 3
 
     plain = [c for c in full_chain if three_d(c) and _video_alone(axis, c)]
-    joint = [c for c in full_chain if three_d(c) and axis.layout_of(c).has_video and not axis.layout_of(c).folded
-             and not axis.layout_of(c).only_video]
+    joint = [c for c in full_chain if three_d(c) and axis.layout_of(c).has_video and not _video_alone(axis, c)]
     ordered = sorted(attentions, key=order.get)
     fired, kept = set(), set()
     for i, s in enumerate(ordered):

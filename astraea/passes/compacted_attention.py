@@ -56,12 +56,12 @@ def expand_compacted_attention(gm: fx.GraphModule) -> int:
 
 
 def _match(nonzero: fx.Node):
-    """(mask, gathers, attentions, pads) of the pattern around `nonzero`, or None.
+    """(mask, indices, gathers, joins, pads) of the pattern around `nonzero`, or None.
 
-    gathers: the `x[..., idx, ...]` nodes, each the last part of a concatenation along the
-    dim it indexes; attentions: the SDPAs whose keys and values are such concatenations;
-    pads: per attention, the padding of its output back to the joint length (None where its
-    queries hold no gathered rows)."""
+    indices: `nonzero` flattened; gathers: the `x[..., idx, ...]` nodes, each the last part of a
+    concatenation (joins: concatenation -> its gathered part) along the dim it indexes, the
+    concatenations feeding SDPAs as keys and values; pads: per SDPA, the padding of its output
+    back to the joint length (None where its queries hold no gathered rows)."""
     mask = nonzero.args[0]
     mask_shape = shape_of(mask)
     if mask_shape is None or len(mask_shape) != 1:
@@ -176,8 +176,8 @@ def _rewrite(graph: fx.Graph, nonzero, mask, indices, gathers, joins, pads) -> N
     meta = nonzero.meta
     with graph.inserting_before(nonzero):
         valid = node_with_value(graph, "call_function", torch.ne, (mask, 0), {}, meta)
-        not_valid = node_with_value(graph, "call_function", torch.logical_not, (valid,), {}, meta)
-        invalid = node_with_value(graph, "call_method", "int", (not_valid,), {}, meta)
+        invalid = node_with_value(graph, "call_method", "int", (node_with_value(graph, "call_function", torch.eq,
+                                                                                  (mask, 0), {}, meta),), {}, meta)
         order = node_with_value(graph, "call_function", torch.argsort, (invalid,), {"stable": True}, meta)
         keep = node_with_value(graph, "call_function", operator.getitem, (valid, order), {}, meta)
     for g in gathers:

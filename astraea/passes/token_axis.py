@@ -33,8 +33,7 @@ import torch
 import torch.fx as fx
 
 from .layout import Layout
-from .rules import SDPA, Mix, broadcast, describe, rule_for, sdpa_args, shape_of
-from .rules import SPLIT
+from .rules import SDPA, SPLIT, Mix, broadcast, describe, rule_for, sdpa_args, shape_of
 from .rules import reshape as RESHAPE_RULE
 
 MAX_SOURCE_TRIES = 32  # (tensor, dim) candidates propagated before giving up
@@ -84,7 +83,7 @@ class TokenAxis:
     @property
     def frames(self) -> int:
         """Frames the token source folds with its positions (a flat stream of factorised
-        attention, `_candidates`); 1 for a token axis of tokens alone."""
+        attention, `_best_try`); 1 for a token axis of tokens alone."""
         layout = self.layout.get(self.source)
         return self.num_tokens // layout.total if isinstance(layout, Layout) and layout.folded else 1
 
@@ -145,13 +144,12 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
     return best
 
 
-def _candidates(tensors, order: dict) -> list[tuple[fx.Node, int, int | None]]:
-    """(tensor, dim, None) to try as the token source: [batch, tokens, channels] tensors first
-    (the shape of a transformer's residual stream; a latent grid or a positional table before it
-    only reaches the tokens through a reshape), earliest first among them. (A try may add the
-    same tensor as a flat stream of frames: `_best_try`.)"""
+def _candidates(tensors, order: dict) -> list[tuple[fx.Node, int]]:
+    """(tensor, dim) to try as the token source: [batch, tokens, channels] tensors first (the
+    shape of a transformer's residual stream; a latent grid or a positional table before it
+    only reaches the tokens through a reshape), earliest first among them."""
     return [
-        (source, dim, None)
+        (source, dim)
         for source in sorted(tensors, key=lambda n: (len(shape_of(n) or ()) != 3, order[n]))
         if not is_module_state(source) and len(shape_of(source) or ()) >= 3
         for dim, size in enumerate(shape_of(source)) if dim > 0 and size > 1
@@ -197,7 +195,7 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
     a reshape splits its tokens is followed by the same source read as a flat stream of frames
     (`_better` weighs the two readings)."""
     best, best_score, covered, tried = None, None, set(), 0
-    folds, tries = None, list(reversed(tries))
+    folds, tries = None, [(source, dim, None) for source, dim in reversed(tries)]  # popped from the end
     while tries:
         source, dim, positions = tries.pop()
         if (source, dim, positions) in covered:

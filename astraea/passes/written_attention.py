@@ -13,9 +13,11 @@ token mixing, so such a model would run dense. This pass finds the pattern in th
 
 or, as diffusers' classic `AttnProcessor` and the research code built on it write the scores,
 `baddbmm(empty, q, kt, beta=0, alpha=c)` or `baddbmm(bias, q, kt, beta=1, alpha=c)` (heads
-folded into the batch, `[B * H, N, d]`), and replaces it with
-`F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=c)`, which computes the same function. Intermediate values used anywhere else (attention maps
-returned to the caller, for instance) leave the pattern as it is.
+folded into the batch, `[B * H, N, d]`); either product may be written as an einsum
+(`...id,...jd->...ij`, then `...ij,...jd->...id`, as einops-style code writes them). It replaces
+the pattern with `F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=c)`, which
+computes the same function. Intermediate values used anywhere else (attention maps returned to
+the caller, for instance) leave the pattern as it is.
 """
 
 from __future__ import annotations
@@ -91,8 +93,8 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
         if node.args[0] is not added:
             unused = node.args[0]
         bias = added if added is not None else bias
-    elif _product(node, "scores") is not None:
-        q, kt = _product(node, "scores")
+    elif (scores := _product(node, "scores")) is not None:
+        q, kt = scores
     else:
         return 0
     def new(op, target, *args, **kwargs):

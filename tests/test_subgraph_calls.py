@@ -48,6 +48,23 @@ def test_the_inlined_graph_computes_what_the_wrapped_one_did(wrapped):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+def test_a_region_called_by_every_block_is_named_after_each_caller():
+    """Dynamo traces a `nested_compile_region` once and calls that subgraph from every block, its
+    nodes named after blocks.0; inlined, each block's ops take its own module path. A fresh-clone
+    run found why it matters: three STDiT layers (within frames, across, within) read as two
+    blocks, the last ended past the output head where it was sized from blocks.0's ops."""
+    import astraea
+
+    names = {}
+    for wrapped in (None, "region"):
+        k = Knobs(depth=3, width=8, heads=1, tokens=6, rope=False, factorised=2, wrapped=wrapped)
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        report = astraea.explain(GeneratedDiT(k).eval(), *example_inputs(k))
+        names[wrapped] = [(b.module, b.sparse) for b in report.blocks]
+    assert names["region"] == names[None] == [("blocks", True), ("blocks.2", True)]
+
+
 class _Attention(nn.Module):
     def __init__(self, width=16, heads=2):
         super().__init__()

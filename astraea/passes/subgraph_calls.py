@@ -78,8 +78,9 @@ def _inline(gm: fx.GraphModule, call: fx.Node, first: int) -> int:
                 setattr(gm, name, operator.attrgetter(node.target)(sub))  # nn.Module registers a module
                 env[node] = copied = graph.get_attr(name)
                 copied.meta = dict(node.meta)
-                continue
-            env[node] = graph.node_copy(node, env.__getitem__)
+            else:
+                env[node] = copied = graph.node_copy(node, env.__getitem__)
+            _rehome(copied, call)
     mapped = fx.node.map_arg(returned, env.__getitem__)
     if isinstance(returned, (tuple, list)):
         for user in users:
@@ -89,6 +90,21 @@ def _inline(gm: fx.GraphModule, call: fx.Node, first: int) -> int:
         call.replace_all_uses_with(mapped)
     graph.erase_node(call)
     return 1
+
+
+def _rehome(copied: fx.Node, call: fx.Node) -> None:
+    """Give `copied` the module path of the call it was inlined from. Dynamo traces a
+    `nested_compile_region` once and calls that subgraph from every instance of the module, its
+    nodes named after the first ('blocks.0.to_q' in the call of 'blocks.2'); the block analysis
+    reads which layer an op belongs to from these paths."""
+    stack, caller = copied.meta.get("nn_module_stack"), call.meta.get("nn_module_stack")
+    if not stack or not caller:
+        return
+    (old, cls), (new, new_cls) = next(iter(stack.values())), list(caller.values())[-1]
+    if old == new or cls is not new_cls:
+        return
+    copied.meta["nn_module_stack"] = {
+        key: (new + path[len(old):] if path == old or path.startswith(old + ".") else path, c) for key, (path, c) in stack.items()}
 
 
 def _free_name(gm: fx.GraphModule, name: str) -> str:

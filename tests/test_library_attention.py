@@ -206,6 +206,9 @@ def test_diffusers_flash_backend_goes_sparse_and_keeps_the_contract(monkeypatch)
 
     monkeypatch.setattr(dispatch, "_CAN_USE_FLASH_ATTN", True)  # as where flash-attn is installed
     monkeypatch.setattr(dispatch, "flash_attn_func", flash_attn_func)
+    # set_attention_backend also makes "flash" every model's default, process-wide: restored after
+    registry = dispatch._AttentionBackendRegistry
+    monkeypatch.setattr(registry, "_active_backend", registry._active_backend)
     family = wan()
     family.model.set_attention_backend("flash")
     g = torch.Generator().manual_seed(1)

@@ -179,7 +179,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     sparsify = SparsifyBlocks(analysis)
     sparsify(gm)
     for b in sparsify.inputs:
-        if b.shared_because:
+        if b.shared_because and b.shape[0] > 1:
             warnings.warn(f"astraea: block {b.module or b.index} selects one set of tokens for the whole batch of "
                           f"{b.shape[0]}: {b.shared_because}", AstraeaWarning, stacklevel=2)
     placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]

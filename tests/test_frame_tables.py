@@ -78,3 +78,70 @@ def test_a_split_read_otherwise_is_left_as_written():
 
     gm = graph_of(fn, torch.randn(1, FRAMES * PER_FRAME, 4), torch.randn(1, FRAMES, 1, 4))
     assert unsplit_frame_tables(gm) == 0
+
+
+class FirstFrameBlock(nn.Module):
+    """Open-Sora 1.2's conditioning frame: the first frame (x_mask False) modulated with the table
+    of timestep 0, the others with the step's, chosen per frame between two modulated streams."""
+
+    def __init__(self, choose: str):
+        super().__init__()
+        self.choose = choose
+        self.table = nn.Parameter(torch.randn(1, 2, WIDTH) / WIDTH**0.5)
+        self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+        self.ff = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x, t, t0, x_mask):
+        (shift, scale), (shift0, scale0) = (self.table + t).chunk(2, dim=1), (self.table + t0).chunk(2, dim=1)
+        normed = F.layer_norm(x, (WIDTH,))
+        h, h0 = (normed * (1 + s) + b for s, b in ((scale, shift), (scale0, shift0)))
+        framed, framed0 = (y.unflatten(1, (FRAMES, -1)) for y in (h, h0))
+        keep = x_mask[:, :, None, None]  # [B, F, 1, 1]
+        if self.choose == "where":
+            h = torch.where(keep, framed, framed0).flatten(1, 2)
+        else:  # a blend by the mask as a number
+            m = keep.to(h.dtype)
+            h = (framed * m + framed0 * (1 - m)).flatten(1, 2)
+        q, k, v = self.qkv(h).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        x = x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+        return x + self.ff(F.layer_norm(x, (WIDTH,)))
+
+
+class FirstFrameDiT(nn.Module):
+    def __init__(self, choose: str, depth: int = 2):
+        super().__init__()
+        self.proj_in, self.proj_out = nn.Linear(4, WIDTH), nn.Linear(WIDTH, 4)
+        self.time = nn.Linear(1, WIDTH)
+        self.blocks = nn.ModuleList(FirstFrameBlock(choose) for _ in range(depth))
+
+    def forward(self, latent, timestep):
+        x_mask = torch.arange(FRAMES, device=latent.device).expand(latent.shape[0], -1) > 0
+        t = self.time(timestep[:, None, None] / 1000)
+        t0 = self.time(torch.zeros_like(timestep)[:, None, None])
+        x = self.proj_in(latent)
+        for block in self.blocks:
+            x = block(x, t, t0, x_mask)
+        return self.proj_out(x)
+
+
+@pytest.mark.parametrize("choose", ["where", "blend"])
+def test_streams_chosen_per_frame_go_sparse_selecting_any_tokens_per_sample(choose):
+    """Two token streams split into frames and combined per frame are rewritten on the unsplit
+    tokens: sparse and exact, each sample selecting its own tokens. Without the pass's joining of a
+    second split the stream read as positions folded with frames: the same positions in every frame,
+    one set for the whole batch."""
+    import astraea
+
+    def inputs(step):
+        g = torch.Generator().manual_seed(step)
+        return torch.randn(2, FRAMES * PER_FRAME, 4, generator=g), torch.full((2,), 1000.0 - 100 * step)
+
+    torch.manual_seed(0)
+    model = FirstFrameDiT(choose).eval()
+    check_sparse_model(model, inputs, 2)
+    torch._dynamo.reset()
+    be = astraea.backend(schedule=[1.0, 0.5])
+    with torch.no_grad():
+        torch.compile(model, backend=be)(*inputs(0))
+    assert not be.reports[0].whole_positions
+    assert [b.samples for b in be.runners[0].blocks] == [2, 2]

@@ -66,3 +66,25 @@ def test_a_masked_call_stays_whole():
     mask = torch.rand(TOKENS, TOKENS) > 0.5
     gm = graph_of(lambda h: attn(h, h, h, attn_mask=mask)[0], torch.randn(1, TOKENS, WIDTH))
     assert expand_multihead_attention(gm) == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_one_selection_per_batch_is_said_as_it_is(batch):
+    """nn.MultiheadAttention computes sequence-first ([N, B, C]), where the rows form indexes the
+    tokens with one set for the batch: a warning names that (not factorised attention), and only
+    where the batch has more than one sample."""
+    import warnings
+
+    import astraea
+
+    torch.manual_seed(0)
+    model = MhaDiT(batch_first=True).eval()
+    latent, timestep, text = _inputs(0)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.compile(model, backend=astraea.backend(schedule=0.5))(
+            latent.expand(batch, -1, -1), timestep.expand(batch), text.expand(batch, -1, -1))
+    shared = [str(w.message) for w in caught if "one set of tokens" in str(w.message)]
+    assert len(shared) == (2 if batch > 1 else 0)
+    assert all("sequence-first" in m and "frames" not in m for m in shared)

@@ -8,7 +8,9 @@ each frame with that frame's table, writing it by splitting the token axis into 
 
 To the token rules the split is a reshape that splits the token axis, and the block runs dense.
 This pass finds each such run (a split of one dim into (F, P), element-wise ops whose other operands
-have one row per frame or per sample, and the merge back to the split's input shape) and rewrites it
+have one row per frame or per sample or are split the same way (Open-Sora 1.2 picks each frame's
+modulation from two streams: `torch.where(first_frame[:, :, None, None], h0_framed, h_framed)`),
+and the merge back to the split's input shape) and rewrites it
 on the unsplit tensor, each table expanded to a row per token (`table.expand(..., F, P, C).flatten`):
 the same values, now a per-token table the rewrite gathers with the selected rows, as it does Wan
 2.2's per-token timesteps. A run with any other use of a split value is left as it is.
@@ -32,7 +34,10 @@ ELEMENTWISE = {("call_function", f) for f in ELEMENTWISE_FUNCTIONS} | {
 
 def unsplit_frame_tables(gm: fx.GraphModule) -> int:
     """Rewrite each per-frame run in `gm` on the unsplit tokens; returns how many."""
-    done = sum(_unsplit(gm.graph, node) for node in list(gm.graph.nodes) if _split_dim(node) is not None)
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node in gm.graph.nodes and _split_dim(node) is not None:  # not erased with an earlier run
+            done += _unsplit(gm.graph, node)
     if done:
         gm.graph.lint()
         gm.recompile()
@@ -59,26 +64,37 @@ def _split_dim(node: fx.Node) -> int | None:
 
 def _unsplit(graph: fx.Graph, split: fx.Node) -> int:
     d, whole, parts = _split_dim(split), shape_of(split.args[0]), shape_of(split)
-    run, merges, frontier = [split], [], [split]
+    splits, run, merges, frontier = [split], [split], [], [split]
+
+    def joins(a: fx.Node) -> bool:
+        """Whether `a` can be an operand of the run: in it, a table per frame, or (joining it with
+        what it reads) another tensor split the same way or an element-wise op of such."""
+        if a in run or _per_frame(a, parts, d):
+            return True
+        if _split_dim(a) == d and shape_of(a) == parts:
+            splits.append(a)
+        elif not (_key(a) in ELEMENTWISE and shape_of(a) == parts and all(map(joins, a.all_input_nodes))):
+            return False
+        run.append(a)
+        frontier.append(a)
+        return True
+
     while frontier:
         for user in list(frontier.pop().users):
             if user in run or user in merges:
                 continue
             if _key(user) in RESHAPES and shape_of(user) == whole and user.args[0] in run:
                 merges.append(user)
-            elif _key(user) in ELEMENTWISE and shape_of(user) == parts and all(
-                a in run or _per_frame(a, parts, d) for a in user.all_input_nodes
-            ):
-                run.append(user)
-                frontier.append(user)
-            else:
+            elif not joins(user):
                 return 0  # a split value read otherwise: the run stays as written
     if not merges:
         return 0
     order = {n: i for i, n in enumerate(graph.nodes)}
     run.sort(key=order.get)
-    unsplit = {split: split.args[0]}
-    for node in run[1:]:
+    unsplit = {s: s.args[0] for s in splits}
+    for node in run:
+        if node in unsplit:
+            continue
         with graph.inserting_before(node):
             args = fx.node.map_arg(node.args, lambda a: unsplit.get(a) or _per_token(graph, a, parts, d, node.meta))
             kwargs = fx.node.map_arg(node.kwargs, lambda a: unsplit.get(a) or _per_token(graph, a, parts, d, node.meta))

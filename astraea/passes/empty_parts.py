@@ -1,0 +1,52 @@
+"""Concatenations drop their empty parts, so an empty slice of the tokens reads as nothing.
+
+Research code joins a processed prefix of the tokens back to the rest by slicing: the original
+Wan applies RoPE to each sample's first `seq_len` tokens and writes
+`torch.cat([rotated, x[i, seq_len:]])`, where `seq_len` is every token (the tail is for padding
+it never has). That tail is a slice of the token axis with no rows, which the token rules cannot
+place (indexing along the token axis), and the block ran dense. A concatenation computes the same
+without its empty parts, unless one of them widens the result's dtype (then it stays as written).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.fx as fx
+
+from .rules import shape_of
+
+CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def drop_empty_parts(gm: fx.GraphModule) -> int:
+    """Drop the empty parts of every concatenation in `gm`; returns how many concatenations changed."""
+    changed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in CONCATENATIONS and _drop(gm.graph, node):
+            changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
+
+
+def _drop(graph: fx.Graph, node: fx.Node) -> bool:
+    parts, out = node.args[0], node.meta.get("example_value")
+    if not isinstance(parts, (list, tuple)) or not isinstance(out, torch.Tensor):
+        return False
+    values = [p.meta.get("example_value") if isinstance(p, fx.Node) else None for p in parts]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return False
+    empty = [0 in (shape_of(p) or (1,)) for p in parts]  # sizes known only at run time: not empty
+    kept = [p for p, e in zip(parts, empty) if not e]
+    if len(kept) == len(parts) or not kept:
+        return False
+    if functools.reduce(torch.promote_types, (v.dtype for v, e in zip(values, empty) if not e)) != out.dtype:
+        return False  # an empty part of a wider dtype promotes the result
+    node.args = (type(parts)(kept), *node.args[1:])
+    for part in set(parts) - set(kept):
+        if not part.users:
+            graph.erase_node(part)
+    return True

@@ -62,7 +62,7 @@ def test_a_region_called_by_every_block_is_named_after_each_caller():
         torch._dynamo.reset()
         report = astraea.explain(GeneratedDiT(k).eval(), *example_inputs(k))
         names[wrapped] = [(b.module, b.sparse) for b in report.blocks]
-    assert names["region"] == names[None] == [("blocks", True), ("blocks.2", True)]
+    assert names["region"] == names[None] == [("blocks.0-1", True), ("blocks.2", True)]
 
 
 class _Attention(nn.Module):

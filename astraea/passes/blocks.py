@@ -357,7 +357,8 @@ def module_path(node: fx.Node) -> list[str]:
 
 
 def _module_of(region) -> str:
-    """Common module path of the block's nodes (e.g. 'blocks.3'), for reports."""
+    """Common module path of the block's nodes (e.g. 'blocks.3'), for reports; the range of
+    layers where a block spans several of one list (a Latte or STDiT pair: 'blocks.0-1')."""
     paths = [path for path in map(module_path, region) if path]
     if not paths:
         return ""
@@ -367,6 +368,9 @@ def _module_of(region) -> str:
         while i < min(len(common), len(p)) and common[i] == p[i]:
             i += 1
         common = common[:i]
+    layers = {p[len(common)] for p in paths if len(p) > len(common)}
+    if len(layers) > 1 and all(layer.isdigit() for layer in layers):
+        common = [*common, f"{min(layers, key=int)}-{max(layers, key=int)}"]
     return ".".join(common)
 
 

@@ -7,7 +7,8 @@ token mixing, so such a model would run dense. This pass finds the pattern in th
 
     scores = matmul(q, kt)         # kt is k transposed in its last two dims
     scores = scores * c  or  / c   # any number of Python-number scalings (optional)
-    scores = scores + bias         # an additive mask (optional; after the scalings, as SDPA adds it)
+    scores = scores + bias         # an additive mask (optional; after the scalings, as SDPA adds it),
+                                   # or a mask written on the scores (below)
     probs  = softmax(scores, -1)   # optionally cast before and after, and dropout with p = 0
     out    = matmul(probs, v)
 
@@ -18,10 +19,23 @@ folded into the batch, `[B * H, N, d]`); either product may be written as an ein
 the pattern with `F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=c)`, which
 computes the same function. Intermediate values used anywhere else (attention maps returned to
 the caller, for instance) leave the pattern as it is.
+
+A mask is as often written on the scores as added to them: `scores.masked_fill(~mask, fill)`
+(or `masked_fill_`, its result what the softmax reads), fill -inf or another at most MASK_VALUE
+(-1e9, the dtype's lowest), or, as CogVideoX's SAT `standard_attention` writes it,
+`scores * m - 10000.0 * (1 - m)` with m a bool mask cast to numbers. Either becomes the additive
+mask `zeros.masked_fill(where, fill)`, of the mask's shape and q's dtype. A score filled and a
+score plus the fill both weigh exactly 0 after the softmax, so the weights are eager's, but where
+the fill is no mask to begin with: scores that spread as far as the fill (-10000.0 against scores
+of 1e5 masks nothing in eager), and rows with no key left (NaN in eager with -inf, 0 from SDPA;
+uniform over all keys in eager with a finite fill, as from SDPA where the fill swamps the scores,
+-1e9 or the dtype's lowest, but about the unmasked row's weights with -10000.0). Added rather
+than SDPA's bool mask for that last case.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 
@@ -38,8 +52,14 @@ CASTS = {"float", "to", "type_as", "half", "bfloat16"}
 MUL = {operator.mul, torch.mul, "mul"}
 DIV = {operator.truediv, torch.div, "div"}
 ADD = {operator.add, torch.add, "add"}
+SUB = {operator.sub, torch.sub, "sub"}
+FILLS = {torch.masked_fill, "masked_fill", "masked_fill_"}
 BADDBMM = {torch.baddbmm, "baddbmm"}
 EINSUM = {torch.einsum, torch.functional.einsum}
+# A fill at most this masks: exp(fill - the row's largest score) is 0 even in float64 while the
+# scores spread less than 9000 or so, so filling a score and adding the fill to it give the same
+# weights. A fill with a larger value (0, say) is no mask, and stays as it is.
+MASK_VALUE = -1e4
 
 
 def collapse_written_attention(gm: fx.GraphModule) -> int:
@@ -77,6 +97,9 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
             scale, node = scale / node.args[1], node.args[0]
         elif _is(node, ADD) and bias is None and scale == 1.0 and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
             node, bias = node.args if _is(node.args[0], MATMUL | MUL | DIV | BADDBMM | EINSUM) else node.args[::-1]
+        elif bias is None and scale == 1.0 and (fill := _masked_fill(node) or _sat_mask(node)) is not None:
+            node, bias, inner = fill  # bias: (where, fill), an additive mask once the pattern is whole
+            chain += inner
         elif _is(node, CASTS) and len(node.args) == 1 and not node.kwargs:  # an upcast before the softmax
             node = node.args[0]
         else:
@@ -101,6 +124,8 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
         return node_with_value(graph, op, target, args, kwargs, out.meta)
 
     with graph.inserting_before(out):
+        if isinstance(bias, tuple):
+            bias = _fill_bias(new, *bias, _dtype(node))
         k = kt if _is(node, EINSUM) else _untransposed(graph, kt)  # an einsum's scores take k as it is
         folded = _ndim(q) == 3  # heads folded into the batch: SDPA on [1, B * H, N, d], as its CPU kernels need 4 dims
         if folded:
@@ -139,6 +164,64 @@ def _product(node: fx.Node, kind: str) -> tuple[fx.Node, fx.Node] | None:
     i, c = x[-2:]
     wanted = (y[-2] + c, i + y[-2]) if kind == "scores" else (c + y[-1], i + y[-1])
     return (a, b) if (y[-2:], z[-2:]) == wanted else None
+
+
+def _masked_fill(node: fx.Node):
+    """(scores, (where, fill), []) of `masked_fill(scores, where, fill)` (`where` bool) as a mask
+    on the scores: the fill at most MASK_VALUE, and `where` no larger than the scores; None for
+    anything else."""
+    if not _is(node, FILLS) or len(node.args) != 3 or node.kwargs:
+        return None
+    scores, where, fill = node.args
+    if _dtype(where) != torch.bool or not _number(fill) or fill > MASK_VALUE or not _same_shape(node, scores):
+        return None
+    return scores, (where, fill), []
+
+
+def _sat_mask(node: fx.Node):
+    """(scores, (m, -c), the form's other nodes) of SAT's `scores * m - c * (1 - m)`, c at
+    least -MASK_VALUE: the scores filled with -c where m is 0, which it is only where m holds
+    nothing but 0s and 1s, as the graph shows here: m a bool tensor cast to numbers, used by this
+    form alone (so that nothing changes it in place); None for anything else."""
+    if not _is(node, SUB) or len(node.args) != 2 or node.kwargs:
+        return None
+    kept, lowered = node.args
+    c, one_minus = _times_number(lowered) or (None, None)
+    if c is None or -c > MASK_VALUE or not _is(one_minus, SUB) or len(one_minus.args) != 2 or one_minus.kwargs:
+        return None
+    one, m = one_minus.args
+    if not (_number(one) and one == 1 and _is(kept, MUL) and len(kept.args) == 2 and m in kept.args):
+        return None
+    scores = kept.args[1] if kept.args[0] is m else kept.args[0]
+    if not (_is(m, CASTS) and _dtype(m.args[0]) == torch.bool and set(m.users) == {kept, one_minus}):
+        return None
+    if any(_only_user(n) is not user for n, user in ((kept, node), (lowered, node), (one_minus, lowered))):
+        return None
+    return (scores, (m, -c), [lowered, one_minus, kept]) if _same_shape(node, scores) else None
+
+
+def _times_number(node) -> tuple[float, fx.Node] | None:
+    """(c, x) of `c * x` or `x * c`, c a Python number; None for anything else."""
+    if not _is(node, MUL) or len(node.args) != 2 or node.kwargs:
+        return None
+    a, b = node.args
+    return (a, b) if _number(a) and isinstance(b, fx.Node) else (b, a) if _number(b) and isinstance(a, fx.Node) else None
+
+
+def _fill_bias(new, where: fx.Node, fill: float, dtype: torch.dtype) -> fx.Node:
+    """The additive mask of a fill: `fill` where `where` holds (bool) or is 0 (a 0/1 mask), else
+    0, in q's `dtype`, as SDPA takes it, and of `where`'s shape, so that it carries no more of the
+    scores' dims than the mask does (a key mask stays [B, 1, 1, N]), with at least the 2 dims SDPA
+    takes. A finite fill is brought into `dtype`'s range: eager may fill scores upcast from q's
+    dtype (-1e9 after float16 products), and it still masks there."""
+    if math.isfinite(fill):
+        fill = max(fill, torch.finfo(dtype).min)
+    if _dtype(where) != torch.bool:
+        where = new("call_function", operator.eq, where, 0)
+    for _ in range(2 - _ndim(where)):
+        where = new("call_method", "unsqueeze", where, 0)
+    zeros = new("call_function", torch.zeros_like, where, dtype=dtype)
+    return new("call_method", "masked_fill", zeros, where, fill)
 
 
 def _baddbmm_scores(node: fx.Node, may_add: bool):
@@ -192,3 +275,14 @@ def _softmax_dim(node: fx.Node):
 def _ndim(node: fx.Node) -> int:
     value = node.meta.get("example_value")
     return value.dim() if isinstance(value, torch.Tensor) else -1
+
+
+def _dtype(node) -> torch.dtype | None:
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def _same_shape(a: fx.Node, b) -> bool:
+    """Whether `a` has `b`'s shape: a mask on the scores that broadcasts them to more is no mask on them."""
+    shapes = [n.meta.get("example_value") if isinstance(n, fx.Node) else None for n in (a, b)]
+    return all(isinstance(v, torch.Tensor) for v in shapes) and shapes[0].shape == shapes[1].shape

@@ -9,6 +9,7 @@ own do, through an autograd.Function that pads the head dim to a multiple of 8 a
 output back.
 """
 
+import importlib.util
 import math
 from typing import Optional, Tuple
 
@@ -22,6 +23,9 @@ from astraea.passes.library_attention import attention_from_library_ops
 from tests.contract import check_sparse_model
 from tests.generated import BlockStack, stack_inputs
 from tests.graphs import graph_of
+
+if importlib.util.find_spec("flash_attn") is not None:  # its own op would take the name, and runs on CUDA only
+    pytest.skip("flash-attn is installed: this module stands in for it where it is not", allow_module_level=True)
 
 if not hasattr(torch.ops.flash_attn, "_flash_attn_forward"):  # once per process
 

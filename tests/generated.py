@@ -45,6 +45,7 @@ class Knobs:
     joint: str | None = None  # None, "dual", "single" or "once" (RoPE then off: its tables cover the video)
     text_first: bool = False
     written_attention: bool = False  # softmax(q k^T * scale) v written out, as research code does (einsum with einops)
+    score_mask: bool = False  # written attention: the last key masked on the scores (masked_fill), as key padding is
     linear_attention: bool = False  # self-attention as relu(q) (relu(k)^T v), normalised (Sana-Video)
     einops: bool = False  # heads split (fused q/k/v too) and merged by einops.rearrange
     frames: int = 1  # > 1: per-frame adaLN tables, applied to the tokens split into frames (no joint)
@@ -81,8 +82,14 @@ class Block(nn.Module):
             return F.scaled_dot_product_attention(q, k, v)
         if self.k.einops:  # as einops code writes it: products by torch.einsum
             scores = torch.einsum("b h i d, b h j d -> b h i j", q, k) * q.shape[-1] ** -0.5
+        else:
+            scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+        if self.k.score_mask:
+            padding = torch.arange(k.shape[-2], device=k.device) == k.shape[-2] - 1
+            scores = scores.masked_fill(padding, float("-inf") if self.k.einops else -1e9)
+        if self.k.einops:
             return torch.einsum("b h i j, b h j d -> b h i d", scores.softmax(dim=-1), v)
-        return (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5).softmax(dim=-1) @ v
+        return scores.softmax(dim=-1) @ v
 
     def self_attend(self, q, k, v):
         if self.k.grouped_query and q.shape[1] % 2 == 0 and not (self.k.linear_attention or self.k.written_attention):

@@ -16,6 +16,8 @@ used outside it, stays dense and says why.
 
 from __future__ import annotations
 
+import collections
+
 import hashlib
 import operator
 import re
@@ -357,21 +359,27 @@ def module_path(node: fx.Node) -> list[str]:
 
 
 def _module_of(region) -> str:
-    """Common module path of the block's nodes (e.g. 'blocks.3'), for reports; the range of
-    layers where a block spans several of one list (a Latte or STDiT pair: 'blocks.0-1')."""
-    paths = [path for path in map(module_path, region) if path]
-    if not paths:
-        return ""
-    common = paths[0]
-    for p in paths[1:]:
-        i = 0
-        while i < min(len(common), len(p)) and common[i] == p[i]:
-            i += 1
-        common = common[:i]
-    layers = {p[len(common)] for p in paths if len(p) > len(common)}
-    if len(layers) > 1 and all(layer.isdigit() for layer in layers):
-        common = [*common, f"{min(layers, key=int)}-{max(layers, key=int)}"]
-    return ".".join(common)
+    """The module path of the block's nodes, for reports (e.g. 'blocks.3'): followed down to a
+    layer of a list as long as one module holds most of them (a few ops of the next layer or of
+    the output head, under a quarter of its, do not count); the range of layers where several of
+    one list hold them (an STDiT pair: 'blocks.0-1'), and each list's where several lists of the
+    model do (Latte's: 'transformer_blocks.0 + temporal_transformer_blocks.0')."""
+    return _path_of([path for path in map(module_path, region) if path], 0)
+
+
+def _path_of(paths: list, depth: int) -> str:
+    counts = collections.Counter(p[depth] for p in paths if len(p) > depth)
+    if not counts or (depth and paths[0][depth - 1].isdigit()):  # at a layer of a list: its name
+        return ".".join(paths[0][:depth]) if paths else ""
+    most = max(counts.values())
+    major = [m for m, n in counts.items() if 4 * n >= most]  # in order of first appearance
+    if len(major) == 1:
+        return _path_of([p for p in paths if len(p) > depth and p[depth] == major[0]], depth + 1)
+    if all(m.isdigit() for m in major):
+        return ".".join([*paths[0][:depth], f"{min(major, key=int)}-{max(major, key=int)}"])
+    if depth == 0:
+        return " + ".join(_path_of([p for p in paths if p[0] == m], 1) for m in major)
+    return ".".join(paths[0][:depth])
 
 
 def _clean_path(path: str) -> str:

@@ -15,6 +15,7 @@ import functools
 import torch
 import torch.fx as fx
 
+from .graph_edits import edit_each
 from .rules import shape_of
 
 CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate}
@@ -22,31 +23,24 @@ CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate}
 
 def drop_empty_parts(gm: fx.GraphModule) -> int:
     """Drop the empty parts of every concatenation in `gm`; returns how many concatenations changed."""
-    changed = 0
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and node.target in CONCATENATIONS and _drop(gm.graph, node):
-            changed += 1
-    if changed:
-        gm.graph.lint()
-        gm.recompile()
-    return changed
+    return edit_each(gm, lambda n: n.op == "call_function" and n.target in CONCATENATIONS, _drop)
 
 
-def _drop(graph: fx.Graph, node: fx.Node) -> bool:
+def _drop(graph: fx.Graph, node: fx.Node) -> int:
     parts, out = node.args[0], node.meta.get("example_value")
     if not isinstance(parts, (list, tuple)) or not isinstance(out, torch.Tensor):
-        return False
+        return 0
     values = [p.meta.get("example_value") if isinstance(p, fx.Node) else None for p in parts]
     if not all(isinstance(v, torch.Tensor) for v in values):
-        return False
+        return 0
     empty = [0 in (shape_of(p) or (1,)) for p in parts]  # sizes known only at run time: not empty
     kept = [p for p, e in zip(parts, empty) if not e]
     if len(kept) == len(parts) or not kept:
-        return False
+        return 0
     if functools.reduce(torch.promote_types, (v.dtype for v, e in zip(values, empty) if not e)) != out.dtype:
-        return False  # an empty part of a wider dtype promotes the result
+        return 0  # an empty part of a wider dtype promotes the result
     node.args = (type(parts)(kept), *node.args[1:])
     for part in set(parts) - set(kept):
         if not part.users:
             graph.erase_node(part)
-    return True
+    return 1

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from .fake_values import node_with_value
+from .graph_edits import edit_each
 from .rules import DTYPE_FROM_SECOND, ELEMENTWISE_FUNCTIONS, ELEMENTWISE_METHODS, RESHAPE_METHODS, shape_of
 
 # Reshapes (a split when the rank grows by one, a merge when the split's input shape comes back)
@@ -34,14 +35,7 @@ ELEMENTWISE = {("call_function", f) for f in ELEMENTWISE_FUNCTIONS} | {
 
 def unsplit_frame_tables(gm: fx.GraphModule) -> int:
     """Rewrite each per-frame run in `gm` on the unsplit tokens; returns how many."""
-    done = 0
-    for node in list(gm.graph.nodes):
-        if node in gm.graph.nodes and _split_dim(node) is not None:  # not erased with an earlier run
-            done += _unsplit(gm.graph, node)
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-    return done
+    return edit_each(gm, lambda n: _split_dim(n) is not None, _unsplit)
 
 
 def _key(node: fx.Node):

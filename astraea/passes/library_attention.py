@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.fx.operator_schemas import normalize_function
 
 from .fake_values import node_with_value
+from .graph_edits import edit_each
 from .rules import shape_of
 
 FLASH_FORWARD = "flash_attn::_flash_attn_forward"
@@ -38,14 +39,7 @@ KNOWN = {"q", "k", "v", "softmax_scale", "causal", *PLAIN}
 
 def attention_from_library_ops(gm: fx.GraphModule) -> int:
     """Replace each plain FlashAttention call in `gm` by one SDPA node; returns how many."""
-    found = 0
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and _op_name(node.target) == FLASH_FORWARD:
-            found += _replace(gm.graph, node)
-    if found:
-        gm.graph.lint()
-        gm.recompile()
-    return found
+    return edit_each(gm, lambda n: n.op == "call_function" and _op_name(n.target) == FLASH_FORWARD, _replace)
 
 
 def _replace(graph: fx.Graph, call: fx.Node) -> int:

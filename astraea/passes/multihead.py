@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .fake_values import node_with_value
+from .graph_edits import edit_each
 from .rules import shape_of
 
 SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -25,12 +26,7 @@ SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 def expand_multihead_attention(gm: fx.GraphModule) -> int:
     """Write out each plain `F.multi_head_attention_forward` call in `gm`; returns how many."""
-    done = sum(_expand(gm.graph, n) for n in list(gm.graph.nodes)
-               if n.op == "call_function" and n.target is F.multi_head_attention_forward)
-    if done:
-        gm.graph.lint()
-        gm.recompile()
-    return done
+    return edit_each(gm, lambda n: n.op == "call_function" and n.target is F.multi_head_attention_forward, _expand)
 
 
 def _expand(graph: fx.Graph, node: fx.Node) -> int:

@@ -27,17 +27,14 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .fake_values import fake_mode_of
+from .graph_edits import edit_each
 
 KEPT_MODULES = ("torch", "astraea")  # their functions in a graph are ops the rules know, or ours
 
 
 def inline_opaque_calls(gm: fx.GraphModule) -> int:
     """Replace each opaque call in `gm` by the torch calls it makes; returns how many."""
-    inlined = sum(_inline(gm.graph, node) for node in list(gm.graph.nodes) if _is_opaque(node))
-    if inlined:
-        gm.graph.lint()
-        gm.recompile()
-    return inlined
+    return edit_each(gm, _is_opaque, _inline)
 
 
 def _is_opaque(node: fx.Node) -> bool:

@@ -98,12 +98,12 @@ class _SparseCopy:
         self.frame_positions: fx.Node | None = None
         self.batch = shape_of(block.start)[0]
         self.shared_because: str | None = None
-        token_dims = [axis.tdim[n] for n in block.region if isinstance(axis.tdim.get(n), int)]
-        if any(axis.layout_of(n).folded for n in block.region if isinstance(axis.tdim.get(n), int)):
+        tokens = [n for n in block.region if isinstance(axis.tdim.get(n), int)]
+        if any(axis.layout_of(n).folded for n in tokens):
             # [B, N, F, C] regrouped as [B * N, F, C]: each token's frames must all be selected,
             # and the rows form regroups the same way only if every sample selects the same rows.
             self.shared_because = "its tokens are regrouped with the frames (factorised attention)"
-        elif 0 in token_dims:
+        elif any(axis.tdim[n] == 0 for n in tokens):
             # [N, B, C] (sequence-first attention) or one sample's [N, C] (a loop over the batch):
             # the rows form indexes dim 0 with one set of rows.
             self.shared_because = ("its tokens come first in a tensor of the block (sequence-first attention, as "

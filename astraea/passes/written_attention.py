@@ -44,6 +44,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .fake_values import node_with_value
+from .graph_edits import edit_each
+from .rules import shape_of
 
 MATMUL = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
 SOFTMAX = {F.softmax, torch.softmax, "softmax"}
@@ -64,14 +66,7 @@ MASK_VALUE = -1e4
 
 def collapse_written_attention(gm: fx.GraphModule) -> int:
     """Replace each hand-written attention in `gm` by one SDPA node; returns how many."""
-    found = 0
-    for node in list(gm.graph.nodes):
-        if _is(node, SOFTMAX) and _softmax_dim(node) in (-1, _ndim(node) - 1):
-            found += _collapse(gm.graph, node)
-    if found:
-        gm.graph.lint()
-        gm.recompile()
-    return found
+    return edit_each(gm, lambda n: _is(n, SOFTMAX) and _softmax_dim(n) in (-1, _ndim(n) - 1), _collapse)
 
 
 def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
@@ -173,7 +168,7 @@ def _masked_fill(node: fx.Node):
     if not _is(node, FILLS) or len(node.args) != 3 or node.kwargs:
         return None
     scores, where, fill = node.args
-    if _dtype(where) != torch.bool or not _number(fill) or fill > MASK_VALUE or not _same_shape(node, scores):
+    if _dtype(where) != torch.bool or not _number(fill) or fill > MASK_VALUE or not _keeps_shape(node, scores):
         return None
     return scores, (where, fill), []
 
@@ -197,7 +192,7 @@ def _sat_mask(node: fx.Node):
         return None
     if any(_only_user(n) is not user for n, user in ((kept, node), (lowered, node), (one_minus, lowered))):
         return None
-    return (scores, (m, -c), [lowered, one_minus, kept]) if _same_shape(node, scores) else None
+    return (scores, (m, -c), [lowered, one_minus, kept]) if _keeps_shape(node, scores) else None
 
 
 def _times_number(node) -> tuple[float, fx.Node] | None:
@@ -282,7 +277,6 @@ def _dtype(node) -> torch.dtype | None:
     return value.dtype if isinstance(value, torch.Tensor) else None
 
 
-def _same_shape(a: fx.Node, b) -> bool:
-    """Whether `a` has `b`'s shape: a mask on the scores that broadcasts them to more is no mask on them."""
-    shapes = [n.meta.get("example_value") if isinstance(n, fx.Node) else None for n in (a, b)]
-    return all(isinstance(v, torch.Tensor) for v in shapes) and shapes[0].shape == shapes[1].shape
+def _keeps_shape(mask: fx.Node, scores: fx.Node) -> bool:
+    """Whether a mask on the scores keeps their shape: one that broadcasts them to more is no mask on them."""
+    return shape_of(scores) is not None and shape_of(mask) == shape_of(scores)

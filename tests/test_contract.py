@@ -36,7 +36,7 @@ def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
     assert sizes == [n, n] + [round(b * n) for b in (0.5, 0.5, 0.25, 0.25, 0.75, 0.75, 0.5, 0.5)]
 
 
-@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel", "LatteTransformer3DModel", "SanaVideoTransformer3DModel", "WanTransformer3DModel (Wan 2.2 TI2V, per-token timestep)", "SkyReelsV2Transformer3DModel (diffusion forcing, per-frame timestep)", "AnyFlowTransformer3DModel", "SanaWMTransformer3DModel", "MochiTransformer3DModel (capture_dynamic_output_shape_ops)"])
+@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel", "LatteTransformer3DModel", "SanaVideoTransformer3DModel", "WanTransformer3DModel (Wan 2.2 TI2V, per-token timestep)", "SkyReelsV2Transformer3DModel (diffusion forcing, per-frame timestep)", "AnyFlowTransformer3DModel", "AnyFlowFARTransformer3DModel", "SanaWMTransformer3DModel", "MochiTransformer3DModel (capture_dynamic_output_shape_ops)"])
 def test_contract_on_support_models(label):
     """Mechanisms met first in a diffusers class: EasyAnimate writes RoPE into the video part of
     its joint queries/keys in place; Cosmos repeats keys over heads (grouped-query attention)
@@ -46,7 +46,8 @@ def test_contract_on_support_models(label):
     token between them; Wan 2.2 TI2V and SkyReels-V2's diffusion forcing modulate each token (or
     frame) by its own timestep, a table gathered with the selected tokens; AnyFlow rotates its
     queries and keys as complex numbers (view_as_complex, a product with a complex table,
-    view_as_real); SANA-WM modulates each frame with its own timestep's table, written on the
+    view_as_real); AnyFlow FAR attends through `flex_attention` (no mask) over its KV cache and the
+    chunk's own keys; SANA-WM modulates each frame with its own timestep's table, written on the
     tokens split into frames (its softmax-attention block; the gated-delta-net block stays dense);
     Mochi attends over each sample's valid text tokens only, gathered by `nonzero` (captured by
     dynamo) and padded back, which the analysis reads as attention with a key mask."""

@@ -16,6 +16,7 @@ from .attention_arguments import name_attention_options
 from .blocks import Block, find_blocks
 from .compacted_attention import expand_compacted_attention
 from .empty_parts import drop_empty_parts
+from .flex_attention import attention_from_flex
 from .frame_tables import unsplit_frame_tables
 from .library_attention import attention_from_library_ops
 from .multihead import expand_multihead_attention
@@ -40,7 +41,7 @@ class AnalyseTokens(PassBase):
     Its one change to the graph is normalising: blocks dynamo traced into subgraphs of their own
     (activation checkpointing, `nested_compile_region`) are inlined, calls dynamo keeps opaque
     (einops before 0.8.2) are replaced by the torch ops they run, `nn.MultiheadAttention`'s call is written out around
-    one SDPA, FlashAttention's op called directly becomes one SDPA, per-frame modulation written on
+    one SDPA, FlashAttention's op called directly and `flex_attention` without a mask of its own become one SDPA, per-frame modulation written on
     frames gets tables with a row per token, concatenations drop their empty parts, sequence-parallel (Ulysses) attention is collapsed
     into a single op, so that it reads as self-attention on this rank's tokens, attention
     written out by hand (softmax of q k^T, times v) into one SDPA, and attention over the valid
@@ -63,6 +64,7 @@ class AnalyseTokens(PassBase):
         try:
             inlined = inline_subgraph_calls(gm) + inline_opaque_calls(gm)
             multihead = expand_multihead_attention(gm) + name_attention_options(gm) + attention_from_library_ops(gm)
+            multihead += attention_from_flex(gm)
             frames = unsplit_frame_tables(gm) + drop_empty_parts(gm)
             ranks = collapse_ulysses_attention(gm)
             written = collapse_written_attention(gm) + expand_compacted_attention(gm)

@@ -7,7 +7,7 @@ HunyuanVideo keep them), fused or separate q/k/v, joint text-video attention (`j
 HunyuanVideo's double blocks; "single" runs one block over the concatenated tokens, as
 HunyuanVideo's single blocks; "once" joins the text to the video once before the blocks, which
 all run over the joint tokens until the video is split out after the last, as the original
-HunyuanVideo and Flux-style code write their single-stream stretch), text before or after the video, attention through SDPA or
+HunyuanVideo and Flux-style code write their single-stream stretch), text before or after the video, attention through SDPA, flex_attention or
 written out by hand (matmul, softmax, matmul), or linear (a key/value summary over every
 token); heads split and merged with einops, as research code writes them; per-frame adaLN tables
 applied to the tokens split into frames (diffusion forcing); and `mixing` puts an
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from torch import nn
 
 MIXING = (None, "mean", "roll", "token_linear", "cumsum")
@@ -45,7 +46,8 @@ class Knobs:
     joint: str | None = None  # None, "dual", "single" or "once" (RoPE then off: its tables cover the video)
     text_first: bool = False
     written_attention: bool = False  # softmax(q k^T * scale) v written out, as research code does (einsum with einops)
-    score_mask: bool = False  # written attention: the last key masked on the scores (masked_fill), as key padding is
+    score_mask: bool = False  # written or flex attention: the last key masked (on the scores, or by a flex block mask)
+    flex: bool = False  # attention through flex_attention, as diffusers' "flex" backend calls it
     linear_attention: bool = False  # self-attention as relu(q) (relu(k)^T v), normalised (Sana-Video)
     einops: bool = False  # heads split (fused q/k/v too) and merged by einops.rearrange
     frames: int = 1  # > 1: per-frame adaLN tables, applied to the tokens split into frames (no joint)
@@ -78,6 +80,13 @@ class Block(nn.Module):
             self.txt_ff = nn.Sequential(nn.Linear(w, 2 * w), nn.GELU(approximate="tanh"), nn.Linear(2 * w, w))
 
     def attend(self, q, k, v):
+        if self.k.flex:
+            if not self.k.score_mask:
+                return flex_attention(q, k, v)
+            keep = (torch.arange(k.shape[-2], device=k.device) < k.shape[-2] - 1).expand(*q.shape[:-1], k.shape[-2])
+            mask = create_block_mask(lambda b, h, i, j: keep[b, h, i, j], q.shape[0], q.shape[1], q.shape[-2],
+                                     k.shape[-2], device=q.device)
+            return flex_attention(q, k, v, block_mask=mask)
         if not self.k.written_attention:
             return F.scaled_dot_product_attention(q, k, v)
         if self.k.einops:  # as einops code writes it: products by torch.einsum

@@ -5,21 +5,27 @@ graph computes what flex_attention did, with the block mask's code gone; other f
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.models import attention_dispatch as dispatch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from astraea.passes.flex_attention import FLEX, attention_from_flex
 from astraea.passes.graph_edits import drop_dead_code
+from tests.contract import check_generated
+from tests.generated import Knobs
 from tests.graphs import graph_of
 from tests.models import hunyuan, ltx, wan
 from tests.test_contract import checked_run
 
 
 @pytest.mark.parametrize("make", [wan, ltx, hunyuan], ids=["wan", "ltx", "hunyuan"])
-def test_models_on_the_flex_backend_go_sparse_and_keep_the_contract(make):
+def test_models_on_the_flex_backend_go_sparse_and_keep_the_contract(make, monkeypatch):
     """Wan's self-attention has no mask (flex's default, an empty block mask); LTX's text mask
     reaches its cross-attention as a float bias (a score_mod adding it); HunyuanVideo's as a bool
     mask (a mask_mod reading it, through `create_block_mask`). Without the pass: `0 of 0 blocks
     sparse`, no attention op found."""
+    # set_attention_backend also makes "flex" every model's default, process-wide: restored after
+    registry = dispatch._AttentionBackendRegistry
+    monkeypatch.setattr(registry, "_active_backend", registry._active_backend)
     family = make()
     family.model.set_attention_backend("flex")
     with torch.no_grad():
@@ -27,6 +33,14 @@ def test_models_on_the_flex_backend_go_sparse_and_keep_the_contract(make):
     report = be.reports[0]
     assert report.num_sparse_blocks == report.num_blocks > 0, str(report)
     assert checker.checked == 6 * report.num_sparse_blocks
+
+
+@pytest.mark.parametrize("joint", [None, "dual", "single"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_dit_on_flex_attention_goes_sparse_and_keeps_the_contract(joint, masked):
+    """The generated DiT with flex_attention, plain or with its last key masked by a block mask
+    (`create_block_mask` over a bool mask), self-attention alone or joint with the text."""
+    check_generated(Knobs(flex=True, score_mask=masked, joint=joint))
 
 
 def _inputs(heads=2, kv_heads=2, tokens=6, kv_tokens=6):

@@ -38,8 +38,9 @@ def knobs(draw):
         rope=rope, rope_rows=draw(st.booleans()), fused_qkv=draw(st.booleans()), mixing=draw(st.sampled_from([m for m in MIXING if not (joint == "once" and m == "token_linear")])),  # its matrix is video-sized
         mixing_block=draw(st.integers(0, depth - 1)), joint=joint,
         text_first=draw(st.booleans()), written_attention=(written := draw(st.booleans())),
-        score_mask=written and draw(st.booleans()), linear_attention=linear,
-        einops=draw(st.booleans()), grouped_query=draw(st.booleans()), wrapped=draw(st.sampled_from([None, None, "checkpoint"] + ["region"] * (joint != "single"))),  # dynamo refuses a single-stream block's aliased outputs in a region
+        flex=(flex := not written and draw(st.booleans())),
+        score_mask=(masked := (written or flex) and draw(st.booleans())), linear_attention=linear,
+        einops=draw(st.booleans()), grouped_query=draw(st.booleans()), wrapped=None if flex and masked else draw(st.sampled_from([None, None, "checkpoint"] + ["region"] * (joint != "single"))),  # dynamo refuses a single-stream block's aliased outputs in a region, and a block mask made inside a wrapped block (create_block_mask's function mode)
     )
 
 

@@ -5,9 +5,9 @@
     astraea.tune(pipe, prompts, speedup=2)  # a schedule searched on your own pipeline
 """
 
-from .backend import AstraeaWarning, Backend, attach, backend
+from .backend import Backend, attach, backend
 from .blockwise import compile_blocks
-from .config import AstraeaConfig, ConfigError
+from .config import AstraeaConfig, AstraeaWarning, ConfigError
 from .explain import explain
 from .schedule import Schedule, ScheduleError
 

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .config import AstraeaConfig, ConfigError
+from .config import AstraeaConfig, AstraeaWarning, ConfigError
 from .lowering import lower
 from .passes import AnalyseTokens, SparsifyBlocks
 from .passes.skip import reuse_blocks
@@ -48,10 +48,6 @@ COMPILED_OPTIONS = ("lowering", "cache_dtype", "regional")
 # Token counts each model (by structure hash) was compiled sparse at in this process, so that a
 # later compile of the same model that falls back to dense at another shape says so.
 _SPARSE_SHAPES: dict[str, int] = {}
-
-
-class AstraeaWarning(UserWarning):
-    """The model (or part of it) runs dense; the message says why."""
 
 
 class Backend:
@@ -147,11 +143,14 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     from .runtime.runner import PlacedRunner, SparseRunner
 
     clock = owner.clock if owner is not None else None
+    # A pipeline's announcements place the calls of an attached model's graph, with or without a timestep input
+    # (a graph dynamo split off after the timestep's embedding has none)
+    announcements = announcements_for(example_inputs) if clock is None else None
     dense_gm = gm  # dynamo still reads this graph after we return: rewrite a copy
     gm = copy.deepcopy(gm)
     started = time.perf_counter()
     _log.info("analysing a graph of %d nodes", len(gm.graph.nodes))
-    analysis = AnalyseTokens(steps_placed_outside=clock is not None)
+    analysis = AnalyseTokens(steps_placed_outside=clock is not None or announcements is not None)
     analysis(gm)
     report = analysis.report
     _log.info("%d of %d blocks sparse over %s tokens (%.1f s)", report.num_sparse_blocks, report.num_blocks,
@@ -169,7 +168,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
             why = f"this model ran sparse at {before} tokens, but at this shape it runs dense: {why}"
         if clock is None and report.num_blocks and report.timestep_input is None:
             why += ("; where dynamo compiles the blocks apart from the model's call, astraea.compile_blocks(model) "
-                    "places each block's calls from the model's")
+                    "places each block's calls from the model's, and so does a pipeline's announcement for a model "
+                    "compiled as torch.compile(astraea.attach(model), ...)")
         warnings.warn(f"astraea: running this graph dense: {why}", AstraeaWarning, stacklevel=2)
         return dense_gm.forward
     _SPARSE_SHAPES[report.structure_hash] = report.num_tokens
@@ -209,7 +209,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
             branches=branches, stream=instance))
     else:
         runner = PlacedRunner(graph_fn, dense_gm, report, sparsify.inputs, config, device, lower_skip, lower_slopes,
-                              timestep_position=position, announcements=announcements_for(example_inputs))
+                              timestep_position=position, announcements=announcements)
     if owner is not None:
         owner.runners.append(runner)
     return runner

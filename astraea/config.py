@@ -27,6 +27,10 @@ class ConfigError(ValueError):
     """An option the backend cannot honour; the message names the option."""
 
 
+class AstraeaWarning(UserWarning):
+    """The model (or part of it) runs dense, or its calls cannot be placed as they should; the message says why."""
+
+
 @dataclass(frozen=True)
 class AstraeaConfig:
     """How astraea sparsifies a model.

@@ -6,6 +6,7 @@ from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipe
 
 import astraea
 from tests.models import wan
+from tests.support_models import CASES
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,44 @@ def test_compile_blocks_places_announced_steps_from_the_first_call():
     with pytest.raises(astraea.ScheduleError, match="schedule has 4 steps but the run reached step 6"):
         _announced_generation(family.model, family, 6)
     assert len(be.runners[0].records) == 8
+
+
+@pytest.mark.parametrize("label", ["HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel"])
+def test_graphs_split_off_without_a_timestep_are_placed_by_the_announcements(label):
+    """Dynamo splits these models' calls before their blocks (a branch on a tensor), so the graphs
+    holding the blocks take the timestep's embedding, not the timestep: dense unless placed from
+    outside. Attached, a pipeline's announcements place them: every graph with blocks goes sparse,
+    its calls at the announced steps and branches, exact at budget 1.0."""
+    case = next(c for c in CASES if c.label == label)
+    with case.traced():
+        family = case.build()
+    model = family.model.eval()
+    torch._dynamo.reset()
+    with pytest.warns(astraea.AstraeaWarning, match=r"compiled as torch.compile\(astraea.attach\(model\)"):
+        _generation_of(torch.compile(model, backend=astraea.backend(schedule=1.0)), family, 1)
+    torch._dynamo.reset()
+    be = astraea.backend(schedule=[1.0, 0.5, 0.25])
+    compiled = torch.compile(astraea.attach(model), backend=be)
+    outputs = _generation_of(compiled, family, 3)
+    references = _generation_of(model, family, 1)
+    torch.testing.assert_close(outputs[:2], references, rtol=1e-5, atol=1e-5)
+    video = [r for r in be.runners if r.report.num_tokens == max(r.report.num_tokens for r in be.runners)]
+    assert len(video) >= 1 and all(r.report.num_sparse_blocks == r.report.num_blocks > 0 for r in video)
+    for runner in video:
+        assert [(r.step, r.branch, r.budget) for r in runner.records] == [
+            (0, 0, 1.0), (0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.25), (2, 1, 0.25)]
+
+
+def _generation_of(model, family, steps):
+    """Each step's two branches announced (conditional first) on one latent and falling timesteps;
+    the outputs in call order."""
+    x = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(0))
+    outputs = []
+    with torch.no_grad():
+        for i in range(steps):
+            t = torch.tensor([900.0 - 300 * i])
+            for name, condition in zip(("cond", "uncond"), family.conditions):
+                with family.model.cache_context(name, step_index=i, num_inference_steps=steps):
+                    outputs.append(family.call(model, x, t, condition))
+        family.model._reset_stateful_cache()
+    return torch.stack(outputs)

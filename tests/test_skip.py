@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 import astraea
-from astraea.backend import AstraeaWarning
+from astraea.config import AstraeaWarning
 from astraea.config import ConfigError
 from astraea.schedule import Schedule
 from astraea.flops import count_flops, counting

@@ -13,6 +13,7 @@ indices are tensors and host ints here, outside dynamo, so they never cause a re
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 from dataclasses import dataclass
 from typing import Callable
@@ -20,7 +21,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from ..config import AstraeaConfig
+from ..config import AstraeaConfig, AstraeaWarning
 from ..ops.signature import MERGE_SLOPE_INPUTS, SKIP_SLOPE_INPUTS, SparseBlockInputs
 from ..passes import Report
 from . import forecast
@@ -235,14 +236,26 @@ class PlacedRunner(SparseRunner):
         super().__init__(*args, **kwargs)
         self.timestep_position = timestep_position
         self.placement = Placement(announcements, lambda: self.config.schedule)
+        self._unplaced_warned = False
 
     def reset(self) -> None:
         self.placement.reset()
         super().reset()
 
+    def _unannounced(self) -> bool:
+        heard = self.placement.announcements
+        return heard is None or heard.current() is None
+
     def __call__(self, *args):
         def timestep() -> float | None:  # per-token times: the noisiest
             return None if self.timestep_position is None else float(args[self.timestep_position].max())
+
+        if self.timestep_position is None and not self._unplaced_warned and self._unannounced():
+            self._unplaced_warned = True  # only an attached model's graph without a timestep gets here
+            warnings.warn("astraea: this graph takes no timestep and its call was not announced by a pipeline "
+                          "(cache_context with step_index), so each such call is placed as a step of its own; call "
+                          "the model through its pipeline, or compile it with astraea.compile_blocks",
+                          AstraeaWarning, stacklevel=2)
 
         call = self.placement.place(timestep)
         if self.placement.moved is not None and self.records:

@@ -165,7 +165,7 @@ def _constant_true(node) -> bool:
         return True
     if not isinstance(node, fx.Node):
         return False
-    if node.op == "call_method" and node.target == "new_ones" or node.target in (torch.ones, torch.ones_like):
+    if (node.op == "call_method" and node.target == "new_ones") or node.target in (torch.ones, torch.ones_like):
         return node.kwargs.get("dtype") is torch.bool
     return False
 

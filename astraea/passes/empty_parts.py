@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .graph_edits import edit_each
-from .rules import shape_of
+from .rules import dtype_of, shape_of
 
 CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate}
 
@@ -27,17 +27,17 @@ def drop_empty_parts(gm: fx.GraphModule) -> int:
 
 
 def _drop(graph: fx.Graph, node: fx.Node) -> int:
-    parts, out = node.args[0], node.meta.get("example_value")
-    if not isinstance(parts, (list, tuple)) or not isinstance(out, torch.Tensor):
+    parts, out = node.args[0], dtype_of(node)
+    if not isinstance(parts, (list, tuple)) or out is None:
         return 0
-    values = [p.meta.get("example_value") if isinstance(p, fx.Node) else None for p in parts]
-    if not all(isinstance(v, torch.Tensor) for v in values):
+    dtypes = [dtype_of(p) for p in parts]
+    if None in dtypes:
         return 0
     empty = [0 in (shape_of(p) or (1,)) for p in parts]  # sizes known only at run time: not empty
     kept = [p for p, e in zip(parts, empty) if not e]
     if len(kept) == len(parts) or not kept:
         return 0
-    if functools.reduce(torch.promote_types, (v.dtype for v, e in zip(values, empty) if not e)) != out.dtype:
+    if functools.reduce(torch.promote_types, (d for d, e in zip(dtypes, empty) if not e)) != out:
         return 0  # an empty part of a wider dtype promotes the result
     node.args = (type(parts)(kept), *node.args[1:])
     for part in set(parts) - set(kept):

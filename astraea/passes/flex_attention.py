@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch._functorch import predispatch
 
 from .fake_values import node_with_value
-from .graph_edits import drop_dead_code, edit_each
-from .rules import shape_of
+from .graph_edits import ancestors, drop_dead_code, edit_each
+from .rules import dtype_of, shape_of
 
 FLEX = getattr(torch.ops.higher_order, "flex_attention", None)
 EMPTY_BLOCK = 1 << 30  # the block size of flex_attention's mask when none is given (`_LARGE_SPARSE_BLOCK_SIZE`)
@@ -51,11 +51,7 @@ def attention_from_flex(gm: fx.GraphModule) -> int:
     returns how many."""
     if FLEX is None:
         return 0
-    done = edit_each(gm, lambda n: n.op == "call_function" and n.target is FLEX, _replace)
-    if done:
-        drop_dead_code(gm.graph)
-        gm.recompile()
-    return done
+    return edit_each(gm, lambda n: n.op == "call_function" and n.target is FLEX, _replace, cleanup=drop_dead_code)
 
 
 def _replace(graph: fx.Graph, call: fx.Node) -> int:
@@ -100,20 +96,10 @@ def _empty(block_mask: tuple) -> bool:
 def _made_by_the_mask(block_mask: tuple, mask) -> bool:
     """The block lists were computed in the graph by evaluating a mask function (under vmap, as
     `create_block_mask` does) from nothing but `mask`'s tensor (or, causal, from no input)."""
-    allowed = _ancestors([mask]) if isinstance(mask, fx.Node) else set()
-    made_from = _ancestors([t for t in block_mask[:-1] if isinstance(t, fx.Node)]) - allowed
+    allowed = ancestors([mask]) if isinstance(mask, fx.Node) else set()
+    made_from = ancestors(t for t in block_mask[:-1] if isinstance(t, fx.Node)) - allowed
     return (any(n.target is _VMAP_RESULT for n in made_from)
             and not any(n.op in ("placeholder", "get_attr") for n in made_from))
-
-
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen, stack = set(), list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return seen
 
 
 def _subgraph(root: fx.GraphModule, node) -> fx.Graph | None:
@@ -156,8 +142,7 @@ def _mask(graph: fx.Graph | None, buffers: list):
             or (result.target is operator.le and result.args == (inputs[3], inputs[2]))):
         return "causal"
     mask = _indexed_buffer(result, inputs[:4], inputs[4:], buffers)
-    value = mask.meta.get("example_value", mask.meta.get("val")) if isinstance(mask, fx.Node) else None
-    return mask if isinstance(value, torch.Tensor) and value.dtype == torch.bool else None
+    return mask if dtype_of(mask) == torch.bool else None
 
 
 def _constant_true(node) -> bool:

@@ -4,18 +4,24 @@ recompile the graph once, if anything changed; erase what an edit left unread.""
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch.fx as fx
 from torch._functorch import predispatch
 
+from .rules import target_name
 
-def edit_each(gm: fx.GraphModule, matches: Callable[[fx.Node], bool], edit: Callable[[fx.Graph, fx.Node], int]) -> int:
+
+def edit_each(gm: fx.GraphModule, matches: Callable[[fx.Node], bool], edit: Callable[[fx.Graph, fx.Node], int],
+              cleanup: Callable[[fx.Graph], None] | None = None) -> int:
     """`edit(graph, node)` (1 where it rewrote, else 0) for each node of `gm` that `matches`, in
-    the order the graph had before the first edit; returns how many were rewritten. A node an
-    earlier edit erased has neither users nor inputs left, so it matches nothing."""
+    the order the graph had before the first edit, then `cleanup(graph)` if any did; returns how
+    many were rewritten. A node an earlier edit erased has neither users nor inputs left, so it
+    matches nothing."""
     done = sum(edit(gm.graph, node) for node in list(gm.graph.nodes) if matches(node))
     if done:
+        if cleanup is not None:
+            cleanup(gm.graph)
         gm.graph.lint()
         gm.recompile()
     return done
@@ -30,16 +36,14 @@ def drop_dead_code(graph: fx.Graph) -> None:
     elimination would keep the writes and drop the levels around them, which then fail at run
     time. A write into what may be a view of a kept value (an input, say) is kept."""
     nodes = list(graph.nodes)
-    kept: set[fx.Node] = set()
-    for n in nodes:
-        if n.op in ("placeholder", "output") or (n.is_impure() and not _is_write(n) and n.target not in _VMAP):
-            _keep(n, kept)
+    kept = ancestors(n for n in nodes if n.op in ("placeholder", "output")
+                     or (n.is_impure() and not _is_write(n) and n.target not in _VMAP))
     changed = True
     while changed:
         changed = False
         for n in nodes:
             if n not in kept and _is_write(n) and _made_from_kept(n.args[0], kept):
-                _keep(n, kept)
+                kept |= ancestors([n])
                 changed = True
     for n in reversed(nodes):
         if n not in kept and n.target not in _VMAP:
@@ -56,14 +60,15 @@ def drop_dead_code(graph: fx.Graph) -> None:
                 break
 
 
-def _keep(node: fx.Node, kept: set[fx.Node]) -> None:
-    """`node` and everything it is computed from."""
-    stack = [node]
+def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """`nodes` and everything they are computed from."""
+    seen, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
-        if n not in kept:
-            kept.add(n)
+        if n not in seen:
+            seen.add(n)
             stack.extend(n.all_input_nodes)
+    return seen
 
 
 def _made_from_kept(node, kept: set[fx.Node]) -> bool:
@@ -72,8 +77,7 @@ def _made_from_kept(node, kept: set[fx.Node]) -> bool:
     while isinstance(node, fx.Node):
         if node in kept:
             return True
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if name in _FRESH or not node.all_input_nodes:
+        if target_name(node) in _FRESH or not node.all_input_nodes:
             return False
         node = node.all_input_nodes[0]
     return True  # a write into something unknown: keep it
@@ -86,7 +90,7 @@ def _is_write(n: fx.Node) -> bool:
         return False
     if getattr(n.target, "__module__", None) == "_operator":
         return n.target is operator.setitem or n.target.__name__ in _IN_PLACE_OPERATORS
-    name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+    name = target_name(n)
     return name.endswith("_") and not name.startswith("_")
 
 

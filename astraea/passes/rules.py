@@ -74,9 +74,19 @@ def shape_of(node) -> tuple[int, ...] | None:
     return None
 
 
+def dtype_of(node) -> torch.dtype | None:
+    """The node's tensor dtype, or None: not a tensor."""
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value.dtype if isinstance(value, torch.Tensor) else None
+
+
+def target_name(node: fx.Node) -> str:
+    """What the node calls, by name: a method's, or a function's or op's `__name__`."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
 def describe(node: fx.Node) -> str:
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.op} {target} ({node.name})"
+    return f"{node.op} {target_name(node)} ({node.name})"
 
 
 def sdpa_args(node: fx.Node):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from .fake_values import node_with_value
 from .graph_edits import edit_each
-from .rules import shape_of
+from .rules import dtype_of, shape_of
 
 MATMUL = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
 SOFTMAX = {F.softmax, torch.softmax, "softmax"}
@@ -120,7 +120,7 @@ def _collapse(graph: fx.Graph, softmax: fx.Node) -> int:
 
     with graph.inserting_before(out):
         if isinstance(bias, tuple):
-            bias = _fill_bias(new, *bias, _dtype(node))
+            bias = _fill_bias(new, *bias, dtype_of(node))
         k = kt if _is(node, EINSUM) else _untransposed(graph, kt)  # an einsum's scores take k as it is
         folded = _ndim(q) == 3  # heads folded into the batch: SDPA on [1, B * H, N, d], as its CPU kernels need 4 dims
         if folded:
@@ -168,7 +168,7 @@ def _masked_fill(node: fx.Node):
     if not _is(node, FILLS) or len(node.args) != 3 or node.kwargs:
         return None
     scores, where, fill = node.args
-    if _dtype(where) != torch.bool or not _number(fill) or fill > MASK_VALUE or not _keeps_shape(node, scores):
+    if dtype_of(where) != torch.bool or not _number(fill) or fill > MASK_VALUE or not _keeps_shape(node, scores):
         return None
     return scores, (where, fill), []
 
@@ -188,7 +188,7 @@ def _sat_mask(node: fx.Node):
     if not (_number(one) and one == 1 and _is(kept, MUL) and len(kept.args) == 2 and m in kept.args):
         return None
     scores = kept.args[1] if kept.args[0] is m else kept.args[0]
-    if not (_is(m, CASTS) and _dtype(m.args[0]) == torch.bool and set(m.users) == {kept, one_minus}):
+    if not (_is(m, CASTS) and dtype_of(m.args[0]) == torch.bool and set(m.users) == {kept, one_minus}):
         return None
     if any(_only_user(n) is not user for n, user in ((kept, node), (lowered, node), (one_minus, lowered))):
         return None
@@ -211,7 +211,7 @@ def _fill_bias(new, where: fx.Node, fill: float, dtype: torch.dtype) -> fx.Node:
     dtype (-1e9 after float16 products), and it still masks there."""
     if math.isfinite(fill):
         fill = max(fill, torch.finfo(dtype).min)
-    if _dtype(where) != torch.bool:
+    if dtype_of(where) != torch.bool:
         where = new("call_function", operator.eq, where, 0)
     for _ in range(2 - _ndim(where)):
         where = new("call_method", "unsqueeze", where, 0)
@@ -270,11 +270,6 @@ def _softmax_dim(node: fx.Node):
 def _ndim(node: fx.Node) -> int:
     value = node.meta.get("example_value")
     return value.dim() if isinstance(value, torch.Tensor) else -1
-
-
-def _dtype(node) -> torch.dtype | None:
-    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    return value.dtype if isinstance(value, torch.Tensor) else None
 
 
 def _keeps_shape(mask: fx.Node, scores: fx.Node) -> bool:

@@ -426,3 +426,16 @@ def test_every_argument_an_op_writes_is_required():
             written = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
             defaulted = [a.name for a in schema.arguments if a.name in written and a.has_default_value()]
             assert not defaulted, f"astraea::{name} writes {defaulted}, which have defaults"
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 12, 5), (2, 3, 4, 24), (1, 2, 3, 32)])
+def test_a_per_query_mask_is_laid_out_as_the_memory_efficient_kernel_takes_it(shape):
+    """`astraea::sparse_attention` on a GPU hands a mask that differs between queries to PyTorch's
+    memory-efficient kernel, which refuses a bias whose rows do not start at multiples of 16
+    elements (SDPA pads one before calling it; the op calls the kernel directly)."""
+    from astraea.ops.sparse import _aligned_rows
+
+    bias = torch.randn(shape)
+    aligned = _aligned_rows(bias)
+    torch.testing.assert_close(aligned, bias, rtol=0, atol=0)
+    assert aligned.stride(-1) == 1 and all(s % 16 == 0 for s in aligned.stride()[:-1])

@@ -92,3 +92,25 @@ def test_padding_lowers_once_for_every_budget_and_keeps_the_contract(tokens):
     torch._dynamo.reset()
     for got, expected in zip(outs["inductor"], outs["eager"]):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cross_attention_masked_per_query_runs_as_astraeas_op():
+    """A cross-attention whose mask has a row per query (here a flex block mask over 5 text keys)
+    masks the selected rows in its rows form. As torch's SDPA it would, on a GPU, pad the 5-key
+    mask with `constant_pad_nd`, which fixed K at the lowering's hint (the lowered code then
+    refused every other budget); as astraea's attention op it stays symbolic."""
+    from tests.generated import GeneratedDiT, Knobs, example_inputs
+
+    torch.manual_seed(0)
+    k = Knobs(flex=True, score_mask=True)
+    model, inputs = GeneratedDiT(k).eval(), example_inputs(k)
+    torch._dynamo.reset()
+    be = astraea.backend(schedule=1.0, lowering="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=be)(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)
+    graph = be.runners[0].graph_fn.graph_module.graph
+    attention = [n for n in graph.nodes if n.target is torch.ops.astraea.sparse_attention]
+    sdpa = [n for n in graph.nodes if n.target in astraea.passes.rules.SDPA and n.kwargs.get("attn_mask") is not None]
+    assert len(attention) == 2 * k.depth  # the self- and the cross-attention of each block
+    assert all("_rows" not in n.name for n in sdpa)  # any masked SDPA left is the dense form's
+    torch._dynamo.reset()

@@ -104,13 +104,23 @@ def sparse_attention(
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
     if q.is_cuda:  # a mask that differs between queries or heads
-        bias = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        bias = _aligned_rows(attn_mask.to(q.dtype)).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
         return out.contiguous(), lse[..., : q.shape[2]].float().contiguous()
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
     )
     return out.contiguous(), lse.float().contiguous()
+
+
+def _aligned_rows(bias: torch.Tensor, multiple: int = 16) -> torch.Tensor:
+    """`bias` with each row starting at a multiple of 16 elements, as PyTorch's memory-efficient
+    kernel requires of its bias (SDPA pads a mask the same way before it calls the kernel)."""
+    keys = bias.shape[-1]
+    if bias.dim() >= 2 and bias.stride(-1) == 1 and all(s % multiple == 0 for s in bias.stride()[:-1]):
+        return bias
+    pad = -keys % multiple
+    return torch.nn.functional.pad(bias, (0, pad))[..., :keys] if pad else bias.contiguous()
 
 
 def _key_bias(mask: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:

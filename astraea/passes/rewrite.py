@@ -121,15 +121,18 @@ class _SparseCopy:
                 keep |= set(node.all_input_nodes[1:])
             remap = functools.partial(self.remap, tables=tables, keep=keep, consumer=node)
             with graph.inserting_before(node.next):
-                if node in block.self_attention:
+                if node in block.self_attention or _mask_has_rows(node, remap):
                     q, k, v, mask = sdpa_args(node)
+                    if node not in block.self_attention:  # keys and values as a copy of the node would read them
+                        k, v = remap(k), remap(v)
                     op, carried = SPARSE_ATTENTION.get(node.target, (torch.ops.astraea.sparse_attention, ()))
                     extra = {name: node.kwargs[name] for name in carried}
                     if mask is not None:
                         extra["attn_mask"] = remap(mask)
                     pair = graph.call_function(op, (remap(q), k, v), {"scale": node.kwargs.get("scale"), **extra})
                     copy = graph.call_function(operator.getitem, (pair, 0))
-                    if lse_rows is None:  # [B, H, query rows]: the video rows' part, for the scores
+                    if lse_rows is None and node in block.self_attention:  # [B, H, query rows]: the video
+                        # rows' part, for the scores
                         lse_rows = graph.call_function(operator.getitem, (pair, 1))
                         layout = axis.layout_of(q)
                         if not layout.only_video:
@@ -274,6 +277,18 @@ class _SparseCopy:
             user.args = (copy, self.rows_index(node, user.args[1]))
         else:
             user.replace_input_with(node, copy)
+
+
+def _mask_has_rows(node: fx.Node, remap) -> bool:
+    """Whether `node` is an attention other than the block's self-attention (a cross-attention)
+    whose mask has a row per query, so that its rows form masks the selected rows: it then runs
+    as astraea's attention op, which takes any mask. Not as torch's SDPA: on a GPU, SDPA pads a
+    mask whose key length is not a multiple of 8 with `constant_pad_nd`, whose fake kernel reads
+    every size as a number, which would fix the number of selected rows in the lowered code."""
+    if node.target not in rules.SDPA or set(node.kwargs) - {"attn_mask", "scale", "enable_gqa"}:
+        return False
+    mask = sdpa_args(node)[3]
+    return isinstance(mask, fx.Node) and remap(mask) is not mask
 
 
 def _rows_slice(layout: Layout, i: int, j: int) -> slice:

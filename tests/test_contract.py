@@ -36,7 +36,7 @@ def test_selected_rows_equal_dense_block_and_others_reuse_cache(make, policy):
     assert sizes == [n, n] + [round(b * n) for b in (0.5, 0.5, 0.25, 0.25, 0.75, 0.75, 0.5, 0.5)]
 
 
-@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel", "LatteTransformer3DModel", "SanaVideoTransformer3DModel", "WanTransformer3DModel (Wan 2.2 TI2V, per-token timestep)", "SkyReelsV2Transformer3DModel (diffusion forcing, per-frame timestep)", "AnyFlowTransformer3DModel", "AnyFlowFARTransformer3DModel", "SanaWMTransformer3DModel", "MochiTransformer3DModel (capture_dynamic_output_shape_ops)"])
+@pytest.mark.parametrize("label", ["EasyAnimateTransformer3DModel", "CosmosTransformer3DModel", "ConsisIDTransformer3DModel", "Kandinsky5Transformer3DModel", "MiniMaxH3Transformer3DModel", "LTX2VideoTransformer3DModel", "LatteTransformer3DModel", "SanaVideoTransformer3DModel", "WanTransformer3DModel (Wan 2.2 TI2V, per-token timestep)", "SkyReelsV2Transformer3DModel (diffusion forcing, per-frame timestep)", "AnyFlowTransformer3DModel", "AnyFlowFARTransformer3DModel", "Cosmos3OmniTransformer", "SanaWMTransformer3DModel", "MochiTransformer3DModel (capture_dynamic_output_shape_ops)"])
 def test_contract_on_support_models(label):
     """Mechanisms met first in a diffusers class: EasyAnimate writes RoPE into the video part of
     its joint queries/keys in place; Cosmos repeats keys over heads (grouped-query attention)
@@ -50,7 +50,10 @@ def test_contract_on_support_models(label):
     chunk's own keys; SANA-WM modulates each frame with its own timestep's table, written on the
     tokens split into frames (its softmax-attention block; the gated-delta-net block stays dense);
     Mochi attends over each sample's valid text tokens only, gathered by `nonzero` (captured by
-    dynamo) and padded back, which the analysis reads as attention with a key mask."""
+    dynamo) and padded back, which the analysis reads as attention with a key mask; Cosmos 3 Omni
+    runs one unbatched sequence ([tokens, channels]), a causal text stream beside the video's,
+    whose attention reads both, and returns the video scattered into a fresh tensor by index
+    writes."""
     case = next(c for c in CASES if c.label == label)
     with case.traced():
         be, checker = checked_run(case.build(), 3, schedule=0.5)

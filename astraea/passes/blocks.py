@@ -135,16 +135,20 @@ def _video_alone(axis: TokenAxis, node: fx.Node) -> bool:
 def _boundaries(full_chain, attentions, axis: TokenAxis, order: dict) -> tuple[list, set]:
     """The stream nodes a block may start or end at, and the attentions whose blocks start at a
     joint one. Boundaries are [batch, tokens, channels] tensors of the video tokens alone (not
-    regrouped into the batch by factorised attention); and where the stream carries small
-    segments joined to the video tokens from block to block (text or registers concatenated
-    once before the blocks, as research code often writes single-stream blocks), the joint
+    regrouped into the batch by factorised attention), or [tokens, channels] ones of a model that
+    runs one unbatched sequence (Cosmos 3); and where the stream carries small segments joined to
+    the video tokens from block to block (text or registers concatenated once before the blocks,
+    as research code often writes single-stream blocks), the joint [batch, tokens, channels]
     tensors along that stretch, their video segment sparse and the others computed in full.
     A block is joint when the stream is joint from before its attention to the next one (for
     the last, when the block before it is joint too)."""
     def three_d(c):  # a token axis folded into dim 1 holds (frame, position) pairs: a flat stream
         return axis.tdim.get(c) == 1 and len(shape_of(c) or ()) == 3
 
-    plain = [c for c in full_chain if three_d(c) and _video_alone(axis, c)]
+    def unbatched(c):
+        return axis.tdim.get(c) == 0 and len(shape_of(c) or ()) == 2
+
+    plain = [c for c in full_chain if (three_d(c) or unbatched(c)) and _video_alone(axis, c)]
     joint = [c for c in full_chain if three_d(c) and axis.layout_of(c).has_video and not _video_alone(axis, c)]
     ordered = sorted(attentions, key=order.get)
     fired, kept = set(), set()
@@ -279,9 +283,9 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
         block.reason = f"its attention runs on every token, its output going through: {why}" if why else \
             "no self-attention inside the block"
         return
-    stream_shape = shape_of(block.start)
-    if axis.tdim[block.start] != 1 or axis.tdim.get(block.end) != 1 or len(stream_shape or ()) != 3 \
-            or shape_of(block.end) != stream_shape:
+    stream_shape = shape_of(block.start)  # [batch, tokens, channels], or one sequence's [tokens, channels]
+    if (axis.tdim[block.start], len(stream_shape or ())) not in ((1, 3), (0, 2)) \
+            or axis.tdim.get(block.end) != axis.tdim[block.start] or shape_of(block.end) != stream_shape:
         block.reason = "the residual stream here is not a [batch, tokens, channels] tensor kept by the block"
         return
     for s in block.self_attention:

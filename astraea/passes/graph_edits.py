@@ -71,6 +71,20 @@ def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def ancestors_with_writes(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    """`ancestors`, also following what was written into each tensor (`out[:, idx] = x`,
+    `out.copy_(x)`): model code often fills a fresh tensor by index writes and returns it, and
+    that tensor's own inputs are only its shape."""
+    seen, stack = set(), list(nodes)
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+            stack.extend(u for u in n.users if _is_write(u) and u.args[0] is n)
+    return seen
+
+
 def _made_from_kept(node, kept: set[fx.Node]) -> bool:
     """`node` may be (a view of) a kept tensor: walking up its first input, a kept node comes
     before an op that makes a new tensor (`new_zeros`, `clone`, ...)."""

@@ -70,7 +70,7 @@ def rewrite_blocks(gm: fx.GraphModule, axis: TokenAxis, blocks: list[Block]) -> 
         for node in reversed(block.row_nodes):
             graph.erase_node(node)
         dtype = block.start.meta["example_value"].dtype
-        shape, layout = shape_of(block.start), axis.layout_of(block.start)
+        shape, layout = _batched(shape_of(block.start)), axis.layout_of(block.start)
         # the video tokens' rows: a joint stream's too, every (frame, position) pair of a flat one
         cached = (shape[0], shape[1] if layout.folded else layout.sizes[layout.video], shape[2])
         inputs.append(SparseBlockInputs(block.index, block.module, cached, dtype, shared_because))
@@ -138,7 +138,8 @@ class _SparseCopy:
                         if not layout.only_video:
                             video = _rows_slice(layout, layout.video, layout.video + 1)
                             lse_rows = graph.call_function(operator.getitem, (lse_rows, (Ellipsis, video)))
-                        lse_rows = _unfolded(graph, lse_rows, q, block.start, axis.frames)
+                        lse_rows = _unfolded(graph, lse_rows, q, _batched(shape_of(block.start))[0],
+                                             axis.frames)
                 else:
                     copy = self.copy_node(node, remap)
             copy.meta["astraea_rows_of"] = node.name
@@ -150,8 +151,11 @@ class _SparseCopy:
         end = self.copies[block.end]
         layout = axis.layout_of(block.start)
         joint = not layout.unfold().only_video  # a flat stream of frames merges whole
+        unbatched = len(shape_of(block.start)) == 2
         with graph.inserting_before(end.next):
             x, rows = start, end
+            if unbatched:  # merged as a batch of one
+                x, rows = (graph.call_method("unsqueeze", (a, 0)) for a in (x, rows))
             if joint:  # a joint stream: its video segment merged, the small segments as computed
                 x = graph.call_function(operator.getitem, (start, _segment(layout, layout.video)))
                 x.meta[VIDEO_SEGMENT] = True
@@ -162,6 +166,8 @@ class _SparseCopy:
                 (x, rows, self.inputs.idx, self.inputs.cache, self.inputs.change, lse_rows, self.inputs.lse,
                  *NO_SLOPES),
             )
+            if unbatched:
+                merged = graph.call_method("squeeze", (merged, 0))
             if joint:
                 merged = graph.call_function(torch.cat, (self.stream_parts(layout, end, merged), 1))
         return merged, self.shared_because
@@ -338,21 +344,26 @@ def _segment(layout: Layout, i: int) -> tuple[slice, slice]:
     return slice(None), slice(start, start + layout.sizes[i])
 
 
-def _unfolded(graph: fx.Graph, lse_rows: fx.Node, q: fx.Node, start: fx.Node, frames: int) -> fx.Node:
+def _unfolded(graph: fx.Graph, lse_rows: fx.Node, q: fx.Node, batch: int, frames: int) -> fx.Node:
     """[B, H, K] from the LSE of an attention whose heads fold the batch in ([1, B * H, K]: heads
     folded into the batch, `[B * H, N, d]`, as diffusers' classic processor and `(b h) n d` layouts
     do; batch-major, as both fold it), so the merge reads each sample's own; or whose batch holds
     the frames of a flat stream ([B * F, H, K / F]: factorised attention's `(b t) s c`), as
     [B, H, K] in the selection's frame-major order."""
-    start_shape, q_shape = shape_of(start), shape_of(q)
-    if frames > 1 and start_shape is not None and q_shape is not None and q_shape[0] == start_shape[0] * frames:
-        per_frame = graph.call_method("unflatten", (lse_rows, 0, (start_shape[0], frames)))
+    q_shape = shape_of(q)
+    if frames > 1 and q_shape is not None and q_shape[0] == batch * frames:
+        per_frame = graph.call_method("unflatten", (lse_rows, 0, (batch, frames)))
         return graph.call_method("flatten", (graph.call_method("transpose", (per_frame, 1, 2)), 2))
-    if start_shape is None or q_shape is None or q_shape[0] != 1 or start_shape[0] == 1:
+    if q_shape is None or q_shape[0] != 1 or batch == 1:
         return lse_rows
-    batch = start_shape[0]
     flat = graph.call_method("flatten", (lse_rows, 0, 1))
     return graph.call_method("unflatten", (flat, 0, (batch, -1)))
+
+
+def _batched(shape: tuple) -> tuple:
+    """A block input's shape as [batch, tokens, channels]: an unbatched stream ([tokens,
+    channels]: one packed sequence, as Cosmos 3 feeds its layers) is a batch of one."""
+    return (1, *shape) if len(shape) == 2 else tuple(shape)
 
 
 def _contiguous(value):

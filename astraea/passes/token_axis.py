@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from .graph_edits import ancestors, ancestors_with_writes
 from .layout import Layout
 from .rules import SDPA, SPLIT, Mix, broadcast, describe, rule_for, sdpa_args, shape_of
 from .rules import reshape as RESHAPE_RULE
@@ -115,7 +116,7 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
     order = {n: i for i, n in enumerate(nodes)}
     attentions = [n for n in nodes if n.op == "call_function" and n.target in SDPA]
     output = next(n for n in reversed(nodes) if n.op == "output")
-    made_output = _ancestors(output)
+    made_output = ancestors_with_writes([output])
     # The token stream feeds the model's output, attention queries, and the values of
     # self-attention (tables such as RoPE reach queries and keys only). A model whose
     # self-attention is linear (a key/value summary written as plain ops) has only its
@@ -124,8 +125,8 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
     queries, values = set(), set()
     for a in attentions:
         q, _, v, _ = sdpa_args(a)
-        queries |= _ancestors(q) if isinstance(q, fx.Node) else set()
-        values |= _ancestors(v) if isinstance(v, fx.Node) else set()
+        queries |= ancestors([q]) if isinstance(q, fx.Node) else set()
+        values |= ancestors([v]) if isinstance(v, fx.Node) else set()
     first = _candidates(queries & values & made_output, order)
     tried_first = set(first)
     rest = [c for c in _candidates((queries if attentions else set(nodes)) & made_output, order) if c not in tried_first]
@@ -135,6 +136,10 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
     best = _best_try(first, attentions, nodes, order)
     if not _mixes(best[0]):
         best = max(best, _best_try(rest, attentions, nodes, order), key=lambda b: b[1] or ())
+    if not (best[1] and best[1][0]):  # no token mixing over a stream that makes the output: one
+        # unbatched sequence, [tokens, channels], as Cosmos 3 packs its streams?
+        unbatched = _unbatched_candidates(queries & values & made_output, order)
+        best = max(best, _best_try(unbatched, attentions, nodes, order), key=lambda b: b[1] or ())
     best = best[0]
     if not _mixes(best):
         best.reason = (
@@ -154,6 +159,13 @@ def _candidates(tensors, order: dict) -> list[tuple[fx.Node, int]]:
         if not is_module_state(source) and len(shape_of(source) or ()) >= 3
         for dim, size in enumerate(shape_of(source)) if dim > 0 and size > 1
     ]
+
+
+def _unbatched_candidates(tensors, order: dict) -> list[tuple[fx.Node, int]]:
+    """(tensor, 0) for the [tokens, channels] tensors among `tensors`, earliest first: tried
+    last, as a batched model's 2-D tensors are its per-sample vectors ([batch, channels])."""
+    return [(source, 0) for source in sorted(tensors, key=order.get)
+            if not is_module_state(source) and len(shape_of(source) or ()) == 2 and shape_of(source)[0] > 1]
 
 
 def _folds(nodes) -> dict[int, set[int]]:
@@ -243,7 +255,7 @@ def _output_carries_source(trial: TokenAxis, nodes: list, order: dict) -> bool:
     output is the video's (a block compiled on its own returns both streams)."""
     output = next(n for n in reversed(nodes) if n.op == "output")
     for returned in output.all_input_nodes:
-        last = max((n for n in _ancestors(returned) if isinstance(trial.tdim.get(n), int)), key=order.get, default=None)
+        last = max((n for n in ancestors([returned]) if isinstance(trial.tdim.get(n), int)), key=order.get, default=None)
         if last is not None and trial.carries_video(last):
             return True
     return False
@@ -264,18 +276,6 @@ def is_module_state(node: fx.Node) -> bool:
         return str(node.target).lower().startswith("l_self")
     name = source.name() if callable(source.name) else source.name  # e.g. "L['self']._modules['proj']._parameters['weight']"
     return re.search(r"\b_(parameters|buffers)\b", name) is not None
-
-
-def _ancestors(node: fx.Node) -> set:
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        for a in n.all_input_nodes:
-            if a not in seen:
-                seen.add(a)
-                stack.append(a)
-    seen.add(node)
-    return seen
 
 
 def _grid(source: fx.Node, dim: int) -> tuple[int, ...] | None:

@@ -250,8 +250,9 @@ def _last_join(full_chain, chain, stream, p) -> int:
 
 
 def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, order: dict) -> None:
-    after_start = nx.descendants(tokens, block.start)
-    inside = (after_start & nx.ancestors(tokens, block.end)) | {block.end}
+    first, last = order[block.start], order[block.end]
+    after_start = _reached(tokens.successors, block.start, lambda n: order[n] < last)  # up to the end
+    inside = (after_start & _reached(tokens.predecessors, block.end, lambda n: order[n] > first)) | {block.end}
     # Keys/values another stream reads in this block (video-to-audio attention) lead to no
     # token output, so the path above misses them; they belong to the block that computes them.
     # So do the token inputs of reductions of a linear attention (its key/value summary).
@@ -259,12 +260,12 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
         if order[reader] < order[block.end]:
             for x in sdpa_args(reader)[1:3]:
                 if x in after_start:
-                    inside |= (nx.ancestors(tokens, x) & after_start) | {x}
+                    inside |= (_reached(tokens.predecessors, x, lambda n: order[n] > first) & after_start) | {x}
     for summary in axis.summaries:
         if order[summary] < order[block.end]:
             for x in summary.all_input_nodes:
                 if x in after_start:
-                    inside |= (nx.ancestors(tokens, x) & after_start) | {x}
+                    inside |= (_reached(tokens.predecessors, x, lambda n: order[n] > first) & after_start) | {x}
     region = sorted(inside, key=order.get)
     block.region = region
     block.self_attention = [n for n in axis.self_attention if n in inside]
@@ -297,15 +298,15 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
     for s in block.self_attention + [r for r in axis.kv_readers if _reads_inside(r, inside)]:
         _, k, v, _ = sdpa_args(s)
         for x in (k, v):
-            feeds_kv |= (nx.ancestors(deps, x) & inside) | ({x} & inside)
+            feeds_kv |= (_reached(deps.predecessors, x, lambda n: order[n] > first) & inside) | ({x} & inside)
     for x in {a for s in block.summaries for a in s.all_input_nodes if a in inside}:
-        feeds_kv |= (nx.ancestors(deps, x) & inside) | {x}
+        feeds_kv |= (_reached(deps.predecessors, x, lambda n: order[n] > first) & inside) | {x}
     # An in-place write into a key/value tensor (RoPE on the video part of a joint key) is part
     # of it: it and what it writes must see every token.
     writes = [(w, target) for w, target in axis.mutations if w in inside]
     while new := {w for w, target in writes if target in feeds_kv and w not in feeds_kv}:
         for w in new:
-            feeds_kv |= (nx.ancestors(deps, w) & inside) | {w}
+            feeds_kv |= (_reached(deps.predecessors, w, lambda n: order[n] > first) & inside) | {w}
     # Items picked out of a dense tuple (q of a fused qkv chunk) are views: keep them dense.
     feeds_kv |= {
         n for n in region
@@ -326,6 +327,20 @@ def _fill(block: Block, deps: nx.DiGraph, tokens: nx.DiGraph, axis: TokenAxis, o
         block.reason = f"token axis lost inside the block: {lost}"
     elif escaping:
         block.reason = f"intermediate value(s) {escaping[:3]} are used after the block"
+
+
+def _reached(step, node: fx.Node, within) -> set:
+    """The nodes reached from `node` (not itself) by `step` (a graph's successors or
+    predecessors) through nodes `within` allows. Every edge of the dependency graph goes forward
+    in the graph's order, so bounding a walk by order bounds it by the block's span: a block's
+    ancestors found this way cost the block, not the graph before it."""
+    seen, stack = set(), [node]
+    while stack:
+        for n in step(stack.pop()):
+            if n not in seen and within(n):
+                seen.add(n)
+                stack.append(n)
+    return seen
 
 
 def _reads_inside(reader: fx.Node, inside: set) -> bool:

@@ -205,9 +205,12 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
     (a block compiled on its own returns its text stream too, so only the length tells the
     video, the many tokens, from the text: CogVideoX). A try that reaches no attention because
     a reshape splits its tokens is followed by the same source read as a flat stream of frames
-    (`_better` weighs the two readings)."""
-    best, best_score, covered, tried = None, None, set(), 0
+    (`_better` weighs the two readings). Each try is followed only as far as some tensor with
+    its token axis is read (what comes after cannot change its score: most tries die at the
+    first linear layer), and the chosen one again to the end, for the reasons it reports."""
+    best, best_score, best_try, covered, tried = None, None, None, set(), 0
     folds, tries = None, [(source, dim, None) for source, dim in reversed(tries)]  # popped from the end
+    last_read = {n: max((order[u] for u in n.users), default=order[n]) for n in nodes}
     while tries:
         source, dim, positions = tries.pop()
         if (source, dim, positions) in covered:
@@ -217,12 +220,7 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
         if positions is None:  # a flat-stream try is the one before's second reading
             tried += 1
         size = shape_of(source)[dim]
-        grid = _grid(source, dim) if positions is None else (size // positions, positions)
-        trial = TokenAxis(num_tokens=size, source=source, grid=grid)
-        trial.tdim[source] = dim
-        if positions is not None:
-            trial.layout[source] = Layout.of_video(positions).fold()
-        _Propagator(trial).run(nodes[order[source] + 1:])
+        trial = _trial(source, dim, positions, nodes, order, last_read)
         covered |= {(n, t, _positions(trial.layout.get(n))) for n, t in trial.tdim.items() if isinstance(t, int)}
         if positions is None and not _mixes(trial) and _lost_at_split(trial):
             # no attention reached, the axis lost where a reshape splits the tokens: factorised
@@ -234,8 +232,25 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
         score = (_mixes(trial) and _output_carries_source(trial, nodes, order), len(trial.self_attention),
                  explained, trial.num_tokens if _mixes(trial) else 0)
         if best is None or _better(trial, score, best, best_score, order):
-            best, best_score = trial, score
+            best, best_score, best_try = trial, score, (source, dim, positions)
+    if best is not None:
+        best = _trial(*best_try, nodes, order)
     return best, best_score
+
+
+def _trial(source: fx.Node, dim: int, positions: int | None, nodes: list, order: dict,
+           last_read: dict | None = None) -> TokenAxis:
+    """The token axis that `source`'s `dim` gives (as a flat stream of frames of `positions`
+    each, if given), followed to the end of the graph, or, with `last_read`, as long as a tensor
+    with the axis is read."""
+    size = shape_of(source)[dim]
+    grid = _grid(source, dim) if positions is None else (size // positions, positions)
+    trial = TokenAxis(num_tokens=size, source=source, grid=grid)
+    trial.tdim[source] = dim
+    if positions is not None:
+        trial.layout[source] = Layout.of_video(positions).fold()
+    _Propagator(trial).run(nodes[order[source] + 1:], last_read and order, last_read)
+    return trial
 
 
 def _better(trial: TokenAxis, score: tuple, best: TokenAxis, best_score: tuple, order: dict) -> bool:
@@ -304,8 +319,14 @@ class _Propagator:
     def __init__(self, result: TokenAxis):
         self.r = result
 
-    def run(self, nodes):
+    def run(self, nodes, order: dict | None = None, last_read: dict | None = None):
+        """With `order` and `last_read` (each node's last reader's place), stop where no tensor with
+        the axis is read any more: only tensors with it give a later one an axis (the rest would be
+        marked as having lost it, which only the reasons read)."""
+        horizon = last_read[self.r.source] if last_read is not None else None
         for node in nodes:
+            if horizon is not None and order[node] > horizon:
+                return
             if node.op in ("placeholder", "get_attr", "output"):
                 continue
             inputs = node.all_input_nodes
@@ -313,6 +334,8 @@ class _Propagator:
                 continue  # no token data in: shared by all tokens (a dtype read off a token tensor)
             mixed = [a for a in inputs if isinstance(self.r.tdim.get(a), Opaque)]
             self.r.tdim[node] = self.join(node, mixed) if mixed else self.apply(node)
+            if horizon is not None and not isinstance(self.r.tdim[node], (Opaque, type(None))):
+                horizon = max(horizon, last_read[node])  # a token tensor (or a tuple of them) read up to there
             if isinstance(self.r.tdim[node], int) and node not in self.r.layout:
                 first = next((a for a in inputs if isinstance(self.r.tdim.get(a), int)), None)
                 if isinstance(self.r.layout.get(first), Layout):

@@ -249,7 +249,7 @@ def _trial(source: fx.Node, dim: int, positions: int | None, nodes: list, order:
     trial.tdim[source] = dim
     if positions is not None:
         trial.layout[source] = Layout.of_video(positions).fold()
-    _Propagator(trial).run(nodes[order[source] + 1:], last_read and order, last_read)
+    _Propagator(trial).run(nodes[order[source] + 1:], order, last_read)
     return trial
 
 
@@ -320,7 +320,7 @@ class _Propagator:
         self.r = result
 
     def run(self, nodes, order: dict | None = None, last_read: dict | None = None):
-        """With `order` and `last_read` (each node's last reader's place), stop where no tensor with
+        """With `last_read` (each node's last reader's place in `order`), stop where no tensor with
         the axis is read any more: only tensors with it give a later one an axis (the rest would be
         marked as having lost it, which only the reasons read)."""
         horizon = last_read[self.r.source] if last_read is not None else None

@@ -60,6 +60,10 @@ def compile_blocks(model: torch.nn.Module, config: AstraeaConfig | None = None, 
     backend.clock.attach(model)
     for block in blocks:
         block.compile(backend=backend, dynamic=False)
+        # a block that gathers rows by `nonzero` (Mochi's valid text) keeps it in its graph, which
+        # the analysis reads (passes/compacted_attention.py), rather than breaking the graph there
+        block._compiled_call_impl = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)(
+            block._compiled_call_impl)
     return backend
 
 

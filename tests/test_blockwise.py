@@ -236,3 +236,25 @@ def test_the_random_policy_draws_a_stream_per_block():
     sample(family, family.model, steps=2)
     draws = {tuple(torch.rand(4, generator=r.generator).tolist()) for r in be.runners[0].instances.values()}
     assert len(draws) == 3
+
+
+def test_mochi_goes_sparse_block_by_block_without_the_dynamo_flag():
+    """Mochi gathers each sample's valid text by `nonzero` inside its blocks: under
+    `torch.compile(model)` it goes sparse only with `capture_dynamic_output_shape_ops` set by the
+    user, while `compile_blocks` sets it for the blocks it compiles. Budget 1.0 equals eager;
+    a sparse schedule equals the whole-model compile with the flag."""
+    from tests.support_models import CASES
+
+    case = next(c for c in CASES if c.label == "MochiTransformer3DModel (capture_dynamic_output_shape_ops)")
+    family = case.build()
+    eager = sample(family, family.model, steps=STEPS)
+    with case.traced():
+        whole, _ = _whole(lambda: case.build(), REGIONS_SCHEDULE)
+    torch._dynamo.reset()
+    family = case.build()
+    be = astraea.compile_blocks(family.model, schedule=1.0)
+    torch.testing.assert_close(sample(family, family.model, steps=STEPS), eager, rtol=1e-5, atol=1e-5)
+    assert {r.report.num_sparse_blocks for r in be.runners} == {1} and len(be.reports) > 0
+    be.update(schedule=REGIONS_SCHEDULE)
+    torch.testing.assert_close(sample(family, family.model, steps=STEPS), whole, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

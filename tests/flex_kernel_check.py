@@ -7,7 +7,8 @@ CUDA, each model compiled by Inductor (flex's kernel), astraea at budget 1.0 (SD
 place) and the model run eagerly (flex's reference, the functions on every pair): Wan (tiny) on
 diffusers' "flex" backend, and the generated test DiT with a flex block mask
 (`create_block_mask`). Inductor's CPU lowering of flex fails on these tiny shapes, so this is a
-GPU check; it prints one line per model with the three gaps.
+GPU check; it prints one line per model with the three gaps, after checking the op astraea puts
+in flex's place where a mask differs between queries.
 
     python -m tests.flex_kernel_check
 """
@@ -35,10 +36,28 @@ def cases(device: str):
     yield "generated DiT, flex block mask", lambda f: f(*inputs), dit
 
 
+def per_query_mask_gaps(keys: int, queries: int = 24, heads: int = 2, dim: int = 16) -> tuple[float, float]:
+    """max |out - reference|, max |lse - reference| of `astraea::sparse_attention` on the GPU with a
+    bool mask that differs between queries (what a flex block mask becomes), its last key masked:
+    the path through PyTorch's memory-efficient kernel with a bias, against float64 on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, dim, generator=g) for n in (queries, keys, keys))
+    mask = (torch.arange(keys) < keys - 1).expand(1, heads, queries, keys)
+    out, lse = torch.ops.astraea.sparse_attention(q.cuda(), k.cuda(), v.cuda(), scale=dim**-0.5, attn_mask=mask.cuda())
+    scores = (q.double() @ k.double().transpose(-2, -1)) * dim**-0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    reference = scores.softmax(-1) @ v.double()
+    return float((out.cpu().double() - reference).abs().max()), float((lse.cpu().double() - scores.logsumexp(-1)).abs().max())
+
+
 @torch.no_grad()
 def main() -> int:
     if not torch.cuda.is_available():
         raise SystemExit("needs a GPU: on the CPU flex_attention runs its reference, not its kernel")
+    for keys in (5, 24):
+        out_gap, lse_gap = per_query_mask_gaps(keys)
+        print(f"astraea::sparse_attention, a per-query mask over {keys} keys: max |out - fp64| {out_gap:.3g}, "
+              f"max |lse - fp64| {lse_gap:.3g}", flush=True)
     for name, call, model in cases("cuda"):
         eager = call(model)  # flex's reference: the score and mask functions on every pair
         torch._dynamo.reset()

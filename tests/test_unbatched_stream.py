@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import astraea
 from tests.contract import check_sparse_model
 from tests.generated import BlockStack, stack_inputs
+from tests.test_empty_parts import WanLikeBlock
 
 WIDTH, HEADS, TEXT, VIDEO = 32, 2, 5, 24
 
@@ -94,7 +95,5 @@ class WrittenHead(BlockStack):
 
 
 def test_an_output_written_by_index_into_a_fresh_tensor_keeps_the_blocks_sparse():
-    from tests.test_empty_parts import WanLikeBlock
-
     torch.manual_seed(0)
     check_sparse_model(WrittenHead([WanLikeBlock(), WanLikeBlock()], 32).eval(), stack_inputs(12), 2)

@@ -60,28 +60,18 @@ def drop_dead_code(graph: fx.Graph) -> None:
                 break
 
 
-def ancestors(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    """`nodes` and everything they are computed from."""
+def ancestors(nodes: Iterable[fx.Node], *, writes: bool = False) -> set[fx.Node]:
+    """`nodes` and everything they are computed from; with `writes`, also what was written into
+    each tensor (`out[:, idx] = x`, `out.copy_(x)`): model code often fills a fresh tensor by
+    index writes and returns it, and that tensor's own inputs are only its shape."""
     seen, stack = set(), list(nodes)
     while stack:
         n = stack.pop()
         if n not in seen:
             seen.add(n)
             stack.extend(n.all_input_nodes)
-    return seen
-
-
-def ancestors_with_writes(nodes: Iterable[fx.Node]) -> set[fx.Node]:
-    """`ancestors`, also following what was written into each tensor (`out[:, idx] = x`,
-    `out.copy_(x)`): model code often fills a fresh tensor by index writes and returns it, and
-    that tensor's own inputs are only its shape."""
-    seen, stack = set(), list(nodes)
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-            stack.extend(u for u in n.users if _is_write(u) and u.args[0] is n)
+            if writes:
+                stack.extend(u for u in n.users if _is_write(u) and u.args[0] is n)
     return seen
 
 

@@ -290,7 +290,8 @@ def _mask_has_rows(node: fx.Node, remap) -> bool:
     whose mask has a row per query, so that its rows form masks the selected rows: it then runs
     as astraea's attention op, which takes any mask. Not as torch's SDPA: on a GPU, SDPA pads a
     mask whose key length is not a multiple of 8 with `constant_pad_nd`, whose fake kernel reads
-    every size as a number, which would fix the number of selected rows in the lowered code."""
+    every size as a number, which would fix the number of selected rows in the lowered code.
+    Deciding makes the mask's rows form (`remap` keeps it for the copy that then reads it)."""
     if node.target not in rules.SDPA or set(node.kwargs) - {"attn_mask", "scale", "enable_gqa"}:
         return False
     mask = sdpa_args(node)[3]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
-from .graph_edits import ancestors, ancestors_with_writes
+from .graph_edits import ancestors
 from .layout import Layout
 from .rules import SDPA, SPLIT, Mix, broadcast, describe, rule_for, sdpa_args, shape_of
 from .rules import reshape as RESHAPE_RULE
@@ -116,7 +116,7 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
     order = {n: i for i, n in enumerate(nodes)}
     attentions = [n for n in nodes if n.op == "call_function" and n.target in SDPA]
     output = next(n for n in reversed(nodes) if n.op == "output")
-    made_output = ancestors_with_writes([output])
+    made_output = ancestors([output], writes=True)
     # The token stream feeds the model's output, attention queries, and the values of
     # self-attention (tables such as RoPE reach queries and keys only). A model whose
     # self-attention is linear (a key/value summary written as plain ops) has only its
@@ -133,13 +133,14 @@ def find_token_axis(gm: fx.GraphModule) -> TokenAxis:
     if not first and not rest:
         return TokenAxis(reason="no tensor with a token axis feeds every attention's queries" if attentions else
                          NO_ATTENTION)
-    best = _best_try(first, attentions, nodes, order)
+    last_read = {n: max((order[u] for u in n.users), default=order[n]) for n in nodes}
+    best = _best_try(first, attentions, nodes, order, last_read)
     if not _mixes(best[0]):
-        best = max(best, _best_try(rest, attentions, nodes, order), key=lambda b: b[1] or ())
+        best = max(best, _best_try(rest, attentions, nodes, order, last_read), key=lambda b: b[1] or ())
     if not (best[1] and best[1][0]):  # no token mixing over a stream that makes the output: one
         # unbatched sequence, [tokens, channels], as Cosmos 3 packs its streams?
         unbatched = _unbatched_candidates(queries & values & made_output, order)
-        best = max(best, _best_try(unbatched, attentions, nodes, order), key=lambda b: b[1] or ())
+        best = max(best, _best_try(unbatched, attentions, nodes, order, last_read), key=lambda b: b[1] or ())
     best = best[0]
     if not _mixes(best):
         best.reason = (
@@ -199,18 +200,18 @@ def _mixes(trial: TokenAxis | None) -> bool:
     return trial is not None and bool(trial.self_attention or trial.linear_attention)
 
 
-def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple | None]:
+def _best_try(tries, attentions, nodes, order, last_read: dict) -> tuple[TokenAxis | None, tuple | None]:
     """The try that explains the most: a token mixing that reaches the output, then the most
     self-attentions, then the most attentions with a token axis; ties go to the longer axis
     (a block compiled on its own returns its text stream too, so only the length tells the
     video, the many tokens, from the text: CogVideoX). A try that reaches no attention because
     a reshape splits its tokens is followed by the same source read as a flat stream of frames
     (`_better` weighs the two readings). Each try is followed only as far as some tensor with
-    its token axis is read (what comes after cannot change its score: most tries die at the
-    first linear layer), and the chosen one again to the end, for the reasons it reports."""
-    best, best_score, best_try, covered, tried = None, None, None, set(), 0
+    its token axis is read (`last_read`: each node's last reader's place; what comes after cannot
+    change its score, and most tries die at the first linear layer); the chosen one, if cut
+    short, again to the end, for the reasons it reports."""
+    best, best_score, rerun, covered, tried = None, None, None, set(), 0
     folds, tries = None, [(source, dim, None) for source, dim in reversed(tries)]  # popped from the end
-    last_read = {n: max((order[u] for u in n.users), default=order[n]) for n in nodes}
     while tries:
         source, dim, positions = tries.pop()
         if (source, dim, positions) in covered:
@@ -220,7 +221,7 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
         if positions is None:  # a flat-stream try is the one before's second reading
             tried += 1
         size = shape_of(source)[dim]
-        trial = _trial(source, dim, positions, nodes, order, last_read)
+        trial, cut = _trial(source, dim, positions, nodes, order, last_read)
         covered |= {(n, t, _positions(trial.layout.get(n))) for n, t in trial.tdim.items() if isinstance(t, int)}
         if positions is None and not _mixes(trial) and _lost_at_split(trial):
             # no attention reached, the axis lost where a reshape splits the tokens: factorised
@@ -232,25 +233,24 @@ def _best_try(tries, attentions, nodes, order) -> tuple[TokenAxis | None, tuple 
         score = (_mixes(trial) and _output_carries_source(trial, nodes, order), len(trial.self_attention),
                  explained, trial.num_tokens if _mixes(trial) else 0)
         if best is None or _better(trial, score, best, best_score, order):
-            best, best_score, best_try = trial, score, (source, dim, positions)
-    if best is not None:
-        best = _trial(*best_try, nodes, order)
+            best, best_score, rerun = trial, score, (source, dim, positions) if cut else None
+    if rerun is not None:
+        best = _trial(*rerun, nodes, order)[0]
     return best, best_score
 
 
 def _trial(source: fx.Node, dim: int, positions: int | None, nodes: list, order: dict,
-           last_read: dict | None = None) -> TokenAxis:
+           last_read: dict | None = None) -> tuple[TokenAxis, bool]:
     """The token axis that `source`'s `dim` gives (as a flat stream of frames of `positions`
     each, if given), followed to the end of the graph, or, with `last_read`, as long as a tensor
-    with the axis is read."""
+    with the axis is read; and whether that cut it short."""
     size = shape_of(source)[dim]
     grid = _grid(source, dim) if positions is None else (size // positions, positions)
     trial = TokenAxis(num_tokens=size, source=source, grid=grid)
     trial.tdim[source] = dim
     if positions is not None:
         trial.layout[source] = Layout.of_video(positions).fold()
-    _Propagator(trial).run(nodes[order[source] + 1:], order, last_read)
-    return trial
+    return trial, _Propagator(trial).run(nodes[order[source] + 1:], order, last_read)
 
 
 def _better(trial: TokenAxis, score: tuple, best: TokenAxis, best_score: tuple, order: dict) -> bool:
@@ -322,11 +322,11 @@ class _Propagator:
     def run(self, nodes, order: dict | None = None, last_read: dict | None = None):
         """With `last_read` (each node's last reader's place in `order`), stop where no tensor with
         the axis is read any more: only tensors with it give a later one an axis (the rest would be
-        marked as having lost it, which only the reasons read)."""
+        marked as having lost it, which only the reasons read). Returns whether it stopped so."""
         horizon = last_read[self.r.source] if last_read is not None else None
         for node in nodes:
             if horizon is not None and order[node] > horizon:
-                return
+                return True
             if node.op in ("placeholder", "get_attr", "output"):
                 continue
             inputs = node.all_input_nodes
@@ -340,6 +340,7 @@ class _Propagator:
                 first = next((a for a in inputs if isinstance(self.r.tdim.get(a), int)), None)
                 if isinstance(self.r.layout.get(first), Layout):
                     self.r.layout[node] = self.r.layout[first]
+        return False
 
     def apply(self, node):
         rule = rule_for(node)

@@ -22,6 +22,7 @@ from .lowering import lower
 from .passes import AnalyseTokens, SparsifyBlocks
 from .passes.skip import reuse_blocks
 from .passes.slopes import keep_slopes
+from .passes.timestep import named_as_time
 from .passes.token_axis import is_module_state
 from .ops.signature import MERGE_SLOPE_INPUTS, SKIP_SLOPE_INPUTS
 
@@ -137,6 +138,20 @@ def check_report(config: AstraeaConfig, report, whole_model: bool = True) -> Non
         raise ConfigError("option group='spatial' needs a frame grid, but this model's tokens have none")
 
 
+def _noting_timestep(forward: Callable, announcements, placeholders: list[fx.Node], position: int | None) -> Callable:
+    """`forward`, first noting its call's timestep (its input at `position`, named as a time) for
+    the attached model's graphs after it in the same call that take none
+    (`Announcements.note_timestep`); as it is where there is nothing to note."""
+    if announcements is None or position is None or not named_as_time(placeholders[position]):
+        return forward
+
+    def noting(*args):
+        announcements.note_timestep(args[position])
+        return forward(*args)
+
+    return noting
+
+
 def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, owner: Backend | None = None):
     from .runtime.announced import announcements_for
     from .runtime.clock import BlockInstances
@@ -158,6 +173,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     if owner is not None:
         owner.reports.append(report)
     check_report(config, report, whole_model=clock is None)
+    placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
+    position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
     if clock is not None and report.num_blocks == 0:
         _log.info("no block in this graph (%s): it runs as traced", report.reason)
         return dense_gm.forward
@@ -171,7 +188,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
                     "places each block's calls from the model's, and so does a pipeline's announcement for a model "
                     "compiled as torch.compile(astraea.attach(model), ...)")
         warnings.warn(f"astraea: running this graph dense: {why}", AstraeaWarning, stacklevel=2)
-        return dense_gm.forward
+        return _noting_timestep(dense_gm.forward, announcements, placeholders, position)
     _SPARSE_SHAPES[report.structure_hash] = report.num_tokens
     for b in report.blocks:
         if not b.sparse:
@@ -182,8 +199,6 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         if b.shared_because and b.shape[0] > 1:
             warnings.warn(f"astraea: block {b.module or b.index} selects one set of tokens for the whole batch of "
                           f"{b.shape[0]}: {b.shared_because}", AstraeaWarning, stacklevel=2)
-    placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
-    position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     # The skip graph, copying or forecasting, and the sparse graph's forms that keep the forecasts' slopes: each
     # derived and lowered on its first call, from a copy of the rewritten graph taken before lowering changes it.
@@ -212,4 +227,4 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
                               timestep_position=position, announcements=announcements)
     if owner is not None:
         owner.runners.append(runner)
-    return runner
+    return _noting_timestep(runner, announcements, placeholders, position)

@@ -1,5 +1,7 @@
 """astraea inside the real diffusers WanPipeline (small random VAE, prompt embeddings given)."""
 
+import warnings
+
 import pytest
 import torch
 from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
@@ -147,16 +149,50 @@ def test_graphs_split_off_without_a_timestep_are_placed_by_the_announcements(lab
             (0, 0, 1.0), (0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.25), (2, 1, 0.25)]
 
 
-def _generation_of(model, family, steps):
-    """Each step's two branches announced (conditional first) on one latent and falling timesteps;
-    the outputs in call order."""
+@pytest.mark.parametrize("announce_steps", [False, True])
+@pytest.mark.parametrize("label", ["HunyuanVideo15Transformer3DModel", "HunyuanVideoFramepackTransformer3DModel"])
+def test_a_split_model_is_placed_by_the_timestep_its_first_graph_takes(label, announce_steps):
+    """HunyuanVideo 1.5's pipeline announces each call by its name alone (`cache_context("pred_cond")`),
+    so its calls are placed by the timestep, which the graphs holding the video blocks do not take:
+    each of them was a step of its own, the unconditional branch on the conditional one's caches
+    and a schedule refused halfway; and with the steps announced, a schedule on the time axis found
+    no time. The graph of the same call that takes the timestep notes it for them: steps, branches
+    and a schedule on the time axis as the timestep says."""
+    case = next(c for c in CASES if c.label == label)
+    with case.traced():
+        family = case.build()
+    model = family.model.eval()
+    torch._dynamo.reset()
+    be = astraea.backend(schedule=astraea.Schedule(budgets=(1.0, 0.5, 0.25), times=(900.0, 600.0, 300.0)))
+    compiled = torch.compile(astraea.attach(model), backend=be)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*takes no timestep", category=astraea.AstraeaWarning)
+        outputs = _generation_of(compiled, family, 3, announce_steps)
+    torch.testing.assert_close(outputs[:2], _generation_of(model, family, 1), rtol=1e-5, atol=1e-5)
+    untimed = [r for r in be.runners if r.report.timestep_input is None]
+    assert untimed and all(r.report.num_sparse_blocks > 0 for r in untimed)
+    for runner in be.runners:
+        assert [(r.step, r.branch, r.budget) for r in runner.records] == [
+            (0, 0, 1.0), (0, 1, 1.0), (1, 0, 0.5), (1, 1, 0.5), (2, 0, 0.25), (2, 1, 0.25)]
+    # a call outside any announcement notes nothing: the graphs without a timestep cannot be placed
+    with pytest.warns(astraea.AstraeaWarning, match="takes no timestep"), torch.no_grad():
+        torch._dynamo.reset()
+        family.call(torch.compile(astraea.attach(model), backend=astraea.backend(schedule=1.0)),
+                    torch.randn(family.latent_shape), torch.tensor([900.0]), family.conditions[0])
+
+
+def _generation_of(model, family, steps, announce_steps=True):
+    """Each step's two branches announced (conditional first) on one latent and falling timesteps,
+    with the step and the number of steps, or (`announce_steps=False`) by their names alone as
+    HunyuanVideo 1.5's pipeline announces them; the outputs in call order."""
     x = torch.randn(family.latent_shape, generator=torch.Generator().manual_seed(0))
     outputs = []
     with torch.no_grad():
         for i in range(steps):
             t = torch.tensor([900.0 - 300 * i])
             for name, condition in zip(("cond", "uncond"), family.conditions):
-                with family.model.cache_context(name, step_index=i, num_inference_steps=steps):
+                announced = dict(step_index=i, num_inference_steps=steps) if announce_steps else {}
+                with family.model.cache_context(name, **announced):
                     outputs.append(family.call(model, x, t, condition))
         family.model._reset_stateful_cache()
     return torch.stack(outputs)

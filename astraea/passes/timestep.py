@@ -48,6 +48,11 @@ def time_argument(names) -> str | None:
     return next((n for n in names if n in TIME_NAMES), None) or next((n for n in names if "timestep" in n), None)
 
 
+def named_as_time(node: fx.Node) -> bool:
+    """Whether a graph input comes from a forward argument named like the diffusion time."""
+    return time_argument([_argument_name(node)]) is not None
+
+
 def _argument_name(node: fx.Node) -> str:
     """The forward argument an input comes from: dynamo's `l_timestep_` or `l_kwargs_timestep_` -> `timestep`."""
     name = node.name.lower().removeprefix("l_").removesuffix("_")

@@ -15,6 +15,12 @@ explicitly (`astraea.attach(model)`, or by `compile_blocks`, `tune` and the sear
 model): `listen` records the model's parameters, and a graph whose inputs include one of them
 hears that model's announcements (`announcements_for`). Without it, steps and branches are
 inferred from the timestep.
+
+A call announced by its name alone (HunyuanVideo 1.5's pipeline: `cache_context("pred_cond")`)
+is placed by its timestep. Where dynamo split the model's call so that the graph holding the
+blocks takes the timestep's embedding and not the timestep, the graph of the same call that
+takes it notes it (`note_timestep`) for the graphs after it; the contexts the pipeline sets
+around each call tell one call's note from the last one's.
 """
 
 from __future__ import annotations
@@ -52,6 +58,21 @@ class Announcements:
     def ended(self, value: bool) -> None:
         self._hook.ended = value
 
+    def note_timestep(self, timestep: torch.Tensor) -> None:
+        """Keep the timestep of the announced call now running, as a graph that takes it sees it,
+        for a later graph of the same call that does not (no host read here)."""
+        manager = self._hook.manager
+        if manager.announced is not None:
+            self._hook.noted = (manager.serial, timestep)
+
+    def noted_timestep(self) -> torch.Tensor | None:
+        """The timestep noted during the announced call now running, or None (no call announced,
+        or no graph of this call took the timestep before)."""
+        manager, noted = self._hook.manager, self._hook.noted
+        if manager.announced is None or noted is None or noted[0] != manager.serial:
+            return None
+        return noted[1]
+
 
 _ATTACHED: dict[int, tuple[weakref.ref, Announcements]] = {}  # id of a parameter -> (the parameter, its model's)
 
@@ -80,10 +101,12 @@ def listen(module: torch.nn.Module) -> Announcements | None:
         announces, through its public `set_context`; this one keeps it where we read it."""
 
         announced = None
+        serial = 0  # contexts set so far: a timestep noted under one is known to be the current call's
 
         def set_context(self, context) -> None:
             super().set_context(context)
             self.announced = context
+            self.serial += 1
 
     class Listener(ModelHook):
         _is_stateful = True
@@ -92,11 +115,13 @@ def listen(module: torch.nn.Module) -> Announcements | None:
             super().__init__()
             self.manager = Heard(BaseState)
             self.ended = False
+            self.noted = None  # (the context's serial, the timestep tensor) noted by a graph of that call
 
         def reset_state(self, module):  # pipelines call this after every generation
             self.manager.reset()
             self.manager.announced = None
             self.ended = True
+            self.noted = None
             return module
 
     registry = HookRegistry.check_if_exists_or_initialize(module)

@@ -247,10 +247,15 @@ class PlacedRunner(SparseRunner):
         return heard is None or heard.current() is None
 
     def __call__(self, *args):
-        def timestep() -> float | None:  # per-token times: the noisiest
-            return None if self.timestep_position is None else float(args[self.timestep_position].max())
+        heard = self.placement.announcements
+        # without a timestep input, the one an earlier graph of this announced call took (a split model)
+        value = (args[self.timestep_position] if self.timestep_position is not None
+                 else heard.noted_timestep() if heard is not None else None)
 
-        if self.timestep_position is None and not self._unplaced_warned and self._unannounced():
+        def timestep() -> float | None:  # per-token times: the noisiest
+            return None if value is None else float(value.max())
+
+        if value is None and not self._unplaced_warned and self._unannounced():
             self._unplaced_warned = True  # only an attached model's graph without a timestep gets here
             warnings.warn("astraea: this graph takes no timestep and its call was not announced by a pipeline "
                           "(cache_context with step_index), so each such call is placed as a step of its own; call "

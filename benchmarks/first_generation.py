@@ -19,14 +19,18 @@ memory pool; the rest is a call's activations); the compile stages as astraea lo
     python benchmarks/first_generation.py --frames 9 21          # 33 and 81 video frames
     python benchmarks/first_generation.py --frames 9 --variants astraea-regional dense-regional
     python benchmarks/first_generation.py --frames 9 21 --compile-caches /tmp/fg --resume   # again after a time limit
+    python benchmarks/first_generation.py --frames 9 --variants dense-regional astraea-blocks --profile /tmp/prof
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import cProfile
 import json
 import logging
 import os
+import pstats
 import shutil
 import subprocess
 import sys
@@ -78,8 +82,9 @@ def child(args) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stages.start = started = time.perf_counter()
-    workload.generate(fn, seed=0)
-    torch.cuda.synchronize()
+    with _profiled(args.profile and os.path.join(args.profile, f"{args.variant}_{args.frames}_{args.cache}.txt")):
+        workload.generate(fn, seed=0)
+        torch.cuda.synchronize()
     result = {
         "variant": args.variant, "cache": args.cache, "frames": args.frames, "tokens": args.frames * args.height * args.width // 4,
         "first_generation_s": time.perf_counter() - started, "setup_s": setup_s,
@@ -112,6 +117,27 @@ def child(args) -> dict:
         per_step[str(budget)] = (times[LONG] - times[SHORT]) / (LONG - SHORT)
     result["step_s"] = per_step
     return result
+
+
+@contextlib.contextmanager
+def _profiled(path: str | None):
+    """Python's profile of the block, its 60 costliest functions by cumulative and by own time
+    written to `path` (nothing without one). Time waiting on the GPU lands on the call that
+    waits, so it says where the host spends a start, not what the GPU does."""
+    if not path:
+        yield
+        return
+    profile = cProfile.Profile()
+    profile.enable()
+    try:
+        yield
+    finally:
+        profile.disable()
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            stats = pstats.Stats(profile, stream=f)
+            stats.sort_stats("cumulative").print_stats(60)
+            stats.sort_stats("tottime").print_stats(60)
 
 
 def _pool_bytes(pool) -> int:
@@ -147,6 +173,8 @@ def driver(args) -> None:
                     shutil.rmtree(caches)  # a cold start starts from empty caches
                 command = [sys.executable, here, "--child", "--variant", variant, "--cache", cache, "--frames", str(frames),
                            "--height", str(args.height), "--width", str(args.width), "--out", args.out + ".part"]
+                if args.profile:
+                    command += ["--profile", os.path.abspath(args.profile)]
                 started = time.perf_counter()
                 done = subprocess.run(command, env=env, capture_output=True, text=True)
                 print(f"{variant} {frames} {cache}: rc {done.returncode} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -191,6 +219,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip the runs --out already records with these --compile-caches: a run split over "
                              "several commands on one machine")
+    parser.add_argument("--profile", default=None,
+                        help="a folder: each process's first generation profiled with cProfile, one text file each")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--cache", choices=("cold", "warm"), help=argparse.SUPPRESS)

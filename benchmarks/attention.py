@@ -3,7 +3,9 @@
 gathered_attention is timed the way the rewritten graph calls it (the K selected query rows
 gathered from the [B, N, H, d] projection, so a permuted [B, H, K, d] view; keys and values as
 permuted views of all N) against F.scaled_dot_product_attention on contiguous copies of the
-same tensors: the ideal a query-sparse block can hope for is time linear in K. merge_rows is
+same tensors: the ideal a query-sparse block can hope for is time linear in K. Beside it,
+PyTorch's cuDNN and FlashAttention kernels returning the log-sum-exp, on the same views (what
+the op could call instead), and `astraea::sparse_attention` itself. merge_rows is
 timed as bytes moved per second, with one selection for the batch ([1, K] indices).
 
     PYTHONPATH=. python benchmarks/attention.py --out benchmarks/results/attention.json
@@ -34,6 +36,15 @@ def median_ms(fn, reps=10, warmup=3):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def optional_ms(fn) -> float:
+    """median_ms, or NaN (saying why) where the kernel refuses the inputs."""
+    try:
+        return median_ms(fn)
+    except RuntimeError as e:
+        print(f"not timed: {str(e)[:200]}", flush=True)
+        return float("nan")
 
 
 def qkv(B, N, H, d, dtype=torch.bfloat16):
@@ -123,12 +134,17 @@ def time_attention(N, H, d, ratios):
         sdpa = median_ms(lambda: F.scaled_dot_product_attention(q_rows, k_c, v_c))
         ours = median_ms(lambda: gathered_attention(q_view, k, v))
         ours_dense = median_ms(lambda: gathered_attention(q_rows, k_c, v_c))
+        # PyTorch's fused kernels with their log-sum-exp, on the views as the op receives them, and the op itself
+        cudnn = optional_ms(lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q_view, k, v, None, True))
+        flash = optional_ms(lambda: torch.ops.aten._scaled_dot_product_flash_attention(q_view, k, v))
+        op = median_ms(lambda: torch.ops.astraea.sparse_attention(q_view, k, v))
         rows.append({"K_over_N": r, "K": K, "sdpa_ms": sdpa, "ours_ms": ours, "ours_contiguous_ms": ours_dense,
+                     "cudnn_lse_ms": cudnn, "flash_lse_ms": flash, "op_ms": op,
                      "sdpa_tflops": flops / sdpa / 1e9, "ours_tflops": flops / ours / 1e9,
                      "ours_over_sdpa": sdpa / ours})
         print(f"K/N {r:4.2f}  SDPA {sdpa:7.3f} ms {flops / sdpa / 1e9:5.0f} TFLOP/s | ours {ours:7.3f} ms "
-              f"{flops / ours / 1e9:5.0f} TFLOP/s (contiguous q: {ours_dense:.3f} ms) | ours/SDPA {sdpa / ours:.3f}",
-              flush=True)
+              f"{flops / ours / 1e9:5.0f} TFLOP/s (contiguous q: {ours_dense:.3f} ms) | ours/SDPA {sdpa / ours:.3f} | "
+              f"cuDNN+lse {cudnn:.3f} ms, flash+lse {flash:.3f} ms, the op {op:.3f} ms", flush=True)
     return rows
 
 
@@ -189,10 +205,12 @@ def main():
     print("compiled ops:", checks["compiled_ops_match_eager"], flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"\n{'K/N':>5} {'SDPA ms':>8} {'ours ms':>8} {'SDPA TF/s':>10} {'ours TF/s':>10} {'ours/SDPA':>9}")
+    print(f"\n{'K/N':>5} {'SDPA ms':>8} {'ours ms':>8} {'SDPA TF/s':>10} {'ours TF/s':>10} {'ours/SDPA':>9} "
+          f"{'cuDNN ms':>9} {'flash ms':>9} {'op ms':>8}")
     for row in attention:
         print(f"{row['K_over_N']:5.2f} {row['sdpa_ms']:8.3f} {row['ours_ms']:8.3f} {row['sdpa_tflops']:10.0f} "
-              f"{row['ours_tflops']:10.0f} {row['ours_over_sdpa']:9.3f}")
+              f"{row['ours_tflops']:10.0f} {row['ours_over_sdpa']:9.3f} {row['cudnn_lse_ms']:9.3f} "
+              f"{row['flash_lse_ms']:9.3f} {row['op_ms']:8.3f}")
     print(f"attention config: {used}; wrote {args.out}")
 
 

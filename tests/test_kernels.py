@@ -175,6 +175,24 @@ def test_attention_rejects_bad_scale_and_key_bias():
         gathered_attention(q, k, v, key_bias=torch.zeros(1, 7, device=DEVICE))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows, keys, d", [(37, 100, 64), (1, 77, 128), (300, 300, 128)])
+def test_the_attention_op_matches_the_reference(dtype, rows, keys, d):
+    """`astraea::sparse_attention` as the graph calls it (gathered query rows, no mask; the Triton
+    kernel on a GPU, PyTorch's CPU kernel here): out and the natural-log lse against float64."""
+    import astraea.ops  # noqa: F401  (registers torch.ops.astraea.*)
+
+    q, k, v = _qkv(2, 3, keys, keys, d, dtype, seed=rows)
+    idx = torch.randperm(keys, generator=torch.Generator().manual_seed(rows))[:rows].to(DEVICE)
+    q = _rows(q, idx)
+    out, lse = torch.ops.astraea.sparse_attention(q, k, v, scale=0.3)
+    ref_out, ref_lse = gathered_attention_reference(q.double(), k.double(), v.double(), 0.3)
+    assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == q.shape[:3] and lse.dtype == torch.float32
+    atol, rtol = ATTN_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOL[dtype], rtol=0)
+
+
 def test_library_ops_compile_to_what_they_compute_eagerly():
     """astraea::sparse_attention and astraea::merge_rows, the ops the rewritten graph calls (and
     that launch these kernels on a GPU), give inside a full-graph compile what they give eagerly."""

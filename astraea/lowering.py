@@ -36,6 +36,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from .config import AstraeaConfig
 from .ops.signature import SparseBlockInputs
+from .kernels import layout as astraea_layout
+from .ops import sparse as astraea_ops_sparse, ulysses as astraea_ops_ulysses
 from .ops.sparse import GRAPH_FUNCTIONS
 from .passes.regions import Region, cut
 from .runtime import forecast
@@ -114,10 +116,19 @@ def _inductor(gm: fx.GraphModule, fakes: list, fake_mode: FakeTensorMode, what: 
     _cacheable(gm)
     started = time.perf_counter()
     log.info("lowering %s with Inductor", what)
-    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)):
+    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), torch.compiler.config.patch(
+            cache_key_tag=f"{torch.compiler.config.cache_key_tag}{_OPS_TAG}"):
         compiled = compile_fx(gm, fakes)
     log.info("lowered in %.1f s", time.perf_counter() - started)
     return compiled
+
+
+# Torch's caches key a graph by its code, which names the library's ops but not what their fake
+# kernels say of their outputs: code lowered by an earlier version of them would load and fail
+# its checks of the outputs' strides. Their source, hashed into torch's cache key tag while
+# lowering, keeps each version's code apart.
+_OPS_TAG = "astraea-ops-" + hashlib.sha256("".join(
+    inspect.getsource(m) for m in (astraea_ops_sparse, astraea_ops_ulysses, astraea_layout)).encode()).hexdigest()[:16]
 
 
 def _cacheable(gm: fx.GraphModule) -> None:

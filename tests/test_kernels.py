@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from astraea.kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference
+from astraea.kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference, rows_major
 from tests import gpu_compile
 
 # The package exports the function under the module's name; reach the module itself.
@@ -40,7 +40,7 @@ def _rows(q, idx):
 def _check_attention(q, k, v, idx=None, scale=None):
     q = _rows(q, idx)
     out, lse = gathered_attention(q, k, v, scale)
-    assert out.shape == q.shape and out.dtype == q.dtype
+    assert out.shape == q.shape and out.dtype == q.dtype and out.stride() == rows_major(q).stride()
     assert lse.shape == out.shape[:3] and lse.dtype == torch.float32
     ref_out, ref_lse = gathered_attention_reference(q.double(), k.double(), v.double(), scale)
     atol, rtol = ATTN_TOL[q.dtype]
@@ -191,6 +191,29 @@ def test_the_attention_op_matches_the_reference(dtype, rows, keys, d):
     atol, rtol = ATTN_TOL[dtype]
     torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
     torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("case", ["plain", "key_bias", "per_query_mask", "grouped_heads", "contiguous_queries"])
+def test_the_attention_op_lays_out_its_output_as_its_fake_says(case):
+    """Compiled code reads the op's output with the strides its fake kernel gives ([B, K, H, d]
+    order, so that merging the heads after it is a view): every path must return exactly those."""
+    import astraea.ops  # noqa: F401  (registers torch.ops.astraea.*)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _qkv(2, 4, 30, 30, 32, torch.float32, seed=3)
+    q = q.contiguous() if case == "contiguous_queries" else _rows(q, torch.arange(0, 30, 3, device=DEVICE))
+    if case == "grouped_heads":
+        k, v = k[:, :2], v[:, :2]
+    mask = {"key_bias": torch.rand(2, 1, 1, 30, device=DEVICE) > 0.2,
+            "per_query_mask": torch.rand(2, 4, q.shape[2], 30, device=DEVICE) > 0.2}.get(case)
+    if mask is not None:
+        mask[..., 0] = True  # every row keeps a key
+    out, lse = torch.ops.astraea.sparse_attention(q, k, v, attn_mask=mask)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_out, fake_lse = torch.ops.astraea.sparse_attention(*(mode.from_tensor(t) for t in (q, k, v)),
+                                                                attn_mask=None if mask is None else mode.from_tensor(mask))
+    assert out.shape == fake_out.shape and out.stride() == fake_out.stride()
+    assert lse.shape == fake_lse.shape and lse.stride() == fake_lse.stride()
 
 
 def test_library_ops_compile_to_what_they_compute_eagerly():

@@ -114,3 +114,29 @@ def test_a_cross_attention_masked_per_query_runs_as_astraeas_op():
     assert len(attention) == 2 * k.depth  # the self- and the cross-attention of each block
     assert all("_rows" not in n.name for n in sdpa)  # any masked SDPA left is the dense form's
     torch._dynamo.reset()
+
+
+def test_torch_caches_key_the_lowered_code_by_the_ops_source(monkeypatch):
+    """Torch's caches key a lowered graph by its code, which names astraea's ops but not what
+    their fake kernels say of their outputs' layout: code lowered against an earlier version of
+    them loaded and failed its stride checks at the first call. The ops' source, hashed, is in
+    the key of every graph astraea lowers (and only while it lowers)."""
+    import torch._inductor.codecache as codecache
+
+    import astraea.lowering
+
+    details = []
+    hash_graph = codecache.compiled_fx_graph_hash
+
+    def spied(*args, **kwargs):
+        key, lines = hash_graph(*args, **kwargs)
+        details.append("\n".join(lines))
+        return key, lines
+
+    monkeypatch.setattr(codecache, "compiled_fx_graph_hash", spied)
+    users_tag = torch.compiler.config.cache_key_tag
+    torch._dynamo.reset()
+    family = wan(layers=1)
+    sample(family, torch.compile(family.model, backend=astraea.backend(schedule=1.0, lowering="inductor")), 1)
+    assert details and all(astraea.lowering._OPS_TAG in d for d in details)
+    assert torch.compiler.config.cache_key_tag == users_tag

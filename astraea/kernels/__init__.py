@@ -8,7 +8,7 @@ import importlib
 
 _HOMES = {
     "gathered_attention": "gathered_attention", "gathered_attention_reference": "gathered_attention",
-    "merge_rows": "merge", "merge_rows_reference": "merge_reference",
+    "merge_rows": "merge", "merge_rows_reference": "merge_reference", "rows_major": "layout",
 }
 __all__ = list(_HOMES)
 

@@ -4,7 +4,9 @@ A token-sparse block recomputes only K of its N tokens, but each of those tokens
 attend to fresh keys and values of all N. The rewritten graph gathers the K rows before the
 query projection (Inductor fuses the gather into its consumers), so q arrives as [B, H, K, d]
 (any strides with a contiguous last dim, e.g. a permuted [B, K, H, d] view) and the kernel
-writes a dense [B, H, K, d] output. It also returns each row's natural-log log-sum-exp, which
+writes its [B, H, K, d] output in [B, K, H, d] order (`rows_major`), the order the graph reads
+it in next (each row's heads side by side, into the output projection), so that no copy
+transposes it. It also returns each row's natural-log log-sum-exp, which
 the selection logic uses as a per-token attention statistic and which lets partial results
 be merged exactly. A key-padding mask comes in as an additive bias per key.
 """
@@ -14,6 +16,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from .layout import rows_major
 
 _LOG2E = 1.0 / math.log(2.0)
 
@@ -41,6 +45,7 @@ def _softmax_step(acc, m_i, l_i, q, k, v, qk_scale, col_ok, kb,
 def _gathered_attention_kernel(
     Q, K, V, KB, Out, Lse,
     stride_qb, stride_qh, stride_qm, stride_kbb,
+    stride_ob, stride_oh, stride_om,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     H, kv_groups, n_queries, n_keys, qk_scale,
@@ -121,9 +126,9 @@ def _gathered_attention_kernel(
                                       True, HAS_BIAS, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
-    out_rows = pid_bh.to(tl.int64) * n_queries + offs_m
-    tl.store(Out + out_rows[:, None] * HEAD_DIM + offs_d[None, :],
+    tl.store(Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :],
              acc.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    out_rows = pid_bh.to(tl.int64) * n_queries + offs_m
     # m_i is in base-2 units; the library's LSE is natural log.
     tl.store(Lse + out_rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=row_ok)
 
@@ -208,15 +213,15 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: Optional
 def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: Optional[float] = None,
                        key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """softmax(q k^T * scale + key_bias) v and its natural-log LSE, as ([B, H, K, d], [B, H, K]
-    fp32), for q [B, H, K, d] and k, v [B, H / G, N, d] (grouped-query attention: each key/value
+    """softmax(q k^T * scale + key_bias) v and its natural-log LSE, as ([B, H, K, d] laid out
+    `rows_major`, [B, H, K] fp32), for q [B, H, K, d] and k, v [B, H / G, N, d] (grouped-query attention: each key/value
     head serves G consecutive query heads, as SDPA's `enable_gqa` reads them). key_bias ([B or 1, N] fp32, -inf for a
     masked key) is a key-padding mask as an additive bias, the same for every head and query
     (text padding in joint attention).
     """
     _check(q, k, v, key_bias)
     B, H, n_queries, d = q.shape
-    out = torch.empty((B, H, n_queries, d), dtype=q.dtype, device=q.device)
+    out = rows_major(q)
     lse = torch.empty((B, H, n_queries), dtype=torch.float32, device=q.device)
     if n_queries == 0 or B * H == 0:
         return out, lse
@@ -227,6 +232,7 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args = (q, k, v, lse if key_bias is None else key_bias, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
             0 if key_bias is None or key_bias.shape[0] == 1 else key_bias.stride(0),
+            out.stride(0), out.stride(1), out.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             H, H // k.shape[1], n_queries, k.shape[2], scale * _LOG2E)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from astraea.kernels.layout import rows_major
 from astraea.kernels.merge_reference import merge_rows_reference
 
 
@@ -92,25 +93,46 @@ def sparse_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [B, H, K, d] selected queries; k, v: [B, H / G, N, d] (G > 1: grouped-query attention,
     each key/value head serving G consecutive query heads, as SDPA's `enable_gqa`); attn_mask
-    (bool or additive) broadcasts to [B, H, K, N]. Returns out [B, H, K, d], lse [B, H, K] (fp32)."""
+    (bool or additive) broadcasts to [B, H, K, N]. Returns out [B, H, K, d] laid out in [B, K, H,
+    d] order (the graph merges each row's heads next, without a copy), lse [B, H, K] (fp32)."""
     _check_heads(q, k, v)
+    out, lse = _attention(q, k, v, scale, attn_mask)
+    return _in_rows_major(out), lse.reshape(*q.shape[:2], -1)[..., : q.shape[2]].float().contiguous()
+
+
+def _attention(q, k, v, scale, attn_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """out and lse from the fastest kernel that takes these inputs: on a GPU, PyTorch's cuDNN
+    attention (half types, as many key as query heads, no mask: 1-15% faster than the Triton
+    kernel on an H100, `benchmarks/attention.py`), the Triton kernel (a key bias, grouped-query
+    heads read in place, float32), PyTorch's memory-efficient kernel (a mask differing between
+    queries or heads); PyTorch's CPU kernel on the CPU. lse may come padded or as [B, H, K, 1]."""
     key_bias = _key_bias(attn_mask, k.shape[2])
+    if q.is_cuda and attn_mask is None and k.shape[1] == q.shape[1] and torch.backends.cuda.cudnn_sdp_enabled():
+        params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, False)
+        if torch.backends.cuda.can_use_cudnn_attention(params):
+            return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, scale=scale)[:2]
     if q.is_cuda and (attn_mask is None or key_bias is not None):
         from astraea.kernels.gathered_attention import gathered_attention
 
-        out, lse = gathered_attention(q, k, v, scale=scale, key_bias=key_bias)  # reads the groups' heads in place
-        return out.contiguous(), lse.contiguous()
+        return gathered_attention(q, k, v, scale=scale, key_bias=key_bias)  # reads the groups' heads in place
     k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))  # PyTorch's kernels below
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         attn_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attn_mask, float("-inf"))
     if q.is_cuda:  # a mask that differs between queries or heads
         bias = _aligned_rows(attn_mask.to(q.dtype)).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
-        return out.contiguous(), lse[..., : q.shape[2]].float().contiguous()
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[:2]
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=attn_mask, scale=scale
-    )
-    return out.contiguous(), lse.float().contiguous()
+    )[:2]
+
+
+def _in_rows_major(out: torch.Tensor) -> torch.Tensor:
+    """`out` laid out as the op's fake says (`rows_major`: [B, K, H, d] order), copied only
+    where its kernel wrote another order."""
+    laid_out = rows_major(out)
+    if out.stride() == laid_out.stride():
+        return out
+    return laid_out.copy_(out)
 
 
 def _aligned_rows(bias: torch.Tensor, multiple: int = 16) -> torch.Tensor:
@@ -140,7 +162,7 @@ def _key_bias(mask: torch.Tensor | None, n_keys: int) -> torch.Tensor | None:
 @sparse_attention.register_fake
 def _(q, k, v, scale=None, attn_mask=None):
     _check_heads(q, k, v)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return rows_major(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 def _check_heads(q, k, v) -> None:

@@ -1,0 +1,18 @@
+"""How attention outputs are laid out: [B, H, K, d] tensors stored in [B, K, H, d] order.
+
+After attention a block merges each row's heads into one vector for the output projection
+(`out.transpose(1, 2).reshape(B, K, H * d)`); stored in that order, the merge is a view and not
+a copy. PyTorch's cuDNN attention writes this order for queries that come in it (gathered rows
+of a [B, N, H, d] projection), the Triton kernel writes it, and `astraea::sparse_attention`
+says it to the compiler. No Triton here: the op's fake kernel uses it on machines without.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rows_major(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty tensor of `like`'s [B, H, K, d] shape, laid out in [B, K, H, d] order."""
+    B, H, n_rows, d = like.shape
+    return torch.empty((B, n_rows, H, d), dtype=dtype or like.dtype, device=like.device).transpose(1, 2)

@@ -6,9 +6,9 @@ query projection (Inductor fuses the gather into its consumers), so q arrives as
 (any strides with a contiguous last dim, e.g. a permuted [B, K, H, d] view) and the kernel
 writes its [B, H, K, d] output in [B, K, H, d] order (`rows_major`), the order the graph reads
 it in next (each row's heads side by side, into the output projection), so that no copy
-transposes it. It also returns each row's natural-log log-sum-exp, which
-the selection logic uses as a per-token attention statistic and which lets partial results
-be merged exactly. A key-padding mask comes in as an additive bias per key.
+transposes it. It also returns each row's natural-log log-sum-exp, which the selection logic
+uses as a per-token attention statistic and which lets partial results be merged exactly. A
+key-padding mask comes in as an additive bias per key.
 """
 import math
 from typing import Optional
@@ -214,10 +214,10 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        scale: Optional[float] = None,
                        key_bias: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q k^T * scale + key_bias) v and its natural-log LSE, as ([B, H, K, d] laid out
-    `rows_major`, [B, H, K] fp32), for q [B, H, K, d] and k, v [B, H / G, N, d] (grouped-query attention: each key/value
-    head serves G consecutive query heads, as SDPA's `enable_gqa` reads them). key_bias ([B or 1, N] fp32, -inf for a
-    masked key) is a key-padding mask as an additive bias, the same for every head and query
-    (text padding in joint attention).
+    `rows_major`, [B, H, K] fp32), for q [B, H, K, d] and k, v [B, H / G, N, d] (grouped-query
+    attention: each key/value head serves G consecutive query heads, as SDPA's `enable_gqa`
+    reads them). key_bias ([B or 1, N] fp32, -inf for a masked key) is a key-padding mask as an
+    additive bias, the same for every head and query (text padding in joint attention).
     """
     _check(q, k, v, key_bias)
     B, H, n_queries, d = q.shape

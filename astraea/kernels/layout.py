@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 
-def rows_major(like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An empty tensor of `like`'s [B, H, K, d] shape, laid out in [B, K, H, d] order."""
+def rows_major(like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor of `like`'s [B, H, K, d] shape and dtype, laid out in [B, K, H, d] order."""
     B, H, n_rows, d = like.shape
-    return torch.empty((B, n_rows, H, d), dtype=dtype or like.dtype, device=like.device).transpose(1, 2)
+    return torch.empty((B, n_rows, H, d), dtype=like.dtype, device=like.device).transpose(1, 2)

@@ -17,6 +17,7 @@ from .blocks import Block, find_blocks
 from .compacted_attention import expand_compacted_attention
 from .empty_parts import drop_empty_parts
 from .flex_attention import attention_from_flex
+from .frame_attention import attention_across_frames
 from .frame_tables import unsplit_frame_tables
 from .library_attention import attention_from_library_ops
 from .multihead import expand_multihead_attention
@@ -41,7 +42,8 @@ class AnalyseTokens(PassBase):
     Its one change to the graph is normalising: blocks dynamo traced into subgraphs of their own
     (activation checkpointing, `nested_compile_region`) are inlined, calls dynamo keeps opaque
     (einops before 0.8.2) are replaced by the torch ops they run, `nn.MultiheadAttention`'s call is written out around
-    one SDPA, FlashAttention's op called directly and `flex_attention` in SDPA's forms become one SDPA, per-frame modulation written on
+    one SDPA, FlashAttention's op called directly and `flex_attention` in SDPA's forms become one SDPA, cross-attention
+    regrouped per frame becomes one attention masked by frame, per-frame modulation written on
     frames gets tables with a row per token, concatenations drop their empty parts, sequence-parallel (Ulysses) attention is collapsed
     into a single op, so that it reads as self-attention on this rank's tokens, attention
     written out by hand (softmax of q k^T, times v) into one SDPA, and attention over the valid
@@ -64,7 +66,7 @@ class AnalyseTokens(PassBase):
         try:
             inlined = inline_subgraph_calls(gm) + inline_opaque_calls(gm)
             multihead = (expand_multihead_attention(gm) + name_attention_options(gm) + attention_from_library_ops(gm)
-                         + attention_from_flex(gm))
+                         + attention_from_flex(gm) + attention_across_frames(gm))
             frames = unsplit_frame_tables(gm) + drop_empty_parts(gm)
             ranks = collapse_ulysses_attention(gm)
             written = collapse_written_attention(gm) + expand_compacted_attention(gm)

@@ -62,30 +62,34 @@ class _PerFrame:
 
 
 def _replace(graph: fx.Graph, call: fx.Node) -> int:
-    found = _match(call)
-    if found is None:
+    f = _match(call)
+    if f is None:
         return 0
     _, k, v, _ = sdpa_args(call)
 
     def node(op, target, *args, **kwargs):
         return node_with_value(graph, op, target, args, kwargs, call.meta)
 
-    f = found
+    def every_frame(t):  # keys or values [B * T, heads, N, d] as [B, heads, T * N, d]
+        t = node("call_method", "unflatten", t, 0, (f.batch, f.frames))
+        return node("call_method", "flatten", node("call_method", "transpose", t, 1, 2), 2, 3)
+
+    def frame_of(length, per_frame):  # [length]: the frame of each position
+        return node("call_function", operator.floordiv,
+                    node("call_function", torch.arange, length, device=example.device), per_frame)
+
     with graph.inserting_before(call):
         query = f.x if len(shape_of(f.x)) == 4 else node("call_method", "unflatten", f.x, 2, (f.heads, f.head_dim))
         query = node("call_method", "transpose", query, 1, 2)
-        keys, values = (node("call_method", "flatten", node("call_method", "transpose", node(
-            "call_method", "unflatten", t, 0, (f.batch, f.frames)), 1, 2), 2, 3) for t in (k, v))  # [B, h, T * N, d]
-        value = f.x.meta["example_value"]
-        with fake_mode_of([value]) or contextlib.nullcontext():  # fake values for the positions, as dynamo's are
-            query_frame, key_frame = (
-                node("call_function", operator.floordiv, node("call_function", torch.arange, n, device=value.device), m)
-                for n, m in ((f.frames * f.positions, f.positions), (f.frames * f.keys_per_frame, f.keys_per_frame)))
+        example = f.x.meta["example_value"]
+        with fake_mode_of([example]) or contextlib.nullcontext():  # fake values for the positions, as dynamo's are
+            query_frame = frame_of(f.frames * f.positions, f.positions)
+            key_frame = frame_of(f.frames * f.keys_per_frame, f.keys_per_frame)
         mask = node("call_function", operator.eq, node("call_method", "unsqueeze", query_frame, 1),
                     node("call_method", "unsqueeze", key_frame, 0))
         options = {name: call.kwargs[name] for name in ("scale", "enable_gqa") if name in call.kwargs}
-        out = node("call_function", F.scaled_dot_product_attention, query=query, key=keys, value=values,
-                   attn_mask=mask, **options)
+        out = node("call_function", F.scaled_dot_product_attention, query=query, key=every_frame(k),
+                   value=every_frame(v), attn_mask=mask, **options)
     with graph.inserting_before(f.merged):
         result = node("call_method", "reshape", node("call_method", "transpose", out, 1, 2), *shape_of(f.merged))
         if dtype_of(f.merged) != dtype_of(result):

@@ -174,7 +174,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         owner.reports.append(report)
     check_report(config, report, whole_model=clock is None)
     placeholders = [n for n in dense_gm.graph.nodes if n.op == "placeholder"]
-    position = next((i for i, n in enumerate(placeholders) if analysis.timestep and n.name == analysis.timestep.name), None)
+    position = next((i for i, n in enumerate(placeholders)
+                     if analysis.timestep and n.name == analysis.timestep.name), None)
     if clock is not None and report.num_blocks == 0:
         _log.info("no block in this graph (%s): it runs as traced", report.reason)
         return dense_gm.forward

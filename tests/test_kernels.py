@@ -11,7 +11,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from astraea.kernels import gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference, rows_major
+from astraea.kernels import (gathered_attention, gathered_attention_reference, merge_rows, merge_rows_reference,
+                             rows_major)
 from tests import gpu_compile
 
 # The package exports the function under the module's name; reach the module itself.
@@ -210,8 +211,9 @@ def test_the_attention_op_lays_out_its_output_as_its_fake_says(case):
         mask[..., 0] = True  # every row keeps a key
     out, lse = torch.ops.astraea.sparse_attention(q, k, v, attn_mask=mask)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_mask = None if mask is None else mode.from_tensor(mask)
         fake_out, fake_lse = torch.ops.astraea.sparse_attention(*(mode.from_tensor(t) for t in (q, k, v)),
-                                                                attn_mask=None if mask is None else mode.from_tensor(mask))
+                                                                attn_mask=fake_mask)
     assert out.shape == fake_out.shape and out.stride() == fake_out.stride()
     assert lse.shape == fake_lse.shape and lse.stride() == fake_lse.stride()
 

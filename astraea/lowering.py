@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -87,6 +88,11 @@ def _propagate(gm: fx.GraphModule, fake_mode: FakeTensorMode, fakes: list, until
                 return
 
 
+# The selected rows' count takes its symbol's name from this source: the same name in every
+# lowering, so that lowering the same graph again in one process finds it in torch's caches.
+_ROWS = ConstantSource("astraea_selected_rows")
+
+
 def _fakes(config, example_inputs, blocks, device, slope_inputs=()):
     """Fake inputs of the rewritten graph: the model's, then each block's runtime inputs with
     idx [S, K] of one symbolic K for all blocks (hinted below N), as the runner selects; then
@@ -95,7 +101,7 @@ def _fakes(config, example_inputs, blocks, device, slope_inputs=()):
     fakes = [fake_mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     dynamic = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC, DimDynamic.DYNAMIC], constraint_sizes=[None] * 2)
     hint = torch.arange(max(2, blocks[0].shape[1] // 2), device=device).expand(blocks[0].samples, -1).contiguous()
-    k = fake_mode.from_tensor(hint, symbolic_context=dynamic).shape[1]
+    k = fake_mode.from_tensor(hint, symbolic_context=dynamic, source=_ROWS).shape[1]
     states, spans = [], []
     for b in blocks:
         with fake_mode:

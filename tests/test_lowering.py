@@ -120,23 +120,25 @@ def test_torch_caches_key_the_lowered_code_by_the_ops_source(monkeypatch):
     """Torch's caches key a lowered graph by its code, which names astraea's ops but not what
     their fake kernels say of their outputs' layout: code lowered against an earlier version of
     them loaded and failed its stride checks at the first call. The ops' source, hashed, is in
-    the key of every graph astraea lowers (and only while it lowers)."""
-    import torch._inductor.codecache as codecache
+    the key: the same graph lowered again loads from the cache (in one process too: the selected
+    rows' symbol is named the same every time), and lowers anew once the ops change."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_inductor_cache
 
     import astraea.lowering
 
-    details = []
-    hash_graph = codecache.compiled_fx_graph_hash
-
-    def spied(*args, **kwargs):
-        key, lines = hash_graph(*args, **kwargs)
-        details.append("\n".join(lines))
-        return key, lines
-
-    monkeypatch.setattr(codecache, "compiled_fx_graph_hash", spied)
     users_tag = torch.compiler.config.cache_key_tag
-    torch._dynamo.reset()
-    family = wan(layers=1)
-    sample(family, torch.compile(family.model, backend=astraea.backend(schedule=1.0, lowering="inductor")), 1)
-    assert details and all(astraea.lowering._OPS_TAG in d for d in details)
+
+    def lowered_from_cache() -> bool:
+        torch._dynamo.reset()
+        family = wan(layers=1)
+        hits = counters["inductor"]["fxgraph_cache_hit"]
+        sample(family, torch.compile(family.model, backend=astraea.backend(schedule=1.0, lowering="inductor")), 1)
+        return counters["inductor"]["fxgraph_cache_hit"] > hits
+
+    with fresh_inductor_cache():
+        assert not lowered_from_cache()
+        assert lowered_from_cache()
+        monkeypatch.setattr(astraea.lowering, "_OPS_TAG", astraea.lowering._OPS_TAG + "-changed")
+        assert not lowered_from_cache()
     assert torch.compiler.config.cache_key_tag == users_tag

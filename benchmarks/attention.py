@@ -4,8 +4,9 @@ gathered_attention is timed the way the rewritten graph calls it (the K selected
 gathered from the [B, N, H, d] projection, so a permuted [B, H, K, d] view; keys and values as
 permuted views of all N) against F.scaled_dot_product_attention on contiguous copies of the
 same tensors: the ideal a query-sparse block can hope for is time linear in K. Beside it,
-PyTorch's cuDNN and FlashAttention kernels returning the log-sum-exp, on the same views (what
-the op could call instead), and `astraea::sparse_attention` itself. merge_rows is
+PyTorch's cuDNN and FlashAttention kernels returning the log-sum-exp, on the same views, and
+`astraea::sparse_attention` itself (cuDNN where it takes the inputs), also each followed by what
+the graph does next, merging each row's heads (a view in the order both write). merge_rows is
 timed as bytes moved per second, with one selection for the batch ([1, K] indices).
 
     PYTHONPATH=. python benchmarks/attention.py --out benchmarks/results/attention.json
@@ -36,6 +37,21 @@ def median_ms(fn, reps=10, warmup=3):
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
+
+
+def back_to_back_ms(fn, calls=20, warmup=3) -> float:
+    """Mean ms of `calls` calls queued back to back, as a model queues them: the host's time to
+    launch one hides behind the GPU's work on the one before."""
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / calls
 
 
 def optional_ms(fn) -> float:
@@ -138,13 +154,19 @@ def time_attention(N, H, d, ratios):
         cudnn = optional_ms(lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(q_view, k, v, None, True))
         flash = optional_ms(lambda: torch.ops.aten._scaled_dot_product_flash_attention(q_view, k, v))
         op = median_ms(lambda: torch.ops.astraea.sparse_attention(q_view, k, v))
+        # as the graph uses each: the rows' heads merged for the output projection next
+        merged = lambda out: out.transpose(1, 2).reshape(1, K, H * d)  # noqa: E731
+        op_merged = back_to_back_ms(lambda: merged(torch.ops.astraea.sparse_attention(q_view, k, v)[0]))
+        ours_merged = back_to_back_ms(lambda: merged(gathered_attention(q_view, k, v)[0]))
         rows.append({"K_over_N": r, "K": K, "sdpa_ms": sdpa, "ours_ms": ours, "ours_contiguous_ms": ours_dense,
-                     "cudnn_lse_ms": cudnn, "flash_lse_ms": flash, "op_ms": op,
+                     "cudnn_lse_ms": cudnn, "flash_lse_ms": flash, "op_ms": op, "op_heads_merged_ms": op_merged,
+                     "ours_heads_merged_ms": ours_merged,
                      "sdpa_tflops": flops / sdpa / 1e9, "ours_tflops": flops / ours / 1e9,
                      "ours_over_sdpa": sdpa / ours})
         print(f"K/N {r:4.2f}  SDPA {sdpa:7.3f} ms {flops / sdpa / 1e9:5.0f} TFLOP/s | ours {ours:7.3f} ms "
               f"{flops / ours / 1e9:5.0f} TFLOP/s (contiguous q: {ours_dense:.3f} ms) | ours/SDPA {sdpa / ours:.3f} | "
-              f"cuDNN+lse {cudnn:.3f} ms, flash+lse {flash:.3f} ms, the op {op:.3f} ms", flush=True)
+              f"cuDNN+lse {cudnn:.3f} ms, flash+lse {flash:.3f} ms, the op {op:.3f} ms; heads merged after: "
+              f"the op {op_merged:.3f} ms, ours {ours_merged:.3f} ms", flush=True)
     return rows
 
 

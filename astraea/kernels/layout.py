@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 
 
+def rows_major_strides(shape) -> tuple[int, int, int, int]:
+    """The strides of a [B, H, K, d] tensor stored in [B, K, H, d] order."""
+    _, heads, rows, d = shape
+    return rows * heads * d, d, heads * d, 1
+
+
 def rows_major(like: torch.Tensor) -> torch.Tensor:
     """An empty tensor of `like`'s [B, H, K, d] shape and dtype, laid out in [B, K, H, d] order."""
-    B, H, n_rows, d = like.shape
-    return torch.empty((B, n_rows, H, d), dtype=like.dtype, device=like.device).transpose(1, 2)
+    return torch.empty_strided(like.shape, rows_major_strides(like.shape), dtype=like.dtype, device=like.device)

@@ -35,16 +35,14 @@ from .fake_values import fake_mode_of, node_with_value
 from . import index_maps
 from .graph_edits import ancestors, drop_dead_code, edit_each
 from .index_maps import Factors
-from .rules import dtype_of, sdpa_args, shape_of
+from .rules import CASTS, LAYOUT_METHODS, dtype_of, sdpa_args, shape_of
 
-VIEWS = {"permute", "transpose", "flatten", "unflatten", "reshape", "view", "contiguous"}
-CASTS = {"type_as", "to", "float", "half", "bfloat16"}
 
 
 def attention_across_frames(gm: fx.GraphModule) -> int:
     """Rewrite each per-frame attention of `gm` as one masked attention; returns how many."""
     return edit_each(gm, lambda n: n.op == "call_function" and n.target is F.scaled_dot_product_attention,
-                     _replace, cleanup=drop_dead_code)
+                     _replace, cleanup=drop_dead_code)  # torch._C._nn's SDPA is this same function
 
 
 @dataclass(frozen=True)
@@ -145,7 +143,7 @@ def _on_the_grid(node: fx.Node, batch: int, tokens: int) -> bool:
 def _views_back(node) -> list[fx.Node]:
     """The chain of views ending at `node`, first view first (empty if `node` is none)."""
     chain = []
-    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in VIEWS:
+    while isinstance(node, fx.Node) and node.op == "call_method" and node.target in LAYOUT_METHODS:
         chain.append(node)
         node = node.args[0]
     return chain[::-1]
@@ -157,11 +155,11 @@ def _views_forward(node: fx.Node, lead: tuple) -> list[fx.Node]:
     chain = []
     while len(node.users) == 1:
         user = next(iter(node.users))
-        if user.op != "call_method" or user.target not in VIEWS | CASTS or user.args[0] is not node:
+        if user.op != "call_method" or user.target not in LAYOUT_METHODS | CASTS or user.args[0] is not node:
             return []
         chain.append(user)
         shape = shape_of(user)
-        if user.target in VIEWS and shape is not None and tuple(shape[:2]) == lead:
+        if user.target in LAYOUT_METHODS and shape is not None and tuple(shape[:2]) == lead:
             return chain
         node = user
     return []

@@ -35,6 +35,10 @@ DTYPE_FROM_SECOND = {"type_as", "to", "type"}
 RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze"}
 PERMUTE_METHODS = {"permute", "transpose", "swapaxes", "movedim"}
 PERMUTE_FUNCTIONS = {torch.permute, torch.transpose, torch.swapaxes, torch.movedim}
+# Methods that only regroup a tensor's elements (a view, or a copy in the same order).
+LAYOUT_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "flatten", "unflatten"}
+# Methods that only change a tensor's dtype.
+CASTS = {"float", "to", "type_as", "half", "bfloat16"}
 
 
 SPLIT = "reshape that splits or merges the token axis"

@@ -17,12 +17,12 @@ import torch
 import torch.fx as fx
 
 from ..ops import ulysses  # noqa: F401  (registers torch.ops.astraea.ulysses_*)
+from .rules import LAYOUT_METHODS
 from .token_axis import SDPA, sdpa_args, shape_of
 
 _c10d = torch.ops._c10d_functional
 COLLECTIVES = {_c10d.all_to_all_single, _c10d.wait_tensor}  # overload packets, as dynamo records them
 ALL_TO_ALL = _c10d.all_to_all_single
-LAYOUT_METHODS = {"reshape", "view", "permute", "transpose", "contiguous", "flatten", "unflatten"}
 
 
 def _is_layout(node: fx.Node) -> bool:

@@ -45,12 +45,11 @@ import torch.nn.functional as F
 
 from .fake_values import node_with_value
 from .graph_edits import edit_each
-from .rules import dtype_of, shape_of
+from .rules import CASTS, dtype_of, shape_of
 
 MATMUL = {torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"}
 SOFTMAX = {F.softmax, torch.softmax, "softmax"}
 TRANSPOSES = {torch.transpose, "transpose", torch.swapaxes, "swapaxes"}
-CASTS = {"float", "to", "type_as", "half", "bfloat16"}
 MUL = {operator.mul, torch.mul, "mul"}
 DIV = {operator.truediv, torch.div, "div"}
 ADD = {operator.add, torch.add, "add"}

@@ -20,11 +20,13 @@ for little (measured in benchmarks/NOTES.md).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import logging
 import operator
 import time
+import warnings
 
 from typing import Callable
 
@@ -35,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .config import AstraeaConfig
+from .config import AstraeaConfig, AstraeaWarning
 from .ops.signature import SparseBlockInputs
 from .kernels import layout as astraea_layout
 from .ops import sparse as astraea_ops_sparse, ulysses as astraea_ops_ulysses
@@ -117,16 +119,28 @@ def _fakes(config, example_inputs, blocks, device, slope_inputs=()):
 
 
 def _inductor(gm: fx.GraphModule, fakes: list, fake_mode: FakeTensorMode, what: str) -> Callable:
+    """`gm` lowered by Inductor; where Inductor fails on it (a bug of its own for some graph, or a
+    compiler it cannot run), `gm` itself, which runs eagerly with the same results, and a warning
+    saying so. Inductor gets a copy of the graph, as its passes edit the graph they are given."""
     from torch._inductor.compile_fx import compile_fx
 
     _cacheable(gm)
     started = time.perf_counter()
     log.info("lowering %s with Inductor", what)
-    with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), torch.compiler.config.patch(
-            cache_key_tag=f"{torch.compiler.config.cache_key_tag}{_OPS_TAG}"):
-        compiled = compile_fx(gm, fakes)
+    try:
+        with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), torch.compiler.config.patch(
+                cache_key_tag=f"{torch.compiler.config.cache_key_tag}{_OPS_TAG}"):
+            compiled = compile_fx(fx.GraphModule(gm, copy.deepcopy(gm.graph)), fakes)
+    except Exception as e:  # noqa: BLE001 - any failure of Inductor's leaves the graph to run eagerly
+        first_line = next(iter(str(e).strip().splitlines()), "")
+        warnings.warn(f"astraea: {LOWERING_FAILED} {what} ({type(e).__name__}: {first_line[:300]}); it runs eagerly "
+                      "instead: the same results, without Inductor's fused kernels", AstraeaWarning, stacklevel=2)
+        return gm
     log.info("lowered in %.1f s", time.perf_counter() - started)
     return compiled
+
+
+LOWERING_FAILED = "Inductor could not lower"  # the start of the warning when it fails
 
 
 # Torch's caches key a graph by its code, which names the library's ops but not what their fake

@@ -14,7 +14,8 @@ It records the set-up call's time apart (`compile_repeated_blocks()` imports Ind
 astraea when it first lowers, inside the first generation); the peak memory of the first
 generation and what holds it (the weights; for astraea the blocks' caches and the CUDA graphs'
 memory pool; the rest is a call's activations); the compile stages as astraea logs them
-(seconds into the first call); and Inductor's cache hits.
+(seconds into the first call); Inductor's cache hits, and the kernels it benchmarked
+configurations of.
 
     python benchmarks/first_generation.py --frames 9 21          # 33 and 81 video frames
     python benchmarks/first_generation.py --frames 9 --variants astraea-regional dense-regional
@@ -90,6 +91,10 @@ def child(args) -> dict:
         "first_generation_s": time.perf_counter() - started, "setup_s": setup_s,
         "peak_gb": torch.cuda.max_memory_allocated() / 2**30, "stages": stages.lines,
         "inductor_cache": {k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cache" in k},
+        # Inductor benchmarking kernels' configurations in this generation (torch's own record of it): the
+        # number of kernels and the seconds; a warm start that still does is not served by the autotune cache
+        "autotuned": [len(tuned), sum(tuned)] if (tuned := torch._dynamo.utils.compilation_time_metrics.get(
+            "CachingAutotuner.benchmark_all_configs")) else [0, 0.0],
     }
     result["weights_gb"] = sum(t.numel() * t.element_size() for t in model.parameters()) / 2**30
     if backend is not None and backend.clock is not None:

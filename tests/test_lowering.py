@@ -1,12 +1,16 @@
 """The Inductor lowering (used on GPU) gives the eager rewrite's results, with K symbolic."""
 
+import uuid
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 
 import astraea
+from astraea.lowering import LOWERING_FAILED
 from astraea.ops.sparse import pad_channels
 from tests.contract import check_sparse_model
 from tests.models import sample, wan
@@ -35,6 +39,39 @@ def test_inductor_lowering_matches_eager_and_serves_every_budget(batch, regional
     assert not isinstance(graph, torch.fx.GraphModule)  # really lowered
     assert {b.samples for b in inductor.runners[0].blocks} == {batch}
 
+
+
+class _RefusingPass(CustomGraphPass):
+    """An Inductor pass that fails on every graph, as Inductor itself fails on some (torch 2.11's C++
+    code for CPU does not compile for the lowering's index checks): its own hook, a new key each
+    time, so that no cached graph skips it."""
+
+    def __init__(self):
+        self.key, self.calls = uuid.uuid4().hex, 0
+
+    def __call__(self, graph):
+        self.calls += 1
+        raise RuntimeError("this pass refuses every graph")
+
+    def uuid(self):
+        return self.key
+
+
+def test_a_graph_inductor_cannot_lower_runs_eagerly_with_a_warning():
+    torch._dynamo.reset()
+    family = wan(batch=1, layers=3)
+    schedule = [1.0, 0.5, 0.3, 1.0]
+    reference = sample(family, torch.compile(family.model, backend=astraea.backend(schedule=schedule, lowering="eager")),
+                       steps=len(schedule))
+    torch._dynamo.reset()
+    inductor, refusing = astraea.backend(schedule=schedule, lowering="inductor"), _RefusingPass()
+    with torch._inductor.config.patch(post_grad_custom_post_pass=refusing), pytest.warns(
+            astraea.AstraeaWarning, match=f"{LOWERING_FAILED} a block of .*RuntimeError: this pass refuses every graph"):
+        out = sample(family, torch.compile(family.model, backend=inductor), steps=len(schedule))
+    assert refusing.calls
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+    block = inductor.runners[0].graph_fn.steps[1][0]
+    assert isinstance(block, torch.fx.GraphModule)  # the rewritten block, run eagerly
 
 @pytest.mark.parametrize("widths", [(0, 112), (1, 2), (0, 0, 0, 0, 2, 0), (-1, 3)])
 def test_the_rows_form_of_a_pad_keeps_the_rows_symbolic(widths):

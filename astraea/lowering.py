@@ -130,7 +130,7 @@ def _inductor(gm: fx.GraphModule, fakes: list, fake_mode: FakeTensorMode, what: 
     try:
         with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), torch.compiler.config.patch(
                 cache_key_tag=f"{torch.compiler.config.cache_key_tag}{_OPS_TAG}"):
-            compiled = compile_fx(fx.GraphModule(gm, copy.deepcopy(gm.graph)), fakes)
+            compiled = compile_fx(_copy(gm), fakes)
     except Exception as e:  # noqa: BLE001 - any failure of Inductor's leaves the graph to run eagerly
         first_line = next(iter(str(e).strip().splitlines()), "")
         warnings.warn(f"astraea: {LOWERING_FAILED} {what} ({type(e).__name__}: {first_line[:300]}); it runs eagerly "
@@ -141,6 +141,14 @@ def _inductor(gm: fx.GraphModule, fakes: list, fake_mode: FakeTensorMode, what: 
 
 
 LOWERING_FAILED = "Inductor could not lower"  # the start of the warning when it fails
+
+
+def _copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` on a copy of its graph, for passes that edit it: each node's metadata copied shallowly, the
+    module's metadata and weights shared."""
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    copied.meta.update(gm.meta)
+    return copied
 
 
 # Torch's caches key a graph by its code, which names the library's ops but not what their fake

@@ -135,9 +135,8 @@ class Block(nn.Module):
         if k.modulation:
             h = self.framed(h, lambda f: f * (1 + scale) + shift)
         q, key, v = self.qkv_heads(self.regrouped(h) if k.factorised else h)
-        if k.rope and k.joint != "once":
-            q = q * cos + q.flip(-1) * sin
-            key = key * cos + key.flip(-1) * sin
+        if k.joint != "once":
+            q, key = self.rope(q, cos, sin), self.rope(key, cos, sin)
         a = self.merged(self.self_attend(q, key, v))
         a = self.out(self.regrouped(a, x.shape[0]) if k.factorised else a)
         x = x + (self.framed(a, lambda f: f * gate) if k.gated else a)

@@ -1,12 +1,14 @@
 """Each sample of a batch selects its own tokens: a batch of prompts gives what each prompt
 gives alone, where the block's tensors let the rewrite gather per sample."""
 
+import functools
+
 import pytest
 import torch
 
 import astraea
 from tests.contract import ContractChecker
-from tests.generated import GeneratedDiT, Knobs
+from tests.generated import Block, GeneratedDiT, Knobs
 from tests.models import wan
 
 BUDGETS = [1.0, 0.5, 0.25, 0.5]
@@ -45,8 +47,26 @@ def _generate(model, call, latent, context, checked=False):
     return latent, be.runners[0]
 
 
-@pytest.mark.parametrize("make", [_generated, _wan], ids=["generated", "wan"])
+class _EinsumRope(Block):
+    """RoPE applied by `einsum` with tables kept as [N, d]: an op that is not element-wise, so the
+    tables cannot be read at the queries' rank."""
+
+    def rope(self, q, cos, sin):
+        return torch.einsum("bhnd,nd->bhnd", q, cos) + torch.einsum("bhnd,nd->bhnd", q.flip(-1), sin)
+
+
+def _einsum_rope():
+    model, latent, context, call = _generated(rope_rows=True)
+    for block in model.blocks:
+        block.__class__ = _EinsumRope
+    return model, latent, context, call
+
+
+@pytest.mark.parametrize("make", [_generated, functools.partial(_generated, rope_rows=True), _wan],
+                         ids=["generated", "rope-tables-without-batch", "wan"])
 def test_a_batch_selects_as_each_sample_alone(make):
+    """RoPE tables kept as [N, d] (research code's `q * cos` against [B, H, N, d] queries) are read
+    at the queries' rank, [1, 1, N, d] as broadcasting reads them, and gathered per sample."""
     model, latent, context, call = make()
     batched, runner = _generate(model, call, latent, context)
     assert [b.samples for b in runner.blocks] == [2] * len(runner.blocks)
@@ -58,10 +78,10 @@ def test_a_batch_selects_as_each_sample_alone(make):
         torch.testing.assert_close(batched[i : i + 1], alone, rtol=1e-4, atol=1e-5)
 
 
-def test_tables_without_a_batch_dim_share_one_selection():
-    """RoPE tables kept as [N, d] cannot be gathered per sample: one selection for the batch,
-    a warning that says so, and every sparse block call still keeps the contract."""
-    model, latent, context, call = _generated(rope_rows=True)
+def test_tables_without_a_batch_dim_read_by_einsum_share_one_selection():
+    """RoPE tables kept as [N, d] that `einsum` reads cannot be gathered per sample: one selection
+    for the batch, a warning that says so, and every sparse block call still keeps the contract."""
+    model, latent, context, call = _einsum_rope()
     with pytest.warns(astraea.AstraeaWarning, match=r"one set of tokens for the whole batch of 2: .* \[32, 16\] has no batch"):
         _, runner = _generate(model, call, latent, context, checked=True)
     assert [b.samples for b in runner.blocks] == [1] * len(runner.blocks)

@@ -94,8 +94,8 @@ def test_generated_models(k, budgets, batch, seed):
         runner.reset()
         checker = runner.graph_fn = ContractChecker(runner, atol=1e-4, rtol=1e-4)
         _run(model, compiled, k, [1.0] + budgets, seed, batch)
-        # Per sample unless a gathered table lacks the batch dim.
-        per_sample = batch > 1 and not (k.rope and k.rope_rows and k.joint != "once") and not k.factorised
+        # Per sample unless the tokens are regrouped with the frames (RoPE tables without a batch included).
+        per_sample = batch > 1 and not k.factorised
         assert k.mixing is not None or all(b.samples == (batch if per_sample else 1) for b in runner.blocks)
         assert checker.checked == (1 + len(budgets)) * report.num_sparse_blocks
         if k.joint in ("dual", "single") and k.depth > 1 and k.mixing is None:  # the text stream a block hands on is exact

@@ -94,6 +94,7 @@ class _SparseCopy:
         self.graph, self.axis, self.block, self.inputs = graph, axis, block, inputs
         self.copies: dict[fx.Node, fx.Node] = {}
         self.gathered: dict[tuple, fx.Node] = {}
+        self.lifted: dict[tuple, fx.Node] = {}  # (table, dims put before it): the table at its reader's rank
         self.indices: dict[Layout, fx.Node] = {}
         self.frame_positions: fx.Node | None = None
         self.batch = shape_of(block.start)[0]
@@ -221,7 +222,12 @@ class _SparseCopy:
             return node  # small segments only: every row is computed
         if layout.folded:  # a row per (sample or frame, token); one selection for the batch
             return self.graph.call_function(gather_folded_tokens, (node, dim, self.positions(), layout.total))
-        if self.shared_because is None and not _batch_leads(node, dim, consumer, self.batch):
+        lead = _broadcast_lead(node, consumer, self.batch)
+        if lead:  # a table read by broadcasting at a lower rank: read at the op's rank, its dim 0 then the batch's
+            if (node, lead) not in self.lifted:
+                self.lifted[node, lead] = self.graph.call_function(operator.getitem, (node, (None,) * lead + (...,)))
+            node, dim = self.lifted[node, lead], dim + lead
+        elif self.shared_because is None and not _batch_leads(node, dim, consumer, self.batch):
             self.shared_because = f"{node.name} {list(shape_of(node) or ())} has no batch on dim 0 to gather its tokens per sample"
         if (node, dim) not in self.gathered:
             self.gathered[node, dim] = self.graph.call_function(gather_tokens, (node, dim, self.index(layout)))
@@ -315,6 +321,18 @@ def _splits_tokens(node, t) -> bool:
     dim_position = 1 if node.target in ("unbind", torch.unbind) else 2
     dim = node.kwargs.get("dim", node.args[dim_position] if len(node.args) > dim_position else 0)
     return dim % len(shape_of(node.args[0])) == t
+
+
+def _broadcast_lead(node: fx.Node, consumer: fx.Node, batch: int) -> int:
+    """How many dims broadcasting puts before `node` where the element-wise `consumer` reads it
+    with tensors of a higher rank and a batch (RoPE tables kept as [N, d] against [B, H, N, d]
+    queries, as research code writes them); 0 where it does not, or for a batch of one."""
+    elementwise = (consumer.op == "call_function" and consumer.target in rules.ELEMENTWISE_FUNCTIONS) or (
+        consumer.op == "call_method" and consumer.target in rules.ELEMENTWISE_METHODS)
+    shape, out = shape_of(node), shape_of(consumer)
+    if batch == 1 or not elementwise or shape is None or out is None or len(out) <= len(shape) or out[0] != batch:
+        return 0
+    return len(out) - len(shape)
 
 
 def _batch_leads(node: fx.Node, dim: int, consumer: fx.Node, batch: int) -> bool:

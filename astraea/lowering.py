@@ -122,11 +122,11 @@ def _inductor(gm: fx.GraphModule, fakes: list, fake_mode: FakeTensorMode, what: 
     """`gm` lowered by Inductor; where Inductor fails on it (a bug of its own for some graph, or a
     compiler it cannot run), `gm` itself, which runs eagerly with the same results, and a warning
     saying so. Inductor gets a copy of the graph, as its passes edit the graph they are given."""
+    started = time.perf_counter()
+    log.info("lowering %s with Inductor", what)  # before Inductor's import, which takes seconds the first time
     from torch._inductor.compile_fx import compile_fx
 
     _cacheable(gm)
-    started = time.perf_counter()
-    log.info("lowering %s with Inductor", what)
     try:
         with torch._guards.tracing(torch._guards.TracingContext(fake_mode)), torch.compiler.config.patch(
                 cache_key_tag=f"{torch.compiler.config.cache_key_tag}{_OPS_TAG}"):

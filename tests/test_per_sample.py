@@ -5,6 +5,7 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import astraea
 from tests.contract import ContractChecker
@@ -55,6 +56,22 @@ class _EinsumRope(Block):
         return torch.einsum("bhnd,nd->bhnd", q, cos) + torch.einsum("bhnd,nd->bhnd", q.flip(-1), sin)
 
 
+class _FrameCausal(Block):
+    """Self-attention masked to the keys of its own and earlier frames by an [N, N] mask, as
+    autoregressive video models write it: SDPA reads the mask as [1, 1, N, N]."""
+
+    def self_attend(self, q, k, v):
+        frame = torch.arange(q.shape[-2], device=q.device) // 8
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=frame[:, None] >= frame[None, :])
+
+
+def _frame_causal():
+    model, latent, context, call = _generated()
+    for block in model.blocks:
+        block.__class__ = _FrameCausal
+    return model, latent, context, call
+
+
 def _einsum_rope():
     model, latent, context, call = _generated(rope_rows=True)
     for block in model.blocks:
@@ -62,11 +79,12 @@ def _einsum_rope():
     return model, latent, context, call
 
 
-@pytest.mark.parametrize("make", [_generated, functools.partial(_generated, rope_rows=True), _wan],
-                         ids=["generated", "rope-tables-without-batch", "wan"])
+@pytest.mark.parametrize("make", [_generated, functools.partial(_generated, rope_rows=True), _frame_causal, _wan],
+                         ids=["generated", "rope-tables-without-batch", "frame-causal-mask", "wan"])
 def test_a_batch_selects_as_each_sample_alone(make):
-    """RoPE tables kept as [N, d] (research code's `q * cos` against [B, H, N, d] queries) are read
-    at the queries' rank, [1, 1, N, d] as broadcasting reads them, and gathered per sample."""
+    """Tables without a batch are read as broadcasting reads them and gathered per sample: RoPE kept
+    as [N, d] (research code's `q * cos` against [B, H, N, d] queries) as [1, 1, N, d], and so an
+    [N, N] attention mask."""
     model, latent, context, call = make()
     batched, runner = _generate(model, call, latent, context)
     assert [b.samples for b in runner.blocks] == [2] * len(runner.blocks)

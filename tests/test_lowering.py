@@ -40,7 +40,6 @@ def test_inductor_lowering_matches_eager_and_serves_every_budget(batch, regional
     assert {b.samples for b in inductor.runners[0].blocks} == {batch}
 
 
-
 class _RefusingPass(CustomGraphPass):
     """An Inductor pass that fails on every graph, as Inductor itself fails on some (torch 2.11's C++
     code for CPU does not compile for the lowering's index checks): its own hook, a new key each
@@ -61,17 +60,19 @@ def test_a_graph_inductor_cannot_lower_runs_eagerly_with_a_warning():
     torch._dynamo.reset()
     family = wan(batch=1, layers=3)
     schedule = [1.0, 0.5, 0.3, 1.0]
-    reference = sample(family, torch.compile(family.model, backend=astraea.backend(schedule=schedule, lowering="eager")),
-                       steps=len(schedule))
+    eager = astraea.backend(schedule=schedule, lowering="eager")
+    reference = sample(family, torch.compile(family.model, backend=eager), steps=len(schedule))
     torch._dynamo.reset()
     inductor, refusing = astraea.backend(schedule=schedule, lowering="inductor"), _RefusingPass()
-    with torch._inductor.config.patch(post_grad_custom_post_pass=refusing), pytest.warns(
-            astraea.AstraeaWarning, match=f"{LOWERING_FAILED} a block of .*RuntimeError: this pass refuses every graph"):
+    failed = f"{LOWERING_FAILED} a block of .*RuntimeError: this pass refuses every graph"
+    with torch._inductor.config.patch(post_grad_custom_post_pass=refusing), pytest.warns(astraea.AstraeaWarning,
+                                                                                         match=failed):
         out = sample(family, torch.compile(family.model, backend=inductor), steps=len(schedule))
     assert refusing.calls
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
     block = inductor.runners[0].graph_fn.steps[1][0]
     assert isinstance(block, torch.fx.GraphModule)  # the rewritten block, run eagerly
+
 
 @pytest.mark.parametrize("widths", [(0, 112), (1, 2), (0, 0, 0, 0, 2, 0), (-1, 3)])
 def test_the_rows_form_of_a_pad_keeps_the_rows_symbolic(widths):

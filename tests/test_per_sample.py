@@ -65,21 +65,16 @@ class _FrameCausal(Block):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=frame[:, None] >= frame[None, :])
 
 
-def _frame_causal():
-    model, latent, context, call = _generated()
+def _with_blocks(block_class, **knobs):
+    """`_generated`, its blocks made `block_class` (a Block that writes one part its own way)."""
+    model, latent, context, call = _generated(**knobs)
     for block in model.blocks:
-        block.__class__ = _FrameCausal
+        block.__class__ = block_class
     return model, latent, context, call
 
 
-def _einsum_rope():
-    model, latent, context, call = _generated(rope_rows=True)
-    for block in model.blocks:
-        block.__class__ = _EinsumRope
-    return model, latent, context, call
-
-
-@pytest.mark.parametrize("make", [_generated, functools.partial(_generated, rope_rows=True), _frame_causal, _wan],
+@pytest.mark.parametrize("make", [_generated, functools.partial(_generated, rope_rows=True),
+                                  functools.partial(_with_blocks, _FrameCausal), _wan],
                          ids=["generated", "rope-tables-without-batch", "frame-causal-mask", "wan"])
 def test_a_batch_selects_as_each_sample_alone(make):
     """Tables without a batch are read as broadcasting reads them and gathered per sample: RoPE kept
@@ -99,7 +94,7 @@ def test_a_batch_selects_as_each_sample_alone(make):
 def test_tables_without_a_batch_dim_read_by_einsum_share_one_selection():
     """RoPE tables kept as [N, d] that `einsum` reads cannot be gathered per sample: one selection
     for the batch, a warning that says so, and every sparse block call still keeps the contract."""
-    model, latent, context, call = _einsum_rope()
+    model, latent, context, call = _with_blocks(_EinsumRope, rope_rows=True)
     with pytest.warns(astraea.AstraeaWarning, match=r"one set of tokens for the whole batch of 2: .* \[32, 16\] has no batch"):
         _, runner = _generate(model, call, latent, context, checked=True)
     assert [b.samples for b in runner.blocks] == [1] * len(runner.blocks)

@@ -87,8 +87,10 @@ def test_model_without_blocks_runs_dense_with_warning():
     assert report.num_blocks == 0 and "no self-attention" in str(report)
 
 
-def test_compile_says_what_it_is_doing():
-    """A compile reports its stages on the "astraea" logger (printed to stderr by default)."""
+@pytest.mark.parametrize("blocks", [False, True], ids=["torch.compile", "compile_blocks"])
+def test_compile_says_what_it_is_doing(blocks):
+    """A compile reports its stages on the "astraea" logger (printed to stderr by default); under
+    `compile_blocks` from the first call on, before dynamo's trace."""
     import logging
 
     lines = []
@@ -99,11 +101,15 @@ def test_compile_says_what_it_is_doing():
     try:
         torch._dynamo.reset()
         family = wan()
-        sample(family, torch.compile(family.model, backend=astraea.backend(schedule=0.5)), steps=1)
+        if blocks:
+            astraea.compile_blocks(family.model, schedule=0.5)
+        sample(family, family.model if blocks else torch.compile(family.model, backend=astraea.backend(schedule=0.5)),
+               steps=1)
     finally:
         log.removeHandler(handler)
-    assert any(line.startswith("analysing a graph of") for line in lines), lines
-    assert any("2 of 2 blocks sparse over" in line for line in lines), lines
+    analysing = next(i for i, line in enumerate(lines) if line.startswith("analysing a graph of"))
+    assert any(" blocks sparse over" in line for line in lines), lines
+    assert not blocks or lines[0].startswith("first call: dynamo traces each kind of block") and analysing > 0, lines
 
 
 class KeptTokensAttention(torch.nn.Module):

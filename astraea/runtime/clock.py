@@ -26,6 +26,7 @@ no output of its own.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import torch
@@ -36,6 +37,8 @@ from .announced import Announcements
 from .placement import Placement
 from .runner import CallRecord, SparseRunner
 from .steps import Call
+
+_log = logging.getLogger("astraea")  # the compile's progress (its handler: astraea.backend)
 
 
 class StepClock:
@@ -74,6 +77,9 @@ class StepClock:
         model.forward = placed_forward
 
     def _before_call(self, model, args, kwargs):
+        if self.calls == 0:  # dynamo's trace comes next, seconds before the analysis says anything
+            _log.info("first call: dynamo traces each kind of block, then astraea analyses and lowers it (loaded "
+                      "from torch's caches where an earlier process lowered it)")
         self.call = self.placement.place(lambda: self.read_timestep(args, kwargs))
         if self.call.new_generation:
             self.last_outputs.clear()

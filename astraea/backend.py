@@ -138,6 +138,24 @@ def check_report(config: AstraeaConfig, report, whole_model: bool = True) -> Non
         raise ConfigError("option group='spatial' needs a frame grid, but this model's tokens have none")
 
 
+INTERNAL_ERROR = "an error of astraea's own while"  # the warning's words where a pass fails on a graph
+
+
+def _survives(graph_pass, gm: fx.GraphModule) -> bool:
+    """Run the analysis or the rewrite on `gm` (a copy of dynamo's graph); where it fails, which is
+    a bug of astraea's on this graph, say so and let the caller run the graph dense: the user's
+    generation goes on, unchanged, rather than stopping."""
+    try:
+        graph_pass(gm)
+    except Exception as e:  # noqa: BLE001 - any failure leaves the graph as dynamo traced it
+        what = "analysing" if isinstance(graph_pass, AnalyseTokens) else "rewriting"
+        first_line = next(iter(str(e).strip().splitlines()), "")
+        warnings.warn(f"astraea: {INTERNAL_ERROR} {what} this graph ({type(e).__name__}: {first_line[:300]}); it runs "
+                      "dense. Please report it, with the model's code", AstraeaWarning, stacklevel=3)
+        return False
+    return True
+
+
 def _noting_timestep(forward: Callable, announcements, placeholders: list[fx.Node], position: int | None) -> Callable:
     """`forward`, first noting its call's timestep (its input at `position`, named as a time) for
     the attached model's graphs after it in the same call that take none
@@ -166,7 +184,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     started = time.perf_counter()
     _log.info("analysing a graph of %d nodes", len(gm.graph.nodes))
     analysis = AnalyseTokens(steps_placed_outside=clock is not None or announcements is not None)
-    analysis(gm)
+    if not _survives(analysis, gm):
+        return dense_gm.forward
     report = analysis.report
     _log.info("%d of %d blocks sparse over %s tokens (%.1f s)", report.num_sparse_blocks, report.num_blocks,
               report.num_tokens, time.perf_counter() - started)
@@ -195,7 +214,8 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         if not b.sparse:
             warnings.warn(f"astraea: block {b.module or b.index} stays dense: {b.reason}", AstraeaWarning, stacklevel=2)
     sparsify = SparsifyBlocks(analysis)
-    sparsify(gm)
+    if not _survives(sparsify, gm):
+        return _noting_timestep(dense_gm.forward, announcements, placeholders, position)
     for b in sparsify.inputs:
         if b.shared_because and b.shape[0] > 1:
             warnings.warn(f"astraea: block {b.module or b.index} selects one set of tokens for the whole batch of "

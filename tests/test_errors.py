@@ -7,6 +7,9 @@ import torch
 
 import astraea
 from astraea import AstraeaWarning, ConfigError, Schedule, ScheduleError
+from astraea.backend import INTERNAL_ERROR
+from astraea.passes import AnalyseTokens
+from astraea.passes.rewrite import _SparseCopy
 from tests.models import sample, wan
 
 
@@ -110,6 +113,23 @@ def test_compile_says_what_it_is_doing(blocks):
     analysing = next(i for i, line in enumerate(lines) if line.startswith("analysing a graph of"))
     assert any(" blocks sparse over" in line for line in lines), lines
     assert not blocks or lines[0].startswith("first call: dynamo traces each kind of block") and analysing > 0, lines
+
+
+@pytest.mark.parametrize("fails, what", [(AnalyseTokens, "analysing"), (_SparseCopy, "rewriting")])
+def test_a_pass_that_fails_on_a_graph_leaves_it_dense_with_a_warning(monkeypatch, fails, what):
+    """A bug of astraea's on some model's graph (here the analysis, or the rewrite, made to fail on
+    every graph) must not stop the user's generation: the graph runs dense, a warning names the error."""
+    def failing(self, *args):
+        raise RuntimeError("a pass that fails")
+
+    monkeypatch.setattr(fails, "call" if fails is AnalyseTokens else "build", failing)
+    torch._dynamo.reset()
+    family = wan()
+    backend = astraea.backend(schedule=0.5)
+    with pytest.warns(AstraeaWarning, match=f"{INTERNAL_ERROR} {what} this graph .*RuntimeError: a pass that fails"):
+        out = sample(family, torch.compile(family.model, backend=backend), steps=2)
+    torch.testing.assert_close(out, sample(family, family.model, steps=2))
+    assert not backend.runners
 
 
 class KeptTokensAttention(torch.nn.Module):

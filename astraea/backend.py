@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from .config import AstraeaConfig, AstraeaWarning, ConfigError
+from .config import AstraeaConfig, AstraeaWarning, ConfigError, error_summary
 from .lowering import lower
 from .passes import AnalyseTokens, SparsifyBlocks
 from .passes.skip import reuse_blocks
@@ -141,17 +141,15 @@ def check_report(config: AstraeaConfig, report, whole_model: bool = True) -> Non
 INTERNAL_ERROR = "an error of astraea's own while"  # the warning's words where a pass fails on a graph
 
 
-def _survives(graph_pass, gm: fx.GraphModule) -> bool:
-    """Run the analysis or the rewrite on `gm` (a copy of dynamo's graph); where it fails, which is
-    a bug of astraea's on this graph, say so and let the caller run the graph dense: the user's
-    generation goes on, unchanged, rather than stopping."""
+def _survives(graph_pass, gm: fx.GraphModule, doing: str) -> bool:
+    """Run `graph_pass` (the analysis or the rewrite, `doing` it) on `gm`, a copy of dynamo's graph;
+    where it fails, which is a bug of astraea's on this graph, say so and let the caller run the
+    graph dense: the user's generation goes on, unchanged, rather than stopping."""
     try:
         graph_pass(gm)
     except Exception as e:  # noqa: BLE001 - any failure leaves the graph as dynamo traced it
-        what = "analysing" if isinstance(graph_pass, AnalyseTokens) else "rewriting"
-        first_line = next(iter(str(e).strip().splitlines()), "")
-        warnings.warn(f"astraea: {INTERNAL_ERROR} {what} this graph ({type(e).__name__}: {first_line[:300]}); it runs "
-                      "dense. Please report it, with the model's code", AstraeaWarning, stacklevel=3)
+        warnings.warn(f"astraea: {INTERNAL_ERROR} {doing} this graph ({error_summary(e)}); it runs dense. Please "
+                      "report it, with the model's code", AstraeaWarning, stacklevel=3)
         return False
     return True
 
@@ -184,7 +182,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
     started = time.perf_counter()
     _log.info("analysing a graph of %d nodes", len(gm.graph.nodes))
     analysis = AnalyseTokens(steps_placed_outside=clock is not None or announcements is not None)
-    if not _survives(analysis, gm):
+    if not _survives(analysis, gm, "analysing"):
         return dense_gm.forward
     report = analysis.report
     _log.info("%d of %d blocks sparse over %s tokens (%.1f s)", report.num_sparse_blocks, report.num_blocks,
@@ -214,7 +212,7 @@ def compile_graph(gm: fx.GraphModule, example_inputs, config: AstraeaConfig, own
         if not b.sparse:
             warnings.warn(f"astraea: block {b.module or b.index} stays dense: {b.reason}", AstraeaWarning, stacklevel=2)
     sparsify = SparsifyBlocks(analysis)
-    if not _survives(sparsify, gm):
+    if not _survives(sparsify, gm, "rewriting"):
         return _noting_timestep(dense_gm.forward, announcements, placeholders, position)
     for b in sparsify.inputs:
         if b.shared_because and b.shape[0] > 1:

@@ -31,6 +31,12 @@ class AstraeaWarning(UserWarning):
     """The model (or part of it) runs dense, or its calls cannot be placed as they should; the message says why."""
 
 
+def error_summary(e: Exception) -> str:
+    """An exception as a warning quotes it: its type and its message's first line."""
+    first_line = next(iter(str(e).strip().splitlines()), "")
+    return f"{type(e).__name__}: {first_line[:300]}"
+
+
 @dataclass(frozen=True)
 class AstraeaConfig:
     """How astraea sparsifies a model.

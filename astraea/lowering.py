@@ -37,7 +37,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .config import AstraeaConfig, AstraeaWarning
+from .config import AstraeaConfig, AstraeaWarning, error_summary
 from .ops.signature import SparseBlockInputs
 from .kernels import layout as astraea_layout
 from .ops import sparse as astraea_ops_sparse, ulysses as astraea_ops_ulysses
@@ -132,9 +132,8 @@ def _inductor(gm: fx.GraphModule, fakes: list, fake_mode: FakeTensorMode, what: 
                 cache_key_tag=f"{torch.compiler.config.cache_key_tag}{_OPS_TAG}"):
             compiled = compile_fx(_copy(gm), fakes)
     except Exception as e:  # noqa: BLE001 - any failure of Inductor's leaves the graph to run eagerly
-        first_line = next(iter(str(e).strip().splitlines()), "")
-        warnings.warn(f"astraea: {LOWERING_FAILED} {what} ({type(e).__name__}: {first_line[:300]}); it runs eagerly "
-                      "instead: the same results, without Inductor's fused kernels", AstraeaWarning, stacklevel=2)
+        warnings.warn(f"astraea: {LOWERING_FAILED} {what} ({error_summary(e)}); it runs eagerly instead: the same "
+                      "results, without Inductor's fused kernels", AstraeaWarning, stacklevel=2)
         return gm
     log.info("lowered in %.1f s", time.perf_counter() - started)
     return compiled

@@ -21,6 +21,7 @@ configurations of.
     python benchmarks/first_generation.py --frames 9 --variants astraea-regional dense-regional
     python benchmarks/first_generation.py --frames 9 21 --compile-caches /tmp/fg --resume   # again after a time limit
     python benchmarks/first_generation.py --frames 9 --variants dense-regional astraea-blocks --profile /tmp/prof
+    python benchmarks/first_generation.py --frames 9 --variants dense-regional astraea-blocks --kernel-profile
 """
 
 from __future__ import annotations
@@ -121,7 +122,33 @@ def child(args) -> dict:
             times[steps] = time.perf_counter() - t
         per_step[str(budget)] = (times[LONG] - times[SHORT]) / (LONG - SHORT)
     result["step_s"] = per_step
+    if args.kernel_profile:
+        if backend is not None:
+            backend.update(schedule=1.0)
+        result["kernels_at_1"] = _kernel_profile(lambda: workload.generate(fn, seed=0, num_steps=KERNEL_STEPS))
     return result
+
+
+KERNEL_STEPS = 3
+
+
+def _kernel_profile(generate) -> dict:
+    """The GPU's kernel time per step of a KERNEL_STEPS-step generation (torch.profiler's CUDA
+    events: kernels, copies, memsets), and the kernels that take most: beside the measured step,
+    what the GPU does and how long it waits on the host."""
+    import torch
+
+    generate()  # warm: the profile sees replayed code, not first calls
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        generate()
+        torch.cuda.synchronize()
+    kernels = [e for e in profile.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: -e.self_device_time_total)
+    per_step = lambda us: us / 1e3 / KERNEL_STEPS  # noqa: E731  (microseconds in all -> ms a step)
+    return {"gpu_ms_per_step": per_step(sum(e.self_device_time_total for e in kernels)),
+            "top": [[e.key[:100], e.count // KERNEL_STEPS, round(per_step(e.self_device_time_total), 2)]
+                    for e in kernels[:12]]}
 
 
 @contextlib.contextmanager
@@ -180,6 +207,8 @@ def driver(args) -> None:
                            "--height", str(args.height), "--width", str(args.width), "--out", args.out + ".part"]
                 if args.profile:
                     command += ["--profile", os.path.abspath(args.profile)]
+                if args.kernel_profile:
+                    command.append("--kernel-profile")
                 started = time.perf_counter()
                 done = subprocess.run(command, env=env, capture_output=True, text=True)
                 print(f"{variant} {frames} {cache}: rc {done.returncode} in {time.perf_counter() - started:.0f} s", flush=True)
@@ -224,6 +253,9 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true",
                         help="skip the runs --out already records with these --compile-caches: a run split over "
                              "several commands on one machine")
+    parser.add_argument("--kernel-profile", action="store_true",
+                        help="also profile a short generation at budget 1.0 with torch.profiler: the GPU's kernel time "
+                             "per step and its costliest kernels (`kernels_at_1` in --out)")
     parser.add_argument("--profile", default=None,
                         help="a folder: each process's first generation profiled with cProfile, one text file each")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

@@ -38,7 +38,6 @@ from .index_maps import Factors
 from .rules import CASTS, LAYOUT_METHODS, dtype_of, sdpa_args, shape_of
 
 
-
 def attention_across_frames(gm: fx.GraphModule) -> int:
     """Rewrite each per-frame attention of `gm` as one masked attention; returns how many."""
     return edit_each(gm, lambda n: n.op == "call_function" and n.target is F.scaled_dot_product_attention,
@@ -64,6 +63,7 @@ def _replace(graph: fx.Graph, call: fx.Node) -> int:
     if f is None:
         return 0
     _, k, v, _ = sdpa_args(call)
+    example = f.x.meta["example_value"]
 
     def node(op, target, *args, **kwargs):
         return node_with_value(graph, op, target, args, kwargs, call.meta)
@@ -79,7 +79,6 @@ def _replace(graph: fx.Graph, call: fx.Node) -> int:
     with graph.inserting_before(call):
         query = f.x if len(shape_of(f.x)) == 4 else node("call_method", "unflatten", f.x, 2, (f.heads, f.head_dim))
         query = node("call_method", "transpose", query, 1, 2)
-        example = f.x.meta["example_value"]
         with fake_mode_of([example]) or contextlib.nullcontext():  # fake values for the positions, as dynamo's are
             query_frame = frame_of(f.frames * f.positions, f.positions)
             key_frame = frame_of(f.frames * f.keys_per_frame, f.keys_per_frame)

@@ -328,17 +328,12 @@ def _broadcast_lead(node: fx.Node, consumer: fx.Node, batch: int) -> int:
     higher rank and a batch: an element-wise op (RoPE tables kept as [N, d] against [B, H, N, d]
     queries, as research code writes them), or SDPA its mask (an [N, N] frame-causal mask); 0
     where it does not, or for a batch of one."""
-    elementwise = (consumer.op == "call_function" and consumer.target in rules.ELEMENTWISE_FUNCTIONS) or (
-        consumer.op == "call_method" and consumer.target in rules.ELEMENTWISE_METHODS)
-    mask = consumer.target in _TORCH_SDPA and sdpa_args(consumer)[3] is node
+    broadcasts = rules.rule_for(consumer) is rules.broadcast or (
+        consumer.target in rules.SDPA and sdpa_args(consumer)[3] is node)
     shape, out = shape_of(node), shape_of(consumer)
-    if batch == 1 or not (elementwise or mask) or shape is None or out is None or len(out) <= len(shape) \
-            or out[0] != batch:
+    if batch == 1 or not broadcasts or shape is None or out is None or len(out) <= len(shape) or out[0] != batch:
         return 0
     return len(out) - len(shape)
-
-
-_TORCH_SDPA = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
 
 def _batch_leads(node: fx.Node, dim: int, consumer: fx.Node, batch: int) -> bool:
